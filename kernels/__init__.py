@@ -1,0 +1,1 @@
+"""Selective scan: Triton kernels, PyTorch reference and chunked scan, dispatch, benchmarks."""

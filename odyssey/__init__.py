@@ -1,0 +1,26 @@
+"""Odyssey: EHR foundation models on Mamba, from FHIR exports to explained predictions.
+
+Public API entry points are imported lazily so that `import odyssey` stays cheap and
+the `pipelines` / `tokenizer` / `kernels` packages can use `odyssey.io` without cycles.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ingest_fhir": ("odyssey.pipelines.ingest", "ingest_fhir"),
+    "ingest_meds": ("odyssey.pipelines.meds_check", "ingest_meds"),
+    "IngestReport": ("odyssey.pipelines.report", "IngestReport"),
+    "synthesize": ("odyssey.pipelines.synth", "synthesize"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(import_module(module), attr)
+    raise AttributeError(f"module 'odyssey' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

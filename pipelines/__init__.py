@@ -1,0 +1,1 @@
+"""FHIR → MEDS ingestion, MEDS reading and writing, synthetic cohorts, task labels."""

@@ -1,0 +1,1 @@
+"""Vocabulary, special and time tokens, value binning, MEDS → token sequences."""
