@@ -1,0 +1,24 @@
+"""EHRMamba: configuration, embeddings, Mamba mixer and models (transformers classes)."""
+
+from .configuration_ehrmamba import MODEL_SIZES, EHRMambaConfig
+from .modeling_ehrmamba import (
+    EHRMambaCache,
+    EHRMambaForPretraining,
+    EHRMambaModel,
+    EHRMambaOutput,
+    EHRMambaPreTrainedModel,
+    EHRMambaPretrainingOutput,
+    count_parameters,
+)
+
+__all__ = [
+    "MODEL_SIZES",
+    "EHRMambaCache",
+    "EHRMambaConfig",
+    "EHRMambaForPretraining",
+    "EHRMambaModel",
+    "EHRMambaOutput",
+    "EHRMambaPreTrainedModel",
+    "EHRMambaPretrainingOutput",
+    "count_parameters",
+]

@@ -1,0 +1,186 @@
+"""The Mamba-1 mixer, with transformers' `MambaMixer` parameter names, scanning through `odyssey.kernels`.
+
+Two paths share the weights:
+- `forward` over a whole sequence (training, scoring, prefill), scan by `selective_scan`;
+- `step` over one token from a `MixerState` (conv window + SSM state), O(1) work per token, through
+  `selective_state_update`: this is what forecasting and incremental scoring use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_ehrmamba import EHRMambaConfig
+
+try:
+    from odyssey.kernels import selective_scan, selective_state_update
+except ImportError:  # TEMPORARY until the kernels issue lands its dispatch: the float64 reference
+    from odyssey.kernels.reference import selective_scan_reference
+
+    def selective_scan(*args, backend: str = "auto", **kwargs):
+        return selective_scan_reference(*args, **kwargs)
+
+    def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        if dt_bias is not None:
+            dt = dt + dt_bias
+        if dt_softplus:
+            dt = F.softplus(dt)
+        new_state = torch.exp(dt[..., None] * A) * state + dt[..., None] * B[:, None, :] * x[..., None]
+        state.copy_(new_state)
+        out = (new_state * C[:, None, :]).sum(-1)
+        if D is not None:
+            out = out + D * x
+        return out * F.silu(z) if z is not None else out
+
+
+@dataclass
+class MixerState:
+    """Recurrent state of one mixer: the last `conv_kernel` conv inputs and the SSM state (float32)."""
+
+    conv_state: torch.Tensor  # (batch, intermediate, conv_kernel)
+    ssm_state: torch.Tensor  # (batch, intermediate, state_size)
+
+
+class EHRMambaMixer(nn.Module):
+    """Selective SSM block: in_proj -> causal depthwise conv -> SiLU -> selective scan (gated) -> out_proj."""
+
+    def __init__(self, config: EHRMambaConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.ssm_state_size = config.state_size
+        self.conv_kernel_size = config.conv_kernel
+        self.time_step_rank = int(config.time_step_rank)
+        self.scan_backend = config.scan_backend
+        self.in_proj = nn.Linear(self.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.intermediate_size,
+            self.intermediate_size,
+            kernel_size=config.conv_kernel,
+            groups=self.intermediate_size,
+            padding=config.conv_kernel - 1,
+            bias=config.use_conv_bias,
+        )
+        self.x_proj = nn.Linear(self.intermediate_size, self.time_step_rank + 2 * self.ssm_state_size, bias=False)
+        self.dt_proj = nn.Linear(self.time_step_rank, self.intermediate_size, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.intermediate_size, self.ssm_state_size))
+        self.D = nn.Parameter(torch.empty(self.intermediate_size))
+        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, config: EHRMambaConfig) -> None:
+        """Mamba's S4D-real init of A, D = 1, and dt bias so softplus(bias) is log-uniform in [min, max]."""
+        A = torch.arange(1, self.ssm_state_size + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).expand(self.intermediate_size, -1))
+        self.D.fill_(1.0)
+        dt_std = self.time_step_rank**-0.5 * config.time_step_scale
+        nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
+        log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
+        dt = torch.exp(torch.rand(self.intermediate_size, device=self.D.device) * (log_max - log_min) + log_min)
+        dt = dt.clamp(min=config.time_step_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def _ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (batch, length, intermediate) -> delta (batch, inter, length) before bias, B and C (batch, N, length)."""
+        time_step, B, C = torch.split(
+            self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+        )
+        delta = (time_step @ self.dt_proj.weight.t()).transpose(1, 2)
+        return delta, B.transpose(1, 2), C.transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_state: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, MixerState]:
+        """(batch, length, hidden) -> (batch, length, hidden); with `return_state`, also the final state.
+
+        Padding positions (attention_mask 0) are zeroed before the projections and the scan, so left
+        padding leaves the real tokens' outputs exactly as without padding.
+        """
+        length = hidden_states.shape[1]
+        mask = None if attention_mask is None else attention_mask[:, :, None].to(hidden_states.dtype)
+        if mask is not None:
+            hidden_states = hidden_states * mask
+        x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        conv_input = x
+        x = F.silu(self.conv1d(x)[..., :length])
+        x = x.transpose(1, 2)
+        if mask is not None:
+            x = x * mask
+        delta, B, C = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        result = selective_scan(
+            x.transpose(1, 2),
+            delta,
+            A,
+            B,
+            C,
+            D=self.D.float(),
+            z=gate,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            return_last_state=return_state,
+            backend=self.scan_backend,
+        )
+        if not return_state:
+            return self.out_proj(result.transpose(1, 2).to(hidden_states.dtype))
+        y, ssm_state = result
+        window = F.pad(conv_input, (max(self.conv_kernel_size - length, 0), 0))[..., -self.conv_kernel_size :]
+        out = self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
+        return out, MixerState(conv_state=window.contiguous(), ssm_state=ssm_state.float())
+
+    def empty_state(self, batch_size: int, device=None, dtype=None) -> MixerState:
+        """The state before any token (zeros), for decoding from scratch."""
+        device = device or self.A_log.device
+        return MixerState(
+            conv_state=torch.zeros(
+                batch_size, self.intermediate_size, self.conv_kernel_size, device=device,
+                dtype=dtype or self.in_proj.weight.dtype,
+            ),
+            ssm_state=torch.zeros(batch_size, self.intermediate_size, self.ssm_state_size, device=device),
+        )
+
+    def step(
+        self, hidden_states: torch.Tensor, state: MixerState, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One token: (batch, hidden) -> (batch, hidden), updating `state` in place.
+
+        Rows where `active` is False (padding) keep their state unchanged.
+        """
+        x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)
+        window = torch.cat([state.conv_state[..., 1:], x[..., None].to(state.conv_state.dtype)], dim=-1)
+        x = (window * self.conv1d.weight[:, 0, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        delta, B, C = self._ssm_inputs(x[:, None, :])
+        A = -torch.exp(self.A_log.float())
+        ssm_state = state.ssm_state.clone()
+        y = selective_state_update(
+            ssm_state,
+            x,
+            delta[..., 0],
+            A,
+            B[..., 0],
+            C[..., 0],
+            D=self.D.float(),
+            z=gate,
+            dt_bias=self.dt_proj.bias.float(),
+            dt_softplus=True,
+        )
+        if active is None:
+            state.conv_state.copy_(window)
+            state.ssm_state.copy_(ssm_state)
+        else:
+            keep = active.bool()[:, None, None]
+            state.conv_state.copy_(torch.where(keep, window, state.conv_state))
+            state.ssm_state.copy_(torch.where(keep, ssm_state, state.ssm_state))
+        return self.out_proj(y.to(hidden_states.dtype))
