@@ -1,0 +1,376 @@
+"""The `triton` backend of `odyssey.kernels.selective_scan`: Mamba-1 selective scan in Triton.
+
+Entry points (semantics of mamba-ssm's `selective_scan_fn` / `selective_state_update`):
+- `selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)`
+- `selective_scan_varlen_triton(..., seq_lens=..., cu_seqlens=...)`: per-row lengths (positions past a
+  row's length cost nothing and come out as 0) or sequences packed along time in one row.
+- `selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)`: one decoding step,
+  the state updated in place.
+
+Shapes: u, delta, z (batch, dim, L), any strides (a transposed view of (batch, L, dim) is read without
+a copy); A (dim, N) real; B, C (batch, N, L) or (batch, G, N, L); D, delta_bias (dim,). The state is
+float32 whatever the input dtype. Kernels are in `triton_scan_kernels`; the design is in
+`kernels/NOTES.md`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from odyssey.kernels.triton_scan_kernels import (
+    _bwd_carry_kernel,
+    _bwd_chunk_kernel,
+    _scan_fwd_kernel,
+    _state_update_kernel,
+)
+
+MAX_D_STATE = 256
+# Register budget of one program's (channels x states x time) tile, in float32 elements.
+FWD_TILE_ELEMENTS = 4096
+BWD_TILE_ELEMENTS = 2048
+# Enough chunk programs in the backward to fill a large GPU several times over.
+BWD_TARGET_PROGRAMS = 1024
+
+# Bench/tuning hook: keys chunk, block_d_fwd, block_d_bwd, warps_fwd, warps_bwd, warps_carry, ranges.
+CONFIG_OVERRIDES: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    block_n: int
+    chunk: int
+    block_d_fwd: int
+    block_d_bwd: int
+    warps_fwd: int
+    warps_bwd: int
+    warps_carry: int
+
+
+def _largest_pow2_divisor(value: int, cap: int) -> int:
+    block = 1
+    while block * 2 <= cap and value % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+def scan_config(d_state: int, channels_per_group: int) -> ScanConfig:
+    """Tile sizes for a problem; a channel tile never straddles two groups of B/C."""
+    block_n = triton.next_power_of_2(max(d_state, 1))
+    chunk = CONFIG_OVERRIDES.get("chunk", 64 if block_n <= 16 else 32 if block_n <= 64 else 16)
+    fwd_cap = max(1, FWD_TILE_ELEMENTS // (block_n * chunk))
+    bwd_cap = max(1, BWD_TILE_ELEMENTS // (block_n * chunk))
+    block_d_fwd = _largest_pow2_divisor(channels_per_group, CONFIG_OVERRIDES.get("block_d_fwd", fwd_cap))
+    block_d_bwd = _largest_pow2_divisor(channels_per_group, CONFIG_OVERRIDES.get("block_d_bwd", bwd_cap))
+    return ScanConfig(
+        block_n=block_n,
+        chunk=chunk,
+        block_d_fwd=block_d_fwd,
+        block_d_bwd=block_d_bwd,
+        warps_fwd=CONFIG_OVERRIDES.get("warps_fwd", 4),
+        warps_bwd=CONFIG_OVERRIDES.get("warps_bwd", 4),
+        warps_carry=CONFIG_OVERRIDES.get("warps_carry", 4),
+    )
+
+
+def _ranges_per_group(channels_per_group: int, block_d: int, chunk_programs: int) -> int:
+    """How many programs split one group's channels in the backward chunk kernel (fewest that fill the GPU)."""
+    if "ranges" in CONFIG_OVERRIDES:
+        wanted = CONFIG_OVERRIDES["ranges"]
+    else:
+        wanted = max(1, -(-BWD_TARGET_PROGRAMS // max(chunk_programs, 1)))
+    tiles = channels_per_group // block_d
+    ranges = 1
+    for candidate in range(1, tiles + 1):
+        if tiles % candidate == 0:
+            ranges = candidate
+            if candidate >= wanted:
+                break
+    return ranges
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    for tensor in tensors:
+        if not tensor.is_cuda and not interpreting:
+            raise ValueError(
+                "the triton scan backend needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+            )
+
+
+def _as_grouped(BC: torch.Tensor, name: str, batch: int, length: int) -> torch.Tensor:
+    if BC.dim() == 3:
+        BC = BC.unsqueeze(1)
+    if BC.dim() != 4 or BC.shape[0] != batch or BC.shape[-1] != length:
+        raise ValueError(f"{name} must be (batch, N, L) or (batch, G, N, L) with batch {batch} and L {length}, "
+                         f"got {tuple(BC.shape)}")
+    return BC
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (dim={dim}, N), got {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("complex A is not supported by the triton backend")
+    d_state = A.shape[1]
+    if not 1 <= d_state <= MAX_D_STATE:
+        raise ValueError(f"d_state must be in [1, {MAX_D_STATE}], got {d_state}")
+    B4 = _as_grouped(B, "B", batch, length)
+    C4 = _as_grouped(C, "C", batch, length)
+    for name, BC in (("B", B4), ("C", C4)):
+        if BC.shape[2] != d_state:
+            raise ValueError(f"{name} has d_state {BC.shape[2]} but A has {d_state}")
+        if dim % BC.shape[1]:
+            raise ValueError(f"dim {dim} is not divisible by {name}'s number of groups {BC.shape[1]}")
+    if B4.shape[1] != C4.shape[1]:
+        raise ValueError(f"B and C must have the same number of groups, got {B4.shape[1]} and {C4.shape[1]}")
+    for name, vec in (("D", D), ("delta_bias", delta_bias)):
+        if vec is not None and vec.shape != (dim,):
+            raise ValueError(f"{name} must be (dim={dim},), got {tuple(vec.shape)}")
+    _check_device(*(t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None))
+    return B4, C4
+
+
+@dataclass(frozen=True)
+class _Sequences:
+    """Per-sequence (batch row, first time step, length) on the device, and the longest length."""
+
+    batch_row: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+    max_len: int
+    dense: bool
+
+    @property
+    def count(self) -> int:
+        return self.batch_row.numel()
+
+
+def _dense_sequences(batch: int, length: int, device) -> _Sequences:
+    rows = torch.arange(batch, device=device, dtype=torch.int32)
+    return _Sequences(rows, torch.zeros_like(rows), torch.full_like(rows, length), length, True)
+
+
+def _varlen_sequences(batch, length, device, seq_lens, cu_seqlens, max_seqlen) -> _Sequences:
+    if (seq_lens is None) == (cu_seqlens is None):
+        raise ValueError("give exactly one of seq_lens (per-row lengths) and cu_seqlens (packed sequences)")
+    if seq_lens is not None:
+        if seq_lens.dim() != 1 or seq_lens.numel() != batch:
+            raise ValueError(f"seq_lens must be (batch={batch},), got {tuple(seq_lens.shape)}")
+        lengths = seq_lens.to(device=device, dtype=torch.int32)
+        rows = torch.arange(batch, device=device, dtype=torch.int32)
+        starts = torch.zeros_like(rows)
+    else:
+        if batch != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) need batch 1, got batch {batch}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be (n_sequences + 1,), got {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        starts = cu[:-1].contiguous()
+        lengths = (cu[1:] - cu[:-1]).contiguous()
+        rows = torch.zeros_like(starts)
+        if bool((starts < 0).any()) or int(cu[-1]) > length:
+            raise ValueError(f"cu_seqlens must lie in [0, L={length}], got {cu_seqlens.tolist()}")
+    if bool((lengths < 0).any()) or bool((starts + lengths > length).any()):
+        raise ValueError(f"sequence lengths must lie in [0, L={length}]")
+    max_len = int(lengths.max()) if max_seqlen is None else int(max_seqlen)
+    return _Sequences(rows, starts, lengths, max_len, False)
+
+
+def _strides3(t: torch.Tensor | None):
+    return (0, 0, 0) if t is None else tuple(t.stride())
+
+
+def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, store_states: bool):
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    groups = B4.shape[1]
+    cpg = dim // groups
+    cfg = scan_config(d_state, cpg)
+    n_chunks = max(1, triton.cdiv(seqs.max_len, cfg.chunk))
+    out = torch.empty_like(u) if seqs.dense else torch.zeros_like(u)
+    states = torch.empty(seqs.count, n_chunks if store_states else 1, dim, d_state,
+                         device=u.device, dtype=torch.float32)
+    last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
+    grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
+    _scan_fwd_kernel[grid](
+        u, delta, A, B4, C4, D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, out, states, last,
+        seqs.batch_row, seqs.start, seqs.length,
+        dim, d_state, cpg,
+        *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(),
+        *_strides3(z), *out.stride(), *states.stride(), *last.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        STORE_STATES=store_states, STORE_LAST=True,
+        BLOCK_D=cfg.block_d_fwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_fwd,
+    )
+    return out, last, states
+
+
+def _backward(ctx, dout, dlast):
+    u, delta, A, B4, C4, D, z, delta_bias, states, seq_batch, seq_start, seq_len = ctx.saved_tensors
+    if not ctx.has_D:
+        D = None
+    if not ctx.has_z:
+        z = None
+    if not ctx.has_bias:
+        delta_bias = None
+    seqs = _Sequences(seq_batch, seq_start, seq_len, ctx.max_len, ctx.dense)
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    groups = B4.shape[1]
+    cpg = dim // groups
+    cfg = scan_config(d_state, cpg)
+    n_chunks = states.shape[1]
+    if dout is None:
+        dout = torch.zeros_like(u)
+
+    gstates = torch.empty_like(states)
+    grid_carry = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
+    _bwd_carry_kernel[grid_carry](
+        dout, delta, A, C4, z if z is not None else u, delta_bias if delta_bias is not None else u,
+        dlast if dlast is not None else states, gstates,
+        seqs.batch_row, seqs.start, seqs.length,
+        dim, d_state, cpg,
+        *dout.stride(), *delta.stride(), *A.stride(), *C4.stride(), *_strides3(z),
+        *gstates.stride(), *(dlast.stride() if dlast is not None else (0, 0, 0)),
+        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
+        HAS_DLAST=dlast is not None,
+        BLOCK_D=cfg.block_d_fwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_carry,
+    )
+
+    alloc = torch.empty_like if seqs.dense else torch.zeros_like
+    du = alloc(u)
+    ddelta = alloc(delta)
+    dz = alloc(z) if z is not None else None
+    dA = torch.zeros(dim, d_state, device=u.device, dtype=torch.float32)
+    dB = torch.zeros(B4.shape, device=u.device, dtype=torch.float32)
+    dC = torch.zeros(C4.shape, device=u.device, dtype=torch.float32)
+    dD = torch.zeros(dim, device=u.device, dtype=torch.float32) if D is not None else None
+    dbias = torch.zeros(dim, device=u.device, dtype=torch.float32) if delta_bias is not None else None
+    ranges = _ranges_per_group(cpg, cfg.block_d_bwd, n_chunks * seqs.count * groups)
+    grid = (n_chunks, seqs.count, groups * ranges)
+    dummy = dA
+    _bwd_chunk_kernel[grid](
+        u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else u,
+        delta_bias if delta_bias is not None else dummy, dout, states, gstates,
+        du, ddelta, dz if dz is not None else du, dA, dB, dC,
+        dD if dD is not None else dummy, dbias if dbias is not None else dummy,
+        seqs.batch_row, seqs.start, seqs.length,
+        dim, d_state, cpg, cpg // ranges,
+        *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(),
+        *_strides3(z), *dout.stride(), *states.stride(),
+        *du.stride(), *ddelta.stride(), *_strides3(dz), *dB.stride(), *dC.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
+        BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
+    )
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+class SelectiveScanTriton(torch.autograd.Function):
+    """Autograd wrapper: the forward keeps the states at chunk starts, the backward recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs: _Sequences):
+        B4 = _as_grouped(B, "B", u.shape[0], u.shape[2])
+        C4 = _as_grouped(C, "C", u.shape[0], u.shape[2])
+        out, last, states = _forward(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seqs,
+                                     store_states=True)
+        ctx.softplus = bool(delta_softplus)
+        ctx.has_D, ctx.has_z, ctx.has_bias = D is not None, z is not None, delta_bias is not None
+        ctx.max_len, ctx.dense = seqs.max_len, seqs.dense
+        ctx.B_dim, ctx.C_dim = B.dim(), C.dim()
+        placeholder = states.new_empty(0)
+        ctx.save_for_backward(
+            u, delta, A, B4, C4,
+            D if D is not None else placeholder, z if z is not None else placeholder,
+            delta_bias if delta_bias is not None else placeholder,
+            states, seqs.batch_row, seqs.start, seqs.length,
+        )
+        ctx.input_dtypes = tuple(None if t is None else t.dtype for t in (A, B, C, D, delta_bias))
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _backward(ctx, dout, dlast)
+        A_dtype, B_dtype, C_dtype, D_dtype, bias_dtype = ctx.input_dtypes
+        if ctx.B_dim == 3:
+            dB = dB.squeeze(1)
+        if ctx.C_dim == 3:
+            dC = dC.squeeze(1)
+        return (
+            du, ddelta, dA.to(A_dtype), dB.to(B_dtype), dC.to(C_dtype),
+            None if dD is None else dD.to(D_dtype), dz,
+            None if dbias is None else dbias.to(bias_dtype), None, None,
+        )
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """mamba-ssm `selective_scan_fn` semantics; returns out, or (out, last_state float32 (batch, dim, N))."""
+    _validate(u, delta, A, B, C, D, z, delta_bias)
+    seqs = _dense_sequences(u.shape[0], u.shape[2], u.device)
+    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs)
+    return (out, last) if return_last_state else out
+
+
+def selective_scan_varlen_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                 return_last_state=False, *, seq_lens=None, cu_seqlens=None, max_seqlen=None):
+    """Variable-length scan: each sequence starts from a zero state and padding costs no compute.
+
+    Either `seq_lens` (batch,): row b holds one sequence in [0, seq_lens[b]); outputs and gradients past
+    it are 0. Or `cu_seqlens` (n_seq + 1,) with batch 1: sequence i occupies [cu[i], cu[i+1]) of the
+    time axis. `last_state` is (n_seq, dim, N): each sequence's state after its last step.
+    `max_seqlen` (the longest length) avoids a device-to-host read when given.
+    """
+    _validate(u, delta, A, B, C, D, z, delta_bias)
+    seqs = _varlen_sequences(u.shape[0], u.shape[2], u.device, seq_lens, cu_seqlens, max_seqlen)
+    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs)
+    return (out, last) if return_last_state else out
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One step: state <- exp(dt A) state + dt B x (in place); returns y = C.state + D x, gated by silu(z).
+
+    state (batch, dim, N); x, dt, z (batch, dim); A (dim, N); B, C (batch, N) or (batch, G, N).
+    """
+    if state.dim() != 3:
+        raise ValueError(f"state must be (batch, dim, N), got {tuple(state.shape)}")
+    batch, dim, d_state = state.shape
+    for name, t in (("x", x), ("dt", dt), ("z", z)):
+        if t is not None and t.shape != (batch, dim):
+            raise ValueError(f"{name} must be (batch={batch}, dim={dim}), got {tuple(t.shape)}")
+    if A.shape != (dim, d_state):
+        raise ValueError(f"A must be ({dim}, {d_state}), got {tuple(A.shape)}")
+    B3 = B.unsqueeze(1) if B.dim() == 2 else B
+    C3 = C.unsqueeze(1) if C.dim() == 2 else C
+    for name, BC in (("B", B3), ("C", C3)):
+        if BC.dim() != 3 or BC.shape[0] != batch or BC.shape[2] != d_state or dim % BC.shape[1]:
+            raise ValueError(f"{name} must be (batch, N) or (batch, G, N) with G dividing dim, got {tuple(BC.shape)}")
+    for name, vec in (("D", D), ("dt_bias", dt_bias)):
+        if vec is not None and vec.shape != (dim,):
+            raise ValueError(f"{name} must be (dim={dim},), got {tuple(vec.shape)}")
+    _check_device(*(t for t in (state, x, dt, A, B, C, D, z, dt_bias) if t is not None))
+    out = torch.empty_like(x)
+    block_n = triton.next_power_of_2(d_state)
+    block_d = max(1, min(64, 4096 // block_n))
+    grid = (triton.cdiv(dim, block_d), batch)
+    _state_update_kernel[grid](
+        state, x, dt, A, B3, C3, D if D is not None else x, z if z is not None else x,
+        dt_bias if dt_bias is not None else x, out,
+        dim, d_state, dim // B3.shape[1],
+        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B3.stride(), *C3.stride(),
+        *(z.stride() if z is not None else (0, 0)), *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
+    )
+    return out

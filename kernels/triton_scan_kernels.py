@@ -1,0 +1,362 @@
+"""Triton kernels of the selective scan (Mamba-1): forward, two-pass backward, single-step update.
+
+Layout of the work. Time is cut into chunks of CHUNK steps. A program owns a tile of BLOCK_D
+channels and holds a (BLOCK_D, BLOCK_N, CHUNK) tile of the recurrence in registers; inside a chunk the
+linear recurrence h_t = a_t h_{t-1} + b_t is an associative scan along time, and the state is carried
+from chunk to chunk. Every global access is a (rows, CHUNK) tile that is contiguous along time in
+mamba-ssm's layout; strides are arguments, so a channels-last view of (batch, L, dim) is read as is.
+
+Backward, in two passes, so that no program ever needs the forward states in reverse order:
+  1. `_bwd_carry_kernel` walks chunks from last to first per channel tile and stores the adjoint
+     state g entering each chunk from the right (one exp per element and state).
+  2. `_bwd_chunk_kernel` treats every chunk independently: it restarts the forward from the state saved
+     by the forward pass at the chunk start, restarts the adjoint from pass 1's carry at the chunk end,
+     and forms all gradients. One program walks many channel tiles of one chunk and group, so the dB and
+     dC partials are summed in registers and leave with one atomic add per program, not per tile.
+
+Sequences are described per program row by (batch row, first time index, length), which covers the
+dense batch, per-row lengths and packed `cu_seqlens` alike; positions past a sequence's length cost no
+exps and are treated as steps with delta = 0 (the state passes through unchanged).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it softplus(x) == x
+
+
+@triton.jit
+def _linear_combine(a_prev, b_prev, a_next, b_next):
+    # composition of h -> a_prev h + b_prev followed by h -> a_next h + b_next
+    return a_prev * a_next, a_next * b_prev + b_next
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(x)))
+
+
+@triton.jit
+def _load_delta(ptr, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Effective step delta' (and the pre-softplus value) with masked positions set to 0."""
+    raw = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    eff = _softplus(raw) if SOFTPLUS else raw
+    return tl.where(mask, eff, 0.0), raw
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr,
+    dim, N, channels_per_group,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    seq = tl.program_id(1)
+    b = tl.load(seq_batch_ptr + seq).to(tl.int64)
+    t_first = tl.load(seq_start_ptr + seq).to(tl.int64)
+    length = tl.load(seq_len_ptr + seq)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, CHUNK)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    group = (pid_d * BLOCK_D) // channels_per_group  # a channel tile never straddles two groups
+
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A2 = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn, other=0.0)
+    A2 = A2.to(tl.float32) * LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], tl.float32)
+
+    u_row = u_ptr + b * su_b + offs_d[:, None] * su_d
+    dt_row = dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d
+    z_row = z_ptr + b * sz_b + offs_d[:, None] * sz_d
+    o_row = out_ptr + b * so_b + offs_d[:, None] * so_d
+    B_row = B_ptr + b * sB_b + group * sB_g + offs_n[:, None] * sB_n
+    C_row = C_ptr + b * sC_b + group * sC_g + offs_n[:, None] * sC_n
+    st_tile = states_ptr + seq * ss_s + offs_d[:, None] * ss_d + offs_n[None, :] * ss_n
+
+    h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    n_chunks = tl.cdiv(length, CHUNK)
+    for c in range(0, n_chunks):
+        if STORE_STATES:
+            tl.store(st_tile + c * ss_c, h, mask=mask_dn)
+        t_local = c * CHUNK + offs_k
+        mask_t = t_local < length
+        t = t_first + t_local
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        u = tl.load(u_row + t[None, :] * su_l, mask=mask_dt, other=0.0).to(tl.float32)
+        dt, _ = _load_delta(dt_row + t[None, :] * sdt_l, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+        Bt = tl.load(B_row + t[None, :] * sB_l, mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_row + t[None, :] * sC_l, mask=mask_nt, other=0.0).to(tl.float32)
+
+        decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        drive = (dt * u)[:, None, :] * Bt[None, :, :]
+        first = (offs_k == 0)[None, None, :]
+        drive = tl.where(first, drive + decay * h[:, :, None], drive)
+        _, hs = tl.associative_scan((decay, drive), axis=2, combine_fn=_linear_combine)
+        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            zv = tl.load(z_row + t[None, :] * sz_l, mask=mask_dt, other=0.0).to(tl.float32)
+            y = y * zv * tl.sigmoid(zv)
+        tl.store(o_row + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=mask_dt)
+        last = (offs_k == CHUNK - 1)[None, None, :]
+        h = tl.sum(tl.where(last, hs, 0.0), axis=2)
+    if STORE_LAST:
+        tl.store(last_ptr + seq * sl_s + offs_d[:, None] * sl_d + offs_n[None, :] * sl_n, h, mask=mask_dn)
+
+
+@triton.jit
+def _bwd_carry_kernel(
+    dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dlast_ptr, gstates_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr,
+    dim, N, channels_per_group,
+    sdo_b, sdo_d, sdo_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l,
+    ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Stores g entering each chunk from the right: gstates[seq, c] = dL/dh at the chunk's last step
+    coming from later steps (times the next step's decay), seeded with the last state's gradient."""
+    pid_d = tl.program_id(0)
+    seq = tl.program_id(1)
+    b = tl.load(seq_batch_ptr + seq).to(tl.int64)
+    t_first = tl.load(seq_start_ptr + seq).to(tl.int64)
+    length = tl.load(seq_len_ptr + seq)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, CHUNK)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    group = (pid_d * BLOCK_D) // channels_per_group
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A2 = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn, other=0.0)
+    A2 = A2.to(tl.float32) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], tl.float32)
+
+    do_row = dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d
+    dt_row = dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d
+    z_row = z_ptr + b * sz_b + offs_d[:, None] * sz_d
+    C_row = C_ptr + b * sC_b + group * sC_g + offs_n[:, None] * sC_n
+    st_tile = gstates_ptr + seq * ss_s + offs_d[:, None] * ss_d + offs_n[None, :] * ss_n
+
+    if HAS_DLAST:
+        g = tl.load(dlast_ptr + seq * sl_s + offs_d[:, None] * sl_d + offs_n[None, :] * sl_n,
+                    mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    n_chunks = tl.cdiv(length, CHUNK)
+    for c_rev in range(0, n_chunks):
+        c = n_chunks - 1 - c_rev
+        tl.store(st_tile + c * ss_c, g, mask=mask_dn)
+        t_local = c * CHUNK + offs_k
+        mask_t = t_local < length
+        t = t_first + t_local
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        mask_next = mask_d[:, None] & (t_local + 1 < length)[None, :]
+        dt_next, _ = _load_delta(dt_row + (t + 1)[None, :] * sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
+        dy = tl.load(do_row + t[None, :] * sdo_l, mask=mask_dt, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_row + t[None, :] * sz_l, mask=mask_dt, other=0.0).to(tl.float32)
+            dy = dy * zv * tl.sigmoid(zv)
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+        Ct = tl.load(C_row + t[None, :] * sC_l, mask=mask_nt, other=0.0).to(tl.float32)
+
+        decay_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
+        src = Ct[None, :, :] * dy[:, None, :]
+        last = (offs_k == CHUNK - 1)[None, None, :]
+        src = tl.where(last, src + decay_next * g[:, :, None], src)
+        _, gs = tl.associative_scan((decay_next, src), axis=2, combine_fn=_linear_combine, reverse=True)
+        # g at the chunk's first step, times that step's own decay, is what the previous chunk sees;
+        # the previous chunk's last position multiplies by decay_next itself, so carry g unscaled.
+        first = (offs_k == 0)[None, None, :]
+        g = tl.sum(tl.where(first, gs, 0.0), axis=2)
+
+
+@triton.jit
+def _bwd_chunk_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, gstates_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr,
+    dim, N, channels_per_group, channels_per_program,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sz_b, sz_d, sz_l, sdo_b, sdo_d, sdo_l,
+    ss_s, ss_c, ss_d, ss_n,
+    sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l,
+    sdB_b, sdB_g, sdB_n, sdB_l, sdC_b, sdC_g, sdC_n, sdC_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    seq = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    length = tl.load(seq_len_ptr + seq)
+    if c * CHUNK < length:
+        b = tl.load(seq_batch_ptr + seq).to(tl.int64)
+        t_first = tl.load(seq_start_ptr + seq).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, CHUNK)
+        mask_n = offs_n < N
+        t_local = c * CHUNK + offs_k
+        mask_t = t_local < length
+        t = t_first + t_local
+        mask_next_t = (t_local + 1) < length
+        d_begin = pid_r * channels_per_program
+        group = d_begin // channels_per_group
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+        B_tile = B_ptr + b * sB_b + group * sB_g + offs_n[:, None] * sB_n + t[None, :] * sB_l
+        C_tile = C_ptr + b * sC_b + group * sC_g + offs_n[:, None] * sC_n + t[None, :] * sC_l
+        Bt = tl.load(B_tile, mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_tile, mask=mask_nt, other=0.0).to(tl.float32)
+        dB_acc = tl.zeros([BLOCK_N, CHUNK], tl.float32)
+        dC_acc = tl.zeros([BLOCK_N, CHUNK], tl.float32)
+        first = (offs_k == 0)[None, None, :]
+        last = (offs_k == CHUNK - 1)[None, None, :]
+
+        for d0 in range(d_begin, d_begin + channels_per_program, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < dim
+            mask_dn = mask_d[:, None] & mask_n[None, :]
+            mask_dt = mask_d[:, None] & mask_t[None, :]
+            A = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn, other=0.0)
+            A = A.to(tl.float32)
+            A2 = A * LOG2E
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            else:
+                bias = tl.zeros([BLOCK_D], tl.float32)
+            st_off = seq * ss_s + c * ss_c + offs_d[:, None] * ss_d + offs_n[None, :] * ss_n
+            h0 = tl.load(states_ptr + st_off, mask=mask_dn, other=0.0)
+            g_end = tl.load(gstates_ptr + st_off, mask=mask_dn, other=0.0)
+
+            u = tl.load(u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l,
+                        mask=mask_dt, other=0.0).to(tl.float32)
+            dt_ptrs = dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l
+            dt, dt_raw = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+            mask_next = mask_d[:, None] & mask_next_t[None, :]
+            dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
+            dy = tl.load(dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l,
+                         mask=mask_dt, other=0.0).to(tl.float32)
+
+            # forward states of the chunk, restarted from the saved state at its start
+            decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
+            dtu = dt * u
+            drive = dtu[:, None, :] * Bt[None, :, :]
+            seeded = tl.where(first, drive + decay * h0[:, :, None], drive)
+            _, hs = tl.associative_scan((decay, seeded), axis=2, combine_fn=_linear_combine)
+
+            if HAS_D:
+                Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zv = tl.load(z_ptr + b * sz_b + offs_d[:, None] * sz_d + t[None, :] * sz_l,
+                             mask=mask_dt, other=0.0).to(tl.float32)
+                y = tl.sum(hs * Ct[None, :, :], axis=1)
+                if HAS_D:
+                    y += Dv[:, None] * u
+                sig = tl.sigmoid(zv)
+                dz = dy * y * sig * (1.0 + zv * (1.0 - sig))
+                tl.store(dz_ptr + b * sdz_b + offs_d[:, None] * sdz_d + t[None, :] * sdz_l,
+                         dz.to(dz_ptr.dtype.element_ty), mask=mask_dt)
+                dy = dy * zv * sig
+
+            # adjoint states of the chunk, restarted from pass 1's carry at its end
+            decay_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
+            src = Ct[None, :, :] * dy[:, None, :]
+            src = tl.where(last, src + decay_next * g_end[:, :, None], src)
+            _, gs = tl.associative_scan((decay_next, src), axis=2, combine_fn=_linear_combine, reverse=True)
+
+            gB = tl.sum(gs * Bt[None, :, :], axis=1)
+            g_hprev = gs * (hs - drive)  # g_t * decay_t * h_{t-1}
+            ddt = u * gB + tl.sum(g_hprev * A[:, :, None], axis=1)
+            du = dt * gB
+            if HAS_D:
+                du += Dv[:, None] * dy
+                tl.atomic_add(dD_ptr + offs_d, tl.sum(dy * u, axis=1), mask=mask_d)
+            tl.store(du_ptr + b * sdu_b + offs_d[:, None] * sdu_d + t[None, :] * sdu_l,
+                     du.to(du_ptr.dtype.element_ty), mask=mask_dt)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(dt_raw)
+            ddt = tl.where(mask_dt, ddt, 0.0)
+            tl.store(ddt_ptr + b * sddt_b + offs_d[:, None] * sddt_d + t[None, :] * sddt_l,
+                     ddt.to(ddt_ptr.dtype.element_ty), mask=mask_dt)
+            if HAS_BIAS:
+                tl.atomic_add(dbias_ptr + offs_d, tl.sum(ddt, axis=1), mask=mask_d)
+            dA = tl.sum(g_hprev * dt[:, None, :], axis=2)
+            tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA, mask=mask_dn)
+            dB_acc += tl.sum(gs * dtu[:, None, :], axis=0)
+            dC_acc += tl.sum(hs * dy[:, None, :], axis=0)
+
+        dB_tile = dB_ptr + b * sdB_b + group * sdB_g + offs_n[:, None] * sdB_n + t[None, :] * sdB_l
+        dC_tile = dC_ptr + b * sdC_b + group * sdC_g + offs_n[:, None] * sdC_n + t[None, :] * sdC_l
+        tl.atomic_add(dB_tile, dB_acc, mask=mask_nt)
+        tl.atomic_add(dC_tile, dC_acc, mask=mask_nt)
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+    dim, N, channels_per_group,
+    ss_b, ss_d, ss_n, sx_b, sx_d, sdt_b, sdt_d, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_d, so_b, so_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One recurrence step per (batch row, channel tile); the state is updated in place."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    group = offs_d // channels_per_group
+
+    state_tile = state_ptr + b * ss_b + offs_d[:, None] * ss_d + offs_n[None, :] * ss_n
+    h = tl.load(state_tile, mask=mask_dn, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * sx_b + offs_d * sx_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * sdt_b + offs_d * sdt_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A2 = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn, other=0.0)
+    A2 = A2.to(tl.float32) * LOG2E
+    Bv = tl.load(B_ptr + b * sB_b + group[:, None] * sB_g + offs_n[None, :] * sB_n,
+                 mask=mask_dn, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * sC_b + group[:, None] * sC_g + offs_n[None, :] * sC_n,
+                 mask=mask_dn, other=0.0).to(tl.float32)
+    h = tl.exp2(dt[:, None] * A2) * h + (dt * x)[:, None] * Bv
+    tl.store(state_tile, h.to(state_ptr.dtype.element_ty), mask=mask_dn)
+    y = tl.sum(h * Cv, axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
+    if HAS_Z:
+        zv = tl.load(z_ptr + b * sz_b + offs_d * sz_d, mask=mask_d, other=0.0).to(tl.float32)
+        y = y * zv * tl.sigmoid(zv)
+    tl.store(out_ptr + b * so_b + offs_d * so_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
