@@ -1,5 +1,60 @@
-"""`odyssey synth` (filled in by the synth module)."""
+"""`odyssey ingest`: FHIR exports (or an existing MEDS dataset) -> a checked MEDS dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from odyssey.cli._common import user_errors
 
 
-def register(app) -> None:  # pragma: no cover - placeholder until synth lands
-    pass
+def ingest(
+    fhir: Annotated[list[str] | None, typer.Option("--fhir", help="FHIR NDJSON/JSON files, folders or globs (repeatable; several paths may follow one --fhir)")] = None,
+    meds: Annotated[Path | None, typer.Option("--meds", help="check an existing MEDS dataset in place and add missing splits")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output MEDS dataset folder (required with --fhir)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (configs/ingest.yaml)")] = None,
+    strict: Annotated[bool | None, typer.Option("--strict/--no-strict", help="stop at the first problem with file:line: reason")] = None,
+    validate: Annotated[str | None, typer.Option("--validate", help="full | sample | off (default sample)")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="parallel readers (default: CPU cores)")] = None,
+    code_systems: Annotated[Path | None, typer.Option("--code-systems", help="YAML of extra code-system URIs")] = None,
+    extra: Annotated[list[str] | None, typer.Argument(help="more FHIR paths (so that `--fhir a b c` works)", show_default=False)] = None,
+) -> None:
+    """Turn FHIR R4 exports into a MEDS v0.4 dataset; bad resources go to OUT/rejects/."""
+    from odyssey.pipelines.fhir_sources import InputError
+    from odyssey.pipelines.ingest import IngestConfig, StrictModeError, ingest_fhir
+
+    with user_errors((InputError,)):
+        if meds is not None:
+            from odyssey.pipelines.meds_check import ingest_meds
+
+            if fhir or extra:
+                raise ValueError("give either --fhir or --meds, not both")
+            cfg = IngestConfig.load(config)
+            report = ingest_meds(meds, cfg.splits)
+            typer.echo(report.summary())
+            return
+        paths = [*(fhir or []), *(extra or [])]
+        if not paths:
+            raise ValueError("nothing to ingest: pass --fhir PATH [PATH ...] or --meds DIR")
+        if out is None:
+            raise ValueError("--out DIR is required with --fhir")
+        cfg = IngestConfig.load(
+            config,
+            strict=strict,
+            validate=validate,
+            workers=workers,
+            code_systems=str(code_systems) if code_systems else None,
+        )
+        try:
+            report = ingest_fhir(paths, out, cfg, show_progress=True)
+        except StrictModeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(report.summary())
+    typer.echo(f"report: {out}/ingest_report.json")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="ingest")(ingest)

@@ -1,0 +1,375 @@
+"""One FHIR R4 resource (a parsed dict) -> MEDS rows and lookup entries.
+
+Flattening is per resource and all-or-nothing: a resource either yields all its rows or raises
+`Rejected` with a reason, so no half of a resource ever reaches the dataset. References that point to
+other resources (the Patient, a Medication, an Encounter's end time) are carried as keys and resolved
+later, when every file has been read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from odyssey.pipelines import schema
+from odyssey.pipelines.fhir_times import FhirTimeError, parse_birth_date, parse_event_time
+from odyssey.pipelines.schema import EventType
+
+EVENT_RESOURCE_TYPES = (
+    "Patient",
+    "Encounter",
+    "Condition",
+    "Procedure",
+    "MedicationRequest",
+    "MedicationAdministration",
+    "MedicationDispense",
+    "Observation",
+)
+LOOKUP_RESOURCE_TYPES = ("Medication",)
+SUPPORTED_RESOURCE_TYPES = EVENT_RESOURCE_TYPES + LOOKUP_RESOURCE_TYPES
+
+# Observation.category codes -> event type; anything else is a generic observation.
+_OBSERVATION_CATEGORIES = {"laboratory": EventType.LAB, "vital-signs": EventType.VITAL}
+
+
+class Rejected(Exception):
+    """The resource cannot become MEDS rows; the message is the reason written to rejects/."""
+
+
+def stable_id(resource_type: str, fhir_id: str) -> int:
+    """A 63-bit id that depends only on the resource's type and FHIR id (same on every run)."""
+    digest = hashlib.blake2b(f"{resource_type}/{fhir_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# A MEDS row before resolution. Field order is the order of ROW_COLUMNS.
+ROW_COLUMNS = (
+    "subject_id",
+    "time",
+    "code",
+    "numeric_value",
+    "text_value",
+    "encounter_id",
+    "unit",
+    "comparator",
+    "event_type",
+    "issued",
+    "medication_key",  # "Medication/<id>" still to resolve into `code`, else None
+    "time_from_encounter",  # True: `time` is the encounter's end, filled in at resolution
+    "resource_type",
+    "line",
+    "entry",
+)
+
+
+@dataclass
+class Context:
+    """What flattening needs besides the resource: known code systems and per-worker caches."""
+
+    systems: dict[str, str]
+    descriptions: dict[str, str] = field(default_factory=dict)  # code -> first display seen
+    id_cache: dict[tuple[str, str], int] = field(default_factory=dict)
+    bundle_urls: dict[str, tuple[str, str]] | None = None  # fullUrl -> (type, id) inside one Bundle
+
+    def stable_id(self, resource_type: str, fhir_id: str) -> int:
+        key = (resource_type, fhir_id)
+        value = self.id_cache.get(key)
+        if value is None:
+            if len(self.id_cache) > 1_000_000:
+                self.id_cache.clear()
+            value = self.id_cache[key] = stable_id(resource_type, fhir_id)
+        return value
+
+    def resolve_reference(self, ref: object, expected: str, what: str) -> str:
+        """The FHIR id behind `{"reference": ...}` to a resource of type `expected`."""
+        if not isinstance(ref, dict) or not isinstance(ref.get("reference"), str):
+            raise Rejected(f"{what} has no literal reference")
+        text = ref["reference"]
+        if text.startswith("urn:uuid:") or text.startswith("urn:oid:"):
+            target = self.bundle_urls.get(text) if self.bundle_urls else None
+            if target is None:
+                raise Rejected(f"{what} matches no entry of its Bundle: {text}")
+            rtype, rid = target
+        else:
+            parts = text.split("/_history/")[0].rstrip("/").split("/")
+            if len(parts) < 2:
+                raise Rejected(f"{what} is not of the form Type/id: {text!r}")
+            rtype, rid = parts[-2], parts[-1]
+        if rtype != expected:
+            raise Rejected(f"{what} does not point to a {expected}: {text}")
+        if not rid:
+            raise Rejected(f"{what} has an empty id: {text!r}")
+        return rid
+
+    def code_of(self, concept: object, what: str) -> str:
+        """`VOCAB//code` of the first coding whose system is known; records its display."""
+        codings = concept.get("coding") if isinstance(concept, dict) else None
+        if not isinstance(codings, list) or not codings:
+            raise Rejected(f"{what} has no coding")
+        systems = []
+        for coding in codings:
+            if not isinstance(coding, dict):
+                continue
+            system = coding.get("system")
+            vocab = self.systems.get(system) if isinstance(system, str) else None
+            value = coding.get("code")
+            if vocab is not None and isinstance(value, str) and value:
+                code = f"{vocab}{schema.CODE_SEPARATOR}{value}"
+                if code not in self.descriptions:
+                    display = coding.get("display") or concept.get("text")
+                    if isinstance(display, str) and display:
+                        self.descriptions[code] = display
+                return code
+            systems.append(str(system))
+        raise Rejected(f"{what} has no coding with a known system: {', '.join(systems)}")
+
+
+def _time(value: object, what: str) -> int:
+    try:
+        return parse_event_time(value)
+    except FhirTimeError as exc:
+        raise Rejected(f"{what}: {exc}") from None
+
+
+def _first_time(resource: dict, names: tuple[str, ...], what: str) -> int | None:
+    """The first present of several time elements (`xPeriod` takes its start)."""
+    for name in names:
+        value = resource.get(name)
+        if value is None:
+            continue
+        if name.endswith("Period"):
+            if not isinstance(value, dict) or "start" not in value:
+                raise Rejected(f"{what}.{name} has no start")
+            return _time(value["start"], f"{what}.{name}.start")
+        return _time(value, f"{what}.{name}")
+    return None
+
+
+class Flattener:
+    """Turns resources into rows; one instance per worker chunk."""
+
+    def __init__(self, context: Context):
+        self.ctx = context
+        self.rows: list[tuple] = []
+        self.patients: list[tuple[int, str, int, int]] = []  # subject_id, fhir id, line, entry
+        self.encounters: list[tuple[int, int, int, int | None, int, int]] = []  # enc, subject, start, end, line, entry
+        self.medications: list[tuple[str, str, int, int]] = []  # "Medication/id", code, line, entry
+        self._dispatch = {
+            "Patient": self._patient,
+            "Encounter": self._encounter,
+            "Condition": self._condition,
+            "Procedure": self._procedure,
+            "MedicationRequest": self._medication_use,
+            "MedicationAdministration": self._medication_use,
+            "MedicationDispense": self._medication_use,
+            "Observation": self._observation,
+            "Medication": self._medication,
+        }
+
+    def flatten(self, resource: dict, line: int, entry: int) -> None:
+        """Append the resource's rows; raises Rejected (nothing appended) or KeyError (unsupported)."""
+        handler = self._dispatch[resource["resourceType"]]
+        rid = resource.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise Rejected("resource has no id")
+        handler(resource, rid, line, entry)
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _subject(self, resource: dict) -> tuple[int, str]:
+        ref = resource.get("subject") or resource.get("patient")
+        if ref is None:
+            raise Rejected("no subject (Patient) reference")
+        pid = self.ctx.resolve_reference(ref, "Patient", "subject")
+        return self.ctx.stable_id("Patient", pid), pid
+
+    def _encounter_id(self, resource: dict) -> int | None:
+        ref = resource.get("encounter") or resource.get("context")
+        if ref is None:
+            return None
+        return self.ctx.stable_id("Encounter", self.ctx.resolve_reference(ref, "Encounter", "encounter"))
+
+    def _emit(self, rows: list[tuple]) -> None:
+        self.rows.extend(rows)
+
+    # -- resource types ------------------------------------------------------------------------------
+
+    def _patient(self, r: dict, rid: str, line: int, entry: int) -> None:
+        sid = self.ctx.stable_id("Patient", rid)
+        rows = []
+        birth = r.get("birthDate")
+        if birth is not None:
+            try:
+                t = parse_birth_date(birth)
+            except FhirTimeError as exc:
+                raise Rejected(f"birthDate: {exc}") from None
+            rows.append((sid, t, schema.BIRTH_CODE, None, None, None, None, None, EventType.BIRTH, None, None, False))
+        deceased = r.get("deceasedDateTime")
+        if deceased is not None:
+            t = _time(deceased, "deceasedDateTime")
+            rows.append((sid, t, schema.DEATH_CODE, None, None, None, None, None, EventType.DEATH, None, None, False))
+        gender = r.get("gender")
+        if gender is not None:
+            if not isinstance(gender, str) or not gender:
+                raise Rejected("gender is not a code")
+            code = schema.make_code(schema.GENDER_PREFIX, gender)
+            rows.append((sid, None, code, None, None, None, None, None, EventType.DEMOGRAPHIC, None, None, False))
+        self._emit([(*row, "Patient", line, entry) for row in rows])
+        self.patients.append((sid, rid, line, entry))
+
+    def _encounter(self, r: dict, rid: str, line: int, entry: int) -> None:
+        sid, _ = self._subject(r)
+        eid = self.ctx.stable_id("Encounter", rid)
+        period = r.get("period")
+        if not isinstance(period, dict) or period.get("start") is None:
+            raise Rejected("Encounter has no period.start")
+        start = _time(period["start"], "period.start")
+        end = _time(period["end"], "period.end") if period.get("end") is not None else None
+        if end is not None and end < start:
+            raise Rejected(f"period ends before it starts: {period['end']} < {period['start']}")
+        klass = r.get("class")
+        if isinstance(klass, list):  # R5 shape: a list of CodeableConcepts
+            klass = (klass[0].get("coding") or [{}])[0] if klass and isinstance(klass[0], dict) else None
+        class_code = klass.get("code") if isinstance(klass, dict) else None
+        if not isinstance(class_code, str) or not class_code:
+            raise Rejected("Encounter has no class code")
+        disposition = None
+        hosp = r.get("hospitalization") or r.get("admission")
+        if isinstance(hosp, dict) and isinstance(hosp.get("dischargeDisposition"), dict):
+            dd = hosp["dischargeDisposition"]
+            coding = (dd.get("coding") or [{}])[0]
+            disposition = (coding.get("code") if isinstance(coding, dict) else None) or dd.get("text")
+        rows = [
+            (sid, start, schema.make_code(schema.ENCOUNTER_START_PREFIX, class_code), None, None, eid,
+             None, None, EventType.ENCOUNTER_START, None, None, False, "Encounter", line, entry),
+        ]
+        if end is not None:
+            rows.append(
+                (sid, end, schema.make_code(schema.ENCOUNTER_END_PREFIX, class_code), None, disposition, eid,
+                 None, None, EventType.ENCOUNTER_END, None, None, False, "Encounter", line, entry)
+            )
+        self._emit(rows)
+        self.encounters.append((eid, sid, start, end, line, entry))
+
+    def _timed_event(self, r, rid, line, entry, rtype, event_type, time_names, code, available=None):
+        """Condition / Procedure: without a time of their own they take their encounter's end."""
+        sid, _ = self._subject(r)
+        eid = self._encounter_id(r)
+        t = _first_time(r, time_names, rtype)
+        from_encounter = t is None
+        if from_encounter and eid is None:
+            raise Rejected(f"{rtype} has no time of its own and no encounter to take it from")
+        self._emit([(sid, t, code, None, None, eid, None, None, event_type, available, None, from_encounter,
+                     rtype, line, entry)])
+
+    def _condition(self, r: dict, rid: str, line: int, entry: int) -> None:
+        code = self.ctx.code_of(r.get("code"), "Condition.code")
+        recorded = r.get("recordedDate")
+        available = _time(recorded, "recordedDate") if recorded is not None else None
+        self._timed_event(r, rid, line, entry, "Condition", EventType.CONDITION,
+                          ("onsetDateTime", "onsetPeriod"), code, available)
+
+    def _procedure(self, r: dict, rid: str, line: int, entry: int) -> None:
+        code = self.ctx.code_of(r.get("code"), "Procedure.code")
+        self._timed_event(r, rid, line, entry, "Procedure", EventType.PROCEDURE,
+                          ("performedDateTime", "performedPeriod", "occurrenceDateTime", "occurrencePeriod"), code)
+
+    _MEDICATION_TIMES = {
+        "MedicationRequest": ("authoredOn",),
+        "MedicationAdministration": ("effectiveDateTime", "effectivePeriod", "occurenceDateTime"),
+        "MedicationDispense": ("whenHandedOver", "whenPrepared"),
+    }
+
+    def _medication_use(self, r: dict, rid: str, line: int, entry: int) -> None:
+        rtype = r["resourceType"]
+        sid, _ = self._subject(r)
+        eid = self._encounter_id(r)
+        t = _first_time(r, self._MEDICATION_TIMES[rtype], rtype)
+        if t is None:
+            raise Rejected(f"{rtype} has no time: none of {', '.join(self._MEDICATION_TIMES[rtype])}")
+        code, med_key = None, None
+        concept = r.get("medicationCodeableConcept")
+        reference = r.get("medicationReference")
+        r5 = r.get("medication")
+        if isinstance(r5, dict):  # R5 CodeableReference
+            concept, reference = r5.get("concept"), r5.get("reference")
+        if concept is not None:
+            code = self.ctx.code_of(concept, f"{rtype}.medicationCodeableConcept")
+        elif isinstance(reference, dict) and str(reference.get("reference", "")).startswith("#"):
+            code = self._contained_medication(r, reference["reference"][1:])
+        elif reference is not None:
+            med_key = "Medication/" + self.ctx.resolve_reference(reference, "Medication", "medicationReference")
+        else:
+            raise Rejected(f"{rtype} has neither medicationCodeableConcept nor medicationReference")
+        self._emit([(sid, t, code, None, None, eid, None, None, EventType.MEDICATION, None, med_key, False,
+                     rtype, line, entry)])
+
+    def _contained_medication(self, r: dict, local_id: str) -> str:
+        for contained in r.get("contained") or ():
+            if isinstance(contained, dict) and contained.get("id") == local_id:
+                if contained.get("resourceType") != "Medication":
+                    raise Rejected(f"contained resource is not a Medication: #{local_id}")
+                return self.ctx.code_of(contained.get("code"), "contained Medication.code")
+        raise Rejected(f"medicationReference has no contained resource: #{local_id}")
+
+    def _medication(self, r: dict, rid: str, line: int, entry: int) -> None:
+        code = self.ctx.code_of(r.get("code"), "Medication.code")
+        self.medications.append(("Medication/" + rid, code, line, entry))
+
+    def _observation(self, r: dict, rid: str, line: int, entry: int) -> None:
+        sid, _ = self._subject(r)
+        eid = self._encounter_id(r)
+        t = _first_time(r, ("effectiveDateTime", "effectivePeriod", "effectiveInstant"), "Observation")
+        if t is None:
+            raise Rejected("Observation has no effective time")
+        issued = _time(r["issued"], "issued") if r.get("issued") is not None else None
+        event_type = EventType.OBSERVATION
+        for category in r.get("category") or ():
+            for coding in (category.get("coding") or ()) if isinstance(category, dict) else ():
+                found = _OBSERVATION_CATEGORIES.get(coding.get("code")) if isinstance(coding, dict) else None
+                if found is not None:
+                    event_type = found
+                    break
+        parts = [(r.get("code"), r, "Observation")]
+        for i, component in enumerate(r.get("component") or ()):
+            if isinstance(component, dict):
+                parts.append((component.get("code"), component, f"Observation.component[{i}]"))
+        rows = []
+        for concept, holder, what in parts:
+            if holder is r and len(parts) > 1 and not any(k.startswith("value") for k in r):
+                continue  # a panel without a value of its own: its components carry the values
+            code = self.ctx.code_of(concept, f"{what}.code")
+            value, text, unit, comparator = self._value(holder, what)
+            rows.append((sid, t, code, value, text, eid, unit, comparator, event_type, issued, None, False,
+                         "Observation", line, entry))
+        self._emit(rows)
+
+    def _value(self, holder: dict, what: str) -> tuple[float | None, str | None, str | None, str | None]:
+        quantity = holder.get("valueQuantity")
+        if quantity is not None:
+            if not isinstance(quantity, dict):
+                raise Rejected(f"{what}.valueQuantity is not an object")
+            value = quantity.get("value")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise Rejected(f"{what}.valueQuantity.value is not a number: {value!r}")
+            unit = quantity.get("unit") or quantity.get("code")
+            return value, None, unit, quantity.get("comparator")
+        for name in ("valueInteger", "valueDecimal"):
+            value = holder.get(name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise Rejected(f"{what}.{name} is not a number: {value!r}")
+                return value, None, None, None
+        text = holder.get("valueString")
+        if text is not None:
+            return None, str(text), None, None
+        concept = holder.get("valueCodeableConcept")
+        if isinstance(concept, dict):
+            try:
+                return None, self.ctx.code_of(concept, f"{what}.valueCodeableConcept"), None, None
+            except Rejected:
+                display = concept.get("text") or ((concept.get("coding") or [{}])[0] or {}).get("display")
+                return None, display, None, None
+        if "valueBoolean" in holder:
+            return None, "true" if holder["valueBoolean"] else "false", None, None
+        return None, None, None, None

@@ -1,0 +1,304 @@
+"""`odyssey ingest`: FHIR R4 exports -> a MEDS v0.4 dataset, with quarantine and exact counts.
+
+Two stages. Workers read chunks of the input in parallel, flatten each resource into rows and spill
+them by subject (ingest_read). Then, bucket by bucket, duplicates are settled, references resolved and
+sorted shards written (ingest_resolve). Everything is built in a temporary folder that replaces the
+output only when the run succeeds.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from importlib import resources as package_resources
+from pathlib import Path
+from typing import Literal
+
+import meds
+import orjson
+import polars as pl
+import yaml
+from odyssey.pipelines import schema
+from odyssey.pipelines.fhir_sources import Chunk, discover, fetch_lines, plan_chunks
+from odyssey.pipelines.ingest_read import Problem, ReadSettings, read_chunk
+from odyssey.pipelines.ingest_resolve import StrictStop, resolve_and_write
+from odyssey.pipelines.report import IngestReport, TypeCounts, reason_category
+from odyssey.pipelines.splits import SplitRatios, assign_splits, write_parquet
+from pydantic import Field
+from tqdm.auto import tqdm
+
+import odyssey
+from odyssey.config import ConfigError, StageConfig
+from odyssey.io import atomic_output_dir, write_json
+
+ETL_NAME = "odyssey.ingest"
+
+
+class IngestConfig(StageConfig):
+    """Settings of `odyssey ingest` (configs/ingest.yaml)."""
+
+    validate_mode: Literal["full", "sample", "off"] = Field("sample", alias="validate")
+    sample_every: int = Field(1000, ge=1, description="in sample mode, 1 resource in N gets full R4B validation")
+    strict: bool = False
+    workers: int | None = Field(None, ge=1, description="default: number of CPU cores")
+    chunk_mb: int = Field(32, ge=1)
+    shard_mb: int = Field(1024, ge=1, description="input megabytes (uncompressed estimate) per output shard")
+    code_systems: str | None = Field(None, description="YAML file with extra system URI -> vocabulary entries")
+    splits: SplitRatios = SplitRatios()
+    dataset_name: str = "odyssey"
+    dataset_version: str = "1.0"
+
+    model_config = StageConfig.model_config | {"populate_by_name": True}
+
+
+class StrictModeError(ValueError):
+    """`--strict` met a problem: the message is `file:line: reason`."""
+
+
+def load_code_systems(extra: str | os.PathLike | None = None) -> dict[str, str]:
+    """The system URI -> vocabulary map: the packaged defaults, then the user's additions."""
+    text = package_resources.files("odyssey.pipelines").joinpath("code_systems.yaml").read_text()
+    systems = dict(yaml.safe_load(text)["systems"])
+    if extra is not None:
+        path = Path(extra)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read code systems: {exc}") from exc
+        entries = loaded.get("systems") if isinstance(loaded, dict) else None
+        if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
+            raise ConfigError(f"{path}: expected a mapping `systems: {{uri: VOCAB}}`")
+        systems.update(entries)
+    return systems
+
+
+def _peak_memory_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 / 1024
+    return max(own, children) * scale
+
+
+def _estimated_bytes(chunks: list[Chunk]) -> int:
+    return sum(c.size * (8 if c.compressed else 1) for c in chunks)
+
+
+def _read_all(chunks, settings, workers, show_progress):
+    """Stage 1 over all chunks, in parallel when there is more than one worker."""
+    results = []
+    bar = tqdm(total=sum(c.size for c in chunks), unit="B", unit_scale=True, desc="read", disable=not show_progress)
+    jobs = [(c, settings) for c in chunks]
+    try:
+        if workers <= 1 or len(chunks) == 1:
+            for job in jobs:
+                results.append(read_chunk(job))
+                bar.update(job[0].size)
+                if settings.strict and results[-1].problems:
+                    break
+        else:
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            with multiprocessing.get_context(method).Pool(workers) as pool:
+                for result in pool.imap_unordered(read_chunk, jobs):
+                    results.append(result)
+                    bar.update(result.bytes)
+                    if settings.strict and result.problems:
+                        pool.terminate()
+                        break
+    finally:
+        bar.close()
+    return sorted(results, key=lambda r: r.chunk)
+
+
+def _where(problem: Problem, chunk_paths: dict[int, str]) -> str:
+    where = f"{chunk_paths[problem.chunk]}:{problem.line}"
+    return f"{where} (entry {problem.entry})" if problem.entry else where
+
+
+def _write_rejects(folder: Path, problems: list[Problem], chunk_paths: dict[int, str]) -> None:
+    """rejects/rejects.ndjson: one line per rejected resource, with its location, reason and text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    need: dict[str, set[int]] = {}
+    for p in problems:
+        if p.raw is None:
+            need.setdefault(chunk_paths[p.chunk], set()).add(p.line)
+    fetched = {path: fetch_lines(path, lines) for path, lines in need.items()}
+    with open(folder / "rejects.ndjson", "wb") as handle:
+        for p in sorted(problems, key=lambda p: (p.chunk, p.line, p.entry)):
+            path = chunk_paths[p.chunk]
+            raw = p.raw if p.raw is not None else fetched.get(path, {}).get(p.line)
+            fhir_id = p.fhir_id
+            if p.raw is None and raw is not None and p.entry:
+                try:  # the entry inside a Bundle line
+                    raw = orjson.dumps(orjson.loads(raw)["entry"][p.entry - 1]["resource"])
+                except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+                    pass
+            if fhir_id is None and raw is not None:
+                try:
+                    fhir_id = orjson.loads(raw).get("id")
+                except (orjson.JSONDecodeError, AttributeError):
+                    pass
+            record = {
+                "file": path,
+                "line": p.line,
+                "entry": p.entry or None,
+                "resource_type": p.resource_type,
+                "id": fhir_id,
+                "reason": p.reason,
+                "resource": raw.decode("utf-8", errors="replace") if raw is not None else None,
+            }
+            handle.write(orjson.dumps(record) + b"\n")
+
+
+def _metadata(out: Path, result, config: IngestConfig, descriptions: dict[str, str]) -> dict[str, int]:
+    meta = out / "metadata"
+    meta.mkdir(parents=True, exist_ok=True)
+    codes = result.codes.with_columns(
+        description=pl.col(schema.CODE).replace_strict(descriptions, default=None, return_dtype=pl.String),
+        parent_codes=pl.lit(None, dtype=pl.List(pl.String)),
+    ).select(schema.CODE, "description", "parent_codes")
+    write_parquet(codes, out / schema.CODES_FILE, meds.CodeMetadataSchema.schema())
+    splits = assign_splits(result.subjects[schema.SUBJECT_ID].to_numpy(), config.splits)
+    write_parquet(splits, out / schema.SPLITS_FILE, meds.SubjectSplitSchema.schema())
+    if result.subject_map is not None:
+        write_parquet(result.subject_map, out / schema.SUBJECT_MAP_FILE)
+    write_json(
+        out / schema.DATASET_FILE,
+        {
+            "dataset_name": config.dataset_name,
+            "dataset_version": config.dataset_version,
+            "etl_name": ETL_NAME,
+            "etl_version": odyssey.__version__,
+            "meds_version": "0.4.1",
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "raw_source_id_columns": [schema.ENCOUNTER_ID],
+            "code_modifier_columns": [schema.UNIT, schema.COMPARATOR],
+            "other_extension_columns": [schema.EVENT_TYPE, schema.ISSUED],
+        },
+    )
+    return {name: int(n) for name, n in splits.group_by("split").len().sort("split").iter_rows()}
+
+
+def _descriptions(read_results) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for r in read_results:
+        for code, text in r.descriptions.items():
+            if code not in merged or text < merged[code]:
+                merged[code] = text
+    merged.update(
+        {
+            schema.BIRTH_CODE: "Birth",
+            schema.DEATH_CODE: "Death",
+        }
+    )
+    return merged
+
+
+def ingest_fhir(
+    paths: list[str | os.PathLike] | str | os.PathLike,
+    out: str | os.PathLike,
+    config: IngestConfig | None = None,
+    show_progress: bool = False,
+    **overrides,
+) -> IngestReport:
+    """Ingest FHIR R4 files, folders or globs into a MEDS dataset at `out`; returns the report.
+
+    Raises InputError (missing/unreadable input), StrictModeError (`strict` and a bad resource).
+    """
+    started = time.perf_counter()
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    base = (config or IngestConfig()).model_dump(by_alias=True)
+    config = IngestConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    systems = load_code_systems(config.code_systems)
+    files = discover(list(paths))
+    chunks = plan_chunks(files, config.chunk_mb << 20)
+    chunk_paths = {c.index: c.path for c in chunks}
+    workers = min(config.workers or os.cpu_count() or 1, len(chunks))
+    subject_buckets = max(1, math.ceil(_estimated_bytes(chunks) / (config.shard_mb << 20)))
+    key_buckets = max(4, subject_buckets)
+    out = Path(out)
+    with atomic_output_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="odyssey-spill-", dir=out.resolve().parent) as spill:
+        settings = ReadSettings(
+            systems=systems,
+            subject_buckets=subject_buckets,
+            key_buckets=key_buckets,
+            validate=config.validate_mode,
+            sample_every=config.sample_every,
+            strict=config.strict,
+            spill_dir=spill,
+        )
+        read_results = _read_all(chunks, settings, workers, show_progress)
+        problems = [p for r in read_results for p in r.problems]
+        if config.strict and problems:
+            first = min(problems, key=lambda p: (p.chunk, p.line, p.entry))
+            raise StrictModeError(f"{_where(first, chunk_paths)}: {first.reason}")
+        bar = tqdm(total=subject_buckets, desc="write", unit="shard", disable=not show_progress)
+        try:
+            result = resolve_and_write(Path(spill), tmp, subject_buckets, key_buckets, chunk_paths, config.strict, bar)
+        except StrictStop as stop:
+            raise StrictModeError(f"{_where(stop.problem, chunk_paths)}: {stop.problem.reason}") from None
+        finally:
+            bar.close()
+        problems += result.problems
+        splits = _metadata(tmp, result, config, _descriptions(read_results))
+        counts = _count(read_results, result, problems)
+        _write_rejects(tmp / "rejects", problems, chunk_paths)
+        report = IngestReport(
+            out=str(out),
+            inputs=[str(f) for f in files],
+            resource_types=counts,
+            subjects=result.subjects.height,
+            events=result.events,
+            shards=len(result.shards),
+            codes=result.codes.height,
+            splits=splits,
+            validation=config.validate_mode,
+            validated_resources=sum(r.validated for r in read_results),
+            dangling_encounter_references=result.dangling_encounters,
+            seconds=0.0,
+            peak_memory_mb=0.0,
+            workers=workers,
+        )
+        if result.dangling_encounters:
+            report.warnings.append(
+                f"{result.dangling_encounters} resources reference an Encounter that is absent; "
+                "their encounter_id was left empty"
+            )
+        broken = [name for name, c in counts.items() if not c.reconciles]
+        if broken:  # a bug, never bad input: refuse to publish a dataset whose counts do not add up
+            raise RuntimeError(f"ingest counts do not reconcile for {broken}: {counts}")
+        report.seconds = time.perf_counter() - started
+        report.peak_memory_mb = _peak_memory_mb()
+        write_json(tmp / "ingest_report.json", report.to_dict())
+    return report
+
+
+def _count(read_results, result, problems) -> dict[str, TypeCounts]:
+    read: Counter = Counter()
+    for r in read_results:
+        read.update(r.read)
+    counts = {name: TypeCounts(read=n) for name, n in read.items()}
+    for p in problems:
+        c = counts.setdefault(p.resource_type, TypeCounts())
+        c.rejected += 1
+        key = reason_category(p.reason)
+        c.rejected_reasons[key] = c.rejected_reasons.get(key, 0) + 1
+    for r in read_results:
+        for (rtype, reason), n in r.skipped.items():
+            c = counts.setdefault(rtype, TypeCounts())
+            c.skipped += n
+            c.skipped_reasons[reason] = c.skipped_reasons.get(reason, 0) + n
+    for (rtype, reason), n in result.skipped.items():
+        c = counts.setdefault(rtype, TypeCounts())
+        c.skipped += n
+        c.skipped_reasons[reason] = c.skipped_reasons.get(reason, 0) + n
+    for rtype, n in result.written.items():
+        counts.setdefault(rtype, TypeCounts()).written += n
+    return counts

@@ -1,0 +1,240 @@
+"""Stage 2 of ingestion: settle duplicates, resolve references, write sorted MEDS shards.
+
+Works one bucket at a time, so memory depends on the largest bucket, not on the export. Only the
+lookup tables (patients, encounters, medications: a few numbers per entry) are held whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from odyssey.pipelines import schema
+from odyssey.pipelines.ingest_read import Problem
+from odyssey.pipelines.schema import EventType
+
+KEY = ["chunk", "line", "entry"]
+_EMPTY_DROPPED = pl.DataFrame(
+    schema={"chunk": pl.Int32, "line": pl.Int64, "entry": pl.Int32, "resource_type": pl.String,
+            "fhir_id": pl.String, "kind": pl.String, "reason": pl.String}
+)
+
+
+class StrictStop(Exception):
+    """Strict mode met a problem after reading (a dangling or duplicate reference)."""
+
+    def __init__(self, problem: Problem):
+        super().__init__(problem.reason)
+        self.problem = problem
+
+
+@dataclass
+class ResolveResult:
+    shards: list[Path]
+    written: dict[str, int]  # resource type -> resources written
+    problems: list[Problem] = field(default_factory=list)
+    skipped: dict[tuple[str, str], int] = field(default_factory=dict)
+    subjects: pl.DataFrame | None = None  # subject_id (those with rows)
+    subject_map: pl.DataFrame | None = None  # fhir_id, subject_id
+    codes: pl.DataFrame | None = None  # code, count
+    events: int = 0
+    dangling_encounters: int = 0
+
+
+def _read_folder(folder: Path, empty_schema: pa.Schema | None = None) -> pl.DataFrame | None:
+    files = sorted(folder.glob("*.parquet")) if folder.exists() else []
+    if not files:
+        return None
+    return pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+
+
+def find_duplicates(spill: Path, key_buckets: int, chunk_paths: dict[int, str]) -> pl.DataFrame:
+    """Copies of one resource id: identical copies are skipped, differing copies are all rejected."""
+    found = [_EMPTY_DROPPED]
+    for bucket in range(key_buckets):
+        keys = _read_folder(spill / "keys" / f"b{bucket:04d}")
+        if keys is None:
+            continue
+        dup = keys.filter(pl.len().over("identity") > 1).sort(["identity", *KEY])
+        if dup.is_empty():
+            continue
+        dup = dup.with_columns(
+            first_chunk=pl.col("chunk").first().over("identity"),
+            first_line=pl.col("line").first().over("identity"),
+            is_first=pl.int_range(pl.len()).over("identity") == 0,
+            conflict=pl.col("digest").n_unique().over("identity") > 1,
+        )
+        rows = []
+        for r in dup.iter_rows(named=True):
+            ident = f"{r['resource_type']}/{r['fhir_id']}"
+            if r["conflict"]:
+                rows.append((r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"], "rejected",
+                             f"duplicate id with different content: {ident}"))
+            elif not r["is_first"]:
+                where = f"{chunk_paths[r['first_chunk']]}:{r['first_line']}"
+                rows.append((r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"], "skipped",
+                             f"exact duplicate: {where}"))
+        if rows:
+            found.append(pl.DataFrame(rows, schema=_EMPTY_DROPPED.schema, orient="row"))
+    return pl.concat(found)
+
+
+def _lookup(spill: Path, name: str, dropped: pl.DataFrame) -> pl.DataFrame | None:
+    table = _read_folder(spill / name)
+    if table is None:
+        return None
+    return table.join(dropped.select(KEY), on=KEY, how="anti")
+
+
+_SORT = [schema.SUBJECT_ID, schema.TIME, schema.EVENT_TYPE, schema.CODE, schema.NUMERIC_VALUE, schema.TEXT_VALUE,
+         schema.ENCOUNTER_ID, schema.UNIT, schema.COMPARATOR, schema.ISSUED]
+
+
+def resolve_and_write(
+    spill: Path,
+    out: Path,
+    subject_buckets: int,
+    key_buckets: int,
+    chunk_paths: dict[int, str],
+    strict: bool,
+    progress=None,
+) -> ResolveResult:
+    dropped = find_duplicates(spill, key_buckets, chunk_paths)
+    if strict and not dropped.filter(pl.col("kind") == "rejected").is_empty():
+        first = dropped.filter(pl.col("kind") == "rejected").sort(KEY).row(0, named=True)
+        raise StrictStop(Problem(first["chunk"], first["line"], first["entry"], first["resource_type"],
+                                 first["fhir_id"], first["reason"], None))
+    patients = _lookup(spill, "patients", dropped)
+    encounters = _lookup(spill, "encounters", dropped)
+    medications = _lookup(spill, "medications", dropped)
+    known_subjects = (
+        patients.select(schema.SUBJECT_ID).with_columns(has_patient=pl.lit(True))
+        if patients is not None
+        else pl.DataFrame(schema={schema.SUBJECT_ID: pl.Int64, "has_patient": pl.Boolean})
+    )
+    enc_lookup = (
+        encounters.select("encounter_id", "encounter_subject_id", "encounter_end")
+        if encounters is not None
+        else pl.DataFrame(schema={"encounter_id": pl.Int64, "encounter_subject_id": pl.Int64, "encounter_end": pl.Int64})
+    )
+    med_lookup = (
+        medications.select("medication_key", "medication_code")
+        if medications is not None
+        else pl.DataFrame(schema={"medication_key": pl.String, "medication_code": pl.String})
+    )
+
+    result = ResolveResult(shards=[], written={})
+    written: dict[str, int] = {}
+    code_counts: list[pl.DataFrame] = []
+    subject_frames: list[pl.DataFrame] = []
+    cascades: list[pl.DataFrame] = []
+    data_dir = out / schema.DATA_DIR
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for bucket in range(subject_buckets):
+        rows = _read_folder(spill / "rows" / f"b{bucket:04d}")
+        if progress is not None:
+            progress.update(1)
+        if rows is None:
+            continue
+        rows = (
+            rows.join(dropped.select(KEY), on=KEY, how="anti")
+            .join(known_subjects, on=schema.SUBJECT_ID, how="left")
+            .join(med_lookup, on="medication_key", how="left")
+            .join(enc_lookup, on="encounter_id", how="left")
+        )
+        reason = (
+            pl.when(pl.col("has_patient").is_null())
+            .then(pl.lit("subject Patient not found or rejected"))
+            .when(pl.col("medication_key").is_not_null() & pl.col("medication_code").is_null())
+            .then(pl.lit("medicationReference not found or rejected: ") + pl.col("medication_key"))
+            .when(
+                pl.col("encounter_subject_id").is_not_null()
+                & (pl.col("encounter_subject_id") != pl.col(schema.SUBJECT_ID))
+            )
+            .then(pl.lit("encounter belongs to another patient"))
+            .when(pl.col("time_from_encounter") & pl.col("encounter_end").is_null())
+            .then(pl.lit("no time of its own and its encounter is missing, rejected or has no end"))
+        )
+        rows = rows.with_columns(reason=reason).with_columns(
+            reason=pl.col("reason").drop_nulls().first().over(KEY)
+        )
+        failed = rows.filter(pl.col("reason").is_not_null())
+        if not failed.is_empty():
+            per_resource = failed.group_by(KEY).agg(pl.col("resource_type").first(), pl.col("reason").first())
+            if strict:
+                first = per_resource.sort(KEY).row(0, named=True)
+                raise StrictStop(Problem(first["chunk"], first["line"], first["entry"], first["resource_type"],
+                                         None, first["reason"], None))
+            cascades.append(per_resource)
+        kept = rows.filter(pl.col("reason").is_null())
+        dangling = kept.filter(pl.col("encounter_id").is_not_null() & pl.col("encounter_subject_id").is_null())
+        result.dangling_encounters += dangling.select(KEY).unique().height
+        kept = kept.with_columns(
+            code=pl.coalesce(schema.CODE, "medication_code"),
+            time=pl.when(pl.col("time_from_encounter")).then(pl.col("encounter_end")).otherwise(pl.col(schema.TIME)),
+            encounter_id=pl.when(pl.col("encounter_subject_id").is_null() & (pl.col(schema.EVENT_TYPE) != "encounter_start")
+                                 & (pl.col(schema.EVENT_TYPE) != "encounter_end"))
+            .then(None)
+            .otherwise(pl.col("encounter_id")),
+        )
+        for rtype, n in kept.select("resource_type", *KEY).unique().group_by("resource_type").len().iter_rows():
+            written[rtype] = written.get(rtype, 0) + n
+        meds = _to_meds(kept)
+        shard = data_dir / f"{len(result.shards)}.parquet"
+        pq.write_table(meds, shard, compression="zstd", write_statistics=True)
+        result.shards.append(shard)
+        result.events += meds.num_rows
+        frame = pl.from_arrow(meds)
+        code_counts.append(frame.group_by(schema.CODE).len())
+        subject_frames.append(frame.select(schema.SUBJECT_ID).unique())
+
+    if patients is not None:
+        written["Patient"] = patients.height
+        result.subject_map = patients.select(pl.col("fhir_id"), pl.col(schema.SUBJECT_ID)).sort("fhir_id")
+    if medications is not None:
+        written["Medication"] = medications.height
+    result.written = written
+    result.codes = (
+        pl.concat(code_counts).group_by(schema.CODE).agg(pl.col("len").sum().alias("count")).sort(schema.CODE)
+        if code_counts else pl.DataFrame(schema={schema.CODE: pl.String, "count": pl.UInt32})
+    )
+    result.subjects = (
+        pl.concat(subject_frames).unique().sort(schema.SUBJECT_ID)
+        if subject_frames else pl.DataFrame(schema={schema.SUBJECT_ID: pl.Int64})
+    )
+    for r in dropped.iter_rows(named=True):
+        if r["kind"] == "rejected":
+            result.problems.append(Problem(r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"],
+                                           r["reason"], None))
+        else:
+            key = (r["resource_type"], r["reason"].rsplit(": ", 1)[0])
+            result.skipped[key] = result.skipped.get(key, 0) + 1
+    for frame in cascades:
+        for r in frame.iter_rows(named=True):
+            result.problems.append(Problem(r["chunk"], r["line"], r["entry"], r["resource_type"], None, r["reason"],
+                                           None))
+    return result
+
+
+def _to_meds(rows: pl.DataFrame) -> pa.Table:
+    """Rows in Odyssey's MEDS schema, in a total order (so reruns write identical bytes)."""
+    us = pl.Datetime("us")
+    frame = rows.select(
+        pl.col(schema.SUBJECT_ID),
+        pl.col(schema.TIME).cast(us),
+        pl.col(schema.CODE),
+        pl.col(schema.NUMERIC_VALUE),
+        pl.col(schema.TEXT_VALUE),
+        pl.col(schema.ENCOUNTER_ID),
+        pl.col(schema.UNIT),
+        pl.col(schema.COMPARATOR),
+        pl.col(schema.EVENT_TYPE),
+        pl.col(schema.ISSUED).cast(us),
+    ).sort(_SORT, nulls_last=False)
+    return frame.to_arrow().cast(schema.DATA_SCHEMA)
+
+
+__all__ = ["EventType", "ResolveResult", "StrictStop", "resolve_and_write"]
