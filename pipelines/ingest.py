@@ -8,6 +8,7 @@ output only when the run succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -135,15 +136,11 @@ def _write_rejects(folder: Path, problems: list[Problem], chunk_paths: dict[int,
             raw = p.raw if p.raw is not None else fetched.get(path, {}).get(p.line)
             fhir_id = p.fhir_id
             if p.raw is None and raw is not None and p.entry:
-                try:  # the entry inside a Bundle line
-                    raw = orjson.dumps(orjson.loads(raw)["entry"][p.entry - 1]["resource"])
-                except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-                    pass
+                with contextlib.suppress(orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+                    raw = orjson.dumps(orjson.loads(raw)["entry"][p.entry - 1]["resource"])  # the Bundle's entry
             if fhir_id is None and raw is not None:
-                try:
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                     fhir_id = orjson.loads(raw).get("id")
-                except (orjson.JSONDecodeError, AttributeError):
-                    pass
             record = {
                 "file": path,
                 "line": p.line,
