@@ -1,0 +1,251 @@
+"""Pretraining data: token sequences (contracts.md format) -> context-length windows -> padded batches.
+
+Sequences are stored at full length, one row per subject. A sequence longer than the context is cut at
+a visit start (`[VS]`) and `[CLS]` is put back in front, either keeping only its most recent window
+(`recent`, as finetuning sees patients) or covering it with consecutive windows (`windows`, so that
+pretraining sees every token). Batches are grouped by length (`LengthBucketSampler`) and padded only
+to the longest window in the batch, so padding wastes little compute.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tokenizers import Tokenizer
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from odyssey.models.modeling_ehrmamba import IGNORE_INDEX
+
+# Per-token list columns of the sequences parquet (contracts.md) and the numpy dtype each loads as.
+TOKEN_COLUMNS: dict[str, np.dtype] = {
+    "input_ids": np.dtype(np.int64),
+    "token_type_ids": np.dtype(np.int64),
+    "ages": np.dtype(np.float32),
+    "times": np.dtype(np.float32),
+    "visit_orders": np.dtype(np.int64),
+    "visit_segments": np.dtype(np.int64),
+}
+FLOAT_COLUMNS = ("ages", "times")
+SPLITS = ("train", "tuning", "held_out")
+TOKENIZER_FILE = Path("tokenizer") / "tokenizer.json"
+SEQUENCES_GLOB = str(Path("sequences") / "part-*.parquet")
+LongSequences = Literal["recent", "windows"]
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What training needs from the tokenizer: the vocabulary size and three special ids."""
+
+    size: int
+    pad_id: int
+    cls_id: int
+    visit_start_id: int
+
+
+def read_vocabulary(seq_dir: str | os.PathLike) -> Vocabulary:
+    """Read `SEQ_DIR/tokenizer/tokenizer.json` (a standard HF tokenizers file)."""
+    path = Path(seq_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {seq_dir} the output folder of `odyssey tokenize`?")
+    tokenizer = Tokenizer.from_file(str(path))
+    ids = {token: tokenizer.token_to_id(token) for token in ("[PAD]", "[CLS]", "[VS]")}
+    missing = [token for token, token_id in ids.items() if token_id is None]
+    if missing:
+        raise ValueError(f"{path}: special tokens {missing} are not in the vocabulary")
+    return Vocabulary(
+        size=tokenizer.get_vocab_size(with_added_tokens=True),
+        pad_id=ids["[PAD]"],
+        cls_id=ids["[CLS]"],
+        visit_start_id=ids["[VS]"],
+    )
+
+
+def read_sequences(seq_dir: str | os.PathLike, split: str | None = None) -> pa.Table:
+    """All sequence rows (of one split, if given) with the token columns checked, from every part file."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    files = sorted(glob.glob(str(Path(seq_dir) / SEQUENCES_GLOB)))
+    if not files:
+        raise FileNotFoundError(f"{Path(seq_dir) / SEQUENCES_GLOB}: no sequence files")
+    tables = []
+    for file in files:
+        table = pq.read_table(file, columns=["split", *TOKEN_COLUMNS])
+        if split is not None:
+            table = table.filter(pc.equal(table["split"], split))
+        _check_lengths(table, file)
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def _check_lengths(table: pa.Table, file: str) -> None:
+    lengths = {name: pc.list_value_length(table[name]).to_numpy(zero_copy_only=False)
+               for name in TOKEN_COLUMNS}
+    reference = lengths["input_ids"]
+    for name, values in lengths.items():
+        bad = np.flatnonzero(values != reference)
+        if bad.size:
+            raise ValueError(
+                f"{file}: row {int(bad[0])} has {int(values[bad[0]])} {name} for {int(reference[bad[0]])} input_ids"
+            )
+
+
+def _flat(column: pa.ChunkedArray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (values, offsets) numpy arrays."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(array, pa.ChunkedArray):  # an empty table
+        array = pa.array([], type=column.type)
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return values, offsets - offsets[0] if offsets.size else offsets
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Context-length windows over token sequences; an item is a dict of 1-D numpy arrays."""
+
+    def __init__(
+        self,
+        table: pa.Table,
+        vocabulary: Vocabulary,
+        context_length: int,
+        long_sequences: LongSequences = "recent",
+        min_length: int = 2,
+        type_vocab_size: int | None = None,
+        visit_segment_size: int | None = None,
+    ):
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2, got {context_length}")
+        if long_sequences not in ("recent", "windows"):
+            raise ValueError(f"long_sequences must be 'recent' or 'windows', got {long_sequences!r}")
+        self.vocabulary = vocabulary
+        self.context_length = context_length
+        self.columns: dict[str, np.ndarray] = {}
+        offsets = None
+        for name, dtype in TOKEN_COLUMNS.items():
+            self.columns[name], offsets = _flat(table[name], dtype)
+        self.row_offsets = offsets if offsets is not None else np.zeros(1, dtype=np.int64)
+        self._check_ranges(type_vocab_size, visit_segment_size)
+        windows = []
+        for row in range(len(self.row_offsets) - 1):
+            windows += self._row_windows(row, long_sequences)
+        self.windows = np.array([w for w in windows if w[2] - w[1] + w[3] >= min_length], dtype=np.int64)
+        self.windows = self.windows.reshape(-1, 4)  # (row, start, end, prepend_cls)
+        self.lengths: list[int] = (self.windows[:, 2] - self.windows[:, 1] + self.windows[:, 3]).tolist()
+
+    def _check_ranges(self, type_vocab_size: int | None, visit_segment_size: int | None) -> None:
+        limits = {"input_ids": self.vocabulary.size, "token_type_ids": type_vocab_size,
+                  "visit_segments": visit_segment_size}
+        for name, limit in limits.items():
+            values = self.columns[name]
+            if limit is None or values.size == 0:
+                continue
+            bad = np.flatnonzero((values < 0) | (values >= limit))
+            if bad.size:
+                row = int(np.searchsorted(self.row_offsets, bad[0], side="right") - 1)
+                raise ValueError(
+                    f"sequence row {row}: {name} value {int(values[bad[0]])} outside [0, {limit}) "
+                    "(does the model config match the tokenizer?)"
+                )
+
+    def _row_windows(self, row: int, long_sequences: LongSequences) -> list[tuple[int, int, int, int]]:
+        begin, end = int(self.row_offsets[row]), int(self.row_offsets[row + 1])
+        if end - begin <= self.context_length:
+            return [(row, begin, end, 0)]
+        ids = self.columns["input_ids"]
+        windows = []
+        while end > begin:
+            start = end - (self.context_length - 1)  # room for the re-prepended [CLS]
+            if start <= begin:
+                windows.append((row, begin, end, 0))
+                break
+            visit_starts = np.flatnonzero(ids[start:end] == self.vocabulary.visit_start_id)
+            if visit_starts.size and start + int(visit_starts[0]) < end:
+                start += int(visit_starts[0])  # keep whole visits: drop a partial one at the front
+            windows.append((row, start, end, 1))
+            if long_sequences == "recent":
+                break
+            end = start
+        return windows[::-1]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        row, start, end, prepend_cls = (int(v) for v in self.windows[index])
+        item = {name: values[start:end] for name, values in self.columns.items()}
+        if prepend_cls:
+            first = int(self.row_offsets[row])
+            head = {name: values[start : start + 1] for name, values in self.columns.items()}
+            head["input_ids"] = np.array([self.vocabulary.cls_id], dtype=np.int64)
+            head["token_type_ids"] = self.columns["token_type_ids"][first : first + 1]
+            item = {name: np.concatenate([head[name], item[name]]) for name in item}
+        return item
+
+
+class LengthBucketSampler(torch.utils.data.Sampler[int]):
+    """Random order in which neighbouring batches hold windows of similar length.
+
+    Deterministic per (seed, epoch), so a resumed run replays the same order.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class SequenceCollator:
+    """Pads a list of dataset items to the longest one (rounded up to `pad_to_multiple_of`).
+
+    `labels` are the input ids with -100 at padding and at position 0 (never a next-token target), so
+    the number of non-ignored labels is exactly the number of predicted tokens.
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8):
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = max(1, pad_to_multiple_of)
+
+    def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        longest = max(len(item["input_ids"]) for item in items)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch: dict[str, torch.Tensor] = {}
+        for name, dtype in TOKEN_COLUMNS.items():
+            fill = self.pad_id if name == "input_ids" else 0
+            out = np.full((len(items), width), fill, dtype=dtype)
+            for i, item in enumerate(items):
+                out[i, : len(item[name])] = item[name]
+            batch[name] = torch.from_numpy(out)
+        mask = np.zeros((len(items), width), dtype=np.int64)
+        for i, item in enumerate(items):
+            mask[i, : len(item["input_ids"])] = 1
+        batch["attention_mask"] = torch.from_numpy(mask)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        labels[:, 0] = IGNORE_INDEX
+        batch["labels"] = labels
+        return batch
+
+
+def sort_by_length(dataset: SequenceDataset) -> torch.utils.data.Subset:
+    """The dataset in decreasing length order: sequential evaluation batches then pad little."""
+    order = np.argsort(-np.asarray(dataset.lengths), kind="stable")
+    return torch.utils.data.Subset(dataset, order.tolist())

@@ -1,0 +1,126 @@
+"""Sequences -> windows -> batches: truncation at visit starts, [CLS] re-prepended, padding and labels."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from synthetic_sequences import CODES_PER_GROUP, write_sequences
+
+from odyssey.training.data import (
+    LengthBucketSampler,
+    SequenceCollator,
+    SequenceDataset,
+    read_sequences,
+    read_vocabulary,
+    sort_by_length,
+)
+
+VISIT_TOKENS = CODES_PER_GROUP + 3  # [VS] codes [VE] [REG]
+
+
+def test_vocabulary_and_splits(sequences_dir):
+    vocab = read_vocabulary(sequences_dir)
+    assert (vocab.pad_id, vocab.cls_id, vocab.visit_start_id) == (0, 2, 3)
+    assert vocab.size == 33 + 4 * CODES_PER_GROUP
+    train, tuning = read_sequences(sequences_dir, "train"), read_sequences(sequences_dir, "tuning")
+    assert train.num_rows == 40 and tuning.num_rows == 8
+    assert read_sequences(sequences_dir).num_rows == 48
+
+
+def test_short_sequences_are_kept_whole(sequences_dir):
+    vocab = read_vocabulary(sequences_dir)
+    table = read_sequences(sequences_dir, "train")
+    dataset = SequenceDataset(table, vocab, context_length=10_000)
+    assert len(dataset) == table.num_rows
+    for i in range(len(dataset)):
+        np.testing.assert_array_equal(dataset[i]["input_ids"], table["input_ids"][i].as_py())
+        np.testing.assert_allclose(dataset[i]["times"], table["times"][i].as_py())
+
+
+def test_recent_window_starts_at_a_visit_and_gets_cls(sequences_dir):
+    vocab = read_vocabulary(sequences_dir)
+    table = read_sequences(sequences_dir, "train")
+    context = 20
+    dataset = SequenceDataset(table, vocab, context_length=context, long_sequences="recent")
+    assert len(dataset) == table.num_rows
+    for i in range(len(dataset)):
+        full = table["input_ids"][i].as_py()
+        item = dataset[i]
+        assert len(item["input_ids"]) <= context and item["input_ids"][0] == vocab.cls_id
+        if len(full) > context:
+            assert item["input_ids"][1] == vocab.visit_start_id
+            assert item["input_ids"][1:].tolist() == full[-(len(item["input_ids"]) - 1):]  # most recent tokens
+            # The [CLS] takes the window's first time/age/visit but keeps its own token type.
+            assert item["times"][0] == item["times"][1] and item["visit_orders"][0] == item["visit_orders"][1]
+            assert item["token_type_ids"][0] == table["token_type_ids"][i][0].as_py()
+
+
+def test_windows_cover_every_token_once(sequences_dir):
+    vocab = read_vocabulary(sequences_dir)
+    table = read_sequences(sequences_dir, "train")
+    dataset = SequenceDataset(table, vocab, context_length=20, long_sequences="windows")
+    assert len(dataset) > table.num_rows
+    rows = {}
+    for i in range(len(dataset)):
+        row = int(dataset.windows[i][0])
+        ids = dataset[i]["input_ids"].tolist()
+        rows.setdefault(row, []).extend(ids if dataset.windows[i][3] == 0 else ids[1:])
+    for row, ids in rows.items():
+        assert ids == table["input_ids"][row].as_py()
+
+
+def test_collator_pads_and_masks_labels():
+    collator = SequenceCollator(pad_id=0, pad_to_multiple_of=8)
+    items = [
+        {name: np.arange(1, n + 1) for name in
+         ("input_ids", "token_type_ids", "ages", "times", "visit_orders", "visit_segments")}
+        for n in (3, 10)
+    ]
+    batch = collator(items)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 10]
+    assert batch["labels"][0].tolist() == [-100, 2, 3] + [-100] * 13
+    assert batch["labels"][1, 1:10].tolist() == list(range(2, 11)) and batch["labels"][1, 10:].eq(-100).all()
+    assert batch["ages"].dtype.is_floating_point and not batch["visit_orders"].dtype.is_floating_point
+
+
+def test_length_buckets_are_deterministic_and_homogeneous():
+    lengths = list(np.random.default_rng(0).integers(1, 1000, size=400))
+    sampler = LengthBucketSampler(lengths, batch_size=8, seed=3)
+    first, again = list(sampler), list(sampler)
+    assert first == again and sorted(first) == list(range(400))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    batches = [first[i : i + 8] for i in range(0, 400, 8)]
+    spread = np.mean([max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches])
+    random_batches = np.random.default_rng(1).permutation(400).reshape(-1, 8)
+    random_spread = np.mean([max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in random_batches])
+    assert spread < random_spread / 5
+
+
+def test_eval_order_is_longest_first(sequences_dir):
+    vocab = read_vocabulary(sequences_dir)
+    dataset = sort_by_length(SequenceDataset(read_sequences(sequences_dir, "tuning"), vocab, 100))
+    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_bad_inputs_name_the_problem(tmp_path, sequences_dir):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        read_vocabulary(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no sequence files"):
+        read_sequences(tmp_path)
+    with pytest.raises(ValueError, match="unknown split"):
+        read_sequences(sequences_dir, "test")
+    broken = write_sequences(tmp_path / "broken", subjects=3, parts=1)
+    part = broken / "sequences" / "part-0000.parquet"
+    table = pq.read_table(part)
+    ages = table["ages"].to_pylist()
+    ages[1] = ages[1][:-1]
+    pq.write_table(table.set_column(table.schema.get_field_index("ages"), "ages",
+                                    pa.array(ages, pa.list_(pa.float32()))), part)
+    with pytest.raises(ValueError, match=r"part-0000.parquet: row 1 has .* ages"):
+        read_sequences(broken)
+    vocab = read_vocabulary(sequences_dir)
+    with pytest.raises(ValueError, match="token_type_ids value 7 outside"):
+        SequenceDataset(read_sequences(sequences_dir, "train"), vocab, 100, type_vocab_size=4)
