@@ -15,27 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from odyssey.kernels import selective_scan, selective_state_update
+
 from .configuration_ehrmamba import EHRMambaConfig
-
-try:
-    from odyssey.kernels import selective_scan, selective_state_update
-except ImportError:  # TEMPORARY until the kernels issue lands its dispatch: the float64 reference
-    from odyssey.kernels.reference import selective_scan_reference
-
-    def selective_scan(*args, backend: str = "auto", **kwargs):
-        return selective_scan_reference(*args, **kwargs)
-
-    def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-        if dt_bias is not None:
-            dt = dt + dt_bias
-        if dt_softplus:
-            dt = F.softplus(dt)
-        new_state = torch.exp(dt[..., None] * A) * state + dt[..., None] * B[:, None, :] * x[..., None]
-        state.copy_(new_state)
-        out = (new_state * C[:, None, :]).sum(-1)
-        if D is not None:
-            out = out + D * x
-        return out * F.silu(z) if z is not None else out
 
 
 @dataclass
