@@ -66,7 +66,7 @@ def _plan_segments(delta: torch.Tensor, A: torch.Tensor, chunk_size: int) -> lis
     return segments
 
 
-def _segment_states(dt, du, A, B_seg, h_start):
+def _segment_states(dt, du, A, B_seg, h_start, autograd_safe=False):
     """States of one segment in closed form.
 
     dt, du: (batch, G, dim/G, T); A: (G, dim/G, N); B_seg: (batch, G, 1, T, N); h_start: (batch, G, dim/G, N).
@@ -77,7 +77,9 @@ def _segment_states(dt, du, A, B_seg, h_start):
     m = last if S.shape[-2] == 1 else 0.5 * last
     E = torch.exp(S - m)
     x = du.unsqueeze(-1) * B_seg
-    H = E * (torch.cumsum(x / E, dim=-2) + torch.exp(m) * h_start.unsqueeze(-2))
+    # Under autograd, exp(m - S) replaces 1 / E: the derivative of a division squares E, which can overflow
+    inverse_E = torch.exp(m - S) if autograd_safe else E.reciprocal()
+    H = E * (torch.cumsum(x * inverse_E, dim=-2) + torch.exp(m) * h_start.unsqueeze(-2))
     return H, E, x, S
 
 
@@ -147,18 +149,20 @@ def _scan_plain_autograd(dt, u, A, B, C, segments):
     h = dt.new_zeros(batch, groups, per_group, A.shape[-1])
     ys = []
     for start, end in segments:
-        H, _, _, _ = _segment_states(dt[..., start:end], du[..., start:end], A, B[:, :, None, start:end], h)
+        H, _, _, _ = _segment_states(
+            dt[..., start:end], du[..., start:end], A, B[:, :, None, start:end], h, autograd_safe=True
+        )
         ys.append((H * C[:, :, None, start:end]).sum(-1))
         h = H[..., -1, :]
     y = torch.cat(ys, dim=-1) if ys else dt.new_zeros(*dt.shape)
     return y, h
 
 
-def _grouped(BC: torch.Tensor) -> torch.Tensor:
-    """(batch, N, L) or (batch, G, N, L) -> float32 (batch, G, L, N)."""
+def _grouped(BC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, N, L) or (batch, G, N, L) -> (batch, G, L, N) in the compute dtype."""
     if BC.dim() == 3:
         BC = BC.unsqueeze(1)
-    return BC.float().transpose(-1, -2).contiguous()
+    return BC.to(dtype).transpose(-1, -2).contiguous()
 
 
 def selective_scan_chunked(
@@ -176,31 +180,36 @@ def selective_scan_chunked(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     recompute_backward: bool = True,
 ):
-    """Selective scan with mamba-ssm's `selective_scan_fn` semantics; math in float32.
+    """Selective scan with mamba-ssm's `selective_scan_fn` semantics.
 
-    Returns `out` in u's dtype, or `(out, last_state)` with last_state (batch, dim, N) float32.
+    Math runs in float32 (float64 when u is float64, so gradcheck applies). Returns `out` in u's
+    dtype, or `(out, last_state)` with last_state (batch, dim, N) in the compute dtype.
     `recompute_backward=False` runs the same closed form under plain autograd (more memory).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     batch, dim, length = u.shape
-    Bg, Cg = _grouped(B), _grouped(C)
-    groups = Bg.shape[1]
-    if dim % groups or Cg.shape[1] != groups:
-        raise ValueError(f"dim {dim} must be divisible by the groups of B ({groups}) and C ({Cg.shape[1]})")
-    u32 = u.float()
-    dt = delta.float()
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    Bg, Cg = _grouped(B, compute), _grouped(C, compute)
+    groups = math.lcm(Bg.shape[1], Cg.shape[1])
+    if dim % groups:
+        raise ValueError(f"dim {dim} must be divisible by the groups of B ({Bg.shape[1]}) and C ({Cg.shape[1]})")
+    # B and C with different group counts are refined to a common grouping (still far below dim)
+    Bg = Bg.repeat_interleave(groups // Bg.shape[1], dim=1) if Bg.shape[1] != groups else Bg
+    Cg = Cg.repeat_interleave(groups // Cg.shape[1], dim=1) if Cg.shape[1] != groups else Cg
+    u_compute = u.to(compute)
+    dt = delta.to(compute)
     if delta_bias is not None:
-        dt = dt + delta_bias.float()[None, :, None]
+        dt = dt + delta_bias.to(compute)[None, :, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    A32 = A.float()
-    segments = _plan_segments(dt.detach(), A32.detach(), chunk_size)
+    A_compute = A.to(compute)
+    segments = _plan_segments(dt.detach(), A_compute.detach(), chunk_size)
     per_group = dim // groups
     args = (
         dt.reshape(batch, groups, per_group, length),
-        u32.reshape(batch, groups, per_group, length),
-        A32.reshape(groups, per_group, A.shape[-1]),
+        u_compute.reshape(batch, groups, per_group, length),
+        A_compute.reshape(groups, per_group, A.shape[-1]),
         Bg,
         Cg,
         segments,
@@ -211,8 +220,8 @@ def selective_scan_chunked(
         y, last = _scan_plain_autograd(*args)
     y = y.reshape(batch, dim, length)
     if D is not None:
-        y = y + D.float()[None, :, None] * u32
+        y = y + D.to(compute)[None, :, None] * u_compute
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(compute))
     out = y.to(u.dtype)
     return (out, last.reshape(batch, dim, A.shape[-1])) if return_last_state else out
