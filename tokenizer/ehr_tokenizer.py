@@ -224,7 +224,7 @@ class EHRTokenizer:
             .agg(pl.col("_n").sum().alias("_count"), pl.col(S.EVENT_TYPE).first())
             .filter(pl.col("_count") >= config.min_code_count)
         )
-        kept = per_code[S.CODE]
+        kept = per_code[S.CODE].to_list()
         values = [
             frame.filter(
                 pl.col(S.CODE).is_in(kept) & pl.col(S.NUMERIC_VALUE).is_not_null() & ~excluded(config)
