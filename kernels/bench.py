@@ -1,0 +1,370 @@
+"""Benchmark of the Triton selective scan against mamba-ssm and the torch backend (GPU only).
+
+One run does, in order: the HBM copy floor; loading mamba-ssm's `selective_scan_fn` (built from its
+sdist, see kernels/NOTES.md); correctness at full shapes against a float64 sequential scan (forward and
+every gradient, bf16 and fp32); then median forward and forward+backward times and peak memory for
+ours, mamba-ssm and the torch backend, with ratios; optionally a sweep of tile configurations.
+The table is printed last and the full report written to `$OUT/kernels_bench.json` (or --out).
+
+    python -m odyssey.kernels.bench --mamba-src .mamba_src/mamba_ssm-2.3.2.post1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+TOLERANCE = {torch.bfloat16: 5e-3, torch.float16: 5e-3, torch.float32: 1e-5}
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    length: int
+    dim: int
+    d_state: int
+
+    @property
+    def elements(self) -> int:
+        return self.batch * self.dim * self.length
+
+
+SHAPES = {
+    "b32_L2048_N16": Shape("b32_L2048_N16", 32, 2048, 1536, 16),
+    "b8_L16384_N16": Shape("b8_L16384_N16", 8, 16384, 1536, 16),
+    "b32_L2048_N64": Shape("b32_L2048_N64", 32, 2048, 1536, 64),
+}
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device, seed: int, groups: int = 0):
+    """Inputs shaped like a Mamba block's call: softplus'd delta with a bias, S4D-real A, gated by z."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen) * scale).to(device)
+
+    b, d, L, N = shape.batch, shape.dim, shape.length, shape.d_state
+    bc_shape = (b, N, L) if groups == 0 else (b, groups, N, L)
+    dt_init = torch.exp(torch.rand(d, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return {
+        "u": randn(b, d, L).to(dtype),
+        "delta": randn(b, d, L, scale=0.5).to(dtype),
+        "A": -torch.arange(1, N + 1, dtype=torch.float32).repeat(d, 1).to(device),
+        "B": randn(*bc_shape).to(dtype),
+        "C": randn(*bc_shape).to(dtype),
+        "D": randn(d).float(),
+        "z": randn(b, d, L).to(dtype),
+        "delta_bias": (dt_init + torch.log(-torch.expm1(-dt_init))).float().to(device),
+    }
+
+
+def _at_step(BC: torch.Tensor, dim: int, t: int) -> torch.Tensor:
+    """B or C at time t as (batch, dim, N), a view for shared B/C (no (batch, dim, N, L) copy)."""
+    if BC.dim() == 3:
+        return BC[:, None, :, t].expand(BC.shape[0], dim, BC.shape[1])
+    return BC[..., t].repeat_interleave(dim // BC.shape[1], dim=1)
+
+
+def _group_sum(per_channel: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(batch, dim, N) per-channel contributions -> B/C's (batch, N) or (batch, G, N)."""
+    if like.dim() == 3:
+        return per_channel.sum(1)
+    batch, dim, N = per_channel.shape
+    return per_channel.view(batch, like.shape[1], dim // like.shape[1], N).sum(2)
+
+
+@torch.no_grad()
+def reference_fwd_bwd(inputs: dict, dout: torch.Tensor, softplus: bool = True):
+    """Float64 sequential scan with a hand-written backward (memory: the states, not an autograd graph).
+
+    Returns (out float64, grads dict float64). The same math as `kernels.reference`, whose autograd
+    it matches (tests/kernels/test_triton_bench.py).
+    """
+    f64 = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    u, A, D, z = f64["u"], f64["A"], f64.get("D"), f64.get("z")
+    batch, dim, length = u.shape
+    raw = f64["delta"] + (f64["delta_bias"][None, :, None] if f64.get("delta_bias") is not None else 0.0)
+    dt = F.softplus(raw) if softplus else raw
+    Bf, Cf = f64["B"], f64["C"]
+    h = u.new_zeros(batch, dim, A.shape[1])
+    states, y = [], torch.empty_like(u)
+    for t in range(length):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[:, :, None] * _at_step(Bf, dim, t)
+        states.append(h)
+        y[:, :, t] = (h * _at_step(Cf, dim, t)).sum(-1)
+    if D is not None:
+        y = y + D[None, :, None] * u
+    dout = dout.double()
+    grads = {}
+    if z is not None:
+        sig = torch.sigmoid(z)
+        out = y * z * sig
+        grads["z"] = dout * y * sig * (1 + z * (1 - sig))
+        dy = dout * z * sig
+    else:
+        out, dy = y, dout
+    g = torch.zeros_like(h)
+    du, ddt = torch.empty_like(u), torch.empty_like(u)
+    dA = torch.zeros_like(A)
+    dB = torch.empty(*f64["B"].shape, dtype=torch.float64, device=u.device)
+    dC = torch.empty_like(dB)
+    for t in reversed(range(length)):
+        g = g + _at_step(Cf, dim, t) * dy[:, :, t, None]
+        decay = torch.exp(dt[:, :, t, None] * A)
+        h_prev = states[t - 1] if t > 0 else torch.zeros_like(h)
+        gB = (g * _at_step(Bf, dim, t)).sum(-1)
+        du[:, :, t] = dt[:, :, t] * gB
+        g_hprev = g * decay * h_prev
+        ddt[:, :, t] = u[:, :, t] * gB + (g_hprev * A).sum(-1)
+        dA += (g_hprev * dt[:, :, t, None]).sum(0)
+        dB[..., t] = _group_sum(g * (dt[:, :, t] * u[:, :, t])[:, :, None], f64["B"])
+        dC[..., t] = _group_sum(states[t] * dy[:, :, t, None], f64["C"])
+        g = g * decay
+    if D is not None:
+        du = du + D[None, :, None] * dy
+        grads["D"] = (dy * u).sum((0, 2))
+    if softplus:
+        ddt = ddt * torch.sigmoid(raw)
+    if f64.get("delta_bias") is not None:
+        grads["delta_bias"] = ddt.sum((0, 2))
+    grads.update(u=du, delta=ddt, A=dA, B=dB, C=dC)
+    return out, grads
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ours, ref = ours.double(), ref.double()
+    if not torch.isfinite(ours).all():
+        return float("inf")
+    return ((ours - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def run_scan(fn, inputs: dict, dout: torch.Tensor | None):
+    """Forward (and backward when dout is given) through a selective_scan_fn-like function."""
+    leaves = {k: v.detach().requires_grad_(dout is not None) for k, v in inputs.items()}
+    out = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], leaves["D"],
+             z=leaves["z"], delta_bias=leaves["delta_bias"], delta_softplus=True)
+    if dout is None:
+        return out, None
+    names = list(leaves)
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], dout)
+    return out, dict(zip(names, grads, strict=True))
+
+
+def check(fn, shape: Shape, dtype, device, seed: int, groups: int = 0) -> dict:
+    inputs = make_inputs(shape, dtype, device, seed, groups)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    dout = torch.randn(shape.batch, shape.dim, shape.length, generator=gen).to(device, dtype)
+    out, grads = run_scan(fn, inputs, dout)
+    ref_out, ref_grads = reference_fwd_bwd(inputs, dout)
+    errors = {"out": rel_err(out, ref_out)}
+    errors.update({k: rel_err(grads[k], ref_grads[k]) for k in GRAD_NAMES})
+    del ref_grads, grads
+    torch.cuda.empty_cache()
+    tol = TOLERANCE[dtype]
+    return {"shape": shape.name, "dtype": str(dtype), "groups": groups, "errors": errors,
+            "tolerance": tol, "passed": all(e <= tol for e in errors.values())}
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randn(512 * 2**20, device=device)  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), reps=20)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def time_ms(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def peak_mib(fn) -> float:
+    """Peak memory allocated during fn beyond what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def measure(fn, shape: Shape, dtype, device, reps_fwd: int, reps_bwd: int) -> dict:
+    inputs = make_inputs(shape, dtype, device, seed=7)
+    dout = torch.randn(shape.batch, shape.dim, shape.length, device=device, dtype=dtype)
+
+    def fwd():
+        with torch.no_grad():
+            run_scan(fn, inputs, None)
+
+    def fwd_bwd():
+        run_scan(fn, inputs, dout)
+
+    result = {"fwd_ms": time_ms(fwd, reps_fwd), "fwd_bwd_ms": time_ms(fwd_bwd, reps_bwd)}
+    result["fwd_peak_mib"] = peak_mib(fwd)
+    result["fwd_bwd_peak_mib"] = peak_mib(fwd_bwd)
+    return result
+
+
+def floors(shape: Shape, dtype, bandwidth: float) -> dict:
+    """Fewest HBM bytes: forward reads u, delta, z, B, C and writes out; backward also reads dout and
+    writes du, ddelta, dz, dB, dC (B/C terms are N/dim of the rest)."""
+    item = torch.tensor([], dtype=dtype).element_size()
+    bc = shape.batch * shape.d_state * shape.length * item
+    fwd_bytes = 4 * shape.elements * item + 2 * bc
+    bwd_bytes = fwd_bytes + 4 * shape.elements * item + 4 * bc
+    return {"fwd_bytes": fwd_bytes, "fwd_bwd_bytes": fwd_bytes + bwd_bytes,
+            "fwd_floor_ms": fwd_bytes / bandwidth * 1e3, "fwd_bwd_floor_ms": (fwd_bytes + bwd_bytes) / bandwidth * 1e3,
+            "exps_fwd": shape.elements * shape.d_state}
+
+
+SWEEP = [
+    {},
+    {"block_d_fwd": 2}, {"block_d_fwd": 8}, {"warps_fwd": 2}, {"warps_fwd": 8},
+    {"block_d_bwd": 1}, {"block_d_bwd": 4}, {"warps_bwd": 8}, {"warps_carry": 2},
+    {"chunk": 32, "block_d_fwd": 8, "block_d_bwd": 4}, {"chunk": 128, "block_d_fwd": 2, "block_d_bwd": 1},
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mamba-src", default=".mamba_src/mamba_ssm-2.3.2.post1")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--sweep", action="store_true", help="time the SWEEP tile configurations at the first shape")
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    from odyssey.kernels import triton_scan
+
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    import triton
+
+    report["triton"] = triton.__version__
+    bandwidth = copy_bandwidth(device)
+    report["copy_bandwidth_TBps"] = bandwidth / 1e12
+    print(f"device {report['device']}  copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+
+    backends = {"triton": triton_scan.selective_scan_triton}
+    try:
+        sys.path.insert(0, os.path.abspath(args.mamba_src))
+        from odyssey.kernels.mamba_ssm_backend import load_mamba_ssm_scan
+
+        backends["mamba_ssm"] = load_mamba_ssm_scan()
+    except Exception as exc:  # report and go on without the baseline
+        report["mamba_ssm_error"] = f"{type(exc).__name__}: {exc}"
+        print("mamba-ssm unavailable:", report["mamba_ssm_error"], flush=True)
+    try:
+        from odyssey.kernels.chunked import selective_scan_chunked
+
+        backends["torch"] = selective_scan_chunked
+    except ImportError:
+        pass
+
+    shapes = [SHAPES[name] for name in args.shapes.split(",")]
+    checks = []
+    if not args.skip_check:
+        plan = [(shapes[0], torch.bfloat16, 0), (shapes[0], torch.float32, 0), (shapes[0], torch.bfloat16, 4)]
+        for shape in shapes[1:]:
+            # N=64's float64 states at batch 32 would take 51 GB; its check runs at batch 8
+            small = Shape(shape.name + "_b8", min(shape.batch, 8), shape.length, shape.dim, shape.d_state)
+            plan.append((small, torch.bfloat16, 0))
+        for shape, dtype, groups in plan:
+            for name in ("triton", "mamba_ssm"):
+                if name not in backends or (name == "mamba_ssm" and groups):
+                    continue
+                t0 = time.time()
+                result = check(backends[name], shape, dtype, device, seed=len(checks), groups=groups)
+                result["backend"] = name
+                checks.append(result)
+                worst = max(result["errors"], key=result["errors"].get)
+                print(f"check {name:9s} {shape.name:18s} {str(dtype):15s} G={groups} "
+                      f"{'PASS' if result['passed'] else 'FAIL'} worst {worst} {result['errors'][worst]:.2e} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+        report["checks"] = checks
+        if not all(c["passed"] for c in checks if c["backend"] == "triton"):
+            print("triton correctness FAILED: timings follow but do not count", flush=True)
+
+    timings = {}
+    for shape in shapes:
+        timings[shape.name] = {"floors": floors(shape, torch.bfloat16, bandwidth)}
+        for name, fn in backends.items():
+            reps = (3, 2) if name == "torch" else (30, 10)
+            try:
+                timings[shape.name][name] = measure(fn, shape, torch.bfloat16, device, *reps)
+            except torch.OutOfMemoryError as exc:
+                timings[shape.name][name] = {"error": f"out of memory: {str(exc)[:120]}"}
+            torch.cuda.empty_cache()
+            print(shape.name, name, timings[shape.name][name], flush=True)
+    report["timings"] = timings
+
+    if args.sweep:
+        shape = shapes[0]
+        sweep = []
+        base_inputs = make_inputs(shape, torch.bfloat16, device, seed=11)
+        dout = torch.randn(shape.batch, shape.dim, shape.length, device=device, dtype=torch.bfloat16)
+        triton_scan.CONFIG_OVERRIDES.clear()
+        ref_out, ref_grads = run_scan(triton_scan.selective_scan_triton, base_inputs, dout)
+        for overrides in SWEEP:
+            triton_scan.CONFIG_OVERRIDES.clear()
+            triton_scan.CONFIG_OVERRIDES.update(overrides)
+            try:
+                out, grads = run_scan(triton_scan.selective_scan_triton, base_inputs, dout)
+                agree = max([rel_err(out, ref_out)] + [rel_err(grads[k], ref_grads[k]) for k in GRAD_NAMES])
+                row = {"overrides": overrides, "agreement": agree,
+                       **measure(triton_scan.selective_scan_triton, shape, torch.bfloat16, device, 20, 8)}
+            except Exception as exc:  # a config that fails to compile is reported, not fatal
+                row = {"overrides": overrides, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            sweep.append(row)
+            print("sweep", row, flush=True)
+        triton_scan.CONFIG_OVERRIDES.clear()
+        report["sweep"] = sweep
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "kernels_bench.json")
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2)
+
+    print(f"\n{'shape':16s} {'backend':10s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd/mamba':>9s} {'f+b/mamba':>9s} "
+          f"{'fwd/floor':>9s} {'f+b/floor':>9s} {'peak MiB':>9s}")
+    for shape_name, rows in timings.items():
+        fl = rows["floors"]
+        base = rows.get("mamba_ssm", {})
+        for name, row in rows.items():
+            if name == "floors" or "error" in row:
+                continue
+            r_f = row["fwd_ms"] / base["fwd_ms"] if "fwd_ms" in base else float("nan")
+            r_b = row["fwd_bwd_ms"] / base["fwd_bwd_ms"] if "fwd_bwd_ms" in base else float("nan")
+            print(f"{shape_name:16s} {name:10s} {row['fwd_ms']:8.3f} {row['fwd_bwd_ms']:8.3f} {r_f:9.2f} {r_b:9.2f} "
+                  f"{row['fwd_ms'] / fl['fwd_floor_ms']:9.1f} {row['fwd_bwd_ms'] / fl['fwd_bwd_floor_ms']:9.1f} "
+                  f"{row['fwd_bwd_peak_mib']:9.0f}")
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,299 @@
+"""Triton selective scan against the float64 reference, on CPU under the Triton interpreter.
+
+TRITON_INTERPRET must be set before the kernels are decorated; if another test module imported them
+first (compiled mode), they are reloaded here.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from odyssey.kernels import triton_scan, triton_scan_kernels  # noqa: E402
+from odyssey.kernels.reference import selective_scan_reference  # noqa: E402
+from odyssey.kernels.step import selective_state_update  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if not isinstance(triton_scan_kernels._scan_fwd_kernel, InterpretedFunction):
+    importlib.reload(triton_scan_kernels)
+    importlib.reload(triton_scan)
+
+FP32_TOL = 1e-5
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def rel_err(ours, ref):
+    ours, ref = ours.double(), ref.double()
+    assert torch.isfinite(ours).all(), "non-finite values (an unwritten or poisoned element?)"
+    return ((ours - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(
+    batch=2,
+    dim=8,
+    length=17,
+    d_state=4,
+    groups=0,
+    with_z=True,
+    with_D=True,
+    with_bias=True,
+    dtype=torch.float32,
+    seed=0,
+):
+    gen = torch.Generator().manual_seed(seed)
+    bc = (batch, d_state, length) if groups == 0 else (batch, groups, d_state, length)
+    inputs = {
+        "u": torch.randn(batch, dim, length, generator=gen),
+        "delta": torch.randn(batch, dim, length, generator=gen) * 0.5,
+        "A": -torch.rand(dim, d_state, generator=gen) * 2 - 0.1,
+        "B": torch.randn(*bc, generator=gen),
+        "C": torch.randn(*bc, generator=gen),
+        "D": torch.randn(dim, generator=gen) if with_D else None,
+        "z": torch.randn(batch, dim, length, generator=gen) if with_z else None,
+        "delta_bias": torch.randn(dim, generator=gen) * 0.5 if with_bias else None,
+    }
+    for key in ("u", "delta", "B", "C", "z"):
+        if inputs[key] is not None:
+            inputs[key] = inputs[key].to(dtype)
+    return {k: (v.requires_grad_() if v is not None else None) for k, v in inputs.items()}
+
+
+def grads_of(outputs, inputs, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen).double()).sum() for o in outputs)
+    present = [k for k in NAMES if inputs[k] is not None]
+    return dict(zip(present, torch.autograd.grad(loss, [inputs[k] for k in present]), strict=True))
+
+
+def compare(inputs, softplus=True, tol=FP32_TOL, last_state=True):
+    """Ours against the reference run on float64 copies of the same input values (no rounding of its own)."""
+    args = [inputs[k] for k in NAMES]
+    ours = triton_scan.selective_scan_triton(*args, delta_softplus=softplus, return_last_state=last_state)
+    exact = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    ref = selective_scan_reference(*[exact[k] for k in NAMES], delta_softplus=softplus,
+                                   return_last_state=last_state)
+    ours, ref = (ours, ref) if last_state else ((ours,), (ref,))
+    assert ours[0].dtype == inputs["u"].dtype
+    for o, r in zip(ours, ref, strict=True):
+        assert o.shape == r.shape
+        assert rel_err(o, r) <= tol
+    g_ours, g_ref = grads_of(ours, inputs), grads_of(ref, exact)
+    for name in g_ref:
+        assert g_ours[name].dtype == inputs[name].dtype, name
+        assert rel_err(g_ours[name], g_ref[name]) <= tol, name
+
+
+@pytest.mark.parametrize("length", [1, 17, 64, 65, 127, 300])
+def test_matches_reference_across_chunk_boundaries(length):
+    compare(make_inputs(length=length, seed=length))
+
+
+@pytest.mark.parametrize("groups,with_z", [(2, False), (4, True)])
+def test_grouped_B_C(groups, with_z):
+    compare(make_inputs(dim=8, length=65, groups=groups, with_z=with_z, seed=groups))
+
+
+def test_without_optional_inputs_or_softplus():
+    inputs = make_inputs(length=65, with_z=False, with_D=False, with_bias=False)
+    with torch.no_grad():
+        inputs["delta"].abs_()  # without softplus delta is used as is: keep steps positive like a real model
+    compare(inputs, softplus=False, last_state=False)
+
+
+@pytest.mark.parametrize("dim,d_state,groups", [(5, 5, 0), (6, 32, 3), (4, 3, 2)])
+def test_odd_dims_and_state_sizes(dim, d_state, groups):
+    compare(make_inputs(dim=dim, d_state=d_state, length=70, groups=groups, seed=dim))
+
+
+def test_bfloat16_inputs():
+    inputs = make_inputs(length=65, dtype=torch.bfloat16)
+    compare(inputs, tol=5e-3)
+
+
+def test_channels_last_layout_is_read_without_copy():
+    base = make_inputs(length=65)
+    inputs = dict(base)
+    for key in ("u", "delta", "z"):  # (batch, L, dim) storage seen as (batch, dim, L), as a model produces
+        inputs[key] = base[key].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert inputs["u"].stride(1) == 1
+    compare(inputs)
+    out = triton_scan.selective_scan_triton(*[inputs[k] for k in NAMES], delta_softplus=True)
+    assert out.stride() == inputs["u"].stride()
+
+
+def test_poisoned_outputs_are_all_written(monkeypatch):
+    real_empty_like, real_empty = torch.empty_like, torch.empty
+
+    def poisoned_empty_like(t, *args, **kwargs):
+        out = real_empty_like(t, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    compare(make_inputs(length=127, groups=2, seed=5))
+
+
+def _row(inputs, b, length):
+    """Row b's first `length` steps as a batch of one."""
+    row = {}
+    for key, value in inputs.items():
+        if value is None or key in ("A", "D", "delta_bias"):
+            row[key] = value
+        else:
+            row[key] = value[b : b + 1, ..., :length]
+    return row
+
+
+def test_varlen_per_row_lengths():
+    inputs = make_inputs(batch=3, length=70, groups=2, seed=3)
+    lengths = torch.tensor([65, 1, 30])
+    args = [inputs[k] for k in NAMES]
+    out, last = triton_scan.selective_scan_varlen_triton(
+        *args, delta_softplus=True, return_last_state=True, seq_lens=lengths
+    )
+    gen = torch.Generator().manual_seed(9)
+    w_out, w_last = torch.randn(out.shape, generator=gen), torch.randn(last.shape, generator=gen)
+    present = [k for k in NAMES if inputs[k] is not None]
+    grads = torch.autograd.grad((out * w_out).sum() + (last * w_last).sum(), [inputs[k] for k in present])
+    grads = dict(zip(present, grads, strict=True))
+
+    ref_loss = 0.0
+    for b, n in enumerate(lengths.tolist()):
+        row = _row(inputs, b, n)
+        ref_out, ref_last = selective_scan_reference(
+            *[row[k] for k in NAMES], delta_softplus=True, return_last_state=True
+        )
+        assert rel_err(out[b : b + 1, :, :n], ref_out) <= FP32_TOL
+        assert rel_err(last[b : b + 1], ref_last) <= FP32_TOL
+        assert (out[b, :, n:] == 0).all()
+        ref_loss = ref_loss + (ref_out * w_out[b : b + 1, :, :n]).sum() + (ref_last * w_last[b : b + 1]).sum()
+    ref_grads = dict(zip(present, torch.autograd.grad(ref_loss, [inputs[k] for k in present]), strict=True))
+    for name in present:
+        assert rel_err(grads[name], ref_grads[name]) <= FP32_TOL, name
+    for b, n in enumerate(lengths.tolist()):
+        for name in ("u", "delta", "z", "B", "C"):
+            assert (grads[name][b, ..., n:] == 0).all(), name
+
+
+def test_varlen_packed_cu_seqlens():
+    lengths = [64, 3, 70]
+    total = sum(lengths) + 5  # a tail that belongs to no sequence
+    inputs = make_inputs(batch=1, length=total, seed=4)
+    cu = torch.tensor([0, 64, 67, 137])
+    args = [inputs[k] for k in NAMES]
+    out, last = triton_scan.selective_scan_varlen_triton(
+        *args, delta_softplus=True, return_last_state=True, cu_seqlens=cu
+    )
+    assert last.shape == (3, 8, 4)
+    gen = torch.Generator().manual_seed(2)
+    w_out, w_last = torch.randn(out.shape, generator=gen), torch.randn(last.shape, generator=gen)
+    present = [k for k in NAMES if inputs[k] is not None]
+    grads = dict(
+        zip(
+            present,
+            torch.autograd.grad((out * w_out).sum() + (last * w_last).sum(), [inputs[k] for k in present]),
+            strict=True,
+        )
+    )
+    ref_loss = 0.0
+    for i in range(3):
+        start, end = int(cu[i]), int(cu[i + 1])
+        piece = {
+            k: (v[..., start:end] if v is not None and k not in ("A", "D", "delta_bias") else v)
+            for k, v in inputs.items()
+        }
+        ref_out, ref_last = selective_scan_reference(
+            *[piece[k] for k in NAMES], delta_softplus=True, return_last_state=True
+        )
+        assert rel_err(out[..., start:end], ref_out) <= FP32_TOL
+        assert rel_err(last[i : i + 1], ref_last) <= FP32_TOL
+        ref_loss = ref_loss + (ref_out * w_out[..., start:end]).sum() + (ref_last * w_last[i : i + 1]).sum()
+    assert (out[..., 137:] == 0).all()
+    ref_grads = dict(zip(present, torch.autograd.grad(ref_loss, [inputs[k] for k in present]), strict=True))
+    for name in present:
+        assert rel_err(grads[name], ref_grads[name]) <= FP32_TOL, name
+
+
+def test_varlen_argument_errors():
+    inputs = make_inputs(batch=2, length=10)
+    args = [inputs[k] for k in NAMES]
+    with pytest.raises(ValueError, match="exactly one"):
+        triton_scan.selective_scan_varlen_triton(*args)
+    with pytest.raises(ValueError, match="batch 1"):
+        triton_scan.selective_scan_varlen_triton(*args, cu_seqlens=torch.tensor([0, 4, 10]))
+    with pytest.raises(ValueError, match=r"\[0, L=10\]"):
+        triton_scan.selective_scan_varlen_triton(*args, seq_lens=torch.tensor([4, 11]))
+
+
+def test_shape_errors_name_the_input():
+    inputs = make_inputs(length=10)
+    args = [inputs[k] for k in NAMES]
+    with pytest.raises(ValueError, match="delta"):
+        triton_scan.selective_scan_triton(args[0], args[1][..., :5], *args[2:])
+    with pytest.raises(ValueError, match="groups"):
+        bad_B = torch.randn(2, 3, 4, 10)
+        triton_scan.selective_scan_triton(*args[:3], bad_B, bad_B, *args[5:])
+    with pytest.raises(ValueError, match="d_state"):
+        triton_scan.selective_scan_triton(args[0], args[1], torch.zeros(8, 300), *args[3:])
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_state_update_matches_torch_step_and_scan(groups):
+    batch, dim, d_state, length = 2, 8, 5, 6
+    inputs = {
+        k: (v.detach() if v is not None else None)
+        for k, v in make_inputs(batch, dim, length, d_state, groups=groups, seed=8).items()
+    }
+    state = torch.zeros(batch, dim, d_state)
+    torch_state = torch.zeros(batch, dim, d_state)
+    steps = []
+    for t in range(length):
+        step = {k: inputs[k][..., t] for k in ("u", "delta", "B", "C", "z")}
+        y = triton_scan.selective_state_update_triton(
+            state,
+            step["u"],
+            step["delta"],
+            inputs["A"],
+            step["B"],
+            step["C"],
+            inputs["D"],
+            step["z"],
+            dt_bias=inputs["delta_bias"],
+            dt_softplus=True,
+        )
+        y_torch = selective_state_update(
+            torch_state,
+            step["u"],
+            step["delta"],
+            inputs["A"],
+            step["B"],
+            step["C"],
+            inputs["D"],
+            step["z"],
+            dt_bias=inputs["delta_bias"],
+            dt_softplus=True,
+        )
+        assert rel_err(y, y_torch) <= FP32_TOL
+        steps.append(y)
+    assert rel_err(state, torch_state) <= FP32_TOL
+    ref_out, ref_last = selective_scan_reference(
+        *[inputs[k] for k in NAMES], delta_softplus=True, return_last_state=True
+    )
+    assert rel_err(torch.stack(steps, -1), ref_out) <= FP32_TOL
+    assert rel_err(state, ref_last) <= FP32_TOL
+
+
+def test_state_update_shape_errors():
+    state = torch.zeros(2, 8, 4)
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="dt"):
+        triton_scan.selective_state_update_triton(
+            state, x, torch.randn(2, 7), torch.zeros(8, 4), torch.randn(2, 4), torch.randn(2, 4)
+        )
