@@ -1,0 +1,293 @@
+"""Render simulated patients as FHIR R4 resources in three layouts: MIMIC-IV-on-FHIR, plain R4, Bundles.
+
+- `mimic`: MIMIC code systems (new `http://mimic.mit.edu/fhir/mimic/CodeSystem/mimic-*` URIs), ICD codes
+  without dots, `meta.profile` set, references `Type/id`.
+- `r4`: standard URIs (ICD-10-CM / ICD-9-CM with dots, ICD-10-PCS, NDC, LOINC, UCUM), references `Type/id`.
+- `bundles`: the `r4` resources, one transaction Bundle per patient; every entry has fullUrl
+  `urn:uuid:<id>` and a `PUT Type/id` request, and references inside a Bundle are those `urn:uuid:` URLs.
+  Each Bundle carries the Medication resources its requests reference (PUT, so loading is idempotent).
+Times carry the US Eastern offset of their date (-05:00, or -04:00 from April to October).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import orjson
+from odyssey.pipelines import synth_catalog as cat
+from odyssey.pipelines.synth_model import HOUR, PatientRecord
+
+FORMATS = ("mimic", "r4", "bundles")
+
+
+def _uuid_from(text: str) -> str:
+    h = hashlib.sha256(text.encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
+
+
+MEDICATION_IDS = {key: _uuid_from(f"odyssey-synth-medication:{drug.ndc}") for key, drug in cat.DRUGS.items()}
+
+
+_HOUR_PREFIX: dict[int, tuple[str, str]] = {}
+
+
+def _hour_prefix(hour: int) -> tuple[str, str]:
+    """("YYYY-MM-DDTHH:", offset) of the local hour that starts at UTC `hour * 3600`."""
+    g = time.gmtime(hour * HOUR - 5 * HOUR)
+    if 4 <= g.tm_mon <= 10:
+        g = time.gmtime(hour * HOUR - 4 * HOUR)
+        suffix = "-04:00"
+    else:
+        suffix = "-05:00"
+    return f"{g.tm_year:04d}-{g.tm_mon:02d}-{g.tm_mday:02d}T{g.tm_hour:02d}:", suffix
+
+
+def format_time(ts: int) -> str:
+    """UTC epoch seconds -> local dateTime with the Eastern offset of that date (offsets are whole hours)."""
+    hour, rest = divmod(ts, HOUR)
+    cached = _HOUR_PREFIX.get(hour)
+    if cached is None:
+        if len(_HOUR_PREFIX) > 1 << 16:
+            _HOUR_PREFIX.clear()
+        cached = _HOUR_PREFIX[hour] = _hour_prefix(hour)
+    minute, second = divmod(rest, 60)
+    return f"{cached[0]}{minute:02d}:{second:02d}{cached[1]}"
+
+
+def format_date(ts: int) -> str:
+    g = time.gmtime(ts - 5 * HOUR)
+    return f"{g.tm_year:04d}-{g.tm_mon:02d}-{g.tm_mday:02d}"
+
+
+class FhirRenderer:
+    """Turns PatientRecords into serialized resources (bytes, one JSON object each) per resource type."""
+
+    def __init__(self, fmt: str):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        self.fmt = fmt
+        self.mimic = fmt == "mimic"
+        self.urn_refs = fmt == "bundles"
+        mimic = self.mimic
+        self.meta = {t: {"profile": [p]} for t, p in cat.MIMIC_PROFILES.items()} if mimic else {}
+        self.encounter_class = {
+            code: {"system": cat.ACT_CODE, "code": code, "display": display}
+            for code, display in cat.ENCOUNTER_CLASSES.items()
+        }
+        self.condition_category = [
+            {"coding": [{"system": cat.CONDITION_CATEGORY, "code": "encounter-diagnosis",
+                         "display": "Encounter Diagnosis"}]}
+        ]
+        self.lab_category = [
+            {"coding": [{"system": cat.OBSERVATION_CATEGORY, "code": "laboratory", "display": "Laboratory"}]}
+        ]
+        if mimic:
+            self.disposition = {
+                name: {"coding": [{"system": cat.MIMIC_DISCHARGE_DISPOSITION, "code": name}]}
+                for name in cat.DISPOSITIONS
+            }
+            self.service = {
+                code: {"coding": [{"system": cat.MIMIC_SERVICES, "code": code, "display": text}]}
+                for code, text in cat.SERVICES.items()
+            }
+        else:
+            self.disposition = {
+                name: {"coding": [{"system": cat.DISCHARGE_DISPOSITION, "code": code}], "text": name}
+                for name, code in cat.DISPOSITIONS.items()
+            }
+            self.service = {code: {"text": text} for code, text in cat.SERVICES.items()}
+        self.lab_code = []
+        self.lab_unit = []
+        self.lab_range = []
+        for lab in cat.LABS.values():
+            if mimic:
+                coding = {"system": cat.MIMIC_LABITEMS, "code": lab.itemid, "display": lab.name}
+                unit = {"unit": lab.unit, "system": cat.MIMIC_UNITS, "code": lab.unit}
+            else:
+                coding = {"system": cat.LOINC, "code": lab.loinc, "display": lab.name}
+                unit = {"unit": lab.unit, "system": cat.UCUM, "code": lab.ucum}
+            self.lab_code.append({"coding": [coding]})
+            self.lab_unit.append(unit)
+            self.lab_range.append([{"low": {"value": lab.low, **unit}, "high": {"value": lab.high, **unit}}])
+        self.lab_decimals = [lab.decimals for lab in cat.LABS.values()]
+        ndc_system = cat.MIMIC_MEDICATION_NDC if mimic else cat.NDC
+        self.drug_code = {
+            key: {"coding": [{"system": ndc_system, "code": d.ndc, "display": d.name}], "text": d.name}
+            for key, d in cat.DRUGS.items()
+        }
+        self.drug_dosage = {
+            key: [{"route": {"text": d.route}, "doseAndRate": [{"doseQuantity": {"value": d.dose, "unit": d.dose_unit}}]}]
+            for key, d in cat.DRUGS.items()
+        }
+        self._dx_cache: dict[tuple[str, bool], dict] = {}
+        self._proc_cache: dict[tuple[str, bool], dict] = {}
+        self._times: dict[int, str] = {}
+
+    # ------------------------------------------------------------------------------ helpers
+    def ref(self, rtype: str, rid: str) -> dict:
+        return {"reference": f"urn:uuid:{rid}" if self.urn_refs else f"{rtype}/{rid}"}
+
+    def t(self, ts: int) -> str:
+        s = self._times.get(ts)
+        if s is None:
+            s = self._times[ts] = format_time(ts)
+        return s
+
+    def dx_code(self, dx: cat.Dx, icd10: bool) -> dict:
+        key = (dx.icd10, icd10)
+        out = self._dx_cache.get(key)
+        if out is None:
+            code = dx.icd10 if icd10 else dx.icd9
+            if self.mimic:
+                system = cat.MIMIC_DIAGNOSIS_ICD10 if icd10 else cat.MIMIC_DIAGNOSIS_ICD9
+                code = code.replace(".", "")
+            else:
+                system = cat.ICD10CM if icd10 else cat.ICD9CM
+            out = self._dx_cache[key] = {"coding": [{"system": system, "code": code, "display": dx.display}]}
+        return out
+
+    def proc_code(self, key: str, icd10: bool) -> dict:
+        out = self._proc_cache.get((key, icd10))
+        if out is None:
+            proc = cat.PROCEDURES[key]
+            if icd10:
+                system = cat.MIMIC_PROCEDURE_ICD10 if self.mimic else cat.ICD10PCS
+                code = proc.icd10pcs
+            else:
+                system = cat.MIMIC_PROCEDURE_ICD9 if self.mimic else cat.ICD9CM
+                code = proc.icd9.replace(".", "") if self.mimic else proc.icd9
+            out = self._proc_cache[(key, icd10)] = {
+                "coding": [{"system": system, "code": code, "display": proc.display}]
+            }
+        return out
+
+    def _with_meta(self, rtype: str, rid: str) -> dict[str, Any]:
+        res: dict[str, Any] = {"resourceType": rtype, "id": rid}
+        if self.mimic:
+            res["meta"] = self.meta[rtype]
+        return res
+
+    # ----------------------------------------------------------------------------- resources
+    def medication(self, key: str) -> dict:
+        res = self._with_meta("Medication", MEDICATION_IDS[key])
+        res["code"] = self.drug_code[key]
+        res["status"] = "active"
+        return res
+
+    def patient_resources(self, rec: PatientRecord) -> dict[str, list[dict]]:
+        """All resources of one patient, grouped by type, in a stable order."""
+        self._times.clear()
+        pid = rec.id
+        subject = self.ref("Patient", pid)
+        patient = self._with_meta("Patient", pid)
+        patient["identifier"] = [
+            {"system": cat.MIMIC_PATIENT_IDENTIFIER if self.mimic else cat.SYNTH_IDENTIFIER,
+             "value": str(10_000_000 + rec.index)}
+        ]
+        patient["gender"] = "female" if rec.female else "male"
+        patient["birthDate"] = format_date(rec.birth)
+        if rec.death is not None:
+            patient["deceasedDateTime"] = self.t(rec.death)
+        encounters: list[dict] = []
+        conditions: list[dict] = []
+        procedures: list[dict] = []
+        requests: list[dict] = []
+        labs: list[dict] = []
+        used_drugs: set[str] = set()
+        mimic = self.mimic
+        for enc in rec.encounters:
+            e = self._with_meta("Encounter", enc.id)
+            e["status"] = "finished"
+            e["class"] = self.encounter_class[enc.cls]
+            e["subject"] = subject
+            e["period"] = {"start": self.t(enc.start), "end": self.t(enc.end)}
+            if enc.service is not None:
+                e["serviceType"] = self.service[enc.service]
+            if enc.disposition is not None:
+                e["hospitalization"] = {"dischargeDisposition": self.disposition[enc.disposition]}
+            encounters.append(e)
+            enc_ref = self.ref("Encounter", enc.id)
+            icd10 = enc.icd10
+            for rid, dx in enc.diagnoses:
+                c = {"resourceType": "Condition", "id": rid}
+                if mimic:
+                    c["meta"] = self.meta["Condition"]
+                c["category"] = self.condition_category
+                c["code"] = self.dx_code(dx, icd10)
+                c["subject"] = subject
+                c["encounter"] = enc_ref
+                conditions.append(c)
+            for rid, key, when in enc.procedures:
+                p = self._with_meta("Procedure", rid)
+                p["status"] = "completed"
+                p["code"] = self.proc_code(key, icd10)
+                p["subject"] = subject
+                p["encounter"] = enc_ref
+                p["performedDateTime"] = self.t(when)
+                procedures.append(p)
+            for rid, key, start, end, as_concept in enc.medications:
+                m = self._with_meta("MedicationRequest", rid)
+                m["status"] = "completed"
+                m["intent"] = "order"
+                if as_concept:
+                    m["medicationCodeableConcept"] = self.drug_code[key]
+                else:
+                    m["medicationReference"] = self.ref("Medication", MEDICATION_IDS[key])
+                    used_drugs.add(key)
+                m["subject"] = subject
+                m["encounter"] = enc_ref
+                m["authoredOn"] = self.t(start)
+                m["dosageInstruction"] = self.drug_dosage[key]
+                m["dispenseRequest"] = {"validityPeriod": {"start": self.t(start), "end": self.t(end)}}
+                requests.append(m)
+            lab_code, lab_unit, lab_range, decimals = self.lab_code, self.lab_unit, self.lab_range, self.lab_decimals
+            for rid, li, when, issued, value in enc.labs:
+                o = {"resourceType": "Observation", "id": rid}
+                if mimic:
+                    o["meta"] = self.meta["Observation"]
+                o["status"] = "final"
+                o["category"] = self.lab_category
+                o["code"] = lab_code[li]
+                o["subject"] = subject
+                o["encounter"] = enc_ref
+                o["effectiveDateTime"] = self.t(when)
+                o["issued"] = self.t(issued)
+                o["valueQuantity"] = {"value": int(value) if decimals[li] == 0 else value, **lab_unit[li]}
+                o["referenceRange"] = lab_range[li]
+                labs.append(o)
+        out = {
+            "Patient": [patient],
+            "Encounter": encounters,
+            "Condition": conditions,
+            "Procedure": procedures,
+            "MedicationRequest": requests,
+            "Observation": labs,
+        }
+        if self.urn_refs:
+            out["Medication"] = [self.medication(key) for key in cat.DRUG_KEYS if key in used_drugs]
+        return out
+
+    def bundle(self, rec: PatientRecord, resources: dict[str, list[dict]]) -> dict:
+        entries = []
+        for rtype in cat.RESOURCE_TYPES:
+            for res in resources.get(rtype, ()):
+                entries.append({
+                    "fullUrl": f"urn:uuid:{res['id']}",
+                    "resource": res,
+                    "request": {"method": "PUT", "url": f"{rtype}/{res['id']}"},
+                })
+        return {"resourceType": "Bundle", "id": _uuid_from(f"odyssey-synth-bundle:{rec.id}"),
+                "type": "transaction", "entry": entries}
+
+    def serialize_patient(self, rec: PatientRecord) -> tuple[dict[str, bytes], dict[str, int]]:
+        """NDJSON bytes per output stream (resource type, or "Bundle") and resource counts per type."""
+        resources = self.patient_resources(rec)
+        counts = {rtype: len(items) for rtype, items in resources.items()}
+        dumps = orjson.dumps
+        if self.urn_refs:
+            return {"Bundle": dumps(self.bundle(rec, resources)) + b"\n"}, counts
+        return {
+            rtype: b"\n".join(dumps(r) for r in items) + b"\n" for rtype, items in resources.items() if items
+        }, counts
