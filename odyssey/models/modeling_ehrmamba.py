@@ -234,11 +234,23 @@ def _last_real(values: torch.Tensor, attention_mask: torch.Tensor | None) -> tor
     return values.gather(1, last[:, None])[:, 0]
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from position t; targets equal to -100 are skipped."""
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of predicting token t+1 from position t; targets equal to -100 are skipped.
+
+    The mean over this batch's targets, or, when the Trainer passes `num_items_in_batch` (the target
+    count over all gradient-accumulation micro-batches and devices), the sum divided by it, so that
+    accumulated gradients weight every token equally.
+    """
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     targets = labels[:, 1:].reshape(-1).to(shifted_logits.device)
-    return F.cross_entropy(shifted_logits, targets, ignore_index=IGNORE_INDEX)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shifted_logits, targets, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(shifted_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 class EHRMambaForPretraining(EHRMambaPreTrainedModel):
@@ -277,7 +289,10 @@ class EHRMambaForPretraining(EHRMambaPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> EHRMambaPretrainingOutput | tuple:
-        """Logits for the next token at every position; `labels` (input ids with -100 at padding) give the loss."""
+        """Logits for the next token at every position; `labels` (input ids with -100 at padding) give the loss.
+
+        `num_items_in_batch` (passed by the Trainer in `kwargs`) normalises the summed loss; see `next_token_loss`.
+        """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.backbone(
             input_ids, token_type_ids=token_type_ids, ages=ages, times=times, visit_orders=visit_orders,
@@ -285,7 +300,9 @@ class EHRMambaForPretraining(EHRMambaPreTrainedModel):
             output_hidden_states=output_hidden_states, return_dict=True,
         )
         logits = self.lm_head(out.last_hidden_state.to(self.lm_head.weight.dtype))
-        loss = next_token_loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = next_token_loss(logits, labels, kwargs.get("num_items_in_batch"))
         output = EHRMambaPretrainingOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
         return output if return_dict else output.to_tuple()
 

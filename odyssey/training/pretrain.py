@@ -1,0 +1,268 @@
+"""`odyssey.training.pretrain(config)`: next-token pretraining of EHRMamba with the transformers Trainer.
+
+Run folder layout (`out`):
+- `checkpoints/checkpoint-<step>/`: Trainer checkpoints (model.safetensors, optimizer, scheduler, RNG and
+  trainer state) for `resume`; the Trainer reads the non-weight files with `torch.load(weights_only=True)`.
+- `logs/`: TensorBoard event files (loss, learning rate, tuning loss and perplexity).
+- `model/`: the final model (`model.safetensors` + `config.json`) and a copy of the tokenizer folder,
+  written atomically when training ends.
+- `pretrain_report.json`: the summary below.
+
+Distributed runs (`torchrun`, `accelerate launch`) need no change: the Trainer places the model and
+shards batches; only the main process writes TensorBoard logs, the final model and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from odyssey.config import StageConfig
+from odyssey.io import atomic_output_dir, write_json
+from odyssey.models import MODEL_SIZES, EHRMambaConfig, EHRMambaForPretraining, count_parameters
+
+from .data import (
+    LengthBucketSampler,
+    SequenceCollator,
+    SequenceDataset,
+    read_sequences,
+    read_vocabulary,
+    sort_by_length,
+)
+
+MAX_CONTEXT_LENGTH = 65_536
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+MODEL = "model"
+REPORT = "pretrain_report.json"
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+# Model fields that come from the tokenizer (and the scan backend from its own setting), never from `model`.
+TOKENIZER_FIELDS = {"vocab_size", "pad_token_id", "scan_backend"}
+
+
+class PretrainConfig(StageConfig):
+    """Settings of `odyssey pretrain` (configs/pretrain.yaml); CLI flags override fields."""
+
+    data: Path | None = Field(None, description="sequences folder written by `odyssey tokenize`")
+    out: Path | None = Field(None, description="run folder: checkpoints, logs, final model, report")
+    resume: bool = Field(False, description="continue from the last checkpoint in out/checkpoints")
+    model_size: str = "tiny"
+    model: dict[str, Any] = Field(default_factory=dict, description="EHRMambaConfig fields overriding the size")
+    context_length: int = Field(2048, ge=2, le=MAX_CONTEXT_LENGTH)
+    long_sequences: Literal["recent", "windows"] = "windows"
+    batch_size: int = Field(8, ge=1, description="sequences per device per micro-batch")
+    eval_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: float = Field(0.05, ge=0, description="a fraction of the run if < 1, else a step count")
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: run `epochs`)")
+    eval_steps: int = Field(200, ge=1)
+    save_steps: int = Field(200, ge=1)
+    logging_steps: int = Field(20, ge=1)
+    save_total_limit: int | None = Field(3, ge=1)
+    precision: Precision = Field("auto", description="auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU")
+    gradient_checkpointing: bool = False
+    scan_backend: str = "auto"
+    pad_to_multiple_of: int = Field(8, ge=1)
+    dataloader_workers: int = Field(0, ge=0)
+    seed: int = 42
+    progress_bar: bool = True
+
+    @field_validator("model")
+    @classmethod
+    def _known_model_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        allowed = {f.name for f in dataclasses.fields(EHRMambaConfig)} - TOKENIZER_FIELDS
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ValueError(f"model: unknown or tokenizer-owned EHRMambaConfig fields {unknown}")
+        return value
+
+    @field_validator("model_size")
+    @classmethod
+    def _known_size(cls, value: str) -> str:
+        if value not in MODEL_SIZES:
+            raise ValueError(f"unknown model_size {value!r}; choose one of {sorted(MODEL_SIZES)}")
+        return value
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced and measured (also written as pretrain_report.json)."""
+
+    run_dir: str
+    model_dir: str
+    steps: int
+    epochs: float
+    parameters: int
+    train_windows: int
+    tuning_windows: int
+    train_loss: float
+    tuning_loss: float
+    tuning_perplexity: float
+    train_tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    resumed_from: str | None
+    precision: str
+    context_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EHRTrainer(Trainer):
+    """Trainer with length-bucketed batches and perplexity next to the evaluation loss."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthBucketSampler(dataset.lengths, batch, seed=self.args.seed)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        loss = metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            perplexity = {f"{metric_key_prefix}_perplexity": math.exp(min(loss, 50.0))}
+            metrics.update(perplexity)
+            self.log(perplexity)
+        return metrics
+
+
+def resolve_precision(precision: Precision) -> str:
+    """The autocast dtype this run uses: bf16/fp16 only on CUDA."""
+    if precision == "fp32" or not torch.cuda.is_available():
+        if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+            raise ValueError(f"precision {precision!r} needs a CUDA device; use 'auto' or 'fp32' on CPU")
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def _model_config(config: PretrainConfig, vocab_size: int, pad_id: int) -> EHRMambaConfig:
+    fields = {**config.model, "vocab_size": vocab_size, "pad_token_id": pad_id, "scan_backend": config.scan_backend}
+    return EHRMambaConfig.from_size(config.model_size, **fields)
+
+
+def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        dataloader_num_workers=config.dataloader_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to=[],
+        disable_tqdm=not config.progress_bar,
+        seed=config.seed,
+        data_seed=config.seed,
+    )
+
+
+def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = None) -> PretrainResult:
+    """Pretrain (or resume pretraining) EHRMamba on `config.data`; write the run folder `config.out`.
+
+    `callbacks` are extra transformers `TrainerCallback`s (e.g. early stopping, custom logging).
+    """
+    if config.data is None or config.out is None:
+        raise ValueError("pretrain needs both `data` (a sequences folder) and `out` (a run folder)")
+    run_dir = Path(config.out)
+    checkpoints = run_dir / CHECKPOINTS
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if config.resume and last is None:
+        raise ValueError(f"{checkpoints}: no checkpoint to resume from")
+    if not config.resume and last is not None:
+        raise ValueError(f"{run_dir} already has checkpoints; pass --resume to continue or choose a new --out")
+
+    vocabulary = read_vocabulary(config.data)
+    model_config = _model_config(config, vocabulary.size, vocabulary.pad_id)
+    datasets = {}
+    for split in ("train", "tuning"):
+        datasets[split] = SequenceDataset(
+            read_sequences(config.data, split), vocabulary, config.context_length, config.long_sequences,
+            type_vocab_size=model_config.type_vocab_size, visit_segment_size=model_config.visit_segment_size,
+        )
+        if len(datasets[split]) == 0:
+            raise ValueError(f"{config.data}: no {split} sequences with at least 2 tokens")
+
+    precision = resolve_precision(config.precision)
+    set_seed(config.seed)
+    model = EHRMambaForPretraining(model_config)
+    trainer = EHRTrainer(
+        model=model,
+        args=_training_arguments(config, run_dir, precision),
+        train_dataset=datasets["train"],
+        eval_dataset=sort_by_length(datasets["tuning"]),
+        data_collator=SequenceCollator(vocabulary.pad_id, config.pad_to_multiple_of),
+        callbacks=callbacks,
+    )
+    if trainer.is_world_process_zero():
+        from torch.utils.tensorboard import SummaryWriter
+
+        trainer.add_callback(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / LOGS))))
+
+    started = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=last if config.resume else None)
+    seconds = time.perf_counter() - started
+    metrics = trainer.evaluate()
+    tokens = int(trainer.state.num_input_tokens_seen)
+
+    result = PretrainResult(
+        run_dir=str(run_dir),
+        model_dir=str(run_dir / MODEL),
+        steps=int(trainer.state.global_step),
+        epochs=float(trainer.state.epoch or 0.0),
+        parameters=count_parameters(model),
+        train_windows=len(datasets["train"]),
+        tuning_windows=len(datasets["tuning"]),
+        train_loss=float(train_output.training_loss),
+        tuning_loss=float(metrics["eval_loss"]),
+        tuning_perplexity=float(metrics["eval_perplexity"]),
+        train_tokens=tokens,
+        train_seconds=round(seconds, 3),
+        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        resumed_from=Path(last).name if config.resume and last else None,
+        precision=precision,
+        context_length=config.context_length,
+    )
+    if trainer.is_world_process_zero():
+        with atomic_output_dir(run_dir / MODEL) as staging:
+            trainer.model.save_pretrained(staging)
+            shutil.copytree(Path(config.data) / "tokenizer", staging / "tokenizer")
+        write_json(run_dir / REPORT, {**result.to_dict(), "config": config.model_dump(mode="json")})
+    trainer.accelerator.wait_for_everyone()
+    return result

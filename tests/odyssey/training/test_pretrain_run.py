@@ -1,0 +1,92 @@
+"""End-to-end pretraining on the synthetic sequences: the tuning loss falls, a crash + resume replays the run."""
+
+import math
+
+import pytest
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from odyssey.config import ConfigError
+from odyssey.io import read_json
+from odyssey.models import EHRMambaForPretraining
+from odyssey.training.pretrain import PretrainConfig, pretrain
+
+SMALL_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "time_embedding_size": 8}
+
+
+def run_config(data, out, **overrides) -> PretrainConfig:
+    settings = dict(
+        data=data, out=out, model=SMALL_MODEL, batch_size=4, learning_rate=5e-3, warmup_steps=0,
+        max_steps=12, eval_steps=100, save_steps=100, logging_steps=4, progress_bar=False, seed=7,
+    )
+    settings.update(overrides)
+    return PretrainConfig(**settings)
+
+
+def test_tuning_loss_falls_and_run_folder_is_complete(sequences_dir, tmp_path):
+    untrained = pretrain(run_config(sequences_dir, tmp_path / "zero", max_steps=1, learning_rate=1e-9))
+    trained = pretrain(run_config(sequences_dir, tmp_path / "run", max_steps=40, eval_steps=20, save_steps=20))
+    assert trained.steps == 40
+    assert trained.tuning_loss < untrained.tuning_loss - 1.0
+    assert trained.tuning_perplexity == pytest.approx(math.exp(trained.tuning_loss), rel=1e-6)
+    assert trained.train_tokens > 0 and trained.tokens_per_second > 0
+    run = tmp_path / "run"
+    assert (run / "model" / "model.safetensors").exists() and (run / "model" / "tokenizer" / "tokenizer.json").exists()
+    assert not list((run / "model").glob("*.bin"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-20", "checkpoint-40"]
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    report = read_json(run / "pretrain_report.json")
+    assert report["tuning_loss"] == pytest.approx(trained.tuning_loss) and report["config"]["max_steps"] == 40
+    model = EHRMambaForPretraining.from_pretrained(run / "model")
+    assert model.config.hidden_size == 32 and model.config.vocab_size == 53
+
+
+class CrashAt(TrainerCallback):
+    """Raises once `step` optimizer steps are done and saved, like a killed job."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(sequences_dir, tmp_path):
+    # Dropout stays on (default 0.1), so RNG state restore is part of what is checked.
+    settings = dict(max_steps=8, save_steps=3, batch_size=4, gradient_accumulation_steps=2)
+    straight = pretrain(run_config(sequences_dir, tmp_path / "straight", **settings))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(run_config(sequences_dir, tmp_path / "crashed", **settings), callbacks=[CrashAt(5)])
+    assert (tmp_path / "crashed" / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (tmp_path / "crashed" / "model").exists()
+    with pytest.raises(ValueError, match="already has checkpoints"):
+        pretrain(run_config(sequences_dir, tmp_path / "crashed", **settings))
+    resumed = pretrain(run_config(sequences_dir, tmp_path / "crashed", resume=True, **settings))
+    assert resumed.resumed_from == "checkpoint-3" and resumed.steps == straight.steps == 8
+    assert resumed.tuning_loss == pytest.approx(straight.tuning_loss, rel=1e-5)
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "crashed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= 1e-5, name
+
+
+def test_config_errors_are_clear(sequences_dir, tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint to resume"):
+        pretrain(run_config(sequences_dir, tmp_path / "new", resume=True))
+    with pytest.raises(ValueError, match="needs both"):
+        pretrain(PretrainConfig())
+    with pytest.raises(ValueError, match="unknown model_size"):
+        PretrainConfig(model_size="gigantic")
+    with pytest.raises(ValueError, match="less than or equal to 65536"):
+        PretrainConfig(context_length=70_000)
+    with pytest.raises(ValueError, match=r"unknown or tokenizer-owned EHRMambaConfig fields \['hidden_sise'\]"):
+        PretrainConfig(model={"hidden_sise": 8})
+    with pytest.raises(ValueError, match="vocab_size"):
+        PretrainConfig(model={"vocab_size": 8})
+    config = tmp_path / "bad.yaml"
+    config.write_text("batch_size: 4\nlearning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rat"):
+        PretrainConfig.load(config)
