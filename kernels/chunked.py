@@ -87,8 +87,37 @@ def _flip_cumsum(v: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.flip(torch.cumsum(torch.flip(v, (dim,)), dim=dim), (dim,))
 
 
+def _segment_factors(dt_seg: torch.Tensor, A: torch.Tensor):
+    """E = exp(S - m), 1/E, exp(m), E at the last step and exp(S_0) of a segment (no grad).
+
+    S_t = A * cumsum(dt)_t, so the cumulative sum runs over (batch, G, dim/G, T), not over N as well.
+    """
+    steps = torch.cumsum(dt_seg, dim=-1)
+    total = steps[..., -1:]
+    reference = total if steps.shape[-1] == 1 else 0.5 * total
+    log_E = (steps - reference).unsqueeze(-1) * A.unsqueeze(-2)
+    E = torch.exp(log_E)
+    inverse_E = log_E.neg_().exp_()
+    exp_m = torch.exp(reference.unsqueeze(-1) * A.unsqueeze(-2))  # (batch, G, dim/G, 1, N)
+    last_E = torch.exp((total - reference).unsqueeze(-1) * A.unsqueeze(-2))  # 1 for a single step
+    first_decay = torch.exp(steps[..., :1].unsqueeze(-1) * A.unsqueeze(-2))[..., 0, :]
+    return E, inverse_E, exp_m, last_E, first_decay
+
+
+def _segment_states_fast(dt_seg, du_seg, A, B_seg, h_start):
+    """Closed-form states of one segment without autograd, reusing buffers in place.
+
+    Returns H (batch, G, dim/G, T, N), x = du * B, and the factors of `_segment_factors`.
+    """
+    E, inverse_E, exp_m, last_E, first_decay = _segment_factors(dt_seg, A)
+    x = du_seg.unsqueeze(-1) * B_seg
+    H = torch.cumsum(x * inverse_E, dim=-2)
+    H.add_(exp_m * h_start.unsqueeze(-2)).mul_(E)
+    return H, x, E, inverse_E, last_E, first_decay
+
+
 class _ChunkedScan(torch.autograd.Function):
-    """Core scan: (dt, u, A, B, C) in float32 grouped layout -> (y, last_state); recomputing backward."""
+    """Core scan: (dt, u, A, B, C) in the grouped layout -> (y, last_state); recomputing backward."""
 
     @staticmethod
     def forward(ctx, dt, u, A, B, C, segments):
@@ -101,11 +130,9 @@ class _ChunkedScan(torch.autograd.Function):
         starts = []
         for start, end in segments:
             starts.append(h)
-            H, _, _, _ = _segment_states(
-                dt[..., start:end], du[..., start:end], A, B[:, :, None, start:end], h
-            )
-            y[..., start:end] = (H * C[:, :, None, start:end]).sum(-1)
+            H = _segment_states_fast(dt[..., start:end], du[..., start:end], A, B[:, :, None, start:end], h)[0]
             h = H[..., -1, :].clone()  # a copy, so the saved start states do not pin whole segments
+            y[..., start:end] = H.mul_(C[:, :, None, start:end]).sum(-1)
         ctx.segments = segments
         ctx.save_for_backward(dt, u, A, B, C, *starts)
         return y, h
@@ -114,29 +141,32 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, grad_y, grad_last):
         dt, u, A, B, C, *starts = ctx.saved_tensors
         du = dt * u
-        grad_dt = torch.zeros_like(dt)
-        grad_du = torch.zeros_like(dt)
+        grad_dt = torch.empty_like(dt)
+        grad_du = torch.empty_like(dt)
         grad_A = torch.zeros_like(A)
-        grad_B = torch.zeros_like(B)
-        grad_C = torch.zeros_like(C)
+        grad_B = torch.empty_like(B)
+        grad_C = torch.empty_like(C)
         if grad_y is None:
             grad_y = torch.zeros_like(dt)
         # carry = exp(delta_next A) * g_h_next: the adjoint flowing into a segment's last step from the right
         carry = grad_last if grad_last is not None else torch.zeros_like(starts[0]) if starts else None
+        A_column = A.unsqueeze(-1)  # (G, dim/G, N, 1) for matmuls that contract over N
         for (start, end), h_start in zip(reversed(ctx.segments), reversed(starts), strict=True):
             dt_seg, du_seg = dt[..., start:end], du[..., start:end]
             B_seg, C_seg = B[:, :, None, start:end], C[:, :, None, start:end]
-            gy = grad_y[..., start:end]
-            H, E, x, S = _segment_states(dt_seg, du_seg, A, B_seg, h_start)
-            r = C_seg * gy.unsqueeze(-1)
-            gH = (_flip_cumsum(E * r, dim=-2) + E[..., -1:, :] * carry.unsqueeze(-2)) / E
-            carry = torch.exp(S[..., 0, :]) * gH[..., 0, :]
-            grad_C[:, :, start:end] = (gy.unsqueeze(-1) * H).sum(2)
-            grad_B[:, :, start:end] = (gH * du_seg.unsqueeze(-1)).sum(2)
-            grad_du[..., start:end] = (gH * B_seg).sum(-1)
-            g_log_decay = gH * (H - x)  # d loss / d (delta_t A) = g_h_t * exp(delta_t A) h_{t-1}
-            grad_dt[..., start:end] = (g_log_decay * A.unsqueeze(-2)).sum(-1)
-            grad_A += (g_log_decay * dt_seg.unsqueeze(-1)).sum(dim=(0, 3))
+            gy = grad_y[..., start:end].unsqueeze(-1)
+            H, x, E, inverse_E, last_E, first_decay = _segment_states_fast(dt_seg, du_seg, A, B_seg, h_start)
+            # g_h_t = (1/E_t) [ sum_{s>=t} E_s C_s g_y_s + E_last carry ]
+            grad_H = _flip_cumsum(E.mul_(C_seg).mul_(gy), dim=-2)
+            grad_H.add_(last_E * carry.unsqueeze(-2)).mul_(inverse_E)
+            carry = first_decay * grad_H[..., 0, :]
+            grad_C[:, :, start:end] = (gy * H).sum(2)
+            grad_B[:, :, start:end] = (grad_H * du_seg.unsqueeze(-1)).sum(2)
+            grad_du[..., start:end] = (grad_H * B_seg).sum(-1)
+            # d loss / d (delta_t A) = g_h_t * exp(delta_t A) h_{t-1} = g_h_t * (h_t - x_t)
+            g_log_decay = x.neg_().add_(H).mul_(grad_H)
+            grad_dt[..., start:end] = torch.matmul(g_log_decay, A_column).squeeze(-1)
+            grad_A += torch.matmul(dt_seg.unsqueeze(-2), g_log_decay).sum(0).squeeze(-2)
         grad_dt = grad_dt + grad_du * u
         grad_u = grad_du * dt
         return grad_dt, grad_u, grad_A, grad_B, grad_C, None
@@ -206,9 +236,9 @@ def selective_scan_chunked(
     A_compute = A.to(compute)
     segments = _plan_segments(dt.detach(), A_compute.detach(), chunk_size)
     per_group = dim // groups
-    args = (
-        dt.reshape(batch, groups, per_group, length),
-        u_compute.reshape(batch, groups, per_group, length),
+    args = (  # contiguous time rows: models hand over transposed (batch, length, dim) activations
+        dt.reshape(batch, groups, per_group, length).contiguous(),
+        u_compute.reshape(batch, groups, per_group, length).contiguous(),
         A_compute.reshape(groups, per_group, A.shape[-1]),
         Bg,
         Cg,
