@@ -4,7 +4,14 @@
 `from odyssey.training.pretrain import PretrainConfig`.
 """
 
-from .data import LengthBucketSampler, SequenceCollator, SequenceDataset, Vocabulary, read_sequences, read_vocabulary
+from .data import (
+    LengthBucketSampler,
+    SequenceCollator,
+    SequenceDataset,
+    Vocabulary,
+    read_sequences,
+    read_vocabulary,
+)
 from .pretrain import PretrainConfig, PretrainResult, pretrain
 
 __all__ = [
