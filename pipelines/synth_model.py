@@ -5,8 +5,8 @@ seed and patients can be generated in any order or in parallel. The model is doc
 coefficient) in docs/synthetic_cohort.md; the functions `p_*` below are the planted outcome laws.
 
 Outcomes are drawn from exactly the probabilities written to truth.parquet:
-- 30-day mortality D ~ Bernoulli(p_mortality) at discharge; a death happens out of hospital, 6 h to 29.5
-  days after discharge, before any readmission.
+- 30-day mortality D ~ Bernoulli(p_mortality) at discharge; a death happens out of hospital, 6 h to 29.9
+  days after discharge (and after any earlier survivor's 30-day window), before any readmission.
 - 30-day readmission: given survival, R ~ Bernoulli(q); so P(readmission) = (1 - p_mortality) * q.
 - LOS >= 7 days ~ Bernoulli(p_los) at admission + 24 h (stays under 24 h are drawn first and excluded);
   an in-hospital death ends the stay at its drawn length, so it never changes the LOS label.
@@ -49,6 +49,7 @@ FIRST_VISIT_TO = 6500793600
 LONG_HISTORY_SHARE = 0.03  # patients on daily home hemodialysis for a decade or more
 DIALYSIS_INTERVALS = (1, 1, 1, 1, 1, 2)  # days between sessions: six a week
 OUTPATIENT_DAYS = 365.0  # mean days between ED / ambulatory visits
+VISIT_SPACING = 12 * HOUR  # minimum time between two outpatient visit starts (longest visit: 9 h)
 AMYLOIDOSIS_SHARE = 0.06  # planted long-range marker, coded once at the baseline visit
 PREDIABETES_SHARE = 0.18  # planted long-range lab pattern (HbA1c 5.7-6.4 % at the baseline visit)
 SMOKER_SHARE = 0.3
@@ -346,7 +347,9 @@ class PatientSimulator:
             self.truth.append(row)
             previous = row
             if died:
-                self.death = _minute(end + rng.uniform(0.25, 29.5) * DAY)
+                # After any earlier survivor's 30-day window, so that survivor's label stays 0.
+                earliest = max(end + 6 * HOUR, window_end + HOUR)
+                self.death = _minute(rng.uniform(earliest, end + 29.9 * DAY))
                 self.fill_gap(end, self.death)
                 return
             window_end = end + READMISSION_WINDOW
@@ -613,16 +616,21 @@ class PatientSimulator:
         lo, hi = start + DAY, end - DAY
         if hi <= lo:
             return
+        n = min(_poisson(rng, (hi - lo) / DAY / OUTPATIENT_DAYS), 6)
+        visits: list[int] = []
+        for when in sorted(_minute(rng.uniform(lo, hi)) for _ in range(n)):
+            if not visits or when - visits[-1] > VISIT_SPACING:  # visits never overlap
+                visits.append(when)
         if s.dialysis:
             day = (lo // DAY + 1) * DAY + 12 * HOUR
             k = 0
             while day < hi:
-                self.dialysis_session(day + _minute(rng.uniform(0, 120) * MINUTE), k)
+                when = day + _minute(rng.uniform(0, 120) * MINUTE)
+                if all(abs(when - v) > VISIT_SPACING for v in visits):
+                    self.dialysis_session(when, k)
                 day += DIALYSIS_INTERVALS[k % len(DIALYSIS_INTERVALS)] * DAY
                 k += 1
-        n = min(_poisson(rng, (hi - lo) / DAY / OUTPATIENT_DAYS), 6)
-        for when in sorted(rng.uniform(lo, hi) for _ in range(n)):
-            when = _minute(when)
+        for when in visits:
             if rng.random() < 0.35:
                 self.ed_visit(when)
             else:
