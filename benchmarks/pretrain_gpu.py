@@ -1,0 +1,227 @@
+"""One-GPU pretraining speed: EHRMamba against a GPT-style transformer of about the same size (issue 4).
+
+Both models train (forward + next-token loss + backward + AdamW step) on random tokens with the same
+number of tokens per step, bf16 autocast on CUDA, in the same run:
+
+- EHRMamba: `EHRMambaForPretraining` (embeddings, Mamba blocks with the `odyssey.kernels` scan, tied head);
+- GPT: pre-norm transformer blocks (causal PyTorch SDPA attention, 4x GELU MLP) with half as many layers,
+  since one GPT block holds about twice a Mamba block's parameters (`--gpt-layers` to change); the same
+  token embedding and tied head; fixed sinusoidal positions (no table that caps the length).
+
+Reports tokens/s and peak GPU memory per (model, length), and the longest length each trains at batch 1
+(doubling until out of memory, up to `--max-length`). JSON goes to `$OUT/pretrain_gpu.json` (or --out).
+
+    python benchmarks/pretrain_gpu.py                     # on the GPU machine
+    python benchmarks/pretrain_gpu.py --smoke --out /tmp  # toy sizes on CPU (what the tests run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from odyssey.kernels import resolve_backend  # noqa: E402
+from torch import nn  # noqa: E402
+
+from odyssey.io import write_json  # noqa: E402
+from odyssey.models import EHRMambaConfig, EHRMambaForPretraining, count_parameters  # noqa: E402
+
+REPORT_NAME = "pretrain_gpu.json"
+
+
+class GPTBlock(nn.Module):
+    """Pre-norm causal self-attention (SDPA, flash where available) + GELU MLP."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.proj = nn.Linear(hidden, hidden, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, hidden // self.heads).unbind(2)
+        attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, hidden))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """Token embedding + sinusoidal positions -> blocks -> norm -> tied head, next-token loss."""
+
+    def __init__(self, vocab: int, hidden: int, layers: int, heads: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList([GPTBlock(hidden, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(hidden)
+        self.hidden = hidden
+
+    def positions(self, length: int, device) -> torch.Tensor:
+        position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+        frequency = torch.exp(torch.arange(0, self.hidden, 2, device=device) * (-math.log(10_000.0) / self.hidden))
+        table = torch.zeros(length, self.hidden, device=device)
+        table[:, 0::2], table[:, 1::2] = torch.sin(position * frequency), torch.cos(position * frequency)
+        return table
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids) + self.positions(input_ids.shape[1], input_ids.device)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.norm(x) @ self.embed.weight.t()
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
+def build(kind: str, args) -> nn.Module:
+    if kind == "ehrmamba":
+        config = EHRMambaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                embedding_dropout=0.0, scan_backend=args.scan_backend)
+        return EHRMambaForPretraining(config)
+    return GPT(args.vocab, args.hidden, args.gpt_layers, args.heads)
+
+
+def loss_of(kind: str, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    if kind == "ehrmamba":
+        return model(input_ids, labels=input_ids).loss
+    return model(input_ids, input_ids)
+
+
+def train_steps(kind, model, optimizer, batch, length, steps, device, autocast_dtype, vocab) -> float:
+    """Seconds for `steps` full optimizer steps (after the caller's warm-up)."""
+    input_ids = torch.randint(1, vocab, (batch, length), device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = loss_of(kind, model, input_ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def measure(kind, model, batch, length, args, device, autocast_dtype) -> dict:
+    """Tokens/s and peak memory at (batch, length); `out_of_memory` instead when it does not fit."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        train_steps(kind, model, optimizer, batch, length, args.warmup, device, autocast_dtype, args.vocab)
+        seconds = train_steps(kind, model, optimizer, batch, length, args.steps, device, autocast_dtype, args.vocab)
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        torch.cuda.empty_cache()
+        return {"batch": batch, "length": length, "out_of_memory": True}
+    tokens = batch * length * args.steps
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "batch": batch, "length": length, "out_of_memory": False, "step_seconds": seconds / args.steps,
+        "tokens_per_second": tokens / seconds, "peak_memory_bytes": peak,
+    }
+
+
+def longest_length(kind, model, args, device, autocast_dtype) -> dict:
+    """Double the length at batch 1 from the smallest benchmark length until it fails or hits --max-length."""
+    length, best = min(args.lengths), None
+    while length <= args.max_length:
+        result = measure(kind, model, 1, length, args, device, autocast_dtype)
+        if result["out_of_memory"]:
+            break
+        best = result
+        length *= 2
+    return {"longest_length": best["length"] if best else None, "at_longest": best,
+            "search_capped": best is not None and best["length"] * 2 > args.max_length}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="folder for pretrain_gpu.json (default $OUT or .)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes that run in seconds on CPU")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
+    parser.add_argument("--tokens-per-step", type=int, default=65_536, help="batch = tokens_per_step / length")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=8, help="EHRMamba layers")
+    parser.add_argument("--gpt-layers", type=int, default=None, help="GPT layers (default: half of --layers)")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=262_144, help="cap of the batch-1 length search")
+    parser.add_argument("--scan-backend", default="auto")
+    parser.add_argument("--models", nargs="+", default=["ehrmamba", "gpt"], choices=["ehrmamba", "gpt"])
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.hidden, args.layers, args.heads, args.vocab = 32, 2, 2, 64
+        args.lengths, args.tokens_per_step, args.steps, args.warmup, args.max_length = [64, 128], 256, 1, 1, 256
+    if args.gpt_layers is None:
+        args.gpt_layers = max(1, args.layers // 2)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(0)
+    report = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "precision": "bf16-autocast" if autocast_dtype else "fp32",
+        "scan_backend": resolve_backend(args.scan_backend, device),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "models": {},
+    }
+    for kind in args.models:
+        model = build(kind, args).to(device)
+        blocks = model.backbone.layers if kind == "ehrmamba" else model.blocks
+        entry = {
+            "parameters": count_parameters(model),
+            "block_parameters": count_parameters(blocks),  # without embeddings and head
+            "layers": args.layers if kind == "ehrmamba" else args.gpt_layers,
+            "by_length": [],
+        }
+        for length in args.lengths:
+            batch = max(1, args.tokens_per_step // length)
+            entry["by_length"].append(measure(kind, model, batch, length, args, device, autocast_dtype))
+            row = entry["by_length"][-1]
+            speed = "OOM" if row["out_of_memory"] else f"{row['tokens_per_second']:,.0f} tokens/s"
+            print(f"{kind:9s} length {length:>7,} batch {batch:>3}: {speed}", flush=True)
+        entry["batch_1"] = longest_length(kind, model, args, device, autocast_dtype)
+        print(f"{kind:9s} longest length at batch 1: {entry['batch_1']['longest_length']}", flush=True)
+        report["models"][kind] = entry
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if {"ehrmamba", "gpt"} <= set(report["models"]):
+        report["ehrmamba_speedup"] = {
+            str(m["length"]): (m["tokens_per_second"] / g["tokens_per_second"])
+            if not (m["out_of_memory"] or g["out_of_memory"]) else None
+            for m, g in zip(report["models"]["ehrmamba"]["by_length"], report["models"]["gpt"]["by_length"],
+                            strict=True)
+        }
+    out = args.out or Path(os.environ.get("OUT", "."))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / REPORT_NAME, report)
+    print(f"report: {out / REPORT_NAME}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
