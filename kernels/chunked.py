@@ -66,53 +66,49 @@ def _plan_segments(delta: torch.Tensor, A: torch.Tensor, chunk_size: int) -> lis
     return segments
 
 
-def _segment_states(dt, du, A, B_seg, h_start, autograd_safe=False):
-    """States of one segment in closed form.
+# Layout inside this module: time innermost. dt, u: (batch, G, dim/G, L); A: (G, dim/G, N, 1);
+# B, C: (batch, G, N, L); states of a segment: (batch, G, dim/G, N, T). Sums over N then run
+# across contiguous time rows, and B, C keep the layout the caller gives them.
 
-    dt, du: (batch, G, dim/G, T); A: (G, dim/G, N); B_seg: (batch, G, 1, T, N); h_start: (batch, G, dim/G, N).
-    Returns H (batch, G, dim/G, T, N), the factor E = exp(S - m), x = du * B and exp(S_0) (first step's decay).
+
+def _segment_states(dt, du, A, B_seg, h_start):
+    """States of one segment in closed form, differentiable by plain autograd.
+
+    dt, du: (batch, G, dim/G, T); A: (G, dim/G, N, 1); B_seg: (batch, G, 1, N, T);
+    h_start: (batch, G, dim/G, N). Returns H (batch, G, dim/G, N, T).
     """
-    S = torch.cumsum(dt.unsqueeze(-1) * A.unsqueeze(-2), dim=-2)
-    last = S[..., -1:, :]
-    m = last if S.shape[-2] == 1 else 0.5 * last
-    E = torch.exp(S - m)
-    x = du.unsqueeze(-1) * B_seg
-    # Under autograd, exp(m - S) replaces 1 / E: the derivative of a division squares E, which can overflow
-    inverse_E = torch.exp(m - S) if autograd_safe else E.reciprocal()
-    H = E * (torch.cumsum(x * inverse_E, dim=-2) + torch.exp(m) * h_start.unsqueeze(-2))
-    return H, E, x, S
-
-
-def _flip_cumsum(v: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.flip(torch.cumsum(torch.flip(v, (dim,)), dim=dim), (dim,))
-
-
-def _segment_factors(dt_seg: torch.Tensor, A: torch.Tensor):
-    """E = exp(S - m), 1/E, exp(m), E at the last step and exp(S_0) of a segment (no grad).
-
-    S_t = A * cumsum(dt)_t, so the cumulative sum runs over (batch, G, dim/G, T), not over N as well.
-    """
-    steps = torch.cumsum(dt_seg, dim=-1)
+    steps = torch.cumsum(dt, dim=-1).unsqueeze(-2)  # (batch, G, dim/G, 1, T)
     total = steps[..., -1:]
     reference = total if steps.shape[-1] == 1 else 0.5 * total
-    log_E = (steps - reference).unsqueeze(-1) * A.unsqueeze(-2)
-    E = torch.exp(log_E)
-    inverse_E = log_E.neg_().exp_()
-    exp_m = torch.exp(reference.unsqueeze(-1) * A.unsqueeze(-2))  # (batch, G, dim/G, 1, N)
-    last_E = torch.exp((total - reference).unsqueeze(-1) * A.unsqueeze(-2))  # 1 for a single step
-    first_decay = torch.exp(steps[..., :1].unsqueeze(-1) * A.unsqueeze(-2))[..., 0, :]
-    return E, inverse_E, exp_m, last_E, first_decay
+    # exp(-(S - m)) rather than 1 / E: the derivative of a division squares E, which can overflow
+    E = torch.exp((steps - reference) * A)
+    inverse_E = torch.exp((reference - steps) * A)
+    x = du.unsqueeze(-2) * B_seg
+    return E * (torch.cumsum(x * inverse_E, dim=-1) + torch.exp(reference * A) * h_start.unsqueeze(-1))
+
+
+def _flip_cumsum(v: torch.Tensor) -> torch.Tensor:
+    return torch.flip(torch.cumsum(torch.flip(v, (-1,)), dim=-1), (-1,))
 
 
 def _segment_states_fast(dt_seg, du_seg, A, B_seg, h_start):
-    """Closed-form states of one segment without autograd, reusing buffers in place.
+    """`_segment_states` without autograd, reusing buffers in place; also returns the factors.
 
-    Returns H (batch, G, dim/G, T, N), x = du * B, and the factors of `_segment_factors`.
+    Returns H, x = du * B, E = exp(S - m), 1/E (all (batch, G, dim/G, N, T)), E at the last step
+    and exp(S_0), the first step's decay (both (batch, G, dim/G, N)).
     """
-    E, inverse_E, exp_m, last_E, first_decay = _segment_factors(dt_seg, A)
-    x = du_seg.unsqueeze(-1) * B_seg
-    H = torch.cumsum(x * inverse_E, dim=-2)
-    H.add_(exp_m * h_start.unsqueeze(-2)).mul_(E)
+    steps = torch.cumsum(dt_seg, dim=-1).unsqueeze(-2)
+    total = steps[..., -1:]
+    reference = total if steps.shape[-1] == 1 else 0.5 * total
+    E = torch.exp((steps - reference) * A)
+    inverse_E = torch.reciprocal(E)  # exact enough: E lies in [e^-60, e^60]
+    last_E = torch.exp((total - reference) * A)[..., 0]  # 1 for a single step
+    first_decay = torch.exp(steps[..., :1] * A)[..., 0]
+    x = du_seg.unsqueeze(-2) * B_seg
+    H = torch.cumsum(x * inverse_E, dim=-1)
+    if h_start is not None:
+        H.add_(torch.exp(reference * A) * h_start.unsqueeze(-1))
+    H.mul_(E)
     return H, x, E, inverse_E, last_E, first_decay
 
 
@@ -121,25 +117,27 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dt, u, A, B, C, segments):
-        # dt, u: (batch, G, dim/G, L); A: (G, dim/G, N); B, C: (batch, G, L, N)
         batch, groups, per_group, length = dt.shape
-        n_state = A.shape[-1]
         du = dt * u
         y = dt.new_empty(batch, groups, per_group, length)
-        h = dt.new_zeros(batch, groups, per_group, n_state)
+        h = None  # zero state before the first step
         starts = []
         for start, end in segments:
             starts.append(h)
-            H = _segment_states_fast(dt[..., start:end], du[..., start:end], A, B[:, :, None, start:end], h)[0]
-            h = H[..., -1, :].clone()  # a copy, so the saved start states do not pin whole segments
-            y[..., start:end] = H.mul_(C[:, :, None, start:end]).sum(-1)
+            H = _segment_states_fast(dt[..., start:end], du[..., start:end], A, B[:, :, None, :, start:end], h)[0]
+            h = H[..., -1].clone()  # a copy, so the saved start states do not pin whole segments
+            y[..., start:end] = H.mul_(C[:, :, None, :, start:end]).sum(-2)
+        if h is None:
+            h = dt.new_zeros(batch, groups, per_group, A.shape[-2])
         ctx.segments = segments
-        ctx.save_for_backward(dt, u, A, B, C, *starts)
+        ctx.starts = len(starts)
+        ctx.save_for_backward(dt, u, A, B, C, *[s for s in starts if s is not None])
         return y, h
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
-        dt, u, A, B, C, *starts = ctx.saved_tensors
+        dt, u, A, B, C, *saved_starts = ctx.saved_tensors
+        starts = [None, *saved_starts][: ctx.starts]
         du = dt * u
         grad_dt = torch.empty_like(dt)
         grad_du = torch.empty_like(dt)
@@ -149,24 +147,25 @@ class _ChunkedScan(torch.autograd.Function):
         if grad_y is None:
             grad_y = torch.zeros_like(dt)
         # carry = exp(delta_next A) * g_h_next: the adjoint flowing into a segment's last step from the right
-        carry = grad_last if grad_last is not None else torch.zeros_like(starts[0]) if starts else None
-        A_column = A.unsqueeze(-1)  # (G, dim/G, N, 1) for matmuls that contract over N
+        batch, groups, per_group, _ = dt.shape
+        carry = grad_last if grad_last is not None else dt.new_zeros(batch, groups, per_group, A.shape[-2])
+        A_row = A.transpose(-1, -2)  # (G, dim/G, 1, N) to contract over N with a matmul
         for (start, end), h_start in zip(reversed(ctx.segments), reversed(starts), strict=True):
             dt_seg, du_seg = dt[..., start:end], du[..., start:end]
-            B_seg, C_seg = B[:, :, None, start:end], C[:, :, None, start:end]
-            gy = grad_y[..., start:end].unsqueeze(-1)
+            B_seg, C_seg = B[:, :, None, :, start:end], C[:, :, None, :, start:end]
+            gy = grad_y[..., start:end].unsqueeze(-2)
             H, x, E, inverse_E, last_E, first_decay = _segment_states_fast(dt_seg, du_seg, A, B_seg, h_start)
             # g_h_t = (1/E_t) [ sum_{s>=t} E_s C_s g_y_s + E_last carry ]
-            grad_H = _flip_cumsum(E.mul_(C_seg).mul_(gy), dim=-2)
-            grad_H.add_(last_E * carry.unsqueeze(-2)).mul_(inverse_E)
-            carry = first_decay * grad_H[..., 0, :]
-            grad_C[:, :, start:end] = (gy * H).sum(2)
-            grad_B[:, :, start:end] = (grad_H * du_seg.unsqueeze(-1)).sum(2)
-            grad_du[..., start:end] = (grad_H * B_seg).sum(-1)
+            grad_H = _flip_cumsum(E.mul_(C_seg).mul_(gy))
+            grad_H.add_((last_E * carry).unsqueeze(-1)).mul_(inverse_E)
+            carry = first_decay * grad_H[..., 0]
+            grad_C[..., start:end] = (gy * H).sum(2)
+            grad_B[..., start:end] = (grad_H * du_seg.unsqueeze(-2)).sum(2)
+            grad_du[..., start:end] = (grad_H * B_seg).sum(-2)
             # d loss / d (delta_t A) = g_h_t * exp(delta_t A) h_{t-1} = g_h_t * (h_t - x_t)
-            g_log_decay = x.neg_().add_(H).mul_(grad_H)
-            grad_dt[..., start:end] = torch.matmul(g_log_decay, A_column).squeeze(-1)
-            grad_A += torch.matmul(dt_seg.unsqueeze(-2), g_log_decay).sum(0).squeeze(-2)
+            g_log_decay = torch.sub(H, x, out=x).mul_(grad_H)
+            grad_dt[..., start:end] = torch.matmul(A_row, g_log_decay).squeeze(-2)
+            grad_A += torch.matmul(g_log_decay, dt_seg.unsqueeze(-1)).sum(0)
         grad_dt = grad_dt + grad_du * u
         grad_u = grad_du * dt
         return grad_dt, grad_u, grad_A, grad_B, grad_C, None
@@ -176,23 +175,21 @@ def _scan_plain_autograd(dt, u, A, B, C, segments):
     """The same closed form under plain autograd (keeps every segment's intermediates); for measurement."""
     batch, groups, per_group, _ = dt.shape
     du = dt * u
-    h = dt.new_zeros(batch, groups, per_group, A.shape[-1])
+    h = dt.new_zeros(batch, groups, per_group, A.shape[-2])
     ys = []
     for start, end in segments:
-        H, _, _, _ = _segment_states(
-            dt[..., start:end], du[..., start:end], A, B[:, :, None, start:end], h, autograd_safe=True
-        )
-        ys.append((H * C[:, :, None, start:end]).sum(-1))
-        h = H[..., -1, :]
+        H = _segment_states(dt[..., start:end], du[..., start:end], A, B[:, :, None, :, start:end], h)
+        ys.append((H * C[:, :, None, :, start:end]).sum(-2))
+        h = H[..., -1]
     y = torch.cat(ys, dim=-1) if ys else dt.new_zeros(*dt.shape)
     return y, h
 
 
 def _grouped(BC: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, N, L) or (batch, G, N, L) -> (batch, G, L, N) in the compute dtype."""
+    """(batch, N, L) or (batch, G, N, L) -> contiguous (batch, G, N, L) in the compute dtype."""
     if BC.dim() == 3:
         BC = BC.unsqueeze(1)
-    return BC.to(dtype).transpose(-1, -2).contiguous()
+    return BC.to(dtype).contiguous()
 
 
 def selective_scan_chunked(
@@ -239,7 +236,7 @@ def selective_scan_chunked(
     args = (  # contiguous time rows: models hand over transposed (batch, length, dim) activations
         dt.reshape(batch, groups, per_group, length).contiguous(),
         u_compute.reshape(batch, groups, per_group, length).contiguous(),
-        A_compute.reshape(groups, per_group, A.shape[-1]),
+        A_compute.reshape(groups, per_group, A.shape[-1], 1),
         Bg,
         Cg,
         segments,
