@@ -149,7 +149,6 @@ class _ChunkedScan(torch.autograd.Function):
         # carry = exp(delta_next A) * g_h_next: the adjoint flowing into a segment's last step from the right
         batch, groups, per_group, _ = dt.shape
         carry = grad_last if grad_last is not None else dt.new_zeros(batch, groups, per_group, A.shape[-2])
-        A_row = A.transpose(-1, -2)  # (G, dim/G, 1, N) to contract over N with a matmul
         for (start, end), h_start in zip(reversed(ctx.segments), reversed(starts), strict=True):
             dt_seg, du_seg = dt[..., start:end], du[..., start:end]
             B_seg, C_seg = B[:, :, None, :, start:end], C[:, :, None, :, start:end]
@@ -164,8 +163,8 @@ class _ChunkedScan(torch.autograd.Function):
             grad_du[..., start:end] = (grad_H * B_seg).sum(-2)
             # d loss / d (delta_t A) = g_h_t * exp(delta_t A) h_{t-1} = g_h_t * (h_t - x_t)
             g_log_decay = torch.sub(H, x, out=x).mul_(grad_H)
-            grad_dt[..., start:end] = torch.matmul(A_row, g_log_decay).squeeze(-2)
-            grad_A += torch.matmul(g_log_decay, dt_seg.unsqueeze(-1)).sum(0)
+            grad_dt[..., start:end] = (g_log_decay * A).sum(-2)
+            grad_A += g_log_decay.mul_(dt_seg.unsqueeze(-2)).sum(dim=(0, -1)).unsqueeze(-1)
         grad_dt = grad_dt + grad_du * u
         grad_u = grad_du * dt
         return grad_dt, grad_u, grad_A, grad_B, grad_C, None
