@@ -46,9 +46,9 @@ READMISSION_WINDOW = 30 * DAY
 FIRST_VISIT_FROM = 4417977600
 FIRST_VISIT_TO = 6500793600
 
-LONG_HISTORY_SHARE = 0.03  # patients on daily home hemodialysis for a decade or more
+LONG_HISTORY_SHARE = 0.028  # patients on daily home hemodialysis for a decade or more
 DIALYSIS_INTERVALS = (1, 1, 1, 1, 1, 2)  # days between sessions: six a week
-OUTPATIENT_DAYS = 365.0  # mean days between ED / ambulatory visits
+OUTPATIENT_DAYS = 500.0  # mean days between ED / ambulatory visits
 VISIT_SPACING = 12 * HOUR  # minimum time between two outpatient visit starts (longest visit: 9 h)
 AMYLOIDOSIS_SHARE = 0.06  # planted long-range marker, coded once at the baseline visit
 PREDIABETES_SHARE = 0.18  # planted long-range lab pattern (HbA1c 5.7-6.4 % at the baseline visit)
@@ -188,15 +188,15 @@ def p_mortality(s: State, t: int, stay: Stay) -> float:
 def p_readmission_if_alive(s: State, t: int) -> float:
     c = s.chronic
     x = (
-        -2.45
-        + 0.7 * s.frailty(t)
+        -2.8
+        + 0.95 * s.frailty(t)
         + 0.35 * c["heart_failure"]
         + 0.3 * c["chronic_kidney_disease"]
         + 0.4 * c["copd"]
         + 0.3 * c["diabetes"]
         + 0.5 * s.dialysis
         + 0.35 * min(s.recent_admissions(t), 3)
-        + 1.8 * s.amyloidosis
+        + 2.3 * s.amyloidosis
     )
     return sigmoid(x)
 
@@ -287,7 +287,7 @@ class PatientSimulator:
 
         self.baseline_visit(t0)
         if long_history:
-            first_admission = t0 + int(rng.uniform(7.5, 10.5) * YEAR)
+            first_admission = t0 + int(rng.uniform(8.0, 10.5) * YEAR)
         else:
             first_admission = t0 + int(rng.uniform(1, 6) * YEAR)
         first_admission = _minute(first_admission)
@@ -486,11 +486,12 @@ class PatientSimulator:
         day_start = (t // DAY + 1) * DAY + 11 * HOUR  # 06:00 local
         day = 1
         while day_start < end - HOUR:
-            extra = ("potassium", "sodium", "wbc") if day % 2 == 0 else ()
+            extra = ("potassium", "wbc") if day == 1 or day % 3 == 0 else ()
             self.lab_panel(enc, day_start + _minute(rng.uniform(0, 90) * MINUTE), (*DAILY, *extra),
                            a * math.exp(-day / 2.5), reason)
             if a > 1.5 and stay.long_stay:  # ICU-like stays: an evening panel as well
-                self.lab_panel(enc, day_start + 12 * HOUR, (*BMP, "lactate"), a * math.exp(-day / 2.5), reason)
+                self.lab_panel(enc, day_start + 12 * HOUR, ("creatinine", "potassium", "lactate"), a * math.exp(-day / 2.5),
+                               reason)
             day_start += DAY
             day += 1
 
@@ -638,9 +639,9 @@ class PatientSimulator:
 
     def dialysis_session(self, t: int, k: int) -> None:
         enc = self.new_encounter("AMB", t, t + 4 * HOUR)
-        if k % 4 == 0:
-            self.lab_panel(enc, t + 10 * MINUTE, ("potassium",) if k % 8 else ("potassium", "hemoglobin"), 0.0, None)
-        if k % 12 == 0:
+        if k % 8 == 0:
+            self.lab_panel(enc, t + 10 * MINUTE, ("potassium",) if k % 16 else ("potassium", "hemoglobin"), 0.0, None)
+        if k % 24 == 0:
             self.add_med(enc, "epoetin", t + HOUR, t + 2 * HOUR)
 
     def ed_visit(self, t: int) -> None:
@@ -650,7 +651,7 @@ class PatientSimulator:
         for g in CHRONIC_GROUPS:
             if s.chronic[g] and rng.random() < 0.5:
                 self.add_dx(enc, self.group_dx(g))
-        panel = ("sodium", "potassium", "creatinine", "glucose", "wbc", "hemoglobin")
+        panel = ("potassium", "creatinine", "wbc", "hemoglobin")
         self.lab_panel(enc, t + _minute(rng.uniform(20, 90) * MINUTE), panel, 0.3 * rng.gauss(0, 1), None)
         if rng.random() < 0.3:
             self.add_med(enc, "acetaminophen", t + HOUR, enc.end)
