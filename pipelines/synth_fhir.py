@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 from odyssey.pipelines import synth_catalog as cat
-from odyssey.pipelines.synth_model import HOUR, PatientRecord
+from odyssey.pipelines.synth_model import DAY, HOUR, PatientRecord
 
 FORMATS = ("mimic", "r4", "bundles")
 
@@ -30,30 +30,27 @@ def _uuid_from(text: str) -> str:
 MEDICATION_IDS = {key: _uuid_from(f"odyssey-synth-medication:{drug.ndc}") for key, drug in cat.DRUGS.items()}
 
 
-_HOUR_PREFIX: dict[int, tuple[str, str]] = {}
+_DAYS: dict[int, tuple[str, int]] = {}  # day number since the epoch -> ("YYYY-MM-DD", month)
 
 
-def _hour_prefix(hour: int) -> tuple[str, str]:
-    """("YYYY-MM-DDTHH:", offset) of the local hour that starts at UTC `hour * 3600`."""
-    g = time.gmtime(hour * HOUR - 5 * HOUR)
-    if 4 <= g.tm_mon <= 10:
-        g = time.gmtime(hour * HOUR - 4 * HOUR)
-        suffix = "-04:00"
-    else:
-        suffix = "-05:00"
-    return f"{g.tm_year:04d}-{g.tm_mon:02d}-{g.tm_mday:02d}T{g.tm_hour:02d}:", suffix
+def _day(day: int) -> tuple[str, int]:
+    cached = _DAYS.get(day)
+    if cached is None:
+        if len(_DAYS) > 1 << 20:
+            _DAYS.clear()
+        g = time.gmtime(day * DAY)
+        cached = _DAYS[day] = (f"{g.tm_year:04d}-{g.tm_mon:02d}-{g.tm_mday:02d}", g.tm_mon)
+    return cached
 
 
 def format_time(ts: int) -> str:
-    """UTC epoch seconds -> local dateTime with the Eastern offset of that date (offsets are whole hours)."""
-    hour, rest = divmod(ts, HOUR)
-    cached = _HOUR_PREFIX.get(hour)
-    if cached is None:
-        if len(_HOUR_PREFIX) > 1 << 16:
-            _HOUR_PREFIX.clear()
-        cached = _HOUR_PREFIX[hour] = _hour_prefix(hour)
+    """UTC epoch seconds -> local dateTime with the Eastern offset of that date (-04:00 April to October)."""
+    summer = 4 <= _day((ts - 5 * HOUR) // DAY)[1] <= 10
+    local = ts - (4 if summer else 5) * HOUR
+    day, rest = divmod(local, DAY)
+    hour, rest = divmod(rest, HOUR)
     minute, second = divmod(rest, 60)
-    return f"{cached[0]}{minute:02d}:{second:02d}{cached[1]}"
+    return f"{_day(day)[0]}T{hour:02d}:{minute:02d}:{second:02d}{'-04:00' if summer else '-05:00'}"
 
 
 def format_date(ts: int) -> str:

@@ -13,7 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from odyssey.pipelines import synth_catalog as cat
-from odyssey.pipelines.synth import LATENT_FILE, REPORT_FILE, TRUTH_FILE, synthesize, truth_schema
+from odyssey.pipelines.synth import (
+    CHUNK_PATIENTS,
+    LATENT_FILE,
+    REPORT_FILE,
+    TRUTH_FILE,
+    synthesize,
+    truth_schema,
+)
 from odyssey.pipelines.synth_model import simulate_patient
 from typer.testing import CliRunner
 
@@ -182,9 +189,10 @@ def test_bundle_references_resolve_inside_the_bundle(tmp_path):
 @pytest.mark.parametrize("compress", [False, True])
 def test_same_seed_gives_identical_bytes(tmp_path, compress):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    synthesize(25, a, seed=9, gzip=compress, workers=1)
-    synthesize(25, b, seed=9, gzip=compress, workers=2)  # chunking across processes must not matter
-    synthesize(25, c, seed=10, gzip=compress, workers=1)
+    n = 2 * CHUNK_PATIENTS + 5  # several chunks, so the two-process run really splits the work
+    synthesize(n, a, seed=9, gzip=compress, workers=1)
+    synthesize(n, b, seed=9, gzip=compress, workers=2)
+    synthesize(n, c, seed=10, gzip=compress, workers=1)
     for path in sorted(a.iterdir()):
         if path.name == REPORT_FILE:
             continue
