@@ -1,9 +1,11 @@
 """Pretraining data: token sequences (contracts.md format) -> context-length windows -> padded batches.
 
-Sequences are stored at full length, one row per subject. A sequence longer than the context is cut at
-a visit start (`[VS]`) and `[CLS]` is put back in front, either keeping only its most recent window
-(`recent`, as finetuning sees patients) or covering it with consecutive windows (`windows`, so that
-pretraining sees every token). Batches are grouped by length (`LengthBucketSampler`) and padded only
+Sequences are stored at full length, one row per subject. A sequence longer than the context keeps
+its header (`[CLS]` and the static tokens before the first visit) and continues from a visit start
+(`[VS]`), as `odyssey.tokenizer.sequences.truncate` does for finetuning; either only its most recent
+window (`recent`) or consecutive windows covering every token (`windows`, the pretraining default).
+When a single visit is longer than the window, the window holds a copy of that visit's `[VS]` and its
+newest tokens. Batches are grouped by length (`LengthBucketSampler`) and padded only
 to the longest window in the batch, so padding wastes little compute.
 """
 
@@ -40,6 +42,7 @@ SPLITS = ("train", "tuning", "held_out")
 TOKENIZER_FILE = Path("tokenizer") / "tokenizer.json"
 SEQUENCES_GLOB = str(Path("sequences") / "part-*.parquet")
 LongSequences = Literal["recent", "windows"]
+NO_OPENER = -1  # a window without a copied [VS]
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,12 @@ class SequenceDataset(torch.utils.data.Dataset):
         windows = []
         for row in range(len(self.row_offsets) - 1):
             windows += self._row_windows(row, long_sequences)
-        self.windows = np.array([w for w in windows if w[2] - w[1] + w[3] >= min_length], dtype=np.int64)
-        self.windows = self.windows.reshape(-1, 4)  # (row, start, end, prepend_cls)
-        self.lengths: list[int] = (self.windows[:, 2] - self.windows[:, 1] + self.windows[:, 3]).tolist()
+        self.windows = np.array(windows, dtype=np.int64).reshape(-1, 5)  # (row, header_end, start, end, opener)
+        header = self.windows[:, 1] - self.row_offsets[self.windows[:, 0]]
+        lengths = header + (self.windows[:, 4] != NO_OPENER) + self.windows[:, 3] - self.windows[:, 2]
+        keep = lengths >= min_length
+        self.windows = self.windows[keep]
+        self.lengths: list[int] = lengths[keep].tolist()
 
     def _check_ranges(self, type_vocab_size: int | None, visit_segment_size: int | None) -> None:
         limits = {"input_ids": self.vocabulary.size, "token_type_ids": type_vocab_size,
@@ -156,39 +162,46 @@ class SequenceDataset(torch.utils.data.Dataset):
                     "(does the model config match the tokenizer?)"
                 )
 
-    def _row_windows(self, row: int, long_sequences: LongSequences) -> list[tuple[int, int, int, int]]:
+    def _row_windows(self, row: int, long_sequences: LongSequences) -> list[tuple[int, int, int, int, int]]:
+        """(row, header_end, start, end, opener): tokens [row start, header_end) + [opener] + [start, end)."""
         begin, end = int(self.row_offsets[row]), int(self.row_offsets[row + 1])
         if end - begin <= self.context_length:
-            return [(row, begin, end, 0)]
-        ids = self.columns["input_ids"]
+            return [(row, begin, begin, end, NO_OPENER)]
+        ids, orders = self.columns["input_ids"], self.columns["visit_orders"]
+        in_visit = np.flatnonzero(orders[begin:end] > 0)
+        header_end = begin + min(int(in_visit[0]) if in_visit.size else end - begin, self.context_length - 1)
+        budget = self.context_length - (header_end - begin)
         windows = []
-        while end > begin:
-            start = end - (self.context_length - 1)  # room for the re-prepended [CLS]
-            if start <= begin:
-                windows.append((row, begin, end, 0))
+        while end > header_end:
+            start = end - budget
+            if start <= header_end:
+                windows.append((row, begin, begin, end, NO_OPENER))  # the first window: header included
                 break
-            visit_starts = np.flatnonzero(ids[start:end] == self.vocabulary.visit_start_id)
-            if visit_starts.size and start + int(visit_starts[0]) < end:
-                start += int(visit_starts[0])  # keep whole visits: drop a partial one at the front
-            windows.append((row, start, end, 1))
+            boundaries = np.flatnonzero(ids[start:end] == self.vocabulary.visit_start_id)
+            if boundaries.size:
+                windows.append((row, header_end, start + int(boundaries[0]), end, NO_OPENER))
+            else:  # one visit longer than the budget: its [VS], then its newest tokens
+                openers = np.flatnonzero(ids[header_end:start] == self.vocabulary.visit_start_id)
+                if openers.size and budget > 1:
+                    windows.append((row, header_end, start + 1, end, header_end + int(openers[-1])))
+                else:
+                    windows.append((row, header_end, start, end, NO_OPENER))
             if long_sequences == "recent":
                 break
-            end = start
+            end = windows[-1][2]
         return windows[::-1]
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        row, start, end, prepend_cls = (int(v) for v in self.windows[index])
-        item = {name: values[start:end] for name, values in self.columns.items()}
-        if prepend_cls:
-            first = int(self.row_offsets[row])
-            head = {name: values[start : start + 1] for name, values in self.columns.items()}
-            head["input_ids"] = np.array([self.vocabulary.cls_id], dtype=np.int64)
-            head["token_type_ids"] = self.columns["token_type_ids"][first : first + 1]
-            item = {name: np.concatenate([head[name], item[name]]) for name in item}
-        return item
+        row, header_end, start, end, opener = (int(v) for v in self.windows[index])
+        first = int(self.row_offsets[row])
+        if header_end == first and opener == NO_OPENER:
+            return {name: values[start:end] for name, values in self.columns.items()}
+        pieces = [slice(first, header_end)] + ([slice(opener, opener + 1)] if opener != NO_OPENER else [])
+        pieces.append(slice(start, end))
+        return {name: np.concatenate([values[p] for p in pieces]) for name, values in self.columns.items()}
 
 
 class LengthBucketSampler(torch.utils.data.Sampler[int]):

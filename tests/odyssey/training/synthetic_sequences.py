@@ -1,7 +1,11 @@
 """A tiny synthetic sequences folder in the exact format of contracts.md (tokenizer.json + parquet parts).
 
+Layout as `odyssey tokenize` writes it: a header ([CLS], a demographic token; visit order 0), then
+visits `[VS] events [VE] [REG]` with orders 1, 2, ... and a gap token before each later visit;
+specials have segment 0, a visit's events alternate segments 1 and 2.
 Each subject has one hidden disease group; every visit lists that group's codes in a fixed order, so
-the next token is predictable from context and a model that learns shows a falling loss.
+the next token is predictable from context and a model that learns shows a falling loss. The last
+subject has one visit far longer than the others (to exercise cutting inside a visit).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[VS]", "[VE]", "[REG]", "[MASK]", "[W_0]
             *[f"[C{c}]" for c in range(6)]]
 GROUPS = 4
 CODES_PER_GROUP = 5
-SPECIAL_TYPE, CONDITION_TYPE, TIME_GAP_TYPE = 1, 2, 7
+SPECIAL_TYPE, CONDITION_TYPE, TIME_GAP_TYPE, DEMOGRAPHIC_TYPE = 1, 2, 7, 9
+DEMOGRAPHIC = "GENDER//female"
+LONG_VISIT_REPEATS = 8
 SCHEMA = pa.schema([
     ("subject_id", pa.int64()), ("split", pa.string()), ("input_ids", pa.list_(pa.int32())),
     ("token_type_ids", pa.list_(pa.int8())), ("ages", pa.list_(pa.float32())), ("times", pa.list_(pa.float32())),
@@ -35,7 +41,7 @@ def code_tokens() -> list[str]:
 
 
 def write_tokenizer(folder: Path) -> dict[str, int]:
-    vocab = {token: i for i, token in enumerate(SPECIALS + code_tokens())}
+    vocab = {token: i for i, token in enumerate(SPECIALS + code_tokens() + [DEMOGRAPHIC])}
     tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = WhitespaceSplit()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
@@ -44,24 +50,26 @@ def write_tokenizer(folder: Path) -> dict[str, int]:
     return vocab
 
 
-def subject_row(subject: int, split: str, visits: int, rng: np.random.Generator, vocab: dict[str, int]) -> dict:
+def subject_row(subject: int, split: str, visits: int, rng: np.random.Generator, vocab: dict[str, int],
+                repeats: int = 1) -> dict:
     group = subject % GROUPS
     birth_age = float(rng.uniform(20, 80))
     start = datetime(2020, 1, 1)
-    tokens, types, days, orders, segments = ["[CLS]"], [SPECIAL_TYPE], [0.0], [0], [0]
+    tokens, types = ["[CLS]", DEMOGRAPHIC], [SPECIAL_TYPE, DEMOGRAPHIC_TYPE]
+    days, orders, segments = [0.0, 0.0], [0, 0], [0, 0]
     day = 0.0
-    for visit in range(visits):
-        if visit:
+    for visit in range(1, visits + 1):
+        if visit > 1:
             gap = float(rng.integers(1, 60))
             day += gap
             tokens.append("[W_0]" if gap < 7 else "[M_1]")
             types.append(TIME_GAP_TYPE), days.append(day), orders.append(visit), segments.append(0)
-        segment = 1 + visit % 2
-        visit_tokens = ["[VS]"] + [f"ICD10CM//G{group}{c}" for c in range(CODES_PER_GROUP)] + ["[VE]", "[REG]"]
-        for token in visit_tokens:
+        codes = [f"ICD10CM//G{group}{c}" for c in range(CODES_PER_GROUP)] * repeats
+        for token in ["[VS]", *codes, "[VE]", "[REG]"]:
             tokens.append(token)
-            types.append(CONDITION_TYPE if token.startswith("ICD") else SPECIAL_TYPE)
-            days.append(day), orders.append(visit), segments.append(segment)
+            is_code = token.startswith("ICD")
+            types.append(CONDITION_TYPE if is_code else SPECIAL_TYPE)
+            days.append(day), orders.append(visit), segments.append(2 - visit % 2 if is_code else 0)
     return {
         "subject_id": subject, "split": split, "input_ids": [vocab[t] for t in tokens], "token_type_ids": types,
         "ages": [birth_age + d / 365.25 for d in days], "times": days, "visit_orders": orders,
@@ -75,7 +83,9 @@ def write_sequences(folder: Path, subjects: int = 48, seed: int = 0, max_visits:
     rows = []
     for subject in range(subjects):
         split = "tuning" if subject % 6 == 5 else "train"
-        rows.append(subject_row(1000 + subject, split, int(rng.integers(1, max_visits + 1)), rng, vocab))
+        long_visit = subject == subjects - 2  # a train subject
+        visits = 1 if long_visit else int(rng.integers(1, max_visits + 1))
+        rows.append(subject_row(1000 + subject, split, visits, rng, vocab, LONG_VISIT_REPEATS if long_visit else 1))
     (folder / "sequences").mkdir(parents=True, exist_ok=True)
     for part in range(parts):
         table = pa.Table.from_pylist(rows[part::parts], schema=SCHEMA)

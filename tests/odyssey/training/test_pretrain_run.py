@@ -39,7 +39,7 @@ def test_tuning_loss_falls_and_run_folder_is_complete(sequences_dir, tmp_path):
     report = read_json(run / "pretrain_report.json")
     assert report["tuning_loss"] == pytest.approx(trained.tuning_loss) and report["config"]["max_steps"] == 40
     model = EHRMambaForPretraining.from_pretrained(run / "model")
-    assert model.config.hidden_size == 32 and model.config.vocab_size == 53
+    assert model.config.hidden_size == 32 and model.config.vocab_size == 54
 
 
 class CrashAt(TrainerCallback):

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from synthetic_sequences import CODES_PER_GROUP, write_sequences
+from synthetic_sequences import CODES_PER_GROUP, LONG_VISIT_REPEATS, write_sequences
 
 from odyssey.training.data import (
     LengthBucketSampler,
@@ -21,7 +21,7 @@ VISIT_TOKENS = CODES_PER_GROUP + 3  # [VS] codes [VE] [REG]
 def test_vocabulary_and_splits(sequences_dir):
     vocab = read_vocabulary(sequences_dir)
     assert (vocab.pad_id, vocab.cls_id, vocab.visit_start_id) == (0, 2, 3)
-    assert vocab.size == 33 + 4 * CODES_PER_GROUP
+    assert vocab.size == 33 + 4 * CODES_PER_GROUP + 1
     train, tuning = read_sequences(sequences_dir, "train"), read_sequences(sequences_dir, "tuning")
     assert train.num_rows == 40 and tuning.num_rows == 8
     assert read_sequences(sequences_dir).num_rows == 48
@@ -37,22 +37,42 @@ def test_short_sequences_are_kept_whole(sequences_dir):
         np.testing.assert_allclose(dataset[i]["times"], table["times"][i].as_py())
 
 
-def test_recent_window_starts_at_a_visit_and_gets_cls(sequences_dir):
+def test_recent_window_keeps_the_header_and_starts_at_a_visit(sequences_dir):
     vocab = read_vocabulary(sequences_dir)
     table = read_sequences(sequences_dir, "train")
     context = 20
     dataset = SequenceDataset(table, vocab, context_length=context, long_sequences="recent")
     assert len(dataset) == table.num_rows
+    cut = 0
     for i in range(len(dataset)):
         full = table["input_ids"][i].as_py()
-        item = dataset[i]
-        assert len(item["input_ids"]) <= context and item["input_ids"][0] == vocab.cls_id
+        item = dataset[i]["input_ids"].tolist()
+        assert len(item) <= context
+        assert item[:2] == full[:2] and item[0] == vocab.cls_id  # [CLS] + demographic header
         if len(full) > context:
-            assert item["input_ids"][1] == vocab.visit_start_id
-            assert item["input_ids"][1:].tolist() == full[-(len(item["input_ids"]) - 1):]  # most recent tokens
-            # The [CLS] takes the window's first time/age/visit but keeps its own token type.
-            assert item["times"][0] == item["times"][1] and item["visit_orders"][0] == item["visit_orders"][1]
-            assert item["token_type_ids"][0] == table["token_type_ids"][i][0].as_py()
+            cut += 1
+            assert item[2] == vocab.visit_start_id
+            tail = len(item) - 3 if dataset.windows[i][4] != -1 else len(item) - 2
+            assert item[-tail:] == full[-tail:]  # the most recent tokens
+    assert cut >= 5
+
+
+def test_a_visit_longer_than_the_window_keeps_its_start_and_newest_tokens(sequences_dir):
+    vocab = read_vocabulary(sequences_dir)
+    table = read_sequences(sequences_dir, "train")
+    single_visit = [len(ids) if max(orders) == 1 else 0
+                    for ids, orders in zip(table["input_ids"].to_pylist(), table["visit_orders"].to_pylist(),
+                                           strict=True)]
+    long_row = single_visit.index(max(single_visit))
+    assert max(single_visit) == 2 + 3 + LONG_VISIT_REPEATS * CODES_PER_GROUP
+    dataset = SequenceDataset(table.slice(long_row, 1), vocab, context_length=12, long_sequences="windows")
+    full = table["input_ids"][long_row].as_py()
+    items = [dataset[i]["input_ids"].tolist() for i in range(len(dataset))]
+    assert len(items) == 5 and all(len(item) <= 12 for item in items)
+    assert items[0] == full[: len(items[0])]
+    for item, window in zip(items[1:], dataset.windows[1:], strict=True):
+        assert window[4] != -1 and item[:3] == [vocab.cls_id, full[1], vocab.visit_start_id]
+    assert [t for item in items[1:] for t in item[3:]] == full[len(items[0]) :]
 
 
 def test_windows_cover_every_token_once(sequences_dir):
@@ -62,9 +82,12 @@ def test_windows_cover_every_token_once(sequences_dir):
     assert len(dataset) > table.num_rows
     rows = {}
     for i in range(len(dataset)):
-        row = int(dataset.windows[i][0])
+        row, header_end, start, end, opener = (int(v) for v in dataset.windows[i])
         ids = dataset[i]["input_ids"].tolist()
-        rows.setdefault(row, []).extend(ids if dataset.windows[i][3] == 0 else ids[1:])
+        assert len(ids) <= 20
+        if row in rows:  # a later window: drop the repeated header and any copied [VS]
+            ids = ids[2 + (opener != -1):]
+        rows.setdefault(row, []).extend(ids)
     for row, ids in rows.items():
         assert ids == table["input_ids"][row].as_py()
 
@@ -122,5 +145,5 @@ def test_bad_inputs_name_the_problem(tmp_path, sequences_dir):
     with pytest.raises(ValueError, match=r"part-0000.parquet: row 1 has .* ages"):
         read_sequences(broken)
     vocab = read_vocabulary(sequences_dir)
-    with pytest.raises(ValueError, match="token_type_ids value 7 outside"):
+    with pytest.raises(ValueError, match="token_type_ids value [4-9] outside"):
         SequenceDataset(read_sequences(sequences_dir, "train"), vocab, 100, type_vocab_size=4)
