@@ -119,9 +119,13 @@ class _Chunk:
     latent: list[tuple]
 
 
-def _generate_chunk(args: tuple[int, str, int, int]) -> _Chunk:
-    """Simulate and serialize patients [start, stop); pure, so chunks can run in any process."""
-    seed, fmt, start, stop = args
+def _generate_chunk(args: tuple[int, str, bool, int, int]) -> _Chunk:
+    """Simulate and serialize patients [start, stop); pure, so chunks can run in any process.
+
+    With `compress`, each stream of the chunk is one gzip member; members concatenate into a valid
+    .gz file (RFC 1952), so compression runs in the workers too.
+    """
+    seed, fmt, compress, start, stop = args
     renderer = FhirRenderer(fmt)
     parts: dict[str, list[bytes]] = {}
     counts: dict[str, int] = {}
@@ -136,7 +140,12 @@ def _generate_chunk(args: tuple[int, str, int, int]) -> _Chunk:
             counts[key] = counts.get(key, 0) + value
         truth += _truth_rows(rec)
         latent.append(_latent_row(rec))
-    return _Chunk({k: b"".join(v) for k, v in parts.items()}, counts, truth, latent)
+    streams = {k: _maybe_gzip(b"".join(v), compress) for k, v in parts.items()}
+    return _Chunk(streams, counts, truth, latent)
+
+
+def _maybe_gzip(data: bytes, compress: bool) -> bytes:
+    return gzip_module.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if compress else data
 
 
 def _file_name(fmt: str, stream: str) -> str:
@@ -146,31 +155,24 @@ def _file_name(fmt: str, stream: str) -> str:
 
 
 class _Sinks:
-    """One output file per stream, opened on first write (plain or deterministic gzip)."""
+    """One output file per stream, opened on first write; data arrives already gzipped when compressing."""
 
     def __init__(self, folder: Path, fmt: str, compress: bool):
         self.folder, self.fmt, self.compress = folder, fmt, compress
         self.files: dict[str, BinaryIO] = {}
-        self.raw: list[BinaryIO] = []
         self.names: list[str] = []
 
     def write(self, stream: str, data: bytes) -> None:
         handle = self.files.get(stream)
         if handle is None:
             name = _file_name(self.fmt, stream) + (".gz" if self.compress else "")
-            raw = open(self.folder / name, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
-            self.raw.append(raw)
-            handle = gzip_module.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) \
-                if self.compress else raw
-            self.files[stream] = handle
+            handle = self.files[stream] = open(self.folder / name, "wb", buffering=1 << 20)  # noqa: SIM115
             self.names.append(name)
         handle.write(data)
 
     def close(self) -> None:
         for handle in self.files.values():
             handle.close()
-        for raw in self.raw:
-            raw.close()
 
 
 def synthesize(n_patients: int, out: str | os.PathLike, seed: int = 0, format: str = "mimic",  # noqa: A002
@@ -182,7 +184,8 @@ def synthesize(n_patients: int, out: str | os.PathLike, seed: int = 0, format: s
         raise ValueError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     began = time.perf_counter()
-    chunks = [(seed, format, s, min(s + CHUNK_PATIENTS, n_patients)) for s in range(0, n_patients, CHUNK_PATIENTS)]
+    chunks = [(seed, format, gzip, s, min(s + CHUNK_PATIENTS, n_patients))
+              for s in range(0, n_patients, CHUNK_PATIENTS)]
     counts: dict[str, int] = dict.fromkeys(cat.RESOURCE_TYPES, 0)
     truth: list[tuple] = []
     latent: list[tuple] = []
@@ -192,7 +195,7 @@ def synthesize(n_patients: int, out: str | os.PathLike, seed: int = 0, format: s
             if format != "bundles":  # the shared formulary: one Medication per drug
                 renderer = FhirRenderer(format)
                 meds = [renderer.medication(key) for key in cat.DRUG_KEYS]
-                sinks.write("Medication", b"".join(orjson.dumps(m) + b"\n" for m in meds))
+                sinks.write("Medication", _maybe_gzip(b"".join(orjson.dumps(m) + b"\n" for m in meds), gzip))
                 counts["Medication"] += len(meds)
             bar = _progress(n_patients, progress)
             for chunk in _run_chunks(chunks, workers):
@@ -223,7 +226,7 @@ def synthesize(n_patients: int, out: str | os.PathLike, seed: int = 0, format: s
     return report
 
 
-def _run_chunks(chunks: list[tuple[int, str, int, int]], workers: int):
+def _run_chunks(chunks: list[tuple[int, str, bool, int, int]], workers: int):
     if workers <= 1 or len(chunks) <= 1:
         yield from map(_generate_chunk, chunks)
         return

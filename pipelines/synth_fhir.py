@@ -107,7 +107,7 @@ class FhirRenderer:
                 unit = {"unit": lab.unit, "system": cat.UCUM, "code": lab.ucum}
             self.lab_code.append({"coding": [coding]})
             self.lab_unit.append(unit)
-            self.lab_range.append([{"low": {"value": lab.low, **unit}, "high": {"value": lab.high, **unit}}])
+            self.lab_range.append([{"low": {"value": lab.low, "unit": lab.unit}, "high": {"value": lab.high, "unit": lab.unit}}])
         self.lab_decimals = [lab.decimals for lab in cat.LABS.values()]
         ndc_system = cat.MIMIC_MEDICATION_NDC if mimic else cat.NDC
         self.drug_code = {
