@@ -148,17 +148,22 @@ def _within(when: pl.Expr, days: float) -> pl.Expr:
     return when.is_not_null() & (when > pt) & (when <= pt + pl.duration(microseconds=round(days * 86_400e6)))
 
 
-def label_schema(*value_columns: str):
-    """The MEDS label schema restricted to the key columns and `value_columns`."""
+def label_schema(*value_columns: str) -> pa.Schema:
+    """The MEDS label schema restricted to the key columns and `value_columns` (all declared non-null)."""
     full = meds.LabelSchema.schema()
-    return pa.schema(
-        [full.field(n) for n in (meds.LabelSchema.subject_id_name, PREDICTION_TIME, *value_columns)]
-    )
+    names = (meds.LabelSchema.subject_id_name, PREDICTION_TIME, *value_columns)
+    return pa.schema([full.field(n).with_nullable(False) for n in names])
 
 
 def _write(path: Path, frame: pl.DataFrame, schema: pa.Schema) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    pq.write_table(frame.to_arrow().cast(schema), path / LABELS_FILE)
+    table = frame.to_arrow()
+    if any(table[name].null_count for name in schema.names):
+        raise ValueError(f"{path}: null label values (a bug: every kept admission has a label)")
+    pq.write_table(
+        pa.Table.from_arrays([table[n].cast(schema.field(n).type) for n in schema.names], schema=schema),
+        path / LABELS_FILE,
+    )
 
 
 def make_labels(
