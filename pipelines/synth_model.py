@@ -485,11 +485,11 @@ class PatientSimulator:
         self.lab_panel(enc, t + _minute(rng.uniform(0.3, 2.5) * HOUR), panel, a, reason)
         day_start = (t // DAY + 1) * DAY + 11 * HOUR  # 06:00 local
         day = 1
-        while day_start < end - HOUR:
+        while day_start + 2 * HOUR < end:  # the panel (drawn within 90 min) falls inside the stay
             extra = ("potassium", "wbc") if day == 1 or day % 3 == 0 else ()
             self.lab_panel(enc, day_start + _minute(rng.uniform(0, 90) * MINUTE), (*DAILY, *extra),
                            a * math.exp(-day / 2.5), reason)
-            if a > 1.5 and stay.long_stay:  # ICU-like stays: an evening panel as well
+            if a > 1.5 and stay.long_stay and day_start + 13 * HOUR < end:  # ICU-like stays: an evening panel
                 self.lab_panel(enc, day_start + 12 * HOUR, ("creatinine", "potassium", "lactate"), a * math.exp(-day / 2.5),
                                reason)
             day_start += DAY
@@ -562,6 +562,9 @@ class PatientSimulator:
 
     def add_med(self, enc: Encounter, key: str, start: int, end: int) -> None:
         as_concept = self.rng.random() < MEDICATION_CONCEPT_SHARE
+        start = min(start, enc.end)  # ordered during the visit; the validity period may outlast it
+        if enc.cls != "AMB":
+            end = min(end, enc.end)
         enc.medications.append((self.new_id(), key, start, max(end, start), as_concept))
 
     # ---------------------------------------------------------------------------------- labs
@@ -571,6 +574,8 @@ class PatientSimulator:
         sepsis = reason == "sepsis"
         z = s.frailty(t)
         issued = t + _minute(rng.uniform(25, 150) * MINUTE)
+        if enc.cls == "IMP":  # inpatient results come back before discharge (or death)
+            issued = max(min(issued, enc.end), t + MINUTE)
         for key in keys:
             lab = LABS[key]
             shift = 0.0

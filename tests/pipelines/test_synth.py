@@ -279,6 +279,21 @@ def test_no_care_after_death(parsed):
             assert utc_seconds(a["period"]["end"]) <= utc_seconds(b["period"]["start"])
 
 
+def test_events_fall_inside_their_encounter(parsed):
+    encounters = parsed["encounters"]
+    stamps = (("Procedure", "performedDateTime"), ("MedicationRequest", "authoredOn"),
+              ("Observation", "effectiveDateTime"))
+    for rtype, key in stamps:
+        for res in parsed["by_type"][rtype]:
+            enc = encounters[res["encounter"]["reference"].removeprefix("Encounter/")]
+            when = utc_seconds(res[key])
+            assert utc_seconds(enc["period"]["start"]) <= when <= utc_seconds(enc["period"]["end"]), (rtype, res["id"])
+    for obs in parsed["by_type"]["Observation"]:
+        enc = encounters[obs["encounter"]["reference"].removeprefix("Encounter/")]
+        if enc["class"]["code"] == "IMP":
+            assert utc_seconds(obs["issued"]) <= utc_seconds(enc["period"]["end"])
+
+
 def test_outcomes_are_calibrated_to_the_truth_probabilities(cohort):
     """Outcomes are drawn from the written probabilities: prevalence matches the mean within 4 standard errors."""
     truth = pq.read_table(cohort / TRUTH_FILE).to_pylist()
