@@ -238,12 +238,42 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
             "exps_fwd": shape.elements * shape.d_state}
 
 
-SWEEP = [
-    {},
-    {"block_d_fwd": 2}, {"block_d_fwd": 8}, {"warps_fwd": 2}, {"warps_fwd": 8},
-    {"block_d_bwd": 1}, {"block_d_bwd": 4}, {"warps_bwd": 8}, {"warps_carry": 2},
-    {"chunk": 32, "block_d_fwd": 8, "block_d_bwd": 4}, {"chunk": 128, "block_d_fwd": 2, "block_d_bwd": 1},
-]
+SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
+    "b32_L2048_N16": [
+        {}, {"warps_fwd": 2}, {"warps_fwd": 8}, {"fwd_variant": "state_loop"},
+        {"fwd_variant": "state_loop", "block_d_fwd": 16}, {"block_d_bwd": 16}, {"warps_bwd": 8},
+        {"block_d_bwd": 64, "warps_bwd": 8}, {"chunk": 128, "block_d_bwd": 16}, {"chunk": 128, "warps_bwd": 8},
+        {"fwd_variant": "tile3d", "bwd_variant": "two_pass", "warps_fwd": 2, "chunk": 128, "block_d_fwd": 2,
+         "block_d_bwd": 1},
+    ],
+    "b8_L16384_N16": [{}, {"warps_fwd": 2}, {"warps_fwd": 4}, {"block_d_bwd": 16}, {"warps_bwd": 8}],
+    "b32_L2048_N64": [{}, {"block_d_fwd": 16}, {"block_d_bwd": 16}, {"warps_bwd": 8}],
+}
+
+
+def sweep_shape(triton_scan, shape: Shape, device, variants: list[dict]) -> list[dict]:
+    """Time each override set; each must agree with the default configuration's outputs and gradients."""
+    rows = []
+    inputs = make_inputs(shape, torch.bfloat16, device, seed=11)
+    dout = torch.randn(shape.batch, shape.dim, shape.length, device=device, dtype=torch.bfloat16)
+    triton_scan.CONFIG_OVERRIDES.clear()
+    ref_out, ref_grads = run_scan(triton_scan.selective_scan_triton, inputs, dout)
+    for overrides in variants:
+        triton_scan.CONFIG_OVERRIDES.clear()
+        triton_scan.CONFIG_OVERRIDES.update(overrides)
+        try:
+            out, grads = run_scan(triton_scan.selective_scan_triton, inputs, dout)
+            agree = max([rel_err(out, ref_out)] + [rel_err(grads[k], ref_grads[k]) for k in GRAD_NAMES])
+            del out, grads
+            row = {"overrides": overrides, "agreement": agree,
+                   **measure(triton_scan.selective_scan_triton, shape, torch.bfloat16, device, 20, 6)}
+        except Exception as exc:  # a configuration that fails to compile or run is reported, not fatal
+            row = {"overrides": overrides, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print("sweep", shape.name, json.dumps(row), flush=True)
+    triton_scan.CONFIG_OVERRIDES.clear()
+    return rows
 
 
 def main(argv=None) -> int:
@@ -252,6 +282,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="time the SWEEP tile configurations at the first shape")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--check-backends", default="triton", help="comma list, e.g. triton,mamba_ssm")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -294,7 +325,7 @@ def main(argv=None) -> int:
             small = Shape(shape.name + "_b8", min(shape.batch, 8), shape.length, shape.dim, shape.d_state)
             plan.append((small, torch.bfloat16, 0))
         for shape, dtype, groups in plan:
-            for name in ("triton", "mamba_ssm"):
+            for name in args.check_backends.split(","):
                 if name not in backends or (name == "mamba_ssm" and groups):
                     continue
                 t0 = time.time()
@@ -323,26 +354,9 @@ def main(argv=None) -> int:
     report["timings"] = timings
 
     if args.sweep:
-        shape = shapes[0]
-        sweep = []
-        base_inputs = make_inputs(shape, torch.bfloat16, device, seed=11)
-        dout = torch.randn(shape.batch, shape.dim, shape.length, device=device, dtype=torch.bfloat16)
-        triton_scan.CONFIG_OVERRIDES.clear()
-        ref_out, ref_grads = run_scan(triton_scan.selective_scan_triton, base_inputs, dout)
-        for overrides in SWEEP:
-            triton_scan.CONFIG_OVERRIDES.clear()
-            triton_scan.CONFIG_OVERRIDES.update(overrides)
-            try:
-                out, grads = run_scan(triton_scan.selective_scan_triton, base_inputs, dout)
-                agree = max([rel_err(out, ref_out)] + [rel_err(grads[k], ref_grads[k]) for k in GRAD_NAMES])
-                row = {"overrides": overrides, "agreement": agree,
-                       **measure(triton_scan.selective_scan_triton, shape, torch.bfloat16, device, 20, 8)}
-            except Exception as exc:  # a config that fails to compile is reported, not fatal
-                row = {"overrides": overrides, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            sweep.append(row)
-            print("sweep", row, flush=True)
-        triton_scan.CONFIG_OVERRIDES.clear()
-        report["sweep"] = sweep
+        report["sweep"] = {}
+        for shape in shapes:
+            report["sweep"][shape.name] = sweep_shape(triton_scan, shape, device, SWEEP.get(shape.name, []))
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "kernels_bench.json")

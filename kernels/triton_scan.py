@@ -23,30 +23,43 @@ import triton
 from odyssey.kernels.triton_scan_kernels import (
     _bwd_carry_kernel,
     _bwd_chunk_kernel,
+    _bwd_state_loop_kernel,
+    _fwd_seq_kernel,
+    _fwd_state_loop_kernel,
     _scan_fwd_kernel,
     _state_update_kernel,
 )
 
 MAX_D_STATE = 256
-# Register budget of one program's (channels x states x time) tile, in float32 elements.
+# Register budget of one program's tile in float32 elements, for the tile-shaped kernels.
 FWD_TILE_ELEMENTS = 4096
 BWD_TILE_ELEMENTS = 2048
-# Enough chunk programs in the backward to fill a large GPU several times over.
+# Enough chunk programs in the two-pass backward to fill a large GPU several times over.
 BWD_TARGET_PROGRAMS = 1024
+# The sequential forward holds all states of a channel in one thread: up to this many.
+SEQ_MAX_STATES = 16
+CHUNK = 64  # steps between saved states; the backward's time tile
+THREADS_PER_WARP = 32
 
-# Bench/tuning hook: keys chunk, block_d_fwd, block_d_bwd, warps_fwd, warps_bwd, warps_carry, ranges.
-CONFIG_OVERRIDES: dict[str, int] = {}
+FWD_VARIANTS = ("seq", "state_loop", "tile3d")
+BWD_VARIANTS = ("state_loop", "two_pass")
+
+# Bench/tuning hook, e.g. {"fwd_variant": "state_loop", "warps_fwd": 2}; keys are ScanConfig fields.
+CONFIG_OVERRIDES: dict = {}
 
 
 @dataclass(frozen=True)
 class ScanConfig:
     block_n: int
     chunk: int
+    fwd_variant: str
+    bwd_variant: str
     block_d_fwd: int
     block_d_bwd: int
     warps_fwd: int
     warps_bwd: int
     warps_carry: int
+    block_d_carry: int
 
 
 def _largest_pow2_divisor(value: int, cap: int) -> int:
@@ -56,22 +69,53 @@ def _largest_pow2_divisor(value: int, cap: int) -> int:
     return block
 
 
-def scan_config(d_state: int, channels_per_group: int) -> ScanConfig:
-    """Tile sizes for a problem; a channel tile never straddles two groups of B/C."""
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _seq_warps(rows: int, multiprocessors: int) -> int:
+    """Warps per program of the sequential forward (one channel a thread): as many as keep at least two
+    programs per multiprocessor, since a long sequence cannot be split across programs."""
+    warps = 4
+    while warps > 1 and rows < 2 * multiprocessors * THREADS_PER_WARP * warps:
+        warps //= 2
+    return warps
+
+
+def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiprocessors: int = 1) -> ScanConfig:
+    """Kernel variants and tile sizes for a problem of `rows` = sequences x channels; a channel tile
+    never straddles two groups of B/C."""
+    over = CONFIG_OVERRIDES
     block_n = triton.next_power_of_2(max(d_state, 1))
-    chunk = CONFIG_OVERRIDES.get("chunk", 64 if block_n <= 16 else 32 if block_n <= 64 else 16)
-    fwd_cap = max(1, FWD_TILE_ELEMENTS // (block_n * chunk))
-    bwd_cap = max(1, BWD_TILE_ELEMENTS // (block_n * chunk))
-    block_d_fwd = _largest_pow2_divisor(channels_per_group, CONFIG_OVERRIDES.get("block_d_fwd", fwd_cap))
-    block_d_bwd = _largest_pow2_divisor(channels_per_group, CONFIG_OVERRIDES.get("block_d_bwd", bwd_cap))
+    fwd_variant = over.get("fwd_variant", "seq" if block_n <= SEQ_MAX_STATES else "state_loop")
+    bwd_variant = over.get("bwd_variant", "state_loop")
+    if fwd_variant not in FWD_VARIANTS or bwd_variant not in BWD_VARIANTS:
+        raise ValueError(f"unknown scan variants {fwd_variant!r}, {bwd_variant!r}")
+    chunk = over.get("chunk", CHUNK)
+    default_fwd_warps = _seq_warps(rows, multiprocessors) if fwd_variant == "seq" else 4
+    warps_fwd = over.get("warps_fwd", default_fwd_warps)
+    warps_bwd = over.get("warps_bwd", 4)
+    state_loop_cap = max(1, min(32, BWD_TILE_ELEMENTS // block_n))
+    if fwd_variant == "seq":
+        fwd_cap = THREADS_PER_WARP * warps_fwd
+    elif fwd_variant == "state_loop":
+        fwd_cap = state_loop_cap
+    else:
+        fwd_cap = max(1, FWD_TILE_ELEMENTS // (block_n * chunk))
+    bwd_cap = state_loop_cap if bwd_variant == "state_loop" else max(1, BWD_TILE_ELEMENTS // (block_n * chunk))
     return ScanConfig(
         block_n=block_n,
         chunk=chunk,
-        block_d_fwd=block_d_fwd,
-        block_d_bwd=block_d_bwd,
-        warps_fwd=CONFIG_OVERRIDES.get("warps_fwd", 4),
-        warps_bwd=CONFIG_OVERRIDES.get("warps_bwd", 4),
-        warps_carry=CONFIG_OVERRIDES.get("warps_carry", 4),
+        fwd_variant=fwd_variant,
+        bwd_variant=bwd_variant,
+        block_d_fwd=_largest_pow2_divisor(channels_per_group, over.get("block_d_fwd", fwd_cap)),
+        block_d_bwd=_largest_pow2_divisor(channels_per_group, over.get("block_d_bwd", bwd_cap)),
+        warps_fwd=warps_fwd,
+        warps_bwd=warps_bwd,
+        warps_carry=over.get("warps_carry", 4),
+        block_d_carry=_largest_pow2_divisor(channels_per_group, max(1, FWD_TILE_ELEMENTS // (block_n * chunk))),
     )
 
 
@@ -195,25 +239,26 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     d_state = A.shape[1]
     groups = B4.shape[1]
     cpg = dim // groups
-    cfg = scan_config(d_state, cpg)
+    cfg = scan_config(d_state, cpg, rows=seqs.count * dim, multiprocessors=_multiprocessors(u.device))
     n_chunks = max(1, triton.cdiv(seqs.max_len, cfg.chunk))
     out = torch.empty_like(u) if seqs.dense else torch.zeros_like(u)
     states = torch.empty(seqs.count, n_chunks if store_states else 1, dim, d_state,
                          device=u.device, dtype=torch.float32)
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
-    _scan_fwd_kernel[grid](
+    kernel = {"seq": _fwd_seq_kernel, "state_loop": _fwd_state_loop_kernel, "tile3d": _scan_fwd_kernel}
+    kernel[cfg.fwd_variant][grid](
         u, delta, A, B4, C4, D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, out, states, last,
-        seqs.batch_row, seqs.start, seqs.length,
+        seqs.batch_row, seqs.start, seqs.length, seqs.max_len,
         dim, d_state, cpg,
         *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(),
         *_strides3(z), *out.stride(), *states.stride(), *last.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, VARLEN=not seqs.dense,
         STORE_STATES=store_states, STORE_LAST=True,
         BLOCK_D=cfg.block_d_fwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_fwd,
     )
-    return out, last, states
+    return out, last, states, cfg
 
 
 def _backward(ctx, dout, dlast):
@@ -229,24 +274,10 @@ def _backward(ctx, dout, dlast):
     d_state = A.shape[1]
     groups = B4.shape[1]
     cpg = dim // groups
-    cfg = scan_config(d_state, cpg)
+    cfg = ctx.cfg
     n_chunks = states.shape[1]
     if dout is None:
         dout = torch.zeros_like(u)
-
-    gstates = torch.empty_like(states)
-    grid_carry = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
-    _bwd_carry_kernel[grid_carry](
-        dout, delta, A, C4, z if z is not None else u, delta_bias if delta_bias is not None else u,
-        dlast if dlast is not None else states, gstates,
-        seqs.batch_row, seqs.start, seqs.length,
-        dim, d_state, cpg,
-        *dout.stride(), *delta.stride(), *A.stride(), *C4.stride(), *_strides3(z),
-        *gstates.stride(), *(dlast.stride() if dlast is not None else (0, 0, 0)),
-        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
-        HAS_DLAST=dlast is not None,
-        BLOCK_D=cfg.block_d_fwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_carry,
-    )
 
     alloc = torch.empty_like if seqs.dense else torch.zeros_like
     du = alloc(u)
@@ -257,20 +288,53 @@ def _backward(ctx, dout, dlast):
     dC = torch.zeros(C4.shape, device=u.device, dtype=torch.float32)
     dD = torch.zeros(dim, device=u.device, dtype=torch.float32) if D is not None else None
     dbias = torch.zeros(dim, device=u.device, dtype=torch.float32) if delta_bias is not None else None
+    dummy = dA
+    if cfg.bwd_variant == "state_loop":
+        _bwd_state_loop_kernel[(triton.cdiv(dim, cfg.block_d_bwd), seqs.count)](
+            u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else u,
+            delta_bias if delta_bias is not None else dummy, dout, states,
+            dlast if dlast is not None else states,
+            du, ddelta, dz if dz is not None else du, dA, dB, dC,
+            dD if dD is not None else dummy, dbias if dbias is not None else dummy,
+            seqs.batch_row, seqs.start, seqs.length, seqs.max_len,
+            dim, d_state, cpg,
+            *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(),
+            *_strides3(z), *dout.stride(), *states.stride(),
+            *(dlast.stride() if dlast is not None else (0, 0, 0)),
+            *du.stride(), *ddelta.stride(), *_strides3(dz), *dB.stride(), *dC.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
+            HAS_DLAST=dlast is not None,
+            BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
+        )
+        return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+    gstates = torch.empty_like(states)
+    grid_carry = (triton.cdiv(dim, cfg.block_d_carry), seqs.count)
+    _bwd_carry_kernel[grid_carry](
+        dout, delta, A, C4, z if z is not None else u, delta_bias if delta_bias is not None else u,
+        dlast if dlast is not None else states, gstates,
+        seqs.batch_row, seqs.start, seqs.length, seqs.max_len,
+        dim, d_state, cpg,
+        *dout.stride(), *delta.stride(), *A.stride(), *C4.stride(), *_strides3(z),
+        *gstates.stride(), *(dlast.stride() if dlast is not None else (0, 0, 0)),
+        HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
+        HAS_DLAST=dlast is not None,
+        BLOCK_D=cfg.block_d_carry, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_carry,
+    )
+
     ranges = _ranges_per_group(cpg, cfg.block_d_bwd, n_chunks * seqs.count * groups)
     grid = (n_chunks, seqs.count, groups * ranges)
-    dummy = dA
     _bwd_chunk_kernel[grid](
         u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else u,
         delta_bias if delta_bias is not None else dummy, dout, states, gstates,
         du, ddelta, dz if dz is not None else du, dA, dB, dC,
         dD if dD is not None else dummy, dbias if dbias is not None else dummy,
-        seqs.batch_row, seqs.start, seqs.length,
+        seqs.batch_row, seqs.start, seqs.length, seqs.max_len,
         dim, d_state, cpg, cpg // ranges,
         *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(),
         *_strides3(z), *dout.stride(), *states.stride(),
         *du.stride(), *ddelta.stride(), *_strides3(dz), *dB.stride(), *dC.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
         BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
     )
     return du, ddelta, dA, dB, dC, dD, dz, dbias
@@ -283,8 +347,8 @@ class SelectiveScanTriton(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs: _Sequences):
         B4 = _as_grouped(B, "B", u.shape[0], u.shape[2])
         C4 = _as_grouped(C, "C", u.shape[0], u.shape[2])
-        out, last, states = _forward(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seqs,
-                                     store_states=True)
+        out, last, states, ctx.cfg = _forward(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seqs,
+                                              store_states=True)
         ctx.softplus = bool(delta_softplus)
         ctx.has_D, ctx.has_z, ctx.has_bias = D is not None, z is not None, delta_bias is not None
         ctx.max_len, ctx.dense = seqs.max_len, seqs.dense

@@ -24,8 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default: above it softplus(x) == x
+LOG2E = tl.constexpr(1.4426950408889634)
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch.nn.functional.softplus's default: above it softplus(x) == x
 
 
 @triton.jit
@@ -50,23 +50,37 @@ def _load_delta(ptr, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr)
 
 
 @triton.jit
+def _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN: tl.constexpr):
+    """(batch row, first step, length) of sequence `seq`. A dense batch passes its length as an
+    argument so that the compiler knows its alignment and vectorizes the time-contiguous tiles."""
+    if VARLEN:
+        b = tl.load(seq_batch_ptr + seq).to(tl.int64)
+        t_first = tl.load(seq_start_ptr + seq).to(tl.int64)
+        length = tl.load(seq_len_ptr + seq)
+    else:
+        b = seq.to(tl.int64)
+        t_first = 0
+        length = dense_length
+    return b, t_first, length
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
-    seq_batch_ptr, seq_start_ptr, seq_len_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
     dim, N, channels_per_group,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     sz_b, sz_d, sz_l, so_b, so_d, so_l,
     ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    VARLEN: tl.constexpr,
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
-    b = tl.load(seq_batch_ptr + seq).to(tl.int64)
-    t_first = tl.load(seq_start_ptr + seq).to(tl.int64)
-    length = tl.load(seq_len_ptr + seq)
+    b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -129,21 +143,20 @@ def _scan_fwd_kernel(
 @triton.jit
 def _bwd_carry_kernel(
     dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dlast_ptr, gstates_ptr,
-    seq_batch_ptr, seq_start_ptr, seq_len_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
     dim, N, channels_per_group,
     sdo_b, sdo_d, sdo_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sC_b, sC_g, sC_n, sC_l, sz_b, sz_d, sz_l,
     ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Stores g entering each chunk from the right: gstates[seq, c] = dL/dh at the chunk's last step
     coming from later steps (times the next step's decay), seeded with the last state's gradient."""
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
-    b = tl.load(seq_batch_ptr + seq).to(tl.int64)
-    t_first = tl.load(seq_start_ptr + seq).to(tl.int64)
-    length = tl.load(seq_len_ptr + seq)
+    b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -202,7 +215,7 @@ def _bwd_carry_kernel(
 def _bwd_chunk_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, gstates_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    seq_batch_ptr, seq_start_ptr, seq_len_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
     dim, N, channels_per_group, channels_per_program,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
@@ -211,15 +224,14 @@ def _bwd_chunk_kernel(
     sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l,
     sdB_b, sdB_g, sdB_n, sdB_l, sdC_b, sdC_g, sdC_n, sdC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     c = tl.program_id(0)
     seq = tl.program_id(1)
     pid_r = tl.program_id(2)
-    length = tl.load(seq_len_ptr + seq)
+    b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
     if c * CHUNK < length:
-        b = tl.load(seq_batch_ptr + seq).to(tl.int64)
-        t_first = tl.load(seq_start_ptr + seq).to(tl.int64)
         offs_n = tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, CHUNK)
         mask_n = offs_n < N
@@ -360,3 +372,317 @@ def _state_update_kernel(
         zv = tl.load(z_ptr + b * sz_b + offs_d * sz_d, mask=mask_d, other=0.0).to(tl.float32)
         y = y * zv * tl.sigmoid(zv)
     tl.store(out_ptr + b * so_b + offs_d * so_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Version 2: a sequential forward and a state-by-state backward (see NOTES.md, v2).
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split4(x):
+    """(R, 4) -> its four columns, register moves when the 4 steps sit in one thread."""
+    even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _join4(x0, x1, x2, x3):
+    """Inverse of _split4: four (R,) columns -> (R, 4)."""
+    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [x0.shape[0], 4])
+
+
+@triton.jit
+def _seq_step(h, A2, u, dt, Bt, Ct):
+    """One step for a (N, channels) state held one channel per thread: the sum over N stays in-thread."""
+    h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * u)[None, :]
+    return h, tl.sum(h * Ct[:, None], axis=0)
+
+
+@triton.jit
+def _fwd_seq_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
+    dim, N, channels_per_group,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Sequential in time: each thread owns one channel and all its states (the sum over states
+    stays in-thread); u, delta, z are read one step at a time and stay in L1 between steps."""
+    pid_d = tl.program_id(0)
+    seq = tl.program_id(1)
+    b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    group = (pid_d * BLOCK_D) // channels_per_group
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A2 = tl.load(A_ptr + offs_n[:, None] * sA_n + offs_d[None, :] * sA_d, mask=mask_nd, other=0.0)
+    A2 = A2.to(tl.float32) * LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], tl.float32)
+
+    u_row = u_ptr + b * su_b + offs_d * su_d
+    dt_row = dt_ptr + b * sdt_b + offs_d * sdt_d
+    z_row = z_ptr + b * sz_b + offs_d * sz_d
+    o_row = out_ptr + b * so_b + offs_d * so_d
+    B_col = B_ptr + b * sB_b + group * sB_g + offs_n * sB_n
+    C_col = C_ptr + b * sC_b + group * sC_g + offs_n * sC_n
+    st_tile = states_ptr + seq * ss_s + offs_n[:, None] * ss_n + offs_d[None, :] * ss_d
+
+    h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    n_chunks = tl.cdiv(length, CHUNK)
+    for c in range(0, n_chunks):
+        if STORE_STATES:
+            tl.store(st_tile + c * ss_c, h, mask=mask_nd)
+        for t_local in range(c * CHUNK, tl.minimum((c + 1) * CHUNK, length)):
+            t = t_first + t_local
+            u = tl.load(u_row + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
+            dt = tl.load(dt_row + t * sdt_l, mask=mask_d, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            Bt = tl.load(B_col + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)
+            Ct = tl.load(C_col + t * sC_l, mask=mask_n, other=0.0).to(tl.float32)
+            h, y = _seq_step(h, A2, u, dt, Bt, Ct)
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                zv = tl.load(z_row + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(o_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+    if STORE_LAST:
+        tl.store(last_ptr + seq * sl_s + offs_n[:, None] * sl_n + offs_d[None, :] * sl_d, h, mask=mask_nd)
+
+
+@triton.jit
+def _bwd_state_loop_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, dlast_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
+    dim, N, channels_per_group,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sz_b, sz_d, sz_l, sdo_b, sdo_d, sdo_l,
+    ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n,
+    sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l,
+    sdB_b, sdB_g, sdB_n, sdB_l, sdC_b, sdC_g, sdC_n, sdC_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_DLAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Backward over chunks from last to first, one state index n at a time on (channels, CHUNK) tiles:
+    the forward scan restarts from the saved chunk-start state, the adjoint scan from the carry of
+    the chunk to the right; du, ddelta, dz are summed over n in registers, dB and dC over the
+    program's channels before one atomic add per (n, chunk)."""
+    pid_d = tl.program_id(0)
+    seq = tl.program_id(1)
+    b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, CHUNK)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    group = (pid_d * BLOCK_D) // channels_per_group
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], tl.float32)
+    first = (offs_k == 0)[None, :]
+    last = (offs_k == CHUNK - 1)[None, :]
+
+    if HAS_DLAST:
+        G = tl.load(dlast_ptr + seq * sl_s + offs_d[:, None] * sl_d + offs_n[None, :] * sl_n,
+                    mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        G = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], tl.float32)
+
+    n_chunks = tl.cdiv(length, CHUNK)
+    for c_rev in range(0, n_chunks):
+        c = n_chunks - 1 - c_rev
+        t_local = c * CHUNK + offs_k
+        mask_t = t_local < length
+        t = t_first + t_local
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        mask_next = mask_d[:, None] & (t_local + 1 < length)[None, :]
+        H0 = tl.load(states_ptr + seq * ss_s + c * ss_c + offs_d[:, None] * ss_d + offs_n[None, :] * ss_n,
+                     mask=mask_dn, other=0.0)
+        u = tl.load(u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l,
+                    mask=mask_dt, other=0.0).to(tl.float32)
+        dt_ptrs = dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l
+        dt, dt_raw = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
+        dout = tl.load(dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l,
+                       mask=mask_dt, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + b * sz_b + offs_d[:, None] * sz_d + t[None, :] * sz_l,
+                         mask=mask_dt, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zv)
+            dy = dout * zv * sig
+        else:
+            dy = dout
+        dtu = dt * u
+        gB_acc = tl.zeros([BLOCK_D, CHUNK], tl.float32)
+        gA_acc = tl.zeros([BLOCK_D, CHUNK], tl.float32)
+        y_acc = tl.zeros([BLOCK_D, CHUNK], tl.float32)
+        G_new = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+        B_base = B_ptr + b * sB_b + group * sB_g + t * sB_l
+        C_base = C_ptr + b * sC_b + group * sC_g + t * sC_l
+        for n in range(0, N):
+            An = tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=mask_d, other=0.0).to(tl.float32)
+            Bn = tl.load(B_base + n * sB_n, mask=mask_t, other=0.0).to(tl.float32)
+            Cn = tl.load(C_base + n * sC_n, mask=mask_t, other=0.0).to(tl.float32)
+            is_n = (offs_n == n)[None, :]
+            A2n = (An * LOG2E)[:, None]
+            decay = tl.exp2(dt * A2n)
+            drive = dtu * Bn[None, :]
+            h0 = tl.sum(tl.where(is_n, H0, 0.0), axis=1)
+            seeded = tl.where(first, drive + decay * h0[:, None], drive)
+            _, hs = tl.associative_scan((decay, seeded), axis=1, combine_fn=_linear_combine)
+            if HAS_Z:
+                y_acc += hs * Cn[None, :]
+            decay_next = tl.exp2(dt_next * A2n)
+            g_end = tl.sum(tl.where(is_n, G, 0.0), axis=1)
+            src = Cn[None, :] * dy
+            src = tl.where(last, src + decay_next * g_end[:, None], src)
+            _, gs = tl.associative_scan((decay_next, src), axis=1, combine_fn=_linear_combine, reverse=True)
+            gB_acc += gs * Bn[None, :]
+            g_hprev = gs * (hs - drive)
+            gA_acc += g_hprev * An[:, None]
+            dA_acc = tl.where(is_n, dA_acc + tl.sum(g_hprev * dt, axis=1)[:, None], dA_acc)
+            tl.atomic_add(dB_ptr + b * sdB_b + group * sdB_g + n * sdB_n + t * sdB_l,
+                          tl.sum(gs * dtu, axis=0), mask=mask_t)
+            tl.atomic_add(dC_ptr + b * sdC_b + group * sdC_g + n * sdC_n + t * sdC_l,
+                          tl.sum(hs * dy, axis=0), mask=mask_t)
+            G_new = tl.where(is_n, tl.sum(tl.where(first, gs, 0.0), axis=1)[:, None], G_new)
+        G = G_new
+
+        du = dt * gB_acc
+        ddt = u * gB_acc + gA_acc
+        if HAS_D:
+            du += Dv[:, None] * dy
+            dD_acc += tl.sum(dy * u, axis=1)
+        if HAS_Z:
+            y = y_acc
+            if HAS_D:
+                y += Dv[:, None] * u
+            dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
+            tl.store(dz_ptr + b * sdz_b + offs_d[:, None] * sdz_d + t[None, :] * sdz_l,
+                     dz.to(dz_ptr.dtype.element_ty), mask=mask_dt)
+        tl.store(du_ptr + b * sdu_b + offs_d[:, None] * sdu_d + t[None, :] * sdu_l,
+                 du.to(du_ptr.dtype.element_ty), mask=mask_dt)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_raw)
+        ddt = tl.where(mask_dt, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(ddt_ptr + b * sddt_b + offs_d[:, None] * sddt_d + t[None, :] * sddt_l,
+                 ddt.to(ddt_ptr.dtype.element_ty), mask=mask_dt)
+
+    tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+
+
+@triton.jit
+def _fwd_state_loop_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
+    dim, N, channels_per_group,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Forward one state index n at a time on (channels, CHUNK) tiles, y summed over n in registers
+    (for large d_state, where a thread cannot hold all states of a channel)."""
+    pid_d = tl.program_id(0)
+    seq = tl.program_id(1)
+    b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, CHUNK)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    group = (pid_d * BLOCK_D) // channels_per_group
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], tl.float32)
+    first = (offs_k == 0)[None, :]
+    last = (offs_k == CHUNK - 1)[None, :]
+    st_tile = states_ptr + seq * ss_s + offs_d[:, None] * ss_d + offs_n[None, :] * ss_n
+
+    H = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    n_chunks = tl.cdiv(length, CHUNK)
+    for c in range(0, n_chunks):
+        if STORE_STATES:
+            tl.store(st_tile + c * ss_c, H, mask=mask_dn)
+        t_local = c * CHUNK + offs_k
+        mask_t = t_local < length
+        t = t_first + t_local
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        u = tl.load(u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l,
+                    mask=mask_dt, other=0.0).to(tl.float32)
+        dt, _ = _load_delta(dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l,
+                            mask_dt, bias, HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        y = tl.zeros([BLOCK_D, CHUNK], tl.float32)
+        H_new = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+        B_base = B_ptr + b * sB_b + group * sB_g + t * sB_l
+        C_base = C_ptr + b * sC_b + group * sC_g + t * sC_l
+        for n in range(0, N):
+            An = tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=mask_d, other=0.0).to(tl.float32)
+            Bn = tl.load(B_base + n * sB_n, mask=mask_t, other=0.0).to(tl.float32)
+            Cn = tl.load(C_base + n * sC_n, mask=mask_t, other=0.0).to(tl.float32)
+            is_n = (offs_n == n)[None, :]
+            decay = tl.exp2(dt * (An * LOG2E)[:, None])
+            drive = dtu * Bn[None, :]
+            h0 = tl.sum(tl.where(is_n, H, 0.0), axis=1)
+            drive = tl.where(first, drive + decay * h0[:, None], drive)
+            _, hs = tl.associative_scan((decay, drive), axis=1, combine_fn=_linear_combine)
+            y += hs * Cn[None, :]
+            H_new = tl.where(is_n, tl.sum(tl.where(last, hs, 0.0), axis=1)[:, None], H_new)
+        H = H_new
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            zv = tl.load(z_ptr + b * sz_b + offs_d[:, None] * sz_d + t[None, :] * sz_l,
+                         mask=mask_dt, other=0.0).to(tl.float32)
+            y = y * zv * tl.sigmoid(zv)
+        tl.store(out_ptr + b * so_b + offs_d[:, None] * so_d + t[None, :] * so_l,
+                 y.to(out_ptr.dtype.element_ty), mask=mask_dt)
+    if STORE_LAST:
+        tl.store(last_ptr + seq * sl_s + offs_d[:, None] * sl_d + offs_n[None, :] * sl_n, H, mask=mask_dn)

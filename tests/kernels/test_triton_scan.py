@@ -297,3 +297,14 @@ def test_state_update_shape_errors():
         triton_scan.selective_state_update_triton(
             state, x, torch.randn(2, 7), torch.zeros(8, 4), torch.randn(2, 4), torch.randn(2, 4)
         )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"fwd_variant": "state_loop"}, {"fwd_variant": "tile3d", "bwd_variant": "two_pass"},
+     {"fwd_variant": "seq", "bwd_variant": "two_pass", "chunk": 32}],
+    ids=["state_loop", "tile3d_two_pass", "seq_two_pass_chunk32"],
+)
+def test_every_kernel_variant_matches_reference(overrides, monkeypatch):
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", dict(overrides))
+    compare(make_inputs(dim=8, d_state=5, length=130, groups=2, seed=11))
