@@ -57,10 +57,12 @@ def selective_scan_reference(
     C64 = expand_groups(C.double(), dim)
     state = u64.new_zeros(batch, dim, A.shape[1])
     ys = []
-    for t in range(length):
-        dt = delta64[:, :, t, None]
-        state = torch.exp(dt * A64) * state + dt * B64[:, :, :, t] * u64[:, :, t, None]
-        ys.append((state * C64[:, :, :, t]).sum(-1))
+    # unbind once: the backward of per-step indexing would rebuild a full-size gradient every step (O(L^2))
+    steps = zip(delta64.unbind(-1), u64.unbind(-1), B64.unbind(-1), C64.unbind(-1), strict=True)
+    for dt_t, u_t, B_t, C_t in steps:
+        dt = dt_t[:, :, None]
+        state = torch.exp(dt * A64) * state + dt * B_t * u_t[:, :, None]
+        ys.append((state * C_t).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u64.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + D.double()[None, :, None] * u64
