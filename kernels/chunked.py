@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+# Fastest of 32/64/128/256 on the 2-core CPU dev box (benchmarks/scan_cpu.py): longer segments spill
+# the (batch, dim, N, chunk) temporaries out of L2 without saving work.
 DEFAULT_CHUNK_SIZE = 64
 EXPONENT_LIMIT = 60.0
 
