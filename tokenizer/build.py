@@ -4,7 +4,7 @@
 
 - `[CLS]` and static tokens (GENDER//..., time null in MEDS) open the sequence.
 - Each visit (see `visits`) is `[VS]`, its events, `[VE]`, `[REG]`. Events are ordered by time, then by
-  event type (`EVENT_TYPE_ORDER`), then by token. `ENCOUNTER_START//<class>` tokens sit right after
+  event type (`EVENT_TYPE_ORDER`), then by token id and value. `ENCOUNTER_START//<class>` tokens sit right after
   `[VS]`; ENCOUNTER_END rows, `MEDS_DEATH` and `MEDS_BIRTH` never become tokens (configurable).
 - `<gap>` before every visit but the first: the time-gap token for the whole days between the previous
   visit's end and this visit's start (`vocab.gap_token`).
@@ -20,11 +20,12 @@ else `time`; `[CLS]` and static tokens: the first visit start; `[VS]` and a gap:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 from odyssey.pipelines import schema as S
-from odyssey.tokenizer.binning import BIN_SEPARATOR, BREAKS, bin_index
 from odyssey.tokenizer.config import TokenizeConfig
 from odyssey.tokenizer.visits import VISIT_END, VISIT_ORDER, VISIT_START, assign_visits, build_visits
 from odyssey.tokenizer.vocab import (
@@ -72,25 +73,23 @@ EVENT_TYPE_ORDER: tuple[S.EventType, ...] = (
     S.EventType.ENCOUNTER_END,
 )
 
-# Slots order the tokens of one visit: gap, [VS], events, [VE], [REG]. Visit 0 holds [CLS] and static tokens.
-_SLOT_GAP, _SLOT_VS, _SLOT_EVENT, _SLOT_VE, _SLOT_REG = range(5)
-_SLOT_CLS, _SLOT_STATIC = _SLOT_GAP, _SLOT_VS
 _MICROSECONDS_PER_DAY = 86_400 * 1_000_000
 _DAYS_PER_YEAR = 365.25
 _NO_VISIT = 0
 _SEGMENT_SPECIAL = 0
 
-TOKEN = "_token"
 TOKEN_ID = "_token_id"
 TOKEN_TYPE = "_token_type"
 AVAILABLE = "_available"
-_RANK = "_rank"
 _SLOT = "_slot"
 
 
-def token_string(code: pl.Expr) -> pl.Expr:
+_WHITESPACE = re.compile(r"\s")
+
+
+def word_of(code: str) -> str:
     """A code as a vocabulary word: whitespace becomes `_` (the tokenizer splits on whitespace)."""
-    return code.str.replace_all(r"\s", "_")
+    return _WHITESPACE.sub("_", code)
 
 
 def excluded(config: TokenizeConfig) -> pl.Expr:
@@ -131,22 +130,45 @@ def gap_token_id(days: pl.Expr) -> pl.Expr:
     )
 
 
-def event_tokens(
-    events: pl.LazyFrame, vocab: pl.LazyFrame, bins: pl.LazyFrame, max_breaks: int
-) -> pl.LazyFrame:
-    """Add `_token` (word, binned when the code has bins and a value) and `_token_id` ([UNK] if unknown)."""
-    word = token_string(pl.col(S.CODE))
-    binned = events.join(bins, on=S.CODE, how="left").with_columns(
-        bin_index(pl.col(S.NUMERIC_VALUE), pl.col(BREAKS), max_breaks).alias("_bin")
-    )
-    with_word = binned.with_columns(
-        pl.when(pl.col("_bin").is_not_null())
-        .then(pl.concat_str([word, pl.lit(BIN_SEPARATOR), pl.col("_bin").cast(pl.String)]))
-        .otherwise(word)
-        .alias(TOKEN)
-    ).drop(BREAKS, "_bin")
-    return with_word.join(vocab, on=TOKEN, how="left").with_columns(
-        pl.col(TOKEN_ID).fill_null(int(SpecialTokens.UNK)).cast(pl.Int32)
+_CODE_INDEX = "_code_index"
+
+
+@dataclass(frozen=True)
+class CodeTable:
+    """Per distinct raw code of a chunk (index = position in `codes`): plain-word id, cut points, bin ids.
+
+    Built by `EHRTokenizer.code_table`; ids are -1 where the word is not in the vocabulary, cut points NaN
+    beyond a code's last one.
+    """
+
+    codes: list[str]
+    bare_ids: np.ndarray  # int32 [n_codes]
+    breaks: np.ndarray  # float64 [n_codes, max_breaks]
+    bin_ids: np.ndarray  # int32 [n_codes, max_breaks + 1]
+    has_bins: np.ndarray  # bool [n_codes]
+
+
+def event_tokens(events: pl.LazyFrame, table: CodeTable) -> pl.LazyFrame:
+    """Add `_token_id`: the binned word when the code has bins and a value, else the plain word, else [UNK].
+
+    Vectorised as gathers from `table` by each row's code index (no string joins).
+    """
+    index = pl.col(_CODE_INDEX)
+    value = pl.col(S.NUMERIC_VALUE).cast(pl.Float64)
+    has_value = value.is_not_null() & value.is_not_nan() & pl.lit(pl.Series(table.has_bins)).gather(index)
+    above = [
+        (value > pl.lit(pl.Series(table.breaks[:, j])).gather(index)).fill_null(False).cast(pl.Int64)
+        for j in range(table.breaks.shape[1])
+    ]
+    bin_of = pl.sum_horizontal(above) if above else pl.lit(0, pl.Int64)
+    binned = pl.lit(pl.Series(table.bin_ids.ravel())).gather(index * table.bin_ids.shape[1] + bin_of)
+    bare = pl.lit(pl.Series(table.bare_ids)).gather(index)
+    token_id = pl.when(has_value).then(binned).otherwise(bare)
+    token_id = pl.when(token_id < 0).then(pl.lit(int(SpecialTokens.UNK))).otherwise(token_id)
+    return (
+        events.with_columns(pl.col(S.CODE).cast(pl.Enum(table.codes)).to_physical().cast(pl.Int64).alias(_CODE_INDEX))
+        .with_columns(token_id.cast(pl.Int32).alias(TOKEN_ID))
+        .drop(_CODE_INDEX)
     )
 
 
@@ -163,15 +185,39 @@ class ChunkCounts:
     visits: int = 0
 
 
+# Ordering key of a token (one int64, so one cheap sort): the run of equal (subject, time) event rows it
+# belongs to, then a slot, then the token id. Slots place [CLS], static tokens, the gap and [VS] before
+# the first run of a visit, events by type rank, and [VE] [REG] after its last run.
+_TOKEN_ID_BITS = 24
+_SLOT_BITS = 4
+_SLOT_CLS, _SLOT_STATIC, _SLOT_GAP, _SLOT_VS, _SLOT_FIRST_EVENT = range(5)
+_SLOT_VE, _SLOT_REG = 2**_SLOT_BITS - 2, 2**_SLOT_BITS - 1
+MAX_VOCAB_SIZE = 2**_TOKEN_ID_BITS
+_RUN = "_run"
+_KEY = "_key"
+
+
+def _key(run: pl.Expr, slot: pl.Expr | int, token_id: pl.Expr | int = 0) -> pl.Expr:
+    slot = pl.lit(slot) if isinstance(slot, int) else slot
+    token_id = pl.lit(token_id) if isinstance(token_id, int) else token_id
+    return (
+        run.cast(pl.Int64) * 2 ** (_SLOT_BITS + _TOKEN_ID_BITS)
+        + slot.cast(pl.Int64) * 2**_TOKEN_ID_BITS
+        + token_id.cast(pl.Int64)
+    ).alias(_KEY)
+
+
 def build_sequences(
     events: pl.LazyFrame,
-    vocab: pl.LazyFrame,
-    bins: pl.LazyFrame,
-    max_breaks: int,
+    codes: CodeTable,
     splits: pl.DataFrame | None,
     config: TokenizeConfig,
 ) -> tuple[pl.DataFrame, ChunkCounts]:
-    """Sequences (one row per subject, list columns) for the subjects in `events`."""
+    """Sequences (one row per subject, list columns) for the subjects in `events`.
+
+    `events` must keep each subject's rows together and sorted by time, static rows first (what
+    `check_meds_dataset` guarantees). A visit none of whose rows becomes a token is left out.
+    """
     rows = events.select(
         S.SUBJECT_ID, S.TIME, S.CODE, S.NUMERIC_VALUE, S.ENCOUNTER_ID, S.EVENT_TYPE, S.ISSUED
     ).collect()
@@ -182,95 +228,122 @@ def build_sequences(
         .group_by(S.SUBJECT_ID)
         .agg(pl.col(S.TIME).min().alias("_birth"))
     )
-    timed = rows.lazy().filter(pl.col(S.TIME).is_not_null())
-    tokens_in = rows.lazy().filter(~excluded(config))
-    visit_defining = timed.filter(~pl.col(S.CODE).is_in([S.BIRTH_CODE, S.DEATH_CODE]))
+    drop = excluded(config)
+    tokens_in = rows.lazy().filter(~drop)
     token_rows = tokens_in.filter(pl.col(S.TIME).is_not_null())
-    visits = build_visits(
-        visit_defining.filter(pl.col(S.ENCOUNTER_ID).is_not_null()).select(
-            S.SUBJECT_ID, S.ENCOUNTER_ID, S.TIME
-        ),
+    visit_defining = rows.lazy().filter(
+        pl.col(S.TIME).is_not_null()
+        & pl.col(S.ENCOUNTER_ID).is_not_null()
+        & ~pl.col(S.CODE).is_in([S.BIRTH_CODE, S.DEATH_CODE])
+    )
+    intervals = build_visits(
+        visit_defining.select(S.SUBJECT_ID, S.ENCOUNTER_ID, S.TIME),
         token_rows.filter(pl.col(S.ENCOUNTER_ID).is_null()).select(S.SUBJECT_ID, S.TIME),
     ).collect()
-    counts.visits = visits.height
-    first_visit = visits.lazy().group_by(S.SUBJECT_ID).agg(pl.col(VISIT_START).min().alias("_t0"))
 
     available = pl.col(S.TIME)
     if config.availability == "issued":
         available = pl.coalesce(pl.col(S.ISSUED), pl.col(S.TIME))
+    new_run = (pl.col(S.SUBJECT_ID) != pl.col(S.SUBJECT_ID).shift(1)) | (
+        pl.col(S.TIME) != pl.col(S.TIME).shift(1)
+    )
+    in_order = token_rows.with_columns(
+        new_run.fill_null(True).cum_sum().alias(_RUN)
+    )  # before joins reorder rows
     visit_events = (
-        event_tokens(assign_visits(token_rows, visits.lazy()), vocab, bins, max_breaks)
+        event_tokens(assign_visits(in_order, intervals.lazy()), codes)
         .with_columns(
-            pl.lit(_SLOT_EVENT, pl.Int8).alias(_SLOT),
-            _event_rank(pl.col(S.EVENT_TYPE)).alias(_RANK),
             token_type_of(pl.col(S.EVENT_TYPE)).alias(TOKEN_TYPE),
             available.alias(AVAILABLE),
+            (_event_rank(pl.col(S.EVENT_TYPE)) + _SLOT_FIRST_EVENT).alias(_SLOT),
         )
-        .select(
-            S.SUBJECT_ID,
-            VISIT_ORDER,
-            _SLOT,
-            S.TIME,
-            _RANK,
-            TOKEN,
-            S.NUMERIC_VALUE,
-            TOKEN_ID,
-            TOKEN_TYPE,
-            AVAILABLE,
-        )
+        .with_columns(_key(pl.col(_RUN), pl.col(_SLOT), pl.col(TOKEN_ID)))
+        .select(S.SUBJECT_ID, VISIT_ORDER, _RUN, _KEY, S.TIME, TOKEN_ID, TOKEN_TYPE, AVAILABLE)
+        .collect()
     )
-    static = (
-        event_tokens(tokens_in.filter(pl.col(S.TIME).is_null()), vocab, bins, max_breaks)
-        .join(first_visit, on=S.SUBJECT_ID, how="inner")
-        .with_columns(
-            pl.lit(_NO_VISIT, pl.Int32).alias(VISIT_ORDER),
-            pl.lit(_SLOT_STATIC, pl.Int8).alias(_SLOT),
-            pl.col("_t0").alias(S.TIME),
-            pl.lit(0, pl.Int8).alias(_RANK),
-            token_type_of(pl.col(S.EVENT_TYPE)).alias(TOKEN_TYPE),
-            pl.col("_t0").alias(AVAILABLE),
+    spans = visit_events.group_by(S.SUBJECT_ID, VISIT_ORDER).agg(
+        pl.col(_RUN).min().alias("_first_run"), pl.col(_RUN).max().alias("_last_run")
+    )
+    visits = intervals.join(spans, on=[S.SUBJECT_ID, VISIT_ORDER], how="inner").sort(
+        S.SUBJECT_ID, VISIT_ORDER
+    )
+    if visits.height != intervals.height:  # renumber around visits that hold no token
+        renumbered = visits.with_columns(
+            (pl.int_range(pl.len()).over(S.SUBJECT_ID) + 1).cast(pl.Int32).alias("_order")
         )
-        .select(visit_events.collect_schema().names())
+        visit_events = (
+            visit_events.join(
+                renumbered.select(S.SUBJECT_ID, VISIT_ORDER, "_order"), on=[S.SUBJECT_ID, VISIT_ORDER]
+            )
+            .drop(VISIT_ORDER)
+            .rename({"_order": VISIT_ORDER})
+        )
+        visits = renumbered.drop(VISIT_ORDER).rename({"_order": VISIT_ORDER})
+    counts.visits = visits.height
+    visits = visits.with_columns(pl.col(VISIT_END).shift(1).over(S.SUBJECT_ID).alias("_prev_end"))
+    first_visit = visits.filter(pl.col(VISIT_ORDER) == 1).select(
+        S.SUBJECT_ID, pl.col(VISIT_START).alias("_t0"), pl.col("_first_run").alias("_subject_run")
     )
 
     def special(
-        frame: pl.LazyFrame, slot: int, at: str, token_id: pl.Expr, token_type: TokenType
-    ) -> pl.LazyFrame:
+        frame: pl.DataFrame, run: str, slot: int, at: str, token_id: pl.Expr, kind: TokenType
+    ) -> pl.DataFrame:
         return frame.select(
             S.SUBJECT_ID,
-            pl.col(VISIT_ORDER),
-            pl.lit(slot, pl.Int8).alias(_SLOT),
+            pl.col(VISIT_ORDER).cast(pl.Int32),
+            pl.col(run).alias(_RUN),
+            _key(pl.col(run), slot),
             pl.col(at).alias(S.TIME),
-            pl.lit(0, pl.Int8).alias(_RANK),
-            pl.lit(None, pl.String).alias(TOKEN),
-            pl.lit(None, pl.Float32).alias(S.NUMERIC_VALUE),
             token_id.cast(pl.Int32).alias(TOKEN_ID),
-            pl.lit(int(token_type), pl.Int8).alias(TOKEN_TYPE),
+            pl.lit(int(kind), pl.Int8).alias(TOKEN_TYPE),
             pl.col(at).alias(AVAILABLE),
         )
 
-    visit_frame = visits.lazy().with_columns(pl.col(VISIT_END).shift(1).over(S.SUBJECT_ID).alias("_prev_end"))
-    gaps = visit_frame.filter(pl.col("_prev_end").is_not_null()).with_columns(
+    static = (
+        event_tokens(tokens_in.filter(pl.col(S.TIME).is_null()), codes)
+        .join(first_visit.lazy(), on=S.SUBJECT_ID, how="inner")
+        .select(
+            S.SUBJECT_ID,
+            pl.lit(_NO_VISIT, pl.Int32).alias(VISIT_ORDER),
+            pl.col("_subject_run").alias(_RUN),
+            _key(pl.col("_subject_run"), _SLOT_STATIC, pl.col(TOKEN_ID)),
+            pl.col("_t0").alias(S.TIME),
+            TOKEN_ID,
+            token_type_of(pl.col(S.EVENT_TYPE)).alias(TOKEN_TYPE),
+            pl.col("_t0").alias(AVAILABLE),
+        )
+        .collect()
+    )
+    gaps = visits.filter(pl.col("_prev_end").is_not_null()).with_columns(
         ((pl.col(VISIT_START) - pl.col("_prev_end")).dt.total_microseconds() // _MICROSECONDS_PER_DAY).alias(
             "_days"
         )
     )
     cls = first_visit.with_columns(pl.lit(_NO_VISIT, pl.Int32).alias(VISIT_ORDER))
     parts = [
-        special(cls, _SLOT_CLS, "_t0", pl.lit(int(SpecialTokens.CLS)), TokenType.SPECIAL),
+        special(cls, "_subject_run", _SLOT_CLS, "_t0", pl.lit(int(SpecialTokens.CLS)), TokenType.SPECIAL),
         static,
-        special(gaps, _SLOT_GAP, VISIT_START, gap_token_id(pl.col("_days")), TokenType.TIME_GAP),
-        special(visit_frame, _SLOT_VS, VISIT_START, pl.lit(int(SpecialTokens.VS)), TokenType.SPECIAL),
-        visit_events,
-        special(visit_frame, _SLOT_VE, VISIT_END, pl.lit(int(SpecialTokens.VE)), TokenType.SPECIAL),
-        special(visit_frame, _SLOT_REG, VISIT_END, pl.lit(int(SpecialTokens.REG)), TokenType.SPECIAL),
+        special(
+            gaps, "_first_run", _SLOT_GAP, VISIT_START, gap_token_id(pl.col("_days")), TokenType.TIME_GAP
+        ),
+        special(
+            visits, "_first_run", _SLOT_VS, VISIT_START, pl.lit(int(SpecialTokens.VS)), TokenType.SPECIAL
+        ),
+        visit_events.select(static.columns),
+        special(visits, "_last_run", _SLOT_VE, VISIT_END, pl.lit(int(SpecialTokens.VE)), TokenType.SPECIAL),
+        special(visits, "_last_run", _SLOT_REG, VISIT_END, pl.lit(int(SpecialTokens.REG)), TokenType.SPECIAL),
     ]
     years = pl.lit(_DAYS_PER_YEAR * _MICROSECONDS_PER_DAY)
+    subject_times = (
+        first_visit.lazy().join(births, on=S.SUBJECT_ID, how="left").select(S.SUBJECT_ID, "_t0", "_birth")
+    )
+    slot = (pl.col(_KEY) // 2**_TOKEN_ID_BITS) % 2**_SLOT_BITS
+    is_event = (slot >= _SLOT_FIRST_EVENT) & (slot < _SLOT_VE)
     token_frame = (
         pl.concat(parts, how="vertical")
-        .join(first_visit, on=S.SUBJECT_ID, how="inner")
-        .join(births, on=S.SUBJECT_ID, how="left")
-        .sort(S.SUBJECT_ID, VISIT_ORDER, _SLOT, S.TIME, _RANK, TOKEN, S.NUMERIC_VALUE, nulls_last=False)
+        .lazy()
+        .sort(_KEY, AVAILABLE)  # equal keys and times: identical tokens
+        .join(subject_times, on=S.SUBJECT_ID, how="left", maintain_order="left")
         .with_columns(
             ((pl.col(S.TIME) - pl.col("_birth")).dt.total_microseconds() / years)
             .fill_null(0.0)
@@ -279,7 +352,7 @@ def build_sequences(
             ((pl.col(S.TIME) - pl.col("_t0")).dt.total_microseconds() / _MICROSECONDS_PER_DAY)
             .cast(pl.Float32)
             .alias(TIMES),
-            pl.when(pl.col(_SLOT) == _SLOT_EVENT)
+            pl.when(is_event)
             .then(2 - pl.col(VISIT_ORDER) % 2)
             .otherwise(_SEGMENT_SPECIAL)
             .cast(pl.Int8)

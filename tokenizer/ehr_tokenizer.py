@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 from odyssey.pipelines import schema as S
 from odyssey.tokenizer.binning import BREAKS, bin_token, fit_bins
-from odyssey.tokenizer.build import TOKEN, TOKEN_ID, excluded, token_string, token_type_of
+from odyssey.tokenizer.build import CodeTable, excluded, token_type_of, word_of
 from odyssey.tokenizer.config import TokenizeConfig
 from odyssey.tokenizer.vocab import SpecialTokens, TokenType, special_token_type
 from tokenizers import AddedToken, Tokenizer
@@ -108,18 +109,26 @@ class EHRTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return dict(self._token_to_id)
 
-    # Frames used by the vectorised builder ------------------------------------------------------
-    def vocab_frame(self) -> pl.DataFrame:
-        return pl.DataFrame(
-            {TOKEN: self._id_to_token, TOKEN_ID: range(len(self._id_to_token))},
-            schema={TOKEN: pl.String, TOKEN_ID: pl.Int32},
-        )
-
-    def bins_frame(self) -> pl.DataFrame:
-        return pl.DataFrame(
-            {S.CODE: list(self.bins), BREAKS: list(self.bins.values())},
-            schema={S.CODE: pl.String, BREAKS: pl.List(pl.Float64)},
-        )
+    # Lookup table used by the vectorised builder ----------------------------------------------
+    def code_table(self, codes: Iterable[str]) -> CodeTable:
+        """Lookup arrays for the vectorised builder over the distinct raw `codes` of a chunk."""
+        codes = list(codes)
+        width = self.max_breaks
+        bare = np.full(len(codes), -1, np.int32)
+        breaks = np.full((len(codes), width), np.nan)
+        bin_ids = np.full((len(codes), width + 1), -1, np.int32)
+        has_bins = np.zeros(len(codes), bool)
+        for i, code in enumerate(codes):
+            word = word_of(code)
+            bare[i] = self._token_to_id.get(word, -1)
+            cuts = self.bins.get(code)
+            if cuts:
+                has_bins[i] = True
+                breaks[i, : len(cuts)] = cuts
+                bin_ids[i, : len(cuts) + 1] = [
+                    self._token_to_id.get(bin_token(word, k), -1) for k in range(len(cuts) + 1)
+                ]
+        return CodeTable(codes=codes, bare_ids=bare, breaks=breaks, bin_ids=bin_ids, has_bins=has_bins)
 
     @property
     def max_breaks(self) -> int:
@@ -236,15 +245,16 @@ class EHRTokenizer:
         bins = fit_bins(pl.concat(values).lazy(), config.n_bins, config.min_code_count)
         word_frame = (
             per_code.with_columns(
-                token_string(pl.col(S.CODE)).alias(TOKEN), token_type_of(pl.col(S.EVENT_TYPE)).alias("_type")
+                pl.col(S.CODE).map_elements(word_of, return_dtype=pl.String).alias("_word"),
+                token_type_of(pl.col(S.EVENT_TYPE)).alias("_type"),
             )
             .join(bins, on=S.CODE, how="left")
-            .sort(TOKEN)
+            .sort("_word", S.CODE)
         )
         words: list[str] = []
         types: list[int] = []
         seen: set[str] = set(t.token for t in SpecialTokens) | set(config.extra_task_tokens)
-        for word, word_type, breaks in word_frame.select(TOKEN, "_type", BREAKS).iter_rows():
+        for word, word_type, breaks in word_frame.select("_word", "_type", BREAKS).iter_rows():
             candidates = [word] + [bin_token(word, k) for k in range(len(breaks) + 1)] if breaks else [word]
             for candidate in candidates:
                 if candidate not in seen:

@@ -123,7 +123,6 @@ def tokenize(
 
     tokenizer = EHRTokenizer.fit(train_shards, config)
     report.vocab_size, report.binned_codes = tokenizer.vocab_size, len(tokenizer.bins)
-    vocab, bins = tokenizer.vocab_frame().lazy(), tokenizer.bins_frame().lazy()
     totals = ChunkCounts()
     per_split: dict[str | None, int] = {}
     with atomic_output_dir(out) as tmp:
@@ -133,8 +132,9 @@ def tokenize(
         for part, (path, (begin, end)) in enumerate(
             tqdm(work, desc="tokenize", unit="chunk", disable=not progress)
         ):
-            events = scan_shard(path).slice(begin, end - begin)
-            sequences, counts = build_sequences(events, vocab, bins, tokenizer.max_breaks, splits, config)
+            events = scan_shard(path).slice(begin, end - begin).collect().lazy()
+            codes = tokenizer.code_table(events.select(pl.col(S.CODE).unique()).collect()[S.CODE])
+            sequences, counts = build_sequences(events, codes, splits, config)
             for name in vars(totals):
                 setattr(totals, name, getattr(totals, name) + getattr(counts, name))
             for split, n in sequences.group_by(SPLIT).len().iter_rows():

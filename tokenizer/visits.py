@@ -37,8 +37,11 @@ def merge_intervals(intervals: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def _containing_visit(rows: pl.LazyFrame, visits: pl.LazyFrame, columns: list[str]) -> pl.LazyFrame:
-    """`rows` with the span of the latest visit starting at or before each row's time (may not contain it)."""
-    return rows.sort(S.SUBJECT_ID, S.TIME).join_asof(
+    """`rows` with the span of the latest visit starting at or before each row's time (may not contain it).
+
+    `rows` must be sorted by time within each subject (MEDS order); their order is kept.
+    """
+    return rows.join_asof(
         visits.select(S.SUBJECT_ID, *columns).sort(S.SUBJECT_ID, VISIT_START),
         left_on=S.TIME,
         right_on=VISIT_START,
