@@ -25,10 +25,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Scripts in benchmarks/ may share a name with a stdlib module (tokenize.py); running this file puts
+# benchmarks/ first on sys.path, which would shadow the stdlib for torch's own imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must not look for hub kernels
 
 import torch  # noqa: E402
@@ -113,6 +117,20 @@ def scan_step(scan: Callable, inputs: dict[str, torch.Tensor]) -> Callable[[], N
         out.sum().backward()
 
     return step
+
+
+def saved_for_backward_bytes(scan: Callable, inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes autograd keeps between forward and backward (the scan's activation memory)."""
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        scan(**leaves, delta_softplus=True)
+    return sum(saved.values()) - sum(v.untyped_storage().nbytes() for v in leaves.values())
 
 
 def transformers_scan() -> Callable:
@@ -344,6 +362,17 @@ def main() -> None:
         "shape": {"hidden": HIDDEN, "dim": EXPAND * HIDDEN, "state": STATE, "layers": LAYERS, "vocab": VOCAB},
         "results": results,
     }
+    target_inputs = scan_inputs(args.batch, args.length, args.seed)
+    report["scan_saved_for_backward_MiB"] = {
+        name: saved_for_backward_bytes(scan, target_inputs) / 2**20
+        for name, scan in [
+            ("odyssey torch (recomputing backward)", selective_scan_chunked),
+            (
+                "odyssey torch plain autograd",
+                lambda **kw: selective_scan_chunked(**kw, recompute_backward=False),
+            ),
+        ]
+    }
     comparisons = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -388,6 +417,8 @@ def main() -> None:
                 f"{c['threads']} thread(s) {c['kind']}: at L={t['length']} ours {t['ours_s'] * 1e3:.0f} ms, "
                 f"baseline {t['baseline_s']:.1f} s ({t['baseline_how']}): {t['speedup']:.0f}x"
             )
+    for name, mib in report["scan_saved_for_backward_MiB"].items():
+        print(f"scan memory kept for backward at L={args.length}, {name}: {mib:.1f} MiB (inputs excluded)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))
