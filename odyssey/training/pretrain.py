@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -31,6 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from odyssey.config import StageConfig
 from odyssey.io import atomic_output_dir, write_json
 from odyssey.models import MODEL_SIZES, EHRMambaConfig, EHRMambaForPretraining, count_parameters
+from odyssey.models.modeling_ehrmamba import IGNORE_INDEX
 
 from .data import (
     LengthBucketSampler,
@@ -49,6 +51,7 @@ REPORT = "pretrain_report.json"
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 # Model fields that come from the tokenizer (and the scan backend from its own setting), never from `model`.
 TOKENIZER_FIELDS = {"vocab_size", "pad_token_id", "scan_backend"}
+MAX_LOG_PERPLEXITY = 50.0  # perplexity is reported as exp(min(loss, this)) to stay finite
 
 
 class PretrainConfig(StageConfig):
@@ -126,20 +129,54 @@ class PretrainResult:
 
 
 class EHRTrainer(Trainer):
-    """Trainer with length-bucketed batches and perplexity next to the evaluation loss."""
+    """Trainer with length-bucketed batches and a token-weighted tuning loss with perplexity."""
 
     def _get_train_sampler(self, train_dataset=None):
+        # Buckets span one global optimizer step (all micro-batches on all devices), so a run on N devices
+        # sees the same windows per step as a one-device run with N times the batch.
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return LengthBucketSampler(dataset.lengths, batch, seed=self.args.seed)
+        args = self.args
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return LengthBucketSampler(dataset.lengths, batch, seed=args.seed)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        loss = metrics.get(f"{metric_key_prefix}_loss")
-        if loss is not None:
-            perplexity = {f"{metric_key_prefix}_perplexity": math.exp(min(loss, 50.0))}
-            metrics.update(perplexity)
-            self.log(perplexity)
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Tuning loss averaged over every predicted token (not over batches), and its perplexity.
+
+        Per-sequence sums are gathered with `gather_for_metrics`, so under several processes the padding
+        samples that even out the last batch are dropped and the result equals a one-process run.
+        """
+        started = time.perf_counter()
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        sums, counts = [], []
+        with torch.no_grad():
+            for batch in dataloader:
+                batch = self._prepare_inputs(batch)
+                labels = batch.pop("labels")
+                with self.autocast_smart_context_manager():
+                    logits = model(**batch).logits
+                targets = labels[:, 1:]
+                nll = F.cross_entropy(
+                    logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+                )
+                row_sums, row_counts = self.accelerator.gather_for_metrics(
+                    (nll.sum(dim=1), targets.ne(IGNORE_INDEX).sum(dim=1))
+                )
+                sums.append(row_sums.double().cpu())
+                counts.append(row_counts.cpu())
+        model.train(was_training)
+        tokens = int(torch.cat(counts).sum()) if counts else 0
+        loss = float(torch.cat(sums).sum() / tokens) if tokens else float("nan")
+        metrics = {
+            f"{metric_key_prefix}_loss": loss,
+            f"{metric_key_prefix}_perplexity": math.exp(min(loss, MAX_LOG_PERPLEXITY)),
+            f"{metric_key_prefix}_tokens": tokens,
+            f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4),
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
 

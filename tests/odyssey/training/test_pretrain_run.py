@@ -3,12 +3,14 @@
 import math
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from odyssey.config import ConfigError
 from odyssey.io import read_json
 from odyssey.models import EHRMambaForPretraining
+from odyssey.training.data import SequenceCollator, SequenceDataset, read_sequences, read_vocabulary
 from odyssey.training.pretrain import PretrainConfig, pretrain
 
 SMALL_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "time_embedding_size": 8}
@@ -38,8 +40,25 @@ def test_tuning_loss_falls_and_run_folder_is_complete(sequences_dir, tmp_path):
     assert list((run / "logs").glob("events.out.tfevents.*"))
     report = read_json(run / "pretrain_report.json")
     assert report["tuning_loss"] == pytest.approx(trained.tuning_loss) and report["config"]["max_steps"] == 40
-    model = EHRMambaForPretraining.from_pretrained(run / "model")
+    model = EHRMambaForPretraining.from_pretrained(run / "model").eval()
     assert model.config.hidden_size == 32 and model.config.vocab_size == 54
+    assert trained.tuning_loss == pytest.approx(token_weighted_loss(model, sequences_dir), rel=1e-5)
+
+
+def token_weighted_loss(model, sequences_dir) -> float:
+    """Mean next-token loss over every tuning token, one sequence at a time (no padding at all)."""
+    vocabulary = read_vocabulary(sequences_dir)
+    dataset = SequenceDataset(read_sequences(sequences_dir, "tuning"), vocabulary, 2048, "windows")
+    collate = SequenceCollator(vocabulary.pad_id, pad_to_multiple_of=1)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            batch = collate([dataset[i]])
+            labels = batch.pop("labels")
+            count = int(labels[:, 1:].ne(-100).sum())
+            total += model(**batch, labels=labels).loss.item() * count
+            tokens += count
+    return total / tokens
 
 
 class CrashAt(TrainerCallback):
