@@ -30,27 +30,34 @@ def _uuid_from(text: str) -> str:
 MEDICATION_IDS = {key: _uuid_from(f"odyssey-synth-medication:{drug.ndc}") for key, drug in cat.DRUGS.items()}
 
 
-_DAYS: dict[int, tuple[str, int]] = {}  # day number since the epoch -> ("YYYY-MM-DD", month)
+_DAYS: dict[int, tuple[str, bool, str]] = {}  # EST day number -> (its date, summer time?, next date)
 
 
-def _day(day: int) -> tuple[str, int]:
-    cached = _DAYS.get(day)
-    if cached is None:
-        if len(_DAYS) > 1 << 20:
-            _DAYS.clear()
-        g = time.gmtime(day * DAY)
-        cached = _DAYS[day] = (f"{g.tm_year:04d}-{g.tm_mon:02d}-{g.tm_mday:02d}", g.tm_mon)
-    return cached
+def _day(day: int) -> tuple[str, bool, str]:
+    g = time.gmtime(day * DAY)
+    n = time.gmtime((day + 1) * DAY)
+    if len(_DAYS) > 1 << 20:
+        _DAYS.clear()
+    info = _DAYS[day] = (f"{g.tm_year:04d}-{g.tm_mon:02d}-{g.tm_mday:02d}", 4 <= g.tm_mon <= 10,
+                         f"{n.tm_year:04d}-{n.tm_mon:02d}-{n.tm_mday:02d}")
+    return info
 
 
 def format_time(ts: int) -> str:
     """UTC epoch seconds -> local dateTime with the Eastern offset of that date (-04:00 April to October)."""
-    summer = 4 <= _day((ts - 5 * HOUR) // DAY)[1] <= 10
-    local = ts - (4 if summer else 5) * HOUR
-    day, rest = divmod(local, DAY)
+    day, rest = divmod(ts - 5 * HOUR, DAY)  # Eastern standard time
+    info = _DAYS.get(day) or _day(day)
+    if info[1]:  # summer time is one hour ahead of standard time
+        rest += HOUR
+        date = info[2] if rest >= DAY else info[0]
+        rest %= DAY
+        suffix = "-04:00"
+    else:
+        date = info[0]
+        suffix = "-05:00"
     hour, rest = divmod(rest, HOUR)
     minute, second = divmod(rest, 60)
-    return f"{_day(day)[0]}T{hour:02d}:{minute:02d}:{second:02d}{'-04:00' if summer else '-05:00'}"
+    return f"{date}T{hour:02d}:{minute:02d}:{second:02d}{suffix}"
 
 
 def format_date(ts: int) -> str:
@@ -120,17 +127,14 @@ class FhirRenderer:
         }
         self._dx_cache: dict[tuple[str, bool], dict] = {}
         self._proc_cache: dict[tuple[str, bool], dict] = {}
-        self._times: dict[int, str] = {}
 
     # ------------------------------------------------------------------------------ helpers
     def ref(self, rtype: str, rid: str) -> dict:
         return {"reference": f"urn:uuid:{rid}" if self.urn_refs else f"{rtype}/{rid}"}
 
-    def t(self, ts: int) -> str:
-        s = self._times.get(ts)
-        if s is None:
-            s = self._times[ts] = format_time(ts)
-        return s
+    @staticmethod
+    def t(ts: int) -> str:
+        return format_time(ts)
 
     def dx_code(self, dx: cat.Dx, icd10: bool) -> dict:
         key = (dx.icd10, icd10)
@@ -204,9 +208,8 @@ class FhirRenderer:
         """All resources of one patient as (id, serialized JSON), grouped by type, in a stable order."""
         if not hasattr(self, "enc_head"):
             self._init_templates()
-        self._times.clear()
         dumps = orjson.dumps
-        t = self.t
+        t = format_time
         mimic = self.mimic
         pid = rec.id
         subject = self.ref("Patient", pid)

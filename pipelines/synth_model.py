@@ -252,8 +252,8 @@ class PatientSimulator:
 
     # ids: random 128-bit values from the patient's stream, formatted as version-4 UUIDs
     def new_id(self) -> str:
-        h = f"{self.rng.getrandbits(128):032x}"
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+        h = f"{self.rng.getrandbits(128) & _UUID_CLEAR | _UUID_SET:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     def run(self) -> PatientRecord:
         rng = self.rng
@@ -632,7 +632,7 @@ class PatientSimulator:
             k = 0
             while day < hi:
                 when = day + _minute(rng.uniform(0, 120) * MINUTE)
-                if all(abs(when - v) > VISIT_SPACING for v in visits):
+                if not visits or all(abs(when - v) > VISIT_SPACING for v in visits):
                     self.dialysis_session(when, k)
                 day += DIALYSIS_INTERVALS[k % len(DIALYSIS_INTERVALS)] * DAY
                 k += 1
@@ -674,6 +674,11 @@ class PatientSimulator:
         if panel:
             self.lab_panel(enc, t + 10 * MINUTE, panel, 0.0, None)
         self.chronic_meds(enc, t + 15 * MINUTE, t + 90 * DAY, 0.3)
+
+
+# Version 4 (random) and RFC 4122 variant bits of a UUID.
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+_UUID_SET = (0x4 << 76) | (0x2 << 62)
 
 
 def _minute(t: float) -> int:
