@@ -192,7 +192,7 @@ from odyssey.tokenizer import TokenizeConfig, tokenize
 started = time.perf_counter()
 report = tokenize(sys.argv[1], sys.argv[2], TokenizeConfig(max_rows_per_chunk=int(sys.argv[3])), progress=False)
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "events": report.events, "tokens": report.tokens,
+print(json.dumps({"seconds": seconds, "phases": report.phase_seconds, "events": report.events, "tokens": report.tokens,
                   "subjects": report.subjects, "vocab_size": report.vocab_size, "parts": report.parts,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

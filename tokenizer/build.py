@@ -340,7 +340,7 @@ def build_sequences(
     slot = (pl.col(_KEY) // 2**_TOKEN_ID_BITS) % 2**_SLOT_BITS
     is_event = (slot >= _SLOT_FIRST_EVENT) & (slot < _SLOT_VE)
     token_frame = (
-        pl.concat(parts, how="vertical")
+        pl.concat([part.drop(_RUN) for part in parts], how="vertical")
         .lazy()
         .sort(_KEY, AVAILABLE)  # equal keys and times: identical tokens
         .join(subject_times, on=S.SUBJECT_ID, how="left", maintain_order="left")

@@ -26,6 +26,9 @@ from tqdm import tqdm
 
 from odyssey.io import atomic_output_dir, write_json
 
+# Fast to write and read back; dictionaries and statistics buy little on list columns of ids.
+_PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": False, "write_statistics": False}
+
 
 @dataclass
 class TokenizeReport:
@@ -48,6 +51,7 @@ class TokenizeReport:
     has_splits: bool = False
     subjects_per_split: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     events_per_second: float = 0.0
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -99,6 +103,7 @@ def tokenize(
     config = config or TokenizeConfig()
     started = time.perf_counter()
     info = check_meds_dataset(data_dir)
+    checked = time.perf_counter()
     files = data_files(data_dir)
     splits = read_splits(data_dir)
     report = TokenizeReport(
@@ -122,6 +127,7 @@ def tokenize(
             yield frame if train_ids is None else frame.join(train_ids.lazy(), on=S.SUBJECT_ID, how="semi")
 
     tokenizer = EHRTokenizer.fit(train_shards, config)
+    fitted = time.perf_counter()
     report.vocab_size, report.binned_codes = tokenizer.vocab_size, len(tokenizer.bins)
     totals = ChunkCounts()
     per_split: dict[str | None, int] = {}
@@ -140,13 +146,18 @@ def tokenize(
             for split, n in sequences.group_by(SPLIT).len().iter_rows():
                 per_split[split] = per_split.get(split, 0) + n
             table = sequences.to_arrow().cast(SEQUENCE_SCHEMA)
-            pq.write_table(table, tmp / SEQUENCES_DIR / f"part-{part:05d}.parquet")
+            pq.write_table(table, tmp / SEQUENCES_DIR / f"part-{part:05d}.parquet", **_PARQUET_OPTIONS)
             report.parts += 1
         for name, value in vars(totals).items():
             setattr(report, name, value)
         report.subjects_without_split = per_split.pop(None, 0)
         report.subjects_per_split = {k: per_split[k] for k in sorted(per_split)}
         report.seconds = round(time.perf_counter() - started, 3)
+        report.phase_seconds = {
+            "check": round(checked - started, 3),
+            "fit": round(fitted - checked, 3),
+            "build_and_write": round(time.perf_counter() - fitted, 3),
+        }
         report.events_per_second = round(info.rows / report.seconds, 1) if report.seconds else 0.0
         write_json(tmp / REPORT_FILE, report.to_dict())
     return report
