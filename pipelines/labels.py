@@ -268,7 +268,10 @@ def make_labels(
 def _group_flags(events: pl.LazyFrame, groups: dict[str, ConditionGroup]) -> pl.DataFrame:
     """Per encounter with a condition row: one boolean per group."""
     return (
-        events.filter(pl.col(S.ENCOUNTER_ID).is_not_null())
+        events.filter(
+            pl.col(S.ENCOUNTER_ID).is_not_null()
+            & pl.any_horizontal([pl.col(S.CODE).str.starts_with(v + S.CODE_SEPARATOR) for v in ICD_VOCABULARIES.values()])
+        )
         .group_by(S.ENCOUNTER_ID)
         .agg([_code_matches(spec).any().alias(group) for group, spec in groups.items()])
         .collect()

@@ -13,8 +13,8 @@ Per token: `token_type_ids` (`TokenType`), `ages` (years since MEDS_BIRTH at the
 the subject has no birth row), `times` (days since the subject's first visit start), `visit_orders`
 (0 for [CLS] and static tokens, else the visit number; a gap token takes the visit it opens),
 `visit_segments` (1, 2, 1, ... by visit for events; 0 for specials, gaps and static tokens) and
-`event_times` (when the fact became available: `issued` when present under `availability: issued`,
-else `time`; `[CLS]` and static tokens: the first visit start; `[VS]` and a gap: the visit start;
+`event_times` (when the fact became available: `issued` when present (and not before `time`) under
+`availability: issued`, else `time`; `[CLS]` and static tokens: the first visit start; `[VS]` and a gap: the visit start;
 `[VE]` and `[REG]`: the visit end).
 """
 
@@ -243,7 +243,8 @@ def build_sequences(
 
     available = pl.col(S.TIME)
     if config.availability == "issued":
-        available = pl.coalesce(pl.col(S.ISSUED), pl.col(S.TIME))
+        # A result cannot be known before the fact it reports: an `issued` earlier than `time` counts as `time`.
+        available = pl.max_horizontal(pl.col(S.ISSUED), pl.col(S.TIME))
     new_run = (pl.col(S.SUBJECT_ID) != pl.col(S.SUBJECT_ID).shift(1)) | (
         pl.col(S.TIME) != pl.col(S.TIME).shift(1)
     )
