@@ -221,6 +221,8 @@ def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str) -
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         dataloader_num_workers=config.dataloader_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without CUDA, tell accelerate so that torchrun / accelerate launch start gloo DDP across CPU processes.
+        use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         report_to=[],
