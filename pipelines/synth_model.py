@@ -46,7 +46,7 @@ READMISSION_WINDOW = 30 * DAY
 FIRST_VISIT_FROM = 4417977600
 FIRST_VISIT_TO = 6500793600
 
-LONG_HISTORY_SHARE = 0.028  # patients on daily home hemodialysis for a decade or more
+LONG_HISTORY_SHARE = 0.03  # patients on daily home hemodialysis for a decade or more
 DIALYSIS_INTERVALS = (1, 1, 1, 1, 1, 2)  # days between sessions: six a week
 OUTPATIENT_DAYS = 500.0  # mean days between ED / ambulatory visits
 VISIT_SPACING = 12 * HOUR  # minimum time between two outpatient visit starts (longest visit: 9 h)
@@ -287,7 +287,7 @@ class PatientSimulator:
 
         self.baseline_visit(t0)
         if long_history:
-            first_admission = t0 + int(rng.uniform(8.0, 10.5) * YEAR)
+            first_admission = t0 + int(rng.uniform(8.5, 10.5) * YEAR)
         else:
             first_admission = t0 + int(rng.uniform(1, 6) * YEAR)
         first_admission = _minute(first_admission)
@@ -486,9 +486,10 @@ class PatientSimulator:
         day_start = (t // DAY + 1) * DAY + 11 * HOUR  # 06:00 local
         day = 1
         while day_start + 2 * HOUR < end:  # the panel (drawn within 90 min) falls inside the stay
-            extra = ("potassium", "wbc") if day == 1 or day % 3 == 0 else ()
-            self.lab_panel(enc, day_start + _minute(rng.uniform(0, 90) * MINUTE), (*DAILY, *extra),
-                           a * math.exp(-day / 2.5), reason)
+            if day <= 3 or day % 2 == 0:  # daily at first, then every other day
+                extra = ("potassium", "wbc") if day == 1 or day % 4 == 0 else ()
+                self.lab_panel(enc, day_start + _minute(rng.uniform(0, 90) * MINUTE), (*DAILY, *extra),
+                               a * math.exp(-day / 2.5), reason)
             if a > 1.5 and stay.long_stay and day_start + 13 * HOUR < end:  # ICU-like stays: an evening panel
                 self.lab_panel(enc, day_start + 12 * HOUR, ("creatinine", "potassium", "lactate"), a * math.exp(-day / 2.5),
                                reason)
@@ -644,9 +645,9 @@ class PatientSimulator:
 
     def dialysis_session(self, t: int, k: int) -> None:
         enc = self.new_encounter("AMB", t, t + 4 * HOUR)
-        if k % 8 == 0:
-            self.lab_panel(enc, t + 10 * MINUTE, ("potassium",) if k % 16 else ("potassium", "hemoglobin"), 0.0, None)
-        if k % 24 == 0:
+        if k % 12 == 0:
+            self.lab_panel(enc, t + 10 * MINUTE, ("potassium",) if k % 24 else ("potassium", "hemoglobin"), 0.0, None)
+        if k % 48 == 0:
             self.add_med(enc, "epoetin", t + HOUR, t + 2 * HOUR)
 
     def ed_visit(self, t: int) -> None:
@@ -668,7 +669,7 @@ class PatientSimulator:
             if s.chronic[g] and rng.random() < 0.8:
                 self.add_dx(enc, self.group_dx(g))
         self.background_dx(enc, 0.5)
-        panel = ["creatinine", "potassium"] if rng.random() < 0.6 else []
+        panel = ["creatinine", "potassium"] if rng.random() < 0.4 else []
         if s.chronic["diabetes"]:
             panel.append("hba1c")
         if panel:
