@@ -26,18 +26,18 @@ import meds
 import orjson
 import polars as pl
 import yaml
-from odyssey.pipelines import schema
-from odyssey.pipelines.fhir_sources import Chunk, discover, fetch_lines, plan_chunks
-from odyssey.pipelines.ingest_read import Problem, ReadSettings, read_chunk
-from odyssey.pipelines.ingest_resolve import StrictStop, resolve_and_write
-from odyssey.pipelines.report import IngestReport, TypeCounts, reason_category
-from odyssey.pipelines.splits import SplitRatios, assign_splits, write_parquet
 from pydantic import Field
 from tqdm.auto import tqdm
 
 import odyssey
 from odyssey.config import ConfigError, StageConfig
 from odyssey.io import atomic_output_dir, write_json
+from odyssey.pipelines import schema
+from odyssey.pipelines.fhir_sources import Chunk, discover, fetch_lines, plan_chunks
+from odyssey.pipelines.ingest_read import Problem, ReadSettings, read_chunk
+from odyssey.pipelines.ingest_resolve import StrictStop, resolve_and_write
+from odyssey.pipelines.report import IngestReport, TypeCounts, reason_category
+from odyssey.pipelines.splits import SplitRatios, assign_splits, write_parquet
 
 ETL_NAME = "odyssey.ingest"
 
@@ -104,8 +104,8 @@ def _read_all(chunks, settings, workers, show_progress):
                 if settings.strict and results[-1].problems:
                     break
         else:
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            with multiprocessing.get_context(method).Pool(workers) as pool:
+            # spawn, not fork: polars' thread pool does not survive a fork (children deadlock)
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 for result in pool.imap_unordered(read_chunk, jobs):
                     results.append(result)
                     bar.update(result.bytes)

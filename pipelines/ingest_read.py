@@ -15,6 +15,7 @@ import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from odyssey.pipelines.fhir_flatten import (
     ROW_COLUMNS,
     SUPPORTED_RESOURCE_TYPES,

@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from odyssey.pipelines import schema
 from odyssey.pipelines.ingest_read import Problem
 from odyssey.pipelines.schema import EventType

@@ -9,8 +9,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from odyssey.pipelines import schema
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from odyssey.pipelines import schema
 
 
 class SplitRatios(BaseModel):

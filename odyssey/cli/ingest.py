@@ -24,8 +24,9 @@ def ingest(
     """Turn FHIR R4 exports into a MEDS v0.4 dataset; bad resources go to OUT/rejects/."""
     from odyssey.pipelines.fhir_sources import InputError
     from odyssey.pipelines.ingest import IngestConfig, StrictModeError, ingest_fhir
+    from odyssey.pipelines.meds_io import MedsFormatError
 
-    with user_errors((InputError,)):
+    with user_errors((InputError, MedsFormatError)):
         if meds is not None:
             from odyssey.pipelines.meds_check import ingest_meds
 
