@@ -269,10 +269,9 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         data_collator=SequenceCollator(vocabulary.pad_id, config.pad_to_multiple_of),
         callbacks=callbacks,
     )
-    if trainer.is_world_process_zero():
-        from torch.utils.tensorboard import SummaryWriter
-
-        trainer.add_callback(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / LOGS))))
+    tensorboard = TensorBoardCallback()  # writes on the main process only, opened lazily
+    tensorboard.logging_dir = str(run_dir / LOGS)  # also where the post-training evaluation reopens it
+    trainer.add_callback(tensorboard)
 
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=last if config.resume else None)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import TrainerCallback
 
 from odyssey.config import ConfigError
@@ -37,7 +38,14 @@ def test_tuning_loss_falls_and_run_folder_is_complete(sequences_dir, tmp_path):
     assert not list((run / "model").glob("*.bin"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-20", "checkpoint-40"]
-    assert list((run / "logs").glob("events.out.tfevents.*"))
+    tags = set()
+    for events in (run / "logs").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "eval/loss", "eval/perplexity"} <= tags
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "logs", "model", "pretrain_report.json"]
+    assert not (run / "checkpoints" / "runs").exists()
     report = read_json(run / "pretrain_report.json")
     assert report["tuning_loss"] == pytest.approx(trained.tuning_loss) and report["config"]["max_steps"] == 40
     model = EHRMambaForPretraining.from_pretrained(run / "model").eval()
