@@ -13,7 +13,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_ehrmamba import EHRMambaConfig
-from .embeddings import EHRMambaEmbeddings
+from .embeddings import EHRMambaEmbeddings, LearnedSinusoid
 from .mixer import EHRMambaMixer, MixerState
 
 IGNORE_INDEX = -100  # label value the loss skips (padding)
@@ -108,7 +108,7 @@ class EHRMambaPreTrainedModel(PreTrainedModel):
             if self.config.rescale_prenorm_residual:
                 # GPT-2 style: shrink residual-branch outputs by 1/sqrt(depth).
                 module.out_proj.weight /= math.sqrt(self.config.num_hidden_layers)
-        elif hasattr(module, "reset_parameters") and module.__class__.__name__ == "LearnedSinusoid":
+        elif isinstance(module, LearnedSinusoid):
             module.reset_parameters()
 
 
