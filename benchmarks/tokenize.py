@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from odyssey.pipelines import schema as S
 
 EPOCH_US = int(datetime(2010, 1, 1).timestamp() * 1e6)

@@ -24,12 +24,12 @@ import meds
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from odyssey.pipelines import schema as S
-from odyssey.pipelines.meds_io import check_meds_dataset, data_files
-from odyssey.pipelines.tasks import ConditionGroup, TaskDefinition, TaskSet, load_tasks
 from tqdm import tqdm
 
 from odyssey.io import atomic_output_dir, write_json
+from odyssey.pipelines import schema as S
+from odyssey.pipelines.meds_io import check_meds_dataset, data_files
+from odyssey.pipelines.tasks import ConditionGroup, TaskDefinition, TaskSet, load_tasks
 
 LABELS_FILE = "labels.parquet"
 MANIFEST_FILE = "tasks.json"

@@ -20,6 +20,7 @@ import meds
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from odyssey.pipelines import schema as S
 
 

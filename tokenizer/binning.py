@@ -9,6 +9,7 @@ points collapse, so a code whose values barely vary gets fewer bins. A value goe
 from __future__ import annotations
 
 import polars as pl
+
 from odyssey.pipelines import schema as S
 
 BIN_SEPARATOR = "_"

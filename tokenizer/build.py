@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+
 from odyssey.pipelines import schema as S
 from odyssey.tokenizer.config import TokenizeConfig
 from odyssey.tokenizer.visits import VISIT_END, VISIT_ORDER, VISIT_START, assign_visits, build_visits
@@ -207,6 +208,14 @@ def _key(run: pl.Expr, slot: pl.Expr | int, token_id: pl.Expr | int = 0) -> pl.E
     ).alias(_KEY)
 
 
+def _in_key_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """Rows sorted by `_key`, ties in their current order (input order: deterministic).
+
+    The parts are each nearly in key order, so numpy's stable sort (timsort on int64) mostly merges runs.
+    """
+    return frame[np.argsort(frame[_KEY].to_numpy(), kind="stable")]
+
+
 def build_sequences(
     events: pl.LazyFrame,
     codes: CodeTable,
@@ -251,12 +260,18 @@ def build_sequences(
     in_order = token_rows.with_columns(
         new_run.fill_null(True).cum_sum().alias(_RUN)
     )  # before joins reorder rows
+    # Token type and slot from the chunk's few distinct event types: gathers, not a string lookup per row.
+    kinds = rows[S.EVENT_TYPE].unique().sort().to_list()
+    kind_index = pl.col(S.EVENT_TYPE).cast(pl.Enum(kinds)).to_physical()
+    kind_frame = pl.DataFrame({"_kind": kinds}).select(
+        token_type_of(pl.col("_kind")).alias("_type"), _event_rank(pl.col("_kind")).alias("_rank")
+    )
     visit_events = (
         event_tokens(assign_visits(in_order, intervals.lazy()), codes)
         .with_columns(
-            token_type_of(pl.col(S.EVENT_TYPE)).alias(TOKEN_TYPE),
+            pl.lit(kind_frame["_type"]).gather(kind_index).alias(TOKEN_TYPE),
             available.alias(AVAILABLE),
-            (_event_rank(pl.col(S.EVENT_TYPE)) + _SLOT_FIRST_EVENT).alias(_SLOT),
+            (pl.lit(kind_frame["_rank"]).gather(kind_index) + _SLOT_FIRST_EVENT).alias(_SLOT),
         )
         .with_columns(_key(pl.col(_RUN), pl.col(_SLOT), pl.col(TOKEN_ID)))
         .select(S.SUBJECT_ID, VISIT_ORDER, _RUN, _KEY, S.TIME, TOKEN_ID, TOKEN_TYPE, AVAILABLE)
@@ -274,7 +289,9 @@ def build_sequences(
         )
         visit_events = (
             visit_events.join(
-                renumbered.select(S.SUBJECT_ID, VISIT_ORDER, "_order"), on=[S.SUBJECT_ID, VISIT_ORDER]
+                renumbered.select(S.SUBJECT_ID, VISIT_ORDER, "_order"),
+                on=[S.SUBJECT_ID, VISIT_ORDER],
+                maintain_order="left",
             )
             .drop(VISIT_ORDER)
             .rename({"_order": VISIT_ORDER})
@@ -341,9 +358,8 @@ def build_sequences(
     slot = (pl.col(_KEY) // 2**_TOKEN_ID_BITS) % 2**_SLOT_BITS
     is_event = (slot >= _SLOT_FIRST_EVENT) & (slot < _SLOT_VE)
     token_frame = (
-        pl.concat([part.drop(_RUN) for part in parts], how="vertical")
+        _in_key_order(pl.concat([part.drop(_RUN) for part in parts], how="vertical"))
         .lazy()
-        .sort(_KEY, AVAILABLE)  # equal keys and times: identical tokens
         .join(subject_times, on=S.SUBJECT_ID, how="left", maintain_order="left")
         .with_columns(
             ((pl.col(S.TIME) - pl.col("_birth")).dt.total_microseconds() / years)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from odyssey.pipelines import schema as S
 from pydantic import Field
 
 from odyssey.config import StageConfig
+from odyssey.pipelines import schema as S
 
 
 class TokenizeConfig(StageConfig):

@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from odyssey.pipelines import schema as S
-from odyssey.tokenizer.binning import BREAKS, bin_token, fit_bins
-from odyssey.tokenizer.build import CodeTable, excluded, token_type_of, word_of
-from odyssey.tokenizer.config import TokenizeConfig
-from odyssey.tokenizer.vocab import SpecialTokens, TokenType, special_token_type
 from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
 from odyssey.io import read_json, write_json
+from odyssey.pipelines import schema as S
+from odyssey.tokenizer.binning import BREAKS, bin_token, fit_bins
+from odyssey.tokenizer.build import CodeTable, excluded, token_type_of, word_of
+from odyssey.tokenizer.config import TokenizeConfig
+from odyssey.tokenizer.vocab import SpecialTokens, TokenType, special_token_type
 
 TOKENIZER_FILE = "tokenizer.json"
 EXTRA_FILE = "odyssey_tokenizer.json"

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+
 from odyssey.pipelines import schema as S
 from odyssey.tokenizer.build import (
     AGES,

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from odyssey.io import atomic_output_dir, write_json
 from odyssey.pipelines import schema as S
 from odyssey.pipelines.meds_io import check_meds_dataset, data_files, read_splits, scan_shard
 from odyssey.tokenizer.build import SPLIT, ChunkCounts, build_sequences
 from odyssey.tokenizer.config import TokenizeConfig
 from odyssey.tokenizer.ehr_tokenizer import EHRTokenizer
 from odyssey.tokenizer.sequences import REPORT_FILE, SEQUENCE_SCHEMA, SEQUENCES_DIR, TOKENIZER_DIR
-from tqdm import tqdm
-
-from odyssey.io import atomic_output_dir, write_json
 
 # Fast to write and read back; dictionaries and statistics buy little on list columns of ids.
 _PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": False, "write_statistics": False}

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import polars as pl
+
 from odyssey.pipelines import schema as S
 
 VISIT_START = "visit_start"

@@ -10,14 +10,14 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import typer
-from odyssey.pipelines import schema as S
-from odyssey.pipelines.labels import make_labels
-from odyssey.pipelines.tasks import TaskSet, UnknownTaskError, load_tasks
-from odyssey.tokenizer import EHRTokenizer, TokenizeConfig, cut_at, load_sequences, tokenize
 from typer.testing import CliRunner
 
 from odyssey.cli import labels as labels_cli
 from odyssey.io import read_json
+from odyssey.pipelines import schema as S
+from odyssey.pipelines.labels import make_labels
+from odyssey.pipelines.tasks import TaskSet, UnknownTaskError, load_tasks
+from odyssey.tokenizer import EHRTokenizer, TokenizeConfig, cut_at, load_sequences, tokenize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tokenizer"))
 from meds_events import admission, at, event, write_dataset  # noqa: E402

@@ -7,6 +7,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from odyssey.pipelines import schema as S
 from odyssey.pipelines.meds_io import MedsFormatError, check_meds_dataset, scan_shard, write_meds_dataset
 

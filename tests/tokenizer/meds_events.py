@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
+
 from odyssey.pipelines import schema as S
 from odyssey.pipelines.meds_io import write_meds_dataset
 

@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 from meds_events import admission, at, event, write_dataset
+
 from odyssey.tokenizer import EHRTokenizer, TokenizeConfig, load_sequences, tokenize
 from odyssey.tokenizer.binning import bin_index, fit_bins
 

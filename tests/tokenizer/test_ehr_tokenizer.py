@@ -1,9 +1,10 @@
 """EHRTokenizer: fixed special ids, save/load, and the round trip through transformers."""
 
 import pytest
+from transformers import PreTrainedTokenizerFast
+
 from odyssey.tokenizer import EHRTokenizer, SpecialTokens, TokenType
 from odyssey.tokenizer.ehr_tokenizer import EXTRA_FILE, TOKENIZER_FILE
-from transformers import PreTrainedTokenizerFast
 
 WORDS = ["ICD10CM//I50.9", "LOINC//2160-0", "LOINC//2160-0_0", "LOINC//2160-0_1", "GENDER//female"]
 TYPES = [TokenType.CONDITION, TokenType.LAB, TokenType.LAB, TokenType.LAB, TokenType.DEMOGRAPHIC]

@@ -5,6 +5,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pytest
 from meds_events import BASE, admission, at, event, write_dataset
+
 from odyssey.tokenizer import EHRTokenizer, TokenizeConfig, TokenType, load_sequences, tokenize
 
 BIRTH = datetime(1980, 1, 1)

@@ -6,12 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import typer
 from meds_events import admission, at, event, write_dataset
-from odyssey.pipelines.meds_io import MedsFormatError
-from odyssey.tokenizer import SEQUENCE_SCHEMA, TokenizeConfig, load_sequences, tokenize
 from typer.testing import CliRunner
 
 from odyssey.cli import tokenize as tokenize_cli
 from odyssey.io import read_json
+from odyssey.pipelines.meds_io import MedsFormatError
+from odyssey.tokenizer import SEQUENCE_SCHEMA, TokenizeConfig, load_sequences, tokenize
 
 
 def _cohort(n_subjects=12, seed=0):

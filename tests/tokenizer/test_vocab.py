@@ -3,6 +3,7 @@
 import numpy as np
 import polars as pl
 import pytest
+
 from odyssey.tokenizer.build import gap_token_id
 from odyssey.tokenizer.vocab import (
     TASK_TOKENS,
