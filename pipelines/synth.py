@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip as gzip_module
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +22,11 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from odyssey.io import atomic_output_dir, write_json
 from odyssey.pipelines import synth_catalog as cat
 from odyssey.pipelines.synth_fhir import FORMATS, FhirRenderer
 from odyssey.pipelines.synth_model import PatientRecord, simulate_patient
-
-from odyssey.io import atomic_output_dir, write_json
 
 TRUTH_FILE = "truth.parquet"
 LATENT_FILE = "latent.parquet"
@@ -113,19 +114,21 @@ def _table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
 # ------------------------------------------------------------------------------------ generation
 @dataclass
 class _Chunk:
-    streams: dict[str, bytes]
+    streams: dict[str, bytes]  # serialized NDJSON per stream, or empty when written to `parts`
+    parts: dict[str, str]  # stream -> part file written by a worker process
     counts: dict[str, int]
     truth: list[tuple]
     latent: list[tuple]
 
 
-def _generate_chunk(args: tuple[int, str, bool, int, int]) -> _Chunk:
+def _generate_chunk(args: tuple[int, str, bool, int, int, str | None]) -> _Chunk:
     """Simulate and serialize patients [start, stop); pure, so chunks can run in any process.
 
     With `compress`, each stream of the chunk is one gzip member; members concatenate into a valid
-    .gz file (RFC 1952), so compression runs in the workers too.
+    .gz file (RFC 1952), so compression runs in the workers too. With `parts_dir`, the chunk's bytes go
+    to part files there instead of back through the pool's pipe (the main process splices them in).
     """
-    seed, fmt, compress, start, stop = args
+    seed, fmt, compress, start, stop, parts_dir = args
     renderer = FhirRenderer(fmt)
     parts: dict[str, list[bytes]] = {}
     counts: dict[str, int] = {}
@@ -141,7 +144,14 @@ def _generate_chunk(args: tuple[int, str, bool, int, int]) -> _Chunk:
         truth += _truth_rows(rec)
         latent.append(_latent_row(rec))
     streams = {k: _maybe_gzip(b"".join(v), compress) for k, v in parts.items()}
-    return _Chunk(streams, counts, truth, latent)
+    part_files: dict[str, str] = {}
+    if parts_dir is not None:
+        for key, data in streams.items():
+            part_files[key] = os.path.join(parts_dir, f"{start:010d}.{key}")
+            with open(part_files[key], "wb") as handle:
+                handle.write(data)
+        streams = {}
+    return _Chunk(streams, part_files, counts, truth, latent)
 
 
 def _maybe_gzip(data: bytes, compress: bool) -> bytes:
@@ -162,13 +172,32 @@ class _Sinks:
         self.files: dict[str, BinaryIO] = {}
         self.names: list[str] = []
 
-    def write(self, stream: str, data: bytes) -> None:
+    def _handle(self, stream: str) -> BinaryIO:
         handle = self.files.get(stream)
         if handle is None:
             name = _file_name(self.fmt, stream) + (".gz" if self.compress else "")
-            handle = self.files[stream] = open(self.folder / name, "wb", buffering=1 << 20)  # noqa: SIM115
+            handle = self.files[stream] = open(self.folder / name, "wb", buffering=0)  # noqa: SIM115
             self.names.append(name)
-        handle.write(data)
+        return handle
+
+    def write(self, stream: str, data: bytes) -> None:
+        self._handle(stream).write(data)
+
+    def append_part(self, stream: str, path: str) -> None:
+        """Append a worker's part file in the kernel (no copy through this process), then delete it."""
+        handle = self._handle(stream)
+        with open(path, "rb") as part:
+            size = os.fstat(part.fileno()).st_size
+            try:
+                while size > 0:
+                    copied = os.copy_file_range(part.fileno(), handle.fileno(), size)
+                    if copied == 0:
+                        raise OSError("copy_file_range copied nothing")
+                    size -= copied
+            except (AttributeError, OSError):  # not Linux, or a file system without it
+                part.seek(os.fstat(part.fileno()).st_size - size)
+                shutil.copyfileobj(part, handle, 1 << 20)
+        os.remove(path)
 
     def close(self) -> None:
         for handle in self.files.values():
@@ -184,13 +213,18 @@ def synthesize(n_patients: int, out: str | os.PathLike, seed: int = 0, format: s
         raise ValueError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     began = time.perf_counter()
-    chunks = [(seed, format, gzip, s, min(s + CHUNK_PATIENTS, n_patients))
-              for s in range(0, n_patients, CHUNK_PATIENTS)]
+    starts = range(0, n_patients, CHUNK_PATIENTS)
+    parallel = workers > 1 and len(starts) > 1
     counts: dict[str, int] = dict.fromkeys(cat.RESOURCE_TYPES, 0)
     truth: list[tuple] = []
     latent: list[tuple] = []
     with atomic_output_dir(out) as tmp:
         sinks = _Sinks(tmp, format, gzip)
+        parts_dir = tmp / ".parts"
+        if parallel:
+            parts_dir.mkdir()
+        chunks = [(seed, format, gzip, s, min(s + CHUNK_PATIENTS, n_patients), str(parts_dir) if parallel else None)
+                  for s in starts]
         try:
             if format != "bundles":  # the shared formulary: one Medication per drug
                 renderer = FhirRenderer(format)
@@ -198,9 +232,11 @@ def synthesize(n_patients: int, out: str | os.PathLike, seed: int = 0, format: s
                 sinks.write("Medication", _maybe_gzip(b"".join(orjson.dumps(m) + b"\n" for m in meds), gzip))
                 counts["Medication"] += len(meds)
             bar = _progress(n_patients, progress)
-            for chunk in _run_chunks(chunks, workers):
+            for chunk in _run_chunks(chunks, workers if parallel else 1):
                 for stream, data in chunk.streams.items():
                     sinks.write(stream, data)
+                for stream, path in chunk.parts.items():
+                    sinks.append_part(stream, path)
                 for key, value in chunk.counts.items():
                     counts[key] += value
                 truth += chunk.truth
@@ -209,6 +245,7 @@ def synthesize(n_patients: int, out: str | os.PathLike, seed: int = 0, format: s
             bar.close()
         finally:
             sinks.close()
+            shutil.rmtree(parts_dir, ignore_errors=True)
         truth_table = _table(truth, truth_schema())
         pq.write_table(truth_table, tmp / TRUTH_FILE, compression="zstd")
         pq.write_table(_table(latent, LATENT_SCHEMA), tmp / LATENT_FILE, compression="zstd")
@@ -226,7 +263,7 @@ def synthesize(n_patients: int, out: str | os.PathLike, seed: int = 0, format: s
     return report
 
 
-def _run_chunks(chunks: list[tuple[int, str, bool, int, int]], workers: int):
+def _run_chunks(chunks: list[tuple[int, str, bool, int, int, str | None]], workers: int):
     if workers <= 1 or len(chunks) <= 1:
         yield from map(_generate_chunk, chunks)
         return

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import orjson
+
 from odyssey.pipelines import synth_catalog as cat
 from odyssey.pipelines.synth_model import DAY, HOUR, PatientRecord
 

@@ -12,6 +12,8 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
+from typer.testing import CliRunner
+
 from odyssey.pipelines import synth_catalog as cat
 from odyssey.pipelines.synth import (
     CHUNK_PATIENTS,
@@ -22,7 +24,6 @@ from odyssey.pipelines.synth import (
     truth_schema,
 )
 from odyssey.pipelines.synth_model import simulate_patient
-from typer.testing import CliRunner
 
 DAY = 86400.0
 MIMIC_FILES = {f"{name}.ndjson" for name in cat.MIMIC_FILES.values()}
