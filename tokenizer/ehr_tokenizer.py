@@ -234,15 +234,20 @@ class EHRTokenizer:
             .filter(pl.col("_count") >= config.min_code_count)
         )
         kept = per_code[S.CODE].to_list()
+        # Values as (code index, value): 8 bytes a row, so tens of millions of lab values fit easily.
+        kept_codes = pl.Enum(kept)
         values = [
             frame.filter(
                 pl.col(S.CODE).is_in(kept) & pl.col(S.NUMERIC_VALUE).is_not_null() & ~excluded(config)
             )
-            .select(S.CODE, S.NUMERIC_VALUE)
+            .select(pl.col(S.CODE).cast(kept_codes).to_physical(), S.NUMERIC_VALUE)
             .collect()
             for frame in train_shards()
         ]
-        bins = fit_bins(pl.concat(values).lazy(), config.n_bins, config.min_code_count)
+        by_index = fit_bins(pl.concat(values).lazy(), config.n_bins, config.min_code_count)
+        bins = by_index.with_columns(
+            pl.lit(pl.Series(kept, dtype=pl.String)).gather(pl.col(S.CODE)).alias(S.CODE)
+        )
         word_frame = (
             per_code.with_columns(
                 pl.col(S.CODE).map_elements(word_of, return_dtype=pl.String).alias("_word"),
