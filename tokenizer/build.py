@@ -166,11 +166,28 @@ def event_tokens(events: pl.LazyFrame, table: CodeTable) -> pl.LazyFrame:
     bare = pl.lit(pl.Series(table.bare_ids)).gather(index)
     token_id = pl.when(has_value).then(binned).otherwise(bare)
     token_id = pl.when(token_id < 0).then(pl.lit(int(SpecialTokens.UNK))).otherwise(token_id)
-    return (
-        events.with_columns(pl.col(S.CODE).cast(pl.Enum(table.codes)).to_physical().cast(pl.Int64).alias(_CODE_INDEX))
-        .with_columns(token_id.cast(pl.Int32).alias(TOKEN_ID))
-        .drop(_CODE_INDEX)
+    if _CODE_INDEX not in events.collect_schema().names():
+        events = events.with_columns(code_index(table))
+    return events.with_columns(token_id.cast(pl.Int32).alias(TOKEN_ID))
+
+
+def code_index(table: CodeTable) -> pl.Expr:
+    """Each row's position in `table.codes` (int64): one string pass, then every code test is a gather."""
+    return pl.col(S.CODE).cast(pl.Enum(table.codes)).to_physical().cast(pl.Int64).alias(_CODE_INDEX)
+
+
+def excluded_code(code: str, config: TokenizeConfig) -> bool:
+    """Python twin of `excluded` for one code (time-null rows aside)."""
+    prefixes = list(config.exclude_prefixes)
+    if not config.encounter_class_tokens:
+        prefixes.append(S.ENCOUNTER_START_PREFIX)
+    return code in config.exclude_codes or any(
+        code == p or code.startswith(p + S.CODE_SEPARATOR) for p in prefixes
     )
+
+
+def _code_flag(flags: list[bool]) -> pl.Expr:
+    return pl.lit(pl.Series(flags, dtype=pl.Boolean)).gather(pl.col(_CODE_INDEX))
 
 
 @dataclass
@@ -227,23 +244,22 @@ def build_sequences(
     `events` must keep each subject's rows together and sorted by time, static rows first (what
     `check_meds_dataset` guarantees). A visit none of whose rows becomes a token is left out.
     """
-    rows = events.select(
-        S.SUBJECT_ID, S.TIME, S.CODE, S.NUMERIC_VALUE, S.ENCOUNTER_ID, S.EVENT_TYPE, S.ISSUED
-    ).collect()
-    counts = ChunkCounts(events=rows.height)
-    births = (
-        rows.lazy()
-        .filter(pl.col(S.CODE) == S.BIRTH_CODE)
-        .group_by(S.SUBJECT_ID)
-        .agg(pl.col(S.TIME).min().alias("_birth"))
+    rows = (
+        events.select(S.SUBJECT_ID, S.TIME, S.CODE, S.NUMERIC_VALUE, S.ENCOUNTER_ID, S.EVENT_TYPE, S.ISSUED)
+        .with_columns(code_index(codes))
+        .collect()
     )
-    drop = excluded(config)
+    counts = ChunkCounts(events=rows.height)
+    is_birth = _code_flag([c == S.BIRTH_CODE for c in codes.codes])
+    is_birth_or_death = _code_flag([c in (S.BIRTH_CODE, S.DEATH_CODE) for c in codes.codes])
+    drop = _code_flag([excluded_code(c, config) for c in codes.codes])
+    if not config.static_tokens:
+        drop = drop | pl.col(S.TIME).is_null()
+    births = rows.lazy().filter(is_birth).group_by(S.SUBJECT_ID).agg(pl.col(S.TIME).min().alias("_birth"))
     tokens_in = rows.lazy().filter(~drop)
     token_rows = tokens_in.filter(pl.col(S.TIME).is_not_null())
     visit_defining = rows.lazy().filter(
-        pl.col(S.TIME).is_not_null()
-        & pl.col(S.ENCOUNTER_ID).is_not_null()
-        & ~pl.col(S.CODE).is_in([S.BIRTH_CODE, S.DEATH_CODE])
+        pl.col(S.TIME).is_not_null() & pl.col(S.ENCOUNTER_ID).is_not_null() & ~is_birth_or_death
     )
     intervals = build_visits(
         visit_defining.select(S.SUBJECT_ID, S.ENCOUNTER_ID, S.TIME),

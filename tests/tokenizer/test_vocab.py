@@ -69,3 +69,15 @@ def test_numpy_and_polars_gap_rules_agree_with_the_reference():
 def test_negative_gap_is_an_error():
     with pytest.raises(ValueError):
         gap_token(-1)
+
+
+def test_row_and_code_exclusion_rules_agree():
+    from odyssey.tokenizer.build import excluded, excluded_code
+    from odyssey.tokenizer.config import TokenizeConfig
+
+    codes = ["MEDS_DEATH", "MEDS_BIRTH", "ENCOUNTER_END//IMP", "ENCOUNTER_END", "ENCOUNTER_ENDX//1",
+             "ENCOUNTER_START//IMP", "ICD10CM//I50.9", "LOINC//1"]  # fmt: skip
+    for config in (TokenizeConfig(), TokenizeConfig(encounter_class_tokens=False, exclude_codes=["LOINC//1"])):
+        frame = pl.DataFrame({"code": codes, "time": [1] * len(codes)}).select(excluded(config))
+        assert frame.to_series().to_list() == [excluded_code(c, config) for c in codes]
+    assert [excluded_code(c, TokenizeConfig()) for c in codes] == [True, True, True, True, False, False, False, False]
