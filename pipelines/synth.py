@@ -181,7 +181,10 @@ class _Sinks:
         return handle
 
     def write(self, stream: str, data: bytes) -> None:
-        self._handle(stream).write(data)
+        handle = self._handle(stream)
+        view = memoryview(data)
+        while view:  # unbuffered writes may be partial
+            view = view[handle.write(view):]
 
     def append_part(self, stream: str, path: str) -> None:
         """Append a worker's part file in the kernel (no copy through this process), then delete it."""
