@@ -240,14 +240,11 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
     "b32_L2048_N16": [
-        {}, {"warps_fwd": 2}, {"warps_fwd": 8}, {"fwd_variant": "state_loop"},
-        {"fwd_variant": "state_loop", "block_d_fwd": 16}, {"block_d_bwd": 16}, {"warps_bwd": 8},
-        {"block_d_bwd": 64, "warps_bwd": 8}, {"chunk": 128, "block_d_bwd": 16}, {"chunk": 128, "warps_bwd": 8},
-        {"fwd_variant": "tile3d", "bwd_variant": "two_pass", "warps_fwd": 2, "chunk": 128, "block_d_fwd": 2,
-         "block_d_bwd": 1},
+        {}, {"fwd_variant": "seq"}, {"fwd_variant": "seq", "warps_fwd": 2}, {"block_d_fwd": 32},
+        {"block_d_fwd": 8}, {"block_d_bwd": 16}, {"block_d_bwd": 16, "warps_bwd": 2}, {"warps_bwd": 8},
     ],
-    "b8_L16384_N16": [{}, {"warps_fwd": 2}, {"warps_fwd": 4}, {"block_d_bwd": 16}, {"warps_bwd": 8}],
-    "b32_L2048_N64": [{}, {"block_d_fwd": 16}, {"block_d_bwd": 16}, {"warps_bwd": 8}],
+    "b8_L16384_N16": [{}, {"fwd_variant": "seq"}, {"block_d_fwd": 8}, {"block_d_bwd": 16}],
+    "b32_L2048_N64": [{}, {"block_d_bwd": 16}],
 }
 
 
@@ -276,12 +273,24 @@ def sweep_shape(triton_scan, shape: Shape, device, variants: list[dict]) -> list
     return rows
 
 
+def write_report(report: dict, out_dir: str) -> str:
+    """Written after the timings and again at the end, so a run cut short keeps what it measured."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "kernels_bench.json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump(report, handle, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=".mamba_src/mamba_ssm-2.3.2.post1")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="time the SWEEP tile configurations at the first shape")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--torch-shapes", default="b32_L2048_N16,b8_L16384_N16",
+                        help="shapes at which the (slow) torch backend is timed")
     parser.add_argument("--check-backends", default="triton", help="comma list, e.g. triton,mamba_ssm")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
@@ -344,7 +353,9 @@ def main(argv=None) -> int:
     for shape in shapes:
         timings[shape.name] = {"floors": floors(shape, torch.bfloat16, bandwidth)}
         for name, fn in backends.items():
-            reps = (3, 2) if name == "torch" else (30, 10)
+            if name == "torch" and shape.name not in args.torch_shapes.split(","):
+                continue
+            reps = (2, 2) if name == "torch" else (30, 10)
             try:
                 timings[shape.name][name] = measure(fn, shape, torch.bfloat16, device, *reps)
             except torch.OutOfMemoryError as exc:
@@ -352,16 +363,14 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             print(shape.name, name, timings[shape.name][name], flush=True)
     report["timings"] = timings
+    write_report(report, args.out)
 
     if args.sweep:
         report["sweep"] = {}
         for shape in shapes:
             report["sweep"][shape.name] = sweep_shape(triton_scan, shape, device, SWEEP.get(shape.name, []))
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "kernels_bench.json")
-    with open(path, "w") as handle:
-        json.dump(report, handle, indent=2)
+    path = write_report(report, args.out)
 
     print(f"\n{'shape':16s} {'backend':10s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd/mamba':>9s} {'f+b/mamba':>9s} "
           f"{'fwd/floor':>9s} {'f+b/floor':>9s} {'peak MiB':>9s}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
 from odyssey.kernels.triton_scan_kernels import (
     _bwd_carry_kernel,
     _bwd_chunk_kernel,
@@ -89,7 +90,9 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     never straddles two groups of B/C."""
     over = CONFIG_OVERRIDES
     block_n = triton.next_power_of_2(max(d_state, 1))
-    fwd_variant = over.get("fwd_variant", "seq" if block_n <= SEQ_MAX_STATES else "state_loop")
+    fwd_variant = over.get("fwd_variant", "state_loop")
+    if fwd_variant == "seq" and block_n > SEQ_MAX_STATES:
+        fwd_variant = "state_loop"  # a thread holds all states of its channel: only for small d_state
     bwd_variant = over.get("bwd_variant", "state_loop")
     if fwd_variant not in FWD_VARIANTS or bwd_variant not in BWD_VARIANTS:
         raise ValueError(f"unknown scan variants {fwd_variant!r}, {bwd_variant!r}")
@@ -101,7 +104,7 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     if fwd_variant == "seq":
         fwd_cap = THREADS_PER_WARP * warps_fwd
     elif fwd_variant == "state_loop":
-        fwd_cap = state_loop_cap
+        fwd_cap = max(1, min(16, BWD_TILE_ELEMENTS // block_n))
     else:
         fwd_cap = max(1, FWD_TILE_ELEMENTS // (block_n * chunk))
     bwd_cap = state_loop_cap if bwd_variant == "state_loop" else max(1, BWD_TILE_ELEMENTS // (block_n * chunk))
@@ -290,17 +293,18 @@ def _backward(ctx, dout, dlast):
     dbias = torch.zeros(dim, device=u.device, dtype=torch.float32) if delta_bias is not None else None
     dummy = dA
     if cfg.bwd_variant == "state_loop":
+        carry = torch.empty(seqs.count, 2, dim, d_state, device=u.device, dtype=torch.float32)
         _bwd_state_loop_kernel[(triton.cdiv(dim, cfg.block_d_bwd), seqs.count)](
             u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else u,
             delta_bias if delta_bias is not None else dummy, dout, states,
-            dlast if dlast is not None else states,
+            dlast if dlast is not None else states, carry,
             du, ddelta, dz if dz is not None else du, dA, dB, dC,
             dD if dD is not None else dummy, dbias if dbias is not None else dummy,
             seqs.batch_row, seqs.start, seqs.length, seqs.max_len,
             dim, d_state, cpg,
             *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(),
             *_strides3(z), *dout.stride(), *states.stride(),
-            *(dlast.stride() if dlast is not None else (0, 0, 0)),
+            *(dlast.stride() if dlast is not None else (0, 0, 0)), *carry.stride(),
             *du.stride(), *ddelta.stride(), *_strides3(dz), *dB.stride(), *dC.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
             HAS_DLAST=dlast is not None,

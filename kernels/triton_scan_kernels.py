@@ -472,25 +472,25 @@ def _fwd_seq_kernel(
 
 @triton.jit
 def _bwd_state_loop_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, dlast_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, dlast_ptr, carry_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
     seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
     dim, N, channels_per_group,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     sz_b, sz_d, sz_l, sdo_b, sdo_d, sdo_l,
-    ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n,
+    ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n, sg_s, sg_c, sg_d, sg_n,
     sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l,
     sdB_b, sdB_g, sdB_n, sdB_l, sdC_b, sdC_g, sdC_n, sdC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    VARLEN: tl.constexpr,
-    HAS_DLAST: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Backward over chunks from last to first, one state index n at a time on (channels, CHUNK) tiles:
     the forward scan restarts from the saved chunk-start state, the adjoint scan from the carry of
-    the chunk to the right; du, ddelta, dz are summed over n in registers, dB and dC over the
-    program's channels before one atomic add per (n, chunk)."""
+    the chunk to the right (kept in `carry`, two slots per sequence, written by the thread that holds
+    it and read back after a barrier); du, ddelta, dz are summed over n in registers, dB and dC over
+    the program's channels before one atomic add per (n, chunk)."""
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
     b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
@@ -510,17 +510,19 @@ def _bwd_state_loop_kernel(
         bias = tl.zeros([BLOCK_D], tl.float32)
     first = (offs_k == 0)[None, :]
     last = (offs_k == CHUNK - 1)[None, :]
-
-    if HAS_DLAST:
-        G = tl.load(dlast_ptr + seq * sl_s + offs_d[:, None] * sl_d + offs_n[None, :] * sl_n,
-                    mask=mask_dn, other=0.0).to(tl.float32)
-    else:
-        G = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     dD_acc = tl.zeros([BLOCK_D], tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], tl.float32)
 
     n_chunks = tl.cdiv(length, CHUNK)
+    carry_rows = carry_ptr + seq * sg_s + offs_d * sg_d
+    if HAS_DLAST:
+        seed = tl.load(dlast_ptr + seq * sl_s + offs_d[:, None] * sl_d + offs_n[None, :] * sl_n,
+                       mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        seed = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    tl.store(carry_rows[:, None] + ((n_chunks - 1) % 2) * sg_c + offs_n[None, :] * sg_n, seed, mask=mask_dn)
+    tl.debug_barrier()
+
     for c_rev in range(0, n_chunks):
         c = n_chunks - 1 - c_rev
         t_local = c * CHUNK + offs_k
@@ -528,58 +530,61 @@ def _bwd_state_loop_kernel(
         t = t_first + t_local
         mask_dt = mask_d[:, None] & mask_t[None, :]
         mask_next = mask_d[:, None] & (t_local + 1 < length)[None, :]
-        H0 = tl.load(states_ptr + seq * ss_s + c * ss_c + offs_d[:, None] * ss_d + offs_n[None, :] * ss_n,
-                     mask=mask_dn, other=0.0)
-        u = tl.load(u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l,
-                    mask=mask_dt, other=0.0).to(tl.float32)
+        # tiles used across the state loop; the rest is re-read after it (cheap L2 hits) so that
+        # fewer tiles stay live in registers while the loop runs
+        u_ptrs = u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l
         dt_ptrs = dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l
-        dt, dt_raw = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+        do_ptrs = dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l
+        z_ptrs = z_ptr + b * sz_b + offs_d[:, None] * sz_d + t[None, :] * sz_l
+        dt, _ = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
         dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
-        dout = tl.load(dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l,
-                       mask=mask_dt, other=0.0).to(tl.float32)
+        dy = tl.load(do_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_Z:
-            zv = tl.load(z_ptr + b * sz_b + offs_d[:, None] * sz_d + t[None, :] * sz_l,
-                         mask=mask_dt, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zv)
-            dy = dout * zv * sig
-        else:
-            dy = dout
-        dtu = dt * u
+            zv = tl.load(z_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
+            dy = dy * zv * tl.sigmoid(zv)
+        dtu = dt * tl.load(u_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
         gB_acc = tl.zeros([BLOCK_D, CHUNK], tl.float32)
         gA_acc = tl.zeros([BLOCK_D, CHUNK], tl.float32)
         y_acc = tl.zeros([BLOCK_D, CHUNK], tl.float32)
-        G_new = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
         B_base = B_ptr + b * sB_b + group * sB_g + t * sB_l
         C_base = C_ptr + b * sC_b + group * sC_g + t * sC_l
+        h0_rows = states_ptr + seq * ss_s + c * ss_c + offs_d * ss_d
+        g_in = carry_rows + (c % 2) * sg_c
+        g_out = carry_rows + ((c + 1) % 2) * sg_c
         for n in range(0, N):
             An = tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=mask_d, other=0.0).to(tl.float32)
             Bn = tl.load(B_base + n * sB_n, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_base + n * sC_n, mask=mask_t, other=0.0).to(tl.float32)
-            is_n = (offs_n == n)[None, :]
+            h0 = tl.load(h0_rows + n * ss_n, mask=mask_d, other=0.0)
+            g_end = tl.load(g_in + n * sg_n, mask=mask_d, other=0.0)
             A2n = (An * LOG2E)[:, None]
             decay = tl.exp2(dt * A2n)
             drive = dtu * Bn[None, :]
-            h0 = tl.sum(tl.where(is_n, H0, 0.0), axis=1)
             seeded = tl.where(first, drive + decay * h0[:, None], drive)
             _, hs = tl.associative_scan((decay, seeded), axis=1, combine_fn=_linear_combine)
             if HAS_Z:
                 y_acc += hs * Cn[None, :]
             decay_next = tl.exp2(dt_next * A2n)
-            g_end = tl.sum(tl.where(is_n, G, 0.0), axis=1)
             src = Cn[None, :] * dy
             src = tl.where(last, src + decay_next * g_end[:, None], src)
             _, gs = tl.associative_scan((decay_next, src), axis=1, combine_fn=_linear_combine, reverse=True)
+            # the adjoint entering this chunk is what the chunk to the left continues from
+            tl.store(g_out[:, None] + n * sg_n + offs_k[None, :] * 0, gs, mask=mask_d[:, None] & first)
             gB_acc += gs * Bn[None, :]
             g_hprev = gs * (hs - drive)
             gA_acc += g_hprev * An[:, None]
-            dA_acc = tl.where(is_n, dA_acc + tl.sum(g_hprev * dt, axis=1)[:, None], dA_acc)
+            tl.atomic_add(dA_ptr + offs_d * N + n, tl.sum(g_hprev * dt, axis=1), mask=mask_d)
             tl.atomic_add(dB_ptr + b * sdB_b + group * sdB_g + n * sdB_n + t * sdB_l,
                           tl.sum(gs * dtu, axis=0), mask=mask_t)
             tl.atomic_add(dC_ptr + b * sdC_b + group * sdC_g + n * sdC_n + t * sdC_l,
                           tl.sum(hs * dy, axis=0), mask=mask_t)
-            G_new = tl.where(is_n, tl.sum(tl.where(first, gs, 0.0), axis=1)[:, None], G_new)
-        G = G_new
+        tl.debug_barrier()
 
+        # pointers rebuilt rather than kept live through the loop (64-bit each, per element)
+        u = tl.load(u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l,
+                    mask=mask_dt, other=0.0).to(tl.float32)
+        _, dt_raw = _load_delta(dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l,
+                                mask_dt, bias, HAS_BIAS, SOFTPLUS)
         du = dt * gB_acc
         ddt = u * gB_acc + gA_acc
         if HAS_D:
@@ -589,6 +594,9 @@ def _bwd_state_loop_kernel(
             y = y_acc
             if HAS_D:
                 y += Dv[:, None] * u
+            dout = tl.load(dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l,
+                           mask=mask_dt, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zv)
             dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
             tl.store(dz_ptr + b * sdz_b + offs_d[:, None] * sdz_d + t[None, :] * sdz_l,
                      dz.to(dz_ptr.dtype.element_ty), mask=mask_dt)
@@ -601,7 +609,6 @@ def _bwd_state_loop_kernel(
         tl.store(ddt_ptr + b * sddt_b + offs_d[:, None] * sddt_d + t[None, :] * sddt_l,
                  ddt.to(ddt_ptr.dtype.element_ty), mask=mask_dt)
 
-    tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:
@@ -645,11 +652,12 @@ def _fwd_state_loop_kernel(
     last = (offs_k == CHUNK - 1)[None, :]
     st_tile = states_ptr + seq * ss_s + offs_d[:, None] * ss_d + offs_n[None, :] * ss_n
 
-    H = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    st_rows = states_ptr + seq * ss_s + offs_d * ss_d
+    last_rows = last_ptr + seq * sl_s + offs_d * sl_d
     n_chunks = tl.cdiv(length, CHUNK)
+    tl.store(st_tile, tl.zeros([BLOCK_D, BLOCK_N], tl.float32), mask=mask_dn)
+    tl.debug_barrier()
     for c in range(0, n_chunks):
-        if STORE_STATES:
-            tl.store(st_tile + c * ss_c, H, mask=mask_dn)
         t_local = c * CHUNK + offs_k
         mask_t = t_local < length
         t = t_first + t_local
@@ -660,22 +668,28 @@ def _fwd_state_loop_kernel(
                             mask_dt, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         y = tl.zeros([BLOCK_D, CHUNK], tl.float32)
-        H_new = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
         B_base = B_ptr + b * sB_b + group * sB_g + t * sB_l
         C_base = C_ptr + b * sC_b + group * sC_g + t * sC_l
+        h_in = st_rows + c * ss_c
+        is_final = c == n_chunks - 1
         for n in range(0, N):
             An = tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=mask_d, other=0.0).to(tl.float32)
             Bn = tl.load(B_base + n * sB_n, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_base + n * sC_n, mask=mask_t, other=0.0).to(tl.float32)
-            is_n = (offs_n == n)[None, :]
+            h0 = tl.load(h_in + n * ss_n, mask=mask_d, other=0.0)
             decay = tl.exp2(dt * (An * LOG2E)[:, None])
             drive = dtu * Bn[None, :]
-            h0 = tl.sum(tl.where(is_n, H, 0.0), axis=1)
             drive = tl.where(first, drive + decay * h0[:, None], drive)
             _, hs = tl.associative_scan((decay, drive), axis=1, combine_fn=_linear_combine)
             y += hs * Cn[None, :]
-            H_new = tl.where(is_n, tl.sum(tl.where(last, hs, 0.0), axis=1)[:, None], H_new)
-        H = H_new
+            # the state after the chunk: the next chunk's start, or the sequence's last state
+            keep = mask_d[:, None] & last
+            if is_final:
+                if STORE_LAST:
+                    tl.store(last_rows[:, None] + n * sl_n + offs_k[None, :] * 0, hs, mask=keep)
+            else:
+                tl.store(h_in[:, None] + ss_c + n * ss_n + offs_k[None, :] * 0, hs, mask=keep)
+        tl.debug_barrier()
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
@@ -684,5 +698,7 @@ def _fwd_state_loop_kernel(
             y = y * zv * tl.sigmoid(zv)
         tl.store(out_ptr + b * so_b + offs_d[:, None] * so_d + t[None, :] * so_l,
                  y.to(out_ptr.dtype.element_ty), mask=mask_dt)
-    if STORE_LAST:
-        tl.store(last_ptr + seq * sl_s + offs_d[:, None] * sl_d + offs_n[None, :] * sl_n, H, mask=mask_dn)
+    if STORE_LAST:  # noqa: SIM102 (a compile-time and a run-time condition)
+        if n_chunks == 0:
+            tl.store(last_rows[:, None] + offs_n[None, :] * sl_n, tl.zeros([BLOCK_D, BLOCK_N], tl.float32),
+                     mask=mask_dn)

@@ -301,9 +301,9 @@ def test_state_update_shape_errors():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"fwd_variant": "state_loop"}, {"fwd_variant": "tile3d", "bwd_variant": "two_pass"},
+    [{"fwd_variant": "seq"}, {"fwd_variant": "tile3d", "bwd_variant": "two_pass"},
      {"fwd_variant": "seq", "bwd_variant": "two_pass", "chunk": 32}],
-    ids=["state_loop", "tile3d_two_pass", "seq_two_pass_chunk32"],
+    ids=["seq", "tile3d_two_pass", "seq_two_pass_chunk32"],
 )
 def test_every_kernel_variant_matches_reference(overrides, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", dict(overrides))
