@@ -193,9 +193,11 @@ from odyssey.tokenizer import TokenizeConfig, tokenize
 started = time.perf_counter()
 report = tokenize(sys.argv[1], sys.argv[2], TokenizeConfig(max_rows_per_chunk=int(sys.argv[3])), progress=False)
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "phases": report.phase_seconds, "events": report.events, "tokens": report.tokens,
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                  "phases": report.phase_seconds, "events": report.events, "tokens": report.tokens,
                   "subjects": report.subjects, "vocab_size": report.vocab_size, "parts": report.parts,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": usage.ru_maxrss / 1024}))
 """
 
 

@@ -100,3 +100,24 @@ def test_cli(tmp_path):
     config.write_text("n_bins: many\n")
     bad = runner.invoke(app, ["tokenize", str(data), "--out", str(tmp_path / "x"), "--config", str(config)])
     assert bad.exit_code == 2 and "n_bins" in bad.output
+
+
+def test_foreign_meds_dataset_with_core_columns_only(tmp_path):
+    """A MEDS dataset from another ETL (no encounter_id, event_type or issued): day visits, types from codes."""
+    import polars as pl
+    from meds_events import frame
+
+    rows = [event(1, None, "GENDER//male"), event(1, at(-9000), "MEDS_BIRTH")]
+    rows += [event(1, at(0), "ICD10CM//I10"), event(1, at(0, 3), "LOINC//1", 4.0), event(1, at(9), "NDC//5")]
+    (tmp_path / "meds" / "data").mkdir(parents=True)
+    core = frame(rows).select("subject_id", "time", "code", "numeric_value")
+    core.sort("subject_id", "time", nulls_last=False).write_parquet(tmp_path / "meds" / "data" / "0.parquet")
+    tokenize(tmp_path / "meds", tmp_path / "seq", TokenizeConfig(min_code_count=1, n_bins=1), progress=False)
+    row = load_sequences(tmp_path / "seq").row(0, named=True)
+    from odyssey.tokenizer import EHRTokenizer, TokenType
+
+    words = EHRTokenizer.from_pretrained(tmp_path / "seq" / "tokenizer").decode(row["input_ids"])
+    assert words == ["[CLS]", "GENDER//male", "[VS]", "ICD10CM//I10", "LOINC//1", "[VE]", "[REG]",
+                     "[W_1]", "[VS]", "NDC//5", "[VE]", "[REG]"]  # fmt: skip
+    assert row["token_type_ids"][3:5] == [TokenType.CONDITION, TokenType.LAB]
+    assert pl.Series(row["ages"]).min() > 24
