@@ -61,6 +61,8 @@ class ScanConfig:
     warps_bwd: int
     warps_carry: int
     block_d_carry: int
+    pair: int = 1
+    maxnreg: int | None = None
 
 
 def _largest_pow2_divisor(value: int, cap: int) -> int:
@@ -119,6 +121,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         warps_bwd=warps_bwd,
         warps_carry=over.get("warps_carry", 4),
         block_d_carry=_largest_pow2_divisor(channels_per_group, max(1, FWD_TILE_ELEMENTS // (block_n * chunk))),
+        pair=over.get("pair", 1),
+        maxnreg=over.get("maxnreg"),
     )
 
 
@@ -250,6 +254,9 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
     kernel = {"seq": _fwd_seq_kernel, "state_loop": _fwd_state_loop_kernel, "tile3d": _scan_fwd_kernel}
+    extra = {"PAIR": cfg.pair} if cfg.fwd_variant == "state_loop" else {}
+    if cfg.maxnreg:
+        extra["maxnreg"] = cfg.maxnreg
     kernel[cfg.fwd_variant][grid](
         u, delta, A, B4, C4, D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, out, states, last,
@@ -259,7 +266,7 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
         *_strides3(z), *out.stride(), *states.stride(), *last.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, VARLEN=not seqs.dense,
         STORE_STATES=store_states, STORE_LAST=True,
-        BLOCK_D=cfg.block_d_fwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_fwd,
+        BLOCK_D=cfg.block_d_fwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_fwd, **extra,
     )
     return out, last, states, cfg
 
@@ -309,6 +316,7 @@ def _backward(ctx, dout, dlast):
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
             HAS_DLAST=dlast is not None,
             BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )
         return du, ddelta, dA, dB, dC, dD, dz, dbias
 

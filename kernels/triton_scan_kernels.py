@@ -616,6 +616,32 @@ def _bwd_state_loop_kernel(
 
 
 @triton.jit
+def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
+                   A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
+                   STORE_LAST: tl.constexpr):
+    """State index n of one chunk: scan from the chunk-start state, store the state after the chunk,
+    return its contribution C_n h_n to y. Indices n >= N contribute nothing."""
+    md = mask_d & ((offs_d * 0 + n) < N)
+    mt = mask_t & ((offs_k * 0 + n) < N)
+    An = tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=md, other=0.0).to(tl.float32)
+    Bn = tl.load(B_base + n * sB_n, mask=mt, other=0.0).to(tl.float32)
+    Cn = tl.load(C_base + n * sC_n, mask=mt, other=0.0).to(tl.float32)
+    h0 = tl.load(h_in + n * ss_n, mask=md, other=0.0)
+    decay = tl.exp2(dt * (An * LOG2E)[:, None])
+    drive = dtu * Bn[None, :]
+    drive = tl.where(first, drive + decay * h0[:, None], drive)
+    _, hs = tl.associative_scan((decay, drive), axis=1, combine_fn=_linear_combine)
+    # the state after the chunk: the next chunk's start, or the sequence's last state
+    keep = md[:, None] & last
+    if is_final:
+        if STORE_LAST:
+            tl.store(last_rows[:, None] + n * sl_n + offs_k[None, :] * 0, hs, mask=keep)
+    else:
+        tl.store(h_in[:, None] + ss_c + n * ss_n + offs_k[None, :] * 0, hs, mask=keep)
+    return hs * Cn[None, :]
+
+
+@triton.jit
 def _fwd_state_loop_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
     seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
@@ -627,7 +653,7 @@ def _fwd_state_loop_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr,
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PAIR: tl.constexpr = 1,
 ):
     """Forward one state index n at a time on (channels, CHUNK) tiles, y summed over n in registers
     (for large d_state, where a thread cannot hold all states of a channel)."""
@@ -672,23 +698,15 @@ def _fwd_state_loop_kernel(
         C_base = C_ptr + b * sC_b + group * sC_g + t * sC_l
         h_in = st_rows + c * ss_c
         is_final = c == n_chunks - 1
-        for n in range(0, N):
-            An = tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=mask_d, other=0.0).to(tl.float32)
-            Bn = tl.load(B_base + n * sB_n, mask=mask_t, other=0.0).to(tl.float32)
-            Cn = tl.load(C_base + n * sC_n, mask=mask_t, other=0.0).to(tl.float32)
-            h0 = tl.load(h_in + n * ss_n, mask=mask_d, other=0.0)
-            decay = tl.exp2(dt * (An * LOG2E)[:, None])
-            drive = dtu * Bn[None, :]
-            drive = tl.where(first, drive + decay * h0[:, None], drive)
-            _, hs = tl.associative_scan((decay, drive), axis=1, combine_fn=_linear_combine)
-            y += hs * Cn[None, :]
-            # the state after the chunk: the next chunk's start, or the sequence's last state
-            keep = mask_d[:, None] & last
-            if is_final:
-                if STORE_LAST:
-                    tl.store(last_rows[:, None] + n * sl_n + offs_k[None, :] * 0, hs, mask=keep)
-            else:
-                tl.store(h_in[:, None] + ss_c + n * ss_n + offs_k[None, :] * 0, hs, mask=keep)
+        for n in range(0, N, PAIR):
+            # PAIR independent state indices per iteration give the scheduler two dependency chains
+            y += _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
+                                A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
+                                STORE_LAST)
+            if PAIR == 2:
+                y += _fwd_one_state(n + 1, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
+                                    A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows,
+                                    sl_n, STORE_LAST)
         tl.debug_barrier()
         if HAS_D:
             y += Dv[:, None] * u
