@@ -229,14 +229,17 @@ def main() -> None:
     began = time.perf_counter()
     rows = generate(data, args.events)
     generated = time.perf_counter() - began
+    load_before = os.getloadavg()[0]
     measured = run(data, out, args.max_rows_per_chunk)
+    load_after = os.getloadavg()[0]
     rate = measured["events"] / measured["seconds"]
     peak_gb = measured["peak_rss_mb"] / 1024
     verdict = (
         f"{'PASS' if rate >= 1e6 else 'FAIL'} speed (>= 1M events/s), "
         f"{'PASS' if peak_gb <= 4 else 'FAIL'} memory (<= 4 GB)"
     )
-    summary = {**measured, "rows_generated": rows, "generate_seconds": round(generated, 1),
+    summary = {**measured, "load_average_1min": [round(load_before, 1), round(load_after, 1)],
+               "events_per_cpu_second": round(measured["events"] / measured["cpu_seconds"]), "rows_generated": rows, "generate_seconds": round(generated, 1),
                "events_per_second": round(rate), "peak_rss_gb": round(peak_gb, 2), "verdict": verdict}
     print(json.dumps(summary, indent=2))
     if args.write_results:
@@ -252,6 +255,11 @@ def main() -> None:
             f"- result: {measured['seconds']:.1f} s for the whole stage (check, fit on train, build, write) = "
             f"**{rate:,.0f} events/s**, peak RSS **{peak_gb:.2f} GB**, {measured['tokens']:,} tokens, "
             f"vocabulary {measured['vocab_size']:,}, {measured['parts']} parts",
+            f"- CPU time of the stage process (all threads, imports included): {measured['cpu_seconds']:.1f} s = "
+            f"{measured['events'] / measured['cpu_seconds']:,.0f} events per CPU-second; phases (wall): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in measured["phases"].items()),
+            f"- machine load (1-min load average, other sessions' jobs) before/after: {load_before:.1f} / {load_after:.1f} "
+            f"on {os.cpu_count()} cores",
             f"- verdict: {verdict}",
             "",
         ])
