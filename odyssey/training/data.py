@@ -28,7 +28,8 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from odyssey.models.modeling_ehrmamba import IGNORE_INDEX
 
-# Per-token list columns of the sequences parquet (contracts.md) and the numpy dtype each loads as.
+# Per-token list columns of the sequences parquet (contracts.md) and the dtype each has in a batch.
+# The dataset keeps the file's narrow dtypes (int8/int32/float32, about 18 bytes a token) in memory.
 TOKEN_COLUMNS: dict[str, np.dtype] = {
     "input_ids": np.dtype(np.int64),
     "token_type_ids": np.dtype(np.int64),
@@ -37,7 +38,6 @@ TOKEN_COLUMNS: dict[str, np.dtype] = {
     "visit_orders": np.dtype(np.int64),
     "visit_segments": np.dtype(np.int64),
 }
-FLOAT_COLUMNS = ("ages", "times")
 SPLITS = ("train", "tuning", "held_out")
 TOKENIZER_FILE = Path("tokenizer") / "tokenizer.json"
 SEQUENCES_GLOB = str(Path("sequences") / "part-*.parquet")
@@ -102,13 +102,13 @@ def _check_lengths(table: pa.Table, file: str) -> None:
             )
 
 
-def _flat(column: pa.ChunkedArray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as (values, offsets) numpy arrays."""
+def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (values, offsets) numpy arrays, values in the column's own dtype."""
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if isinstance(array, pa.ChunkedArray):  # an empty table
         array = pa.array([], type=column.type)
     offsets = array.offsets.to_numpy().astype(np.int64)
-    values = array.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    values = array.flatten().to_numpy(zero_copy_only=False)
     return values, offsets - offsets[0] if offsets.size else offsets
 
 
@@ -133,8 +133,8 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.context_length = context_length
         self.columns: dict[str, np.ndarray] = {}
         offsets = None
-        for name, dtype in TOKEN_COLUMNS.items():
-            self.columns[name], offsets = _flat(table[name], dtype)
+        for name in TOKEN_COLUMNS:
+            self.columns[name], offsets = _flat(table[name])
         self.row_offsets = offsets if offsets is not None else np.zeros(1, dtype=np.int64)
         self._check_ranges(type_vocab_size, visit_segment_size)
         windows = []
