@@ -12,6 +12,7 @@ Reports tokens/s and peak GPU memory per (model, length), and the longest length
 (doubling until out of memory, up to `--max-length`). JSON goes to `$OUT/pretrain_gpu.json` (or --out).
 
     python benchmarks/pretrain_gpu.py                     # on the GPU machine
+    python benchmarks/pretrain_gpu.py --gradient-checkpointing   # longest lengths with recomputation
     python benchmarks/pretrain_gpu.py --smoke --out /tmp  # toy sizes on CPU (what the tests run)
 """
 
@@ -29,10 +30,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from odyssey.kernels import resolve_backend  # noqa: E402
+import torch.utils.checkpoint  # noqa: E402
 from torch import nn  # noqa: E402
 
 from odyssey.io import write_json  # noqa: E402
+from odyssey.kernels import resolve_backend  # noqa: E402
 from odyssey.models import EHRMambaConfig, EHRMambaForPretraining, count_parameters  # noqa: E402
 
 REPORT_NAME = "pretrain_gpu.json"
@@ -61,8 +63,9 @@ class GPTBlock(nn.Module):
 class GPT(nn.Module):
     """Token embedding + sinusoidal positions -> blocks -> norm -> tied head, next-token loss."""
 
-    def __init__(self, vocab: int, hidden: int, layers: int, heads: int):
+    def __init__(self, vocab: int, hidden: int, layers: int, heads: int, checkpointing: bool = False):
         super().__init__()
+        self.checkpointing = checkpointing
         self.embed = nn.Embedding(vocab, hidden)
         self.blocks = nn.ModuleList([GPTBlock(hidden, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(hidden)
@@ -78,7 +81,10 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids) + self.positions(input_ids.shape[1], input_ids.device)
         for block in self.blocks:
-            x = block(x)
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         logits = self.norm(x) @ self.embed.weight.t()
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
@@ -87,8 +93,11 @@ def build(kind: str, args) -> nn.Module:
     if kind == "ehrmamba":
         config = EHRMambaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                 embedding_dropout=0.0, scan_backend=args.scan_backend)
-        return EHRMambaForPretraining(config)
-    return GPT(args.vocab, args.hidden, args.gpt_layers, args.heads)
+        model = EHRMambaForPretraining(config)
+        if args.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    return GPT(args.vocab, args.hidden, args.gpt_layers, args.heads, checkpointing=args.gradient_checkpointing)
 
 
 def loss_of(kind: str, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -165,6 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=262_144, help="cap of the batch-1 length search")
     parser.add_argument("--scan-backend", default="auto")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each block in backward (both models): longer lengths fit")
     parser.add_argument("--models", nargs="+", default=["ehrmamba", "gpt"], choices=["ehrmamba", "gpt"])
     args = parser.parse_args(argv)
     if args.smoke:

@@ -34,6 +34,13 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
     assert report["scan_backend"] == "torch" and report["precision"] == "fp32"
 
 
+def test_gradient_checkpointing_option_runs(tmp_path):
+    benchmark = load_benchmark()
+    report = benchmark.main(["--smoke", "--gradient-checkpointing", "--out", str(tmp_path)])
+    assert report["settings"]["gradient_checkpointing"] is True
+    assert all(not entry["by_length"][0]["out_of_memory"] for entry in report["models"].values())
+
+
 def test_gpt_baseline_is_causal():
     import torch
 
