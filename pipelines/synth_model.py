@@ -50,7 +50,7 @@ LONG_HISTORY_SHARE = 0.03  # patients on daily home hemodialysis for a decade or
 DIALYSIS_INTERVALS = (1, 1, 1, 1, 1, 2)  # days between sessions: six a week
 OUTPATIENT_DAYS = 500.0  # mean days between ED / ambulatory visits
 VISIT_SPACING = 12 * HOUR  # minimum time between two outpatient visit starts (longest visit: 9 h)
-AMYLOIDOSIS_SHARE = 0.06  # planted long-range marker, coded once at the baseline visit
+AMYLOIDOSIS_SHARE = 0.08  # planted long-range marker, coded once at the baseline visit
 PREDIABETES_SHARE = 0.18  # planted long-range lab pattern (HbA1c 5.7-6.4 % at the baseline visit)
 SMOKER_SHARE = 0.3
 CHRONIC_CODING_RATE = 0.92  # a present chronic group is coded at an admission with this probability
@@ -597,9 +597,9 @@ class PatientSimulator:
             elif key == "lactate":
                 shift = 0.6 * sepsis + 0.25 * acuity
             elif key == "ntprobnp":
-                shift = 2.0 * c["heart_failure"] + 0.7 * s.amyloidosis + 0.5 * c["chronic_kidney_disease"]
+                shift = 2.0 * c["heart_failure"] + 0.4 * s.amyloidosis + 0.5 * c["chronic_kidney_disease"]
             elif key == "troponin":
-                shift = 0.5 * c["heart_failure"] + 0.6 * s.amyloidosis
+                shift = 0.5 * c["heart_failure"] + 0.4 * s.amyloidosis
             elif key == "potassium":
                 shift = 0.3 * c["chronic_kidney_disease"] + 0.6 * s.dialysis
             elif key == "sodium":
