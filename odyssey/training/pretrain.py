@@ -30,7 +30,8 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from odyssey.config import StageConfig
-from odyssey.io import atomic_output_dir, write_json
+from odyssey.io import atomic_output_dir, read_json, write_json
+from odyssey.kernels import BACKENDS as SCAN_BACKENDS
 from odyssey.models import MODEL_SIZES, EHRMambaConfig, EHRMambaForPretraining, count_parameters
 from odyssey.models.modeling_ehrmamba import IGNORE_INDEX
 
@@ -48,6 +49,7 @@ CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 MODEL = "model"
 REPORT = "pretrain_report.json"
+TRAINER_STATE = "trainer_state.json"  # written by the Trainer in every checkpoint
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 # Model fields that come from the tokenizer (and the scan backend from its own setting), never from `model`.
 TOKENIZER_FIELDS = {"vocab_size", "pad_token_id", "scan_backend"}
@@ -93,6 +95,13 @@ class PretrainConfig(StageConfig):
         unknown = sorted(set(value) - allowed)
         if unknown:
             raise ValueError(f"model: unknown or tokenizer-owned EHRMambaConfig fields {unknown}")
+        return value
+
+    @field_validator("scan_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in ("auto", *SCAN_BACKENDS):
+            raise ValueError(f"unknown scan_backend {value!r}; choose one of {('auto', *SCAN_BACKENDS)}")
         return value
 
     @field_validator("model_size")
@@ -273,9 +282,11 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
     tensorboard.logging_dir = str(run_dir / LOGS)  # also where the post-training evaluation reopens it
     trainer.add_callback(tensorboard)
 
+    # Speed counts this session only: a resumed run starts from the checkpoint's token count.
+    tokens_before = read_json(Path(last) / TRAINER_STATE).get("num_input_tokens_seen", 0) if config.resume else 0
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=last if config.resume else None)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started  # includes periodic evaluation and checkpointing
     metrics = trainer.evaluate()
     tokens = int(trainer.state.num_input_tokens_seen)
 
@@ -292,7 +303,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         tuning_perplexity=float(metrics["eval_perplexity"]),
         train_tokens=tokens,
         train_seconds=round(seconds, 3),
-        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        tokens_per_second=round((tokens - tokens_before) / seconds, 1) if seconds > 0 else 0.0,
         resumed_from=Path(last).name if config.resume and last else None,
         precision=precision,
         context_length=config.context_length,

@@ -93,6 +93,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(sequences_dir, tm
     resumed = pretrain(run_config(sequences_dir, tmp_path / "crashed", resume=True, **settings))
     assert resumed.resumed_from == "checkpoint-3" and resumed.steps == straight.steps == 8
     assert resumed.tuning_loss == pytest.approx(straight.tuning_loss, rel=1e-5)
+    assert resumed.train_tokens == straight.train_tokens  # tokens over the whole run, both sessions
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(tmp_path / "crashed" / "model" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -105,6 +106,8 @@ def test_config_errors_are_clear(sequences_dir, tmp_path):
         pretrain(run_config(sequences_dir, tmp_path / "new", resume=True))
     with pytest.raises(ValueError, match="needs both"):
         pretrain(PretrainConfig())
+    with pytest.raises(ValueError, match="unknown scan_backend 'cuda'"):
+        PretrainConfig(scan_backend="cuda")
     with pytest.raises(ValueError, match="unknown model_size"):
         PretrainConfig(model_size="gigantic")
     with pytest.raises(ValueError, match="less than or equal to 65536"):
