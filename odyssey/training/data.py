@@ -82,17 +82,24 @@ def read_sequences(seq_dir: str | os.PathLike, split: str | None = None) -> pa.T
         raise FileNotFoundError(f"{Path(seq_dir) / SEQUENCES_GLOB}: no sequence files")
     tables = []
     for file in files:
-        table = pq.read_table(file, columns=["split", *TOKEN_COLUMNS])
+        try:
+            table = pq.read_table(file, columns=["split", *TOKEN_COLUMNS])
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"{file}: not a sequences file: {exc}") from exc
+        _check_rows(table, file)
         if split is not None:
             table = table.filter(pc.equal(table["split"], split))
-        _check_lengths(table, file)
         tables.append(table)
     return pa.concat_tables(tables)
 
 
-def _check_lengths(table: pa.Table, file: str) -> None:
-    lengths = {name: pc.list_value_length(table[name]).to_numpy(zero_copy_only=False)
-               for name in TOKEN_COLUMNS}
+def _check_rows(table: pa.Table, file: str) -> None:
+    """Every token column present (no nulls) and as long as `input_ids` in every row."""
+    for name in TOKEN_COLUMNS:
+        nulls = np.flatnonzero(table[name].is_null().to_numpy(zero_copy_only=False))
+        if nulls.size:
+            raise ValueError(f"{file}: row {int(nulls[0])} has no {name}")
+    lengths = {name: pc.list_value_length(table[name]).to_numpy(zero_copy_only=False) for name in TOKEN_COLUMNS}
     reference = lengths["input_ids"]
     for name, values in lengths.items():
         bad = np.flatnonzero(values != reference)

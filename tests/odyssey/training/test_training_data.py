@@ -144,6 +144,15 @@ def test_bad_inputs_name_the_problem(tmp_path, sequences_dir):
                                     pa.array(ages, pa.list_(pa.float32()))), part)
     with pytest.raises(ValueError, match=r"part-0000.parquet: row 1 has .* ages"):
         read_sequences(broken)
+    pq.write_table(table.drop_columns(["visit_orders"]), part)
+    with pytest.raises(ValueError, match=r"part-0000.parquet: not a sequences file"):
+        read_sequences(broken)
+    times = table["times"].to_pylist()
+    times[2] = None
+    pq.write_table(table.set_column(table.schema.get_field_index("times"), "times",
+                                    pa.array(times, pa.list_(pa.float32()))), part)
+    with pytest.raises(ValueError, match=r"part-0000.parquet: row 2 has no times"):
+        read_sequences(broken)
     vocab = read_vocabulary(sequences_dir)
     with pytest.raises(ValueError, match="token_type_ids value [4-9] outside"):
         SequenceDataset(read_sequences(sequences_dir, "train"), vocab, 100, type_vocab_size=4)
