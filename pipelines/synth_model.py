@@ -17,6 +17,7 @@ and deaths outside that window sit more than 31 days after discharge.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from dataclasses import dataclass, field
@@ -404,7 +405,7 @@ class PatientSimulator:
 
     # ------------------------------------------------------------------------------ encounters
     def new_encounter(self, cls: str, start: int, end: int) -> Encounter:
-        enc = Encounter(id=self.new_id(), cls=cls, start=start, end=end, icd10=start >= self.icd10_switch)
+        enc = Encounter(self.new_id(), cls, start, end, start >= self.icd10_switch, None, None, [], [], [], [])
         self.encounters.append(enc)
         return enc
 
@@ -633,7 +634,8 @@ class PatientSimulator:
             k = 0
             while day < hi:
                 when = day + _minute(rng.uniform(0, 120) * MINUTE)
-                if not visits or all(abs(when - v) > VISIT_SPACING for v in visits):
+                nearest = bisect.bisect_left(visits, when - VISIT_SPACING)
+                if nearest == len(visits) or visits[nearest] > when + VISIT_SPACING:
                     self.dialysis_session(when, k)
                 day += DIALYSIS_INTERVALS[k % len(DIALYSIS_INTERVALS)] * DAY
                 k += 1
