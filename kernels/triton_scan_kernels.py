@@ -520,7 +520,8 @@ def _bwd_state_loop_kernel(
                        mask=mask_dn, other=0.0).to(tl.float32)
     else:
         seed = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    tl.store(carry_rows[:, None] + ((n_chunks - 1) % 2) * sg_c + offs_n[None, :] * sg_n, seed, mask=mask_dn)
+    # slot of the last chunk, (n_chunks - 1) % 2, written without a negative index when n_chunks == 0
+    tl.store(carry_rows[:, None] + ((n_chunks + 1) % 2) * sg_c + offs_n[None, :] * sg_n, seed, mask=mask_dn)
     tl.debug_barrier()
 
     for c_rev in range(0, n_chunks):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from odyssey.kernels.bench import GRAD_NAMES, Shape, floors, make_inputs, reference_fwd_bwd
 from odyssey.kernels.reference import selective_scan_reference
 
