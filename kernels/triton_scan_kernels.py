@@ -1,22 +1,22 @@
-"""Triton kernels of the selective scan (Mamba-1): forward, two-pass backward, single-step update.
+"""Triton kernels of the selective scan (Mamba-1): forward, backward, single-step update.
 
-Layout of the work. Time is cut into chunks of CHUNK steps. A program owns a tile of BLOCK_D
-channels and holds a (BLOCK_D, BLOCK_N, CHUNK) tile of the recurrence in registers; inside a chunk the
-linear recurrence h_t = a_t h_{t-1} + b_t is an associative scan along time, and the state is carried
-from chunk to chunk. Every global access is a (rows, CHUNK) tile that is contiguous along time in
-mamba-ssm's layout; strides are arguments, so a channels-last view of (batch, L, dim) is read as is.
+Time is cut into chunks of CHUNK steps; the forward saves the state at every chunk start and the
+backward recomputes the rest from those. Variants (chosen in `triton_scan.scan_config`, see NOTES.md):
 
-Backward, in two passes, so that no program ever needs the forward states in reverse order:
-  1. `_bwd_carry_kernel` walks chunks from last to first per channel tile and stores the adjoint
-     state g entering each chunk from the right (one exp per element and state).
-  2. `_bwd_chunk_kernel` treats every chunk independently: it restarts the forward from the state saved
-     by the forward pass at the chunk start, restarts the adjoint from pass 1's carry at the chunk end,
-     and forms all gradients. One program walks many channel tiles of one chunk and group, so the dB and
-     dC partials are summed in registers and leave with one atomic add per program, not per tile.
+- `_fwd_state_loop_kernel` (default forward) and `_bwd_state_loop_kernel` (default backward): a program
+  owns a tile of channels, walks the chunks in order (backward: in reverse) and, inside a chunk, loops
+  over the state index n with (channels, CHUNK) register tiles; the recurrence along time is a
+  `tl.associative_scan`. y (forward) and du, ddelta, dz (backward) are summed over n in registers; dB
+  and dC are summed over the program's channels before one atomic add per (n, chunk).
+- `_fwd_seq_kernel`: one channel per thread with all its states in registers, a sequential time loop.
+- `_scan_fwd_kernel` + `_bwd_carry_kernel` + `_bwd_chunk_kernel`: a (channels, N, CHUNK) tile forward and
+  a two-pass backward (a reverse sweep storing the adjoint at chunk starts, then all chunks in parallel).
+- `_state_update_kernel`: one decoding step.
 
-Sequences are described per program row by (batch row, first time index, length), which covers the
-dense batch, per-row lengths and packed `cu_seqlens` alike; positions past a sequence's length cost no
-exps and are treated as steps with delta = 0 (the state passes through unchanged).
+Strides are arguments, so a channels-last view of (batch, L, dim) is read as is. Sequences are described
+per program row by (batch row, first time index, length), which covers the dense batch, per-row lengths
+and packed `cu_seqlens` alike; positions past a sequence's length are treated as steps with delta = 0
+(the state passes through unchanged) and their outputs are never written.
 """
 
 from __future__ import annotations
