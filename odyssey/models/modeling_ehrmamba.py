@@ -150,6 +150,7 @@ class EHRMambaModel(EHRMambaPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> EHRMambaOutput | tuple:
         """Run a (batch, length) sequence.
@@ -157,6 +158,8 @@ class EHRMambaModel(EHRMambaPreTrainedModel):
         Without `cache`: the parallel scan; `use_cache=True` also returns the final state (prefill).
         With `cache`: the tokens continue the cached sequences, one recurrent step per token (O(1) each);
         the cache is updated in place and returned.
+        `inputs_embeds` (batch, length, hidden) replaces the embedding layer's output (parallel path only),
+        for attribution methods that perturb embeddings.
         """
         use_cache = bool(use_cache) or cache is not None
         output_hidden_states = bool(output_hidden_states)
@@ -165,7 +168,11 @@ class EHRMambaModel(EHRMambaPreTrainedModel):
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         if times is None:
             times = torch.zeros_like(input_ids, dtype=torch.float32)
+        if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+            raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} does not match input_ids {tuple(input_ids.shape)}")
         if cache is not None:
+            if inputs_embeds is not None:
+                raise ValueError("inputs_embeds is not supported with a cache (recurrent steps embed their tokens)")
             hidden, all_hidden = self._continue(
                 input_ids, token_type_ids, ages, times, visit_orders, visit_segments, attention_mask, cache,
                 output_hidden_states,
@@ -173,7 +180,7 @@ class EHRMambaModel(EHRMambaPreTrainedModel):
         else:
             hidden, all_hidden, cache = self._parallel(
                 input_ids, token_type_ids, ages, times, visit_orders, visit_segments, attention_mask,
-                use_cache and not (self.gradient_checkpointing and self.training), output_hidden_states,
+                use_cache and not (self.gradient_checkpointing and self.training), output_hidden_states, inputs_embeds,
             )
         hidden = self.norm_f(hidden)
         if output_hidden_states:
@@ -182,8 +189,11 @@ class EHRMambaModel(EHRMambaPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _parallel(self, input_ids, token_type_ids, ages, times, visit_orders, visit_segments, attention_mask,
-                  use_cache, output_hidden_states):
-        hidden = self.embeddings(input_ids, token_type_ids, ages, times, visit_orders, visit_segments, attention_mask)
+                  use_cache, output_hidden_states, inputs_embeds=None):
+        hidden = inputs_embeds
+        if hidden is None:
+            hidden = self.embeddings(input_ids, token_type_ids, ages, times, visit_orders, visit_segments,
+                                     attention_mask)
         all_hidden: tuple[torch.Tensor, ...] = ()
         states = []
         for layer in self.layers:
@@ -287,6 +297,7 @@ class EHRMambaForPretraining(EHRMambaPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> EHRMambaPretrainingOutput | tuple:
         """Logits for the next token at every position; `labels` (input ids with -100 at padding) give the loss.
@@ -297,7 +308,7 @@ class EHRMambaForPretraining(EHRMambaPreTrainedModel):
         out = self.backbone(
             input_ids, token_type_ids=token_type_ids, ages=ages, times=times, visit_orders=visit_orders,
             visit_segments=visit_segments, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            output_hidden_states=output_hidden_states, return_dict=True, inputs_embeds=inputs_embeds,
         )
         logits = self.lm_head(out.last_hidden_state.to(self.lm_head.weight.dtype))
         loss = None

@@ -116,6 +116,21 @@ def test_cached_decoding_matches_one_pass():
     assert from_scratch_cache.seen_tokens == 10
 
 
+def test_inputs_embeds_replace_the_embedding_layer():
+    model = tiny_model(seed=6)
+    batch = ehr_batch()
+    with torch.no_grad():
+        embeds = model.backbone.embeddings(*(batch[k] for k in ("input_ids", "token_type_ids", "ages", "times",
+                                                                   "visit_orders", "visit_segments")))
+        torch.testing.assert_close(model(**batch, inputs_embeds=embeds).logits, model(**batch).logits)
+        shifted = model(**batch, inputs_embeds=embeds + 1.0).logits
+    assert not torch.allclose(shifted, model(**batch).logits)
+    with pytest.raises(ValueError, match="not supported with a cache"):
+        model(**batch, inputs_embeds=embeds, cache=model.backbone.empty_cache(2))
+    with pytest.raises(ValueError, match="does not match input_ids"):
+        model(**batch, inputs_embeds=embeds[:, :3])
+
+
 def test_time_deltas_start_at_zero_and_skip_padding():
     times = torch.tensor([[0.0, 0.0, 5.0, 7.5], [3.0, 4.0, 10.0, 10.0]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
