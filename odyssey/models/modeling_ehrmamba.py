@@ -169,7 +169,9 @@ class EHRMambaModel(EHRMambaPreTrainedModel):
         if times is None:
             times = torch.zeros_like(input_ids, dtype=torch.float32)
         if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
-            raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} does not match input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"inputs_embeds {tuple(inputs_embeds.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
         if cache is not None:
             if inputs_embeds is not None:
                 raise ValueError("inputs_embeds is not supported with a cache (recurrent steps embed their tokens)")
