@@ -24,7 +24,6 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import time
@@ -188,26 +187,49 @@ def generate(root: Path, events: int, seed: int = 0) -> int:
 
 
 CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 from odyssey.tokenizer import TokenizeConfig, tokenize
+
+def tree_rss_kb(pid):
+    # Resident memory of a process and all its descendants (worker processes included).
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                total += sum(tree_rss_kb(int(child)) for child in children.read().split())
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        pass
+    return total
+
+peak = [0]
+done = threading.Event()
+def sample():
+    while not done.wait(0.05):
+        peak[0] = max(peak[0], tree_rss_kb(os.getpid()))
+threading.Thread(target=sample, daemon=True).start()
+config = TokenizeConfig(max_rows_per_chunk=int(sys.argv[3]), workers=int(sys.argv[4]))
 started = time.perf_counter()
-report = tokenize(sys.argv[1], sys.argv[2], TokenizeConfig(max_rows_per_chunk=int(sys.argv[3])), progress=False)
+report = tokenize(sys.argv[1], sys.argv[2], config, progress=False)
 seconds = time.perf_counter() - started
-usage = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                  "phases": report.phase_seconds, "events": report.events, "tokens": report.tokens,
-                  "subjects": report.subjects, "vocab_size": report.vocab_size, "parts": report.parts,
-                  "peak_rss_mb": usage.ru_maxrss / 1024}))
+done.set()
+own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"seconds": seconds,
+                  "cpu_seconds": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+                  "phases": report.phase_seconds, "events": report.events,
+                  "tokens": report.tokens, "subjects": report.subjects, "vocab_size": report.vocab_size,
+                  "parts": report.parts, "peak_rss_mb": max(peak[0], own.ru_maxrss) / 1024,
+                  "largest_process_rss_mb": max(own.ru_maxrss, children.ru_maxrss) / 1024}))
 """
 
 
-def run(data: Path, out: Path, max_rows_per_chunk: int) -> dict:
+def run(data: Path, out: Path, max_rows_per_chunk: int, workers: int) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(data), str(out), str(max_rows_per_chunk)],
+        [sys.executable, "-c", CHILD, str(data), str(out), str(max_rows_per_chunk), str(workers)],
         check=True, capture_output=True, text=True,
     )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    measured["children_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return measured
 
 
@@ -222,15 +244,20 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50_000_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/odyssey-tokenize-bench"))
     parser.add_argument("--max-rows-per-chunk", type=int, default=2_000_000)
+    parser.add_argument("--workers", type=int, default=1, help="TokenizeConfig.workers")
     parser.add_argument("--write-results", action="store_true", help=f"append a section to {RESULTS_FILE.name}")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and output")
+    parser.add_argument("--reuse", action="store_true", help="reuse data kept by an earlier --keep run")
     args = parser.parse_args()
     data, out = args.work / "meds", args.work / "seq"
     began = time.perf_counter()
-    rows = generate(data, args.events)
+    if args.reuse and (data / S.DATA_DIR).is_dir():
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (data / S.DATA_DIR).glob("*.parquet"))
+    else:
+        rows = generate(data, args.events)
     generated = time.perf_counter() - began
     load_before = os.getloadavg()[0]
-    measured = run(data, out, args.max_rows_per_chunk)
+    measured = run(data, out, args.max_rows_per_chunk, args.workers)
     load_after = os.getloadavg()[0]
     rate = measured["events"] / measured["seconds"]
     peak_gb = measured["peak_rss_mb"] / 1024
@@ -244,7 +271,7 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     if args.write_results:
         command = f"{Path(sys.executable).name} benchmarks/tokenize.py --events {args.events} " \
-                  f"--max-rows-per-chunk {args.max_rows_per_chunk}"
+                  f"--max-rows-per-chunk {args.max_rows_per_chunk} --workers {args.workers}"
         section = "\n".join([
             f"## odyssey tokenize, {args.events:,} events ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
             "",
@@ -253,9 +280,9 @@ def main() -> None:
             f"- input: {rows:,} MEDS rows, {measured['subjects']:,} subjects, "
             f"{len(list((data / S.DATA_DIR).glob('*.parquet')))} shards (generated in {generated:.0f} s)",
             f"- result: {measured['seconds']:.1f} s for the whole stage (check, fit on train, build, write) = "
-            f"**{rate:,.0f} events/s**, peak RSS **{peak_gb:.2f} GB**, {measured['tokens']:,} tokens, "
+            f"**{rate:,.0f} events/s**, peak RSS **{peak_gb:.2f} GB** (all processes, sampled every 50 ms), {measured['tokens']:,} tokens, "
             f"vocabulary {measured['vocab_size']:,}, {measured['parts']} parts",
-            f"- CPU time of the stage process (all threads, imports included): {measured['cpu_seconds']:.1f} s = "
+            f"- CPU time of the stage (all threads and worker processes, imports included): {measured['cpu_seconds']:.1f} s = "
             f"{measured['events'] / measured['cpu_seconds']:,.0f} events per CPU-second; phases (wall): "
             + ", ".join(f"{k} {v:.1f} s" for k, v in measured["phases"].items()),
             f"- machine load (1-min load average, other sessions' jobs) before/after: {load_before:.1f} / {load_after:.1f} "
@@ -265,6 +292,7 @@ def main() -> None:
         ])
         previous = RESULTS_FILE.read_text() if RESULTS_FILE.exists() else "# Tokenize benchmark results\n\n"
         RESULTS_FILE.write_text(previous + section + "\n")
+    shutil.rmtree(out, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 

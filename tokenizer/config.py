@@ -40,5 +40,8 @@ class TokenizeConfig(StageConfig):
         S.TRAIN_SPLIT, description="the split whose subjects fit the vocabulary and bins"
     )
     max_rows_per_chunk: int = Field(
-        2_000_000, ge=1, description="events tokenized at once (bounds memory); whole subjects per chunk"
+        2_000_000, ge=1, description="events tokenized at once per worker (bounds memory); whole subjects"
+    )
+    workers: int = Field(
+        1, ge=1, description="processes building chunks in parallel (peak memory grows with each worker)"
     )

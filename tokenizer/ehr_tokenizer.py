@@ -266,7 +266,7 @@ class EHRTokenizer:
                     seen.add(candidate)
                     words.append(candidate)
                     types.append(word_type)
-        settings = config.model_dump(exclude={"max_rows_per_chunk"})
+        settings = config.model_dump(exclude={"max_rows_per_chunk", "workers"})
         return cls(
             words=words,
             word_types=types,

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,6 +95,56 @@ def _chunks(path: Path, max_rows: int) -> list[tuple[int, int]]:
     return ranges
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """Whole subjects of one shard (rows [begin, end)) and where their part file goes."""
+
+    part: int
+    path: str
+    begin: int
+    end: int
+    tokenizer_dir: str
+    sequences_dir: str
+
+
+_LOADED: dict[str, EHRTokenizer] = {}  # per process: the tokenizer of the run, loaded once
+
+
+def tokenize_chunk(
+    chunk: _Chunk, splits: pl.DataFrame | None, config: TokenizeConfig
+) -> tuple[ChunkCounts, dict[str | None, int]]:
+    """Build and write one part file; returns its counts and subjects per split (runs in workers too)."""
+    tokenizer = _LOADED.get(chunk.tokenizer_dir)
+    if tokenizer is None:
+        tokenizer = _LOADED.setdefault(chunk.tokenizer_dir, EHRTokenizer.from_pretrained(chunk.tokenizer_dir))
+    events = scan_shard(chunk.path).slice(chunk.begin, chunk.end - chunk.begin).collect().lazy()
+    codes = tokenizer.code_table(events.select(pl.col(S.CODE).unique()).collect()[S.CODE])
+    sequences, counts = build_sequences(events, codes, splits, config)
+    split_counts = dict(sequences.group_by(SPLIT).len().iter_rows())
+    table = sequences.to_arrow().cast(SEQUENCE_SCHEMA)
+    pq.write_table(table, Path(chunk.sequences_dir) / f"part-{chunk.part:05d}.parquet", **_PARQUET_OPTIONS)
+    return counts, split_counts
+
+
+def _run_chunks(work: list[_Chunk], splits: pl.DataFrame | None, config: TokenizeConfig, progress: bool):
+    """Counts of every chunk, in `config.workers` processes (spawned: polars is not fork-safe)."""
+    bar = tqdm(total=len(work), desc="tokenize", unit="chunk", disable=not progress)
+    try:
+        if config.workers <= 1 or len(work) <= 1:
+            for chunk in work:
+                yield tokenize_chunk(chunk, splits, config)
+                bar.update()
+            return
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
+            futures = [pool.submit(tokenize_chunk, chunk, splits, config) for chunk in work]
+            for future in as_completed(futures):
+                yield future.result()
+                bar.update()
+    finally:
+        bar.close()
+
+
 def tokenize(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -134,19 +186,17 @@ def tokenize(
     with atomic_output_dir(out) as tmp:
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         (tmp / SEQUENCES_DIR).mkdir()
-        work = [(path, span) for path in files for span in _chunks(path, config.max_rows_per_chunk)]
-        for part, (path, (begin, end)) in enumerate(
-            tqdm(work, desc="tokenize", unit="chunk", disable=not progress)
-        ):
-            events = scan_shard(path).slice(begin, end - begin).collect().lazy()
-            codes = tokenizer.code_table(events.select(pl.col(S.CODE).unique()).collect()[S.CODE])
-            sequences, counts = build_sequences(events, codes, splits, config)
+        work = [
+            _Chunk(part, str(path), begin, end, str(tmp / TOKENIZER_DIR), str(tmp / SEQUENCES_DIR))
+            for part, (path, (begin, end)) in enumerate(
+                (path, span) for path in files for span in _chunks(path, config.max_rows_per_chunk)
+            )
+        ]
+        for counts, split_counts in _run_chunks(work, splits, config, progress):
             for name in vars(totals):
                 setattr(totals, name, getattr(totals, name) + getattr(counts, name))
-            for split, n in sequences.group_by(SPLIT).len().iter_rows():
+            for split, n in split_counts.items():
                 per_split[split] = per_split.get(split, 0) + n
-            table = sequences.to_arrow().cast(SEQUENCE_SCHEMA)
-            pq.write_table(table, tmp / SEQUENCES_DIR / f"part-{part:05d}.parquet", **_PARQUET_OPTIONS)
             report.parts += 1
         for name, value in vars(totals).items():
             setattr(report, name, value)

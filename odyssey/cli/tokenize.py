@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         min_code_count: int | None = typer.Option(None, help="rarer codes (in train) become [UNK]"),
         availability: str | None = typer.Option(None, help="issued | time: when a result counts as known"),
         max_rows_per_chunk: int | None = typer.Option(None, help="events tokenized at once (memory bound)"),
+        workers: int | None = typer.Option(None, help="processes building chunks in parallel"),
         progress: bool = typer.Option(True, help="show a progress bar"),
     ) -> None:
         """Turn a MEDS dataset into token sequences and a tokenizer (vocabulary and bins fit on train)."""
@@ -34,6 +35,7 @@ def register(app: typer.Typer) -> None:
                 min_code_count=min_code_count,
                 availability=availability,
                 max_rows_per_chunk=max_rows_per_chunk,
+                workers=workers,
             )
             report = tokenize(data_dir, out, settings, progress=progress)
         typer.echo(report.summary())

@@ -35,10 +35,15 @@ def test_chunks_and_shards_do_not_change_the_sequences(tmp_path):
     three = write_dataset(tmp_path / "three", rows, splits, shards=3)
     base = tokenize(one, tmp_path / "s1", TokenizeConfig(min_code_count=1), progress=False)
     chunked = tokenize(three, tmp_path / "s3", TokenizeConfig(min_code_count=1, max_rows_per_chunk=15), progress=False)
-    assert chunked.parts > 3 and base.parts == 1
+    parallel = tokenize(
+        three, tmp_path / "s3p", TokenizeConfig(min_code_count=1, max_rows_per_chunk=15, workers=2), progress=False
+    )
+    assert chunked.parts > 3 and base.parts == 1 and parallel.parts == chunked.parts
     first = load_sequences(tmp_path / "s1").sort("subject_id")
     second = load_sequences(tmp_path / "s3").sort("subject_id")
     assert first.equals(second)
+    assert load_sequences(tmp_path / "s3p").sort("subject_id").equals(first)
+    assert (parallel.tokens, parallel.subjects_per_split) == (base.tokens, base.subjects_per_split)
     assert (tmp_path / "s1" / "tokenizer" / "tokenizer.json").read_bytes() == (
         tmp_path / "s3" / "tokenizer" / "tokenizer.json"
     ).read_bytes()
