@@ -1,9 +1,11 @@
 """One FHIR R4 resource (a parsed dict) -> MEDS rows and lookup entries.
 
 Flattening is per resource and all-or-nothing: a resource either yields all its rows or raises
-`Rejected` with a reason, so no half of a resource ever reaches the dataset. References that point to
-other resources (the Patient, a Medication, an Encounter's end time) are carried as keys and resolved
-later, when every file has been read.
+`Rejected` with a reason, so no half of a resource ever reaches the dataset. Times stay strings here
+and are parsed a whole chunk at a time (fhir_times); a resource with a bad time is rejected then.
+References that point to other resources (the Patient, a Medication, an Encounter's end time) are
+carried as keys and resolved later, when every file has been read. This is the hot loop of ingestion:
+it favours plain dict lookups and fast paths over helper calls.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import hashlib
 from dataclasses import dataclass, field
 
 from odyssey.pipelines import schema
-from odyssey.pipelines.fhir_times import FhirTimeError, parse_birth_date, parse_event_time
 from odyssey.pipelines.schema import EventType
 
 EVENT_RESOURCE_TYPES = (
@@ -45,7 +46,9 @@ def stable_id(resource_type: str, fhir_id: str) -> int:
 # A MEDS row before resolution. Field order is the order of ROW_COLUMNS.
 ROW_COLUMNS = (
     "subject_id",
-    "time",
+    "time",  # the raw FHIR string
+    "time_field",  # where `time` came from, for messages (e.g. "Observation.effectiveDateTime")
+    "birth",  # True: a birth date (placed mid-period)
     "code",
     "numeric_value",
     "text_value",
@@ -53,7 +56,7 @@ ROW_COLUMNS = (
     "unit",
     "comparator",
     "event_type",
-    "issued",
+    "issued",  # the raw FHIR string
     "medication_key",  # "Medication/<id>" still to resolve into `code`, else None
     "time_from_encounter",  # True: `time` is the encounter's end, filled in at resolution
     "resource_type",
@@ -124,25 +127,30 @@ class Context:
         raise Rejected(f"{what} has no coding with a known system: {', '.join(systems)}")
 
 
-def _time(value: object, what: str) -> int:
-    try:
-        return parse_event_time(value)
-    except FhirTimeError as exc:
-        raise Rejected(f"{what}: {exc}") from None
+_TIME_FIELDS = {
+    "Condition": ("onsetDateTime", "onsetPeriod"),
+    "Procedure": ("performedDateTime", "performedPeriod", "occurrenceDateTime", "occurrencePeriod"),
+    "MedicationRequest": ("authoredOn",),
+    "MedicationAdministration": ("effectiveDateTime", "effectivePeriod", "occurenceDateTime"),
+    "MedicationDispense": ("whenHandedOver", "whenPrepared"),
+    "Observation": ("effectiveDateTime", "effectivePeriod", "effectiveInstant"),
+}
 
 
-def _first_time(resource: dict, names: tuple[str, ...], what: str) -> int | None:
-    """The first present of several time elements (`xPeriod` takes its start)."""
-    for name in names:
+def _first_time(resource: dict, rtype: str) -> tuple[str | None, str | None]:
+    """(raw time string, element name) of the first present time element; `xPeriod` gives its start."""
+    for name in _TIME_FIELDS[rtype]:
         value = resource.get(name)
         if value is None:
             continue
-        if name.endswith("Period"):
-            if not isinstance(value, dict) or "start" not in value:
-                raise Rejected(f"{what}.{name} has no start")
-            return _time(value["start"], f"{what}.{name}.start")
-        return _time(value, f"{what}.{name}")
-    return None
+        if name[-6:] == "Period":
+            if not isinstance(value, dict) or not isinstance(value.get("start"), str):
+                raise Rejected(f"{rtype}.{name} has no start")
+            return value["start"], f"{rtype}.{name}.start"
+        if not isinstance(value, str):
+            raise Rejected(f"{rtype}.{name} is not a string")
+        return value, f"{rtype}.{name}"
+    return None, None
 
 
 class Flattener:
@@ -152,7 +160,6 @@ class Flattener:
         self.ctx = context
         self.rows: list[tuple] = []
         self.patients: list[tuple[int, str, int, int]] = []  # subject_id, fhir id, line, entry
-        self.encounters: list[tuple[int, int, int, int | None, int, int]] = []  # enc, subject, start, end, line, entry
         self.medications: list[tuple[str, str, int, int]] = []  # "Medication/id", code, line, entry
         self._dispatch = {
             "Patient": self._patient,
@@ -174,59 +181,61 @@ class Flattener:
             raise Rejected("resource has no id")
         handler(resource, rid, line, entry)
 
-    # -- helpers -------------------------------------------------------------------------------------
+    # -- references ----------------------------------------------------------------------------------
 
-    def _subject(self, resource: dict) -> tuple[int, str]:
+    def _subject(self, resource: dict) -> int:
         ref = resource.get("subject") or resource.get("patient")
         if ref is None:
             raise Rejected("no subject (Patient) reference")
-        pid = self.ctx.resolve_reference(ref, "Patient", "subject")
-        return self.ctx.stable_id("Patient", pid), pid
+        text = ref.get("reference") if isinstance(ref, dict) else None
+        if isinstance(text, str) and text[:8] == "Patient/" and "/" not in text[8:] and len(text) > 8:
+            return self.ctx.stable_id("Patient", text[8:])  # the common case, without parsing
+        return self.ctx.stable_id("Patient", self.ctx.resolve_reference(ref, "Patient", "subject"))
 
     def _encounter_id(self, resource: dict) -> int | None:
         ref = resource.get("encounter") or resource.get("context")
         if ref is None:
             return None
+        text = ref.get("reference") if isinstance(ref, dict) else None
+        if isinstance(text, str) and text[:10] == "Encounter/" and "/" not in text[10:] and len(text) > 10:
+            return self.ctx.stable_id("Encounter", text[10:])
         return self.ctx.stable_id("Encounter", self.ctx.resolve_reference(ref, "Encounter", "encounter"))
-
-    def _emit(self, rows: list[tuple]) -> None:
-        self.rows.extend(rows)
 
     # -- resource types ------------------------------------------------------------------------------
 
     def _patient(self, r: dict, rid: str, line: int, entry: int) -> None:
         sid = self.ctx.stable_id("Patient", rid)
-        rows = []
+        rows = self.rows
         birth = r.get("birthDate")
-        if birth is not None:
-            try:
-                t = parse_birth_date(birth)
-            except FhirTimeError as exc:
-                raise Rejected(f"birthDate: {exc}") from None
-            rows.append((sid, t, schema.BIRTH_CODE, None, None, None, None, None, EventType.BIRTH, None, None, False))
         deceased = r.get("deceasedDateTime")
-        if deceased is not None:
-            t = _time(deceased, "deceasedDateTime")
-            rows.append((sid, t, schema.DEATH_CODE, None, None, None, None, None, EventType.DEATH, None, None, False))
         gender = r.get("gender")
+        if birth is not None and not isinstance(birth, str):
+            raise Rejected("Patient.birthDate is not a string")
+        if deceased is not None and not isinstance(deceased, str):
+            raise Rejected("Patient.deceasedDateTime is not a string")
+        if gender is not None and (not isinstance(gender, str) or not gender):
+            raise Rejected("Patient.gender is not a code")
+        if birth is not None:
+            rows.append((sid, birth, "Patient.birthDate", True, schema.BIRTH_CODE, None, None, None, None, None,
+                         EventType.BIRTH, None, None, False, "Patient", line, entry))
+        if deceased is not None:
+            rows.append((sid, deceased, "Patient.deceasedDateTime", False, schema.DEATH_CODE, None, None, None, None,
+                         None, EventType.DEATH, None, None, False, "Patient", line, entry))
         if gender is not None:
-            if not isinstance(gender, str) or not gender:
-                raise Rejected("gender is not a code")
-            code = schema.make_code(schema.GENDER_PREFIX, gender)
-            rows.append((sid, None, code, None, None, None, None, None, EventType.DEMOGRAPHIC, None, None, False))
-        self._emit([(*row, "Patient", line, entry) for row in rows])
+            rows.append((sid, None, None, False, f"{schema.GENDER_PREFIX}{schema.CODE_SEPARATOR}{gender}", None, None,
+                         None, None, None, EventType.DEMOGRAPHIC, None, None, False, "Patient", line, entry))
         self.patients.append((sid, rid, line, entry))
 
     def _encounter(self, r: dict, rid: str, line: int, entry: int) -> None:
-        sid, _ = self._subject(r)
+        sid = self._subject(r)
         eid = self.ctx.stable_id("Encounter", rid)
         period = r.get("period")
-        if not isinstance(period, dict) or period.get("start") is None:
+        start = period.get("start") if isinstance(period, dict) else None
+        if not isinstance(start, str):
             raise Rejected("Encounter has no period.start")
-        start = _time(period["start"], "period.start")
-        end = _time(period["end"], "period.end") if period.get("end") is not None else None
-        if end is not None and end < start:
-            raise Rejected(f"period ends before it starts: {period['end']} < {period['start']}")
+        end = period.get("end")
+        if end is not None and not isinstance(end, str):
+            raise Rejected("Encounter.period.end is not a string")
         klass = r.get("class")
         if isinstance(klass, list):  # R5 shape: a list of CodeableConcepts
             klass = (klass[0].get("coding") or [{}])[0] if klass and isinstance(klass[0], dict) else None
@@ -239,54 +248,46 @@ class Flattener:
             dd = hosp["dischargeDisposition"]
             coding = (dd.get("coding") or [{}])[0]
             disposition = (coding.get("code") if isinstance(coding, dict) else None) or dd.get("text")
-        rows = [
-            (sid, start, schema.make_code(schema.ENCOUNTER_START_PREFIX, class_code), None, None, eid,
-             None, None, EventType.ENCOUNTER_START, None, None, False, "Encounter", line, entry),
-        ]
+        code_start = f"{schema.ENCOUNTER_START_PREFIX}{schema.CODE_SEPARATOR}{class_code}"
+        if code_start not in self.ctx.descriptions and isinstance(klass.get("display"), str):
+            self.ctx.descriptions[code_start] = f"start of {klass['display']}"
+        self.rows.append((sid, start, "Encounter.period.start", False, code_start, None, None, eid, None, None,
+                          EventType.ENCOUNTER_START, None, None, False, "Encounter", line, entry))
         if end is not None:
-            rows.append(
-                (sid, end, schema.make_code(schema.ENCOUNTER_END_PREFIX, class_code), None, disposition, eid,
-                 None, None, EventType.ENCOUNTER_END, None, None, False, "Encounter", line, entry)
-            )
-        self._emit(rows)
-        self.encounters.append((eid, sid, start, end, line, entry))
+            self.rows.append((sid, end, "Encounter.period.end", False,
+                              f"{schema.ENCOUNTER_END_PREFIX}{schema.CODE_SEPARATOR}{class_code}", None,
+                              disposition, eid, None, None, EventType.ENCOUNTER_END, None, None, False, "Encounter",
+                              line, entry))
 
-    def _timed_event(self, r, rid, line, entry, rtype, event_type, time_names, code, available=None):
+    def _timed_event(self, r, line, entry, rtype, event_type, code, issued=None):
         """Condition / Procedure: without a time of their own they take their encounter's end."""
-        sid, _ = self._subject(r)
+        sid = self._subject(r)
         eid = self._encounter_id(r)
-        t = _first_time(r, time_names, rtype)
-        from_encounter = t is None
+        time, field = _first_time(r, rtype)
+        from_encounter = time is None
         if from_encounter and eid is None:
             raise Rejected(f"{rtype} has no time of its own and no encounter to take it from")
-        self._emit([(sid, t, code, None, None, eid, None, None, event_type, available, None, from_encounter,
-                     rtype, line, entry)])
+        self.rows.append((sid, time, field, False, code, None, None, eid, None, None, event_type, issued, None,
+                          from_encounter, rtype, line, entry))
 
     def _condition(self, r: dict, rid: str, line: int, entry: int) -> None:
         code = self.ctx.code_of(r.get("code"), "Condition.code")
         recorded = r.get("recordedDate")
-        available = _time(recorded, "recordedDate") if recorded is not None else None
-        self._timed_event(r, rid, line, entry, "Condition", EventType.CONDITION,
-                          ("onsetDateTime", "onsetPeriod"), code, available)
+        if recorded is not None and not isinstance(recorded, str):
+            raise Rejected("Condition.recordedDate is not a string")
+        self._timed_event(r, line, entry, "Condition", EventType.CONDITION, code, recorded)
 
     def _procedure(self, r: dict, rid: str, line: int, entry: int) -> None:
         code = self.ctx.code_of(r.get("code"), "Procedure.code")
-        self._timed_event(r, rid, line, entry, "Procedure", EventType.PROCEDURE,
-                          ("performedDateTime", "performedPeriod", "occurrenceDateTime", "occurrencePeriod"), code)
-
-    _MEDICATION_TIMES = {
-        "MedicationRequest": ("authoredOn",),
-        "MedicationAdministration": ("effectiveDateTime", "effectivePeriod", "occurenceDateTime"),
-        "MedicationDispense": ("whenHandedOver", "whenPrepared"),
-    }
+        self._timed_event(r, line, entry, "Procedure", EventType.PROCEDURE, code)
 
     def _medication_use(self, r: dict, rid: str, line: int, entry: int) -> None:
         rtype = r["resourceType"]
-        sid, _ = self._subject(r)
+        sid = self._subject(r)
         eid = self._encounter_id(r)
-        t = _first_time(r, self._MEDICATION_TIMES[rtype], rtype)
-        if t is None:
-            raise Rejected(f"{rtype} has no time: none of {', '.join(self._MEDICATION_TIMES[rtype])}")
+        time, field = _first_time(r, rtype)
+        if time is None:
+            raise Rejected(f"{rtype} has no time: none of {', '.join(_TIME_FIELDS[rtype])}")
         code, med_key = None, None
         concept = r.get("medicationCodeableConcept")
         reference = r.get("medicationReference")
@@ -298,11 +299,15 @@ class Flattener:
         elif isinstance(reference, dict) and str(reference.get("reference", "")).startswith("#"):
             code = self._contained_medication(r, reference["reference"][1:])
         elif reference is not None:
-            med_key = "Medication/" + self.ctx.resolve_reference(reference, "Medication", "medicationReference")
+            text = reference.get("reference") if isinstance(reference, dict) else None
+            if isinstance(text, str) and text[:11] == "Medication/" and "/" not in text[11:] and len(text) > 11:
+                med_key = text
+            else:
+                med_key = "Medication/" + self.ctx.resolve_reference(reference, "Medication", "medicationReference")
         else:
             raise Rejected(f"{rtype} has neither medicationCodeableConcept nor medicationReference")
-        self._emit([(sid, t, code, None, None, eid, None, None, EventType.MEDICATION, None, med_key, False,
-                     rtype, line, entry)])
+        self.rows.append((sid, time, field, False, code, None, None, eid, None, None, EventType.MEDICATION, None,
+                          med_key, False, rtype, line, entry))
 
     def _contained_medication(self, r: dict, local_id: str) -> str:
         for contained in r.get("contained") or ():
@@ -317,12 +322,14 @@ class Flattener:
         self.medications.append(("Medication/" + rid, code, line, entry))
 
     def _observation(self, r: dict, rid: str, line: int, entry: int) -> None:
-        sid, _ = self._subject(r)
+        sid = self._subject(r)
         eid = self._encounter_id(r)
-        t = _first_time(r, ("effectiveDateTime", "effectivePeriod", "effectiveInstant"), "Observation")
-        if t is None:
+        time, field = _first_time(r, "Observation")
+        if time is None:
             raise Rejected("Observation has no effective time")
-        issued = _time(r["issued"], "issued") if r.get("issued") is not None else None
+        issued = r.get("issued")
+        if issued is not None and not isinstance(issued, str):
+            raise Rejected("Observation.issued is not a string")
         event_type = EventType.OBSERVATION
         for category in r.get("category") or ():
             for coding in (category.get("coding") or ()) if isinstance(category, dict) else ():
@@ -330,19 +337,24 @@ class Flattener:
                 if found is not None:
                     event_type = found
                     break
-        parts = [(r.get("code"), r, "Observation")]
-        for i, component in enumerate(r.get("component") or ()):
+        components = r.get("component")
+        if not components:
+            code = self.ctx.code_of(r.get("code"), "Observation.code")
+            value, text, unit, comparator = self._value(r, "Observation")
+            self.rows.append((sid, time, field, False, code, value, text, eid, unit, comparator, event_type, issued,
+                              None, False, "Observation", line, entry))
+            return
+        parts = [(r.get("code"), r, "Observation")] if any(k[:5] == "value" for k in r) else []
+        for i, component in enumerate(components):
             if isinstance(component, dict):
                 parts.append((component.get("code"), component, f"Observation.component[{i}]"))
         rows = []
         for concept, holder, what in parts:
-            if holder is r and len(parts) > 1 and not any(k.startswith("value") for k in r):
-                continue  # a panel without a value of its own: its components carry the values
             code = self.ctx.code_of(concept, f"{what}.code")
             value, text, unit, comparator = self._value(holder, what)
-            rows.append((sid, t, code, value, text, eid, unit, comparator, event_type, issued, None, False,
-                         "Observation", line, entry))
-        self._emit(rows)
+            rows.append((sid, time, field, False, code, value, text, eid, unit, comparator, event_type, issued, None,
+                         False, "Observation", line, entry))
+        self.rows.extend(rows)
 
     def _value(self, holder: dict, what: str) -> tuple[float | None, str | None, str | None, str | None]:
         quantity = holder.get("valueQuantity")
@@ -350,14 +362,17 @@ class Flattener:
             if not isinstance(quantity, dict):
                 raise Rejected(f"{what}.valueQuantity is not an object")
             value = quantity.get("value")
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            if value is not None and (value.__class__ is bool or not isinstance(value, int | float)):
                 raise Rejected(f"{what}.valueQuantity.value is not a number: {value!r}")
             unit = quantity.get("unit") or quantity.get("code")
-            return value, None, unit, quantity.get("comparator")
+            comparator = quantity.get("comparator")
+            if (unit is not None and not isinstance(unit, str)) or (comparator is not None and not isinstance(comparator, str)):
+                raise Rejected(f"{what}.valueQuantity unit or comparator is not a string")
+            return value, None, unit, comparator
         for name in ("valueInteger", "valueDecimal"):
             value = holder.get(name)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int | float):
+                if value.__class__ is bool or not isinstance(value, int | float):
                     raise Rejected(f"{what}.{name} is not a number: {value!r}")
                 return value, None, None, None
         text = holder.get("valueString")
@@ -369,7 +384,7 @@ class Flattener:
                 return None, self.ctx.code_of(concept, f"{what}.valueCodeableConcept"), None, None
             except Rejected:
                 display = concept.get("text") or ((concept.get("coding") or [{}])[0] or {}).get("display")
-                return None, display, None, None
+                return None, display if isinstance(display, str) else None, None, None
         if "valueBoolean" in holder:
             return None, "true" if holder["valueBoolean"] else "false", None, None
         return None, None, None, None

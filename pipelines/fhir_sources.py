@@ -50,6 +50,16 @@ def _kind(path: Path) -> str | None:
     return None
 
 
+def _is_fhir_json(path: Path) -> bool:
+    """A .json file that holds a FHIR resource or Bundle (its opening mentions resourceType)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            return b'"resourceType"' in handle.read(1 << 16)
+    except (OSError, EOFError):
+        return True  # unreadable: let the reader report it
+
+
 def discover(paths: list[str | os.PathLike]) -> list[Path]:
     """Expand files, folders (recursively) and globs into a sorted, de-duplicated list of input files."""
     if not paths:
@@ -62,7 +72,10 @@ def discover(paths: list[str | os.PathLike]) -> list[Path]:
             raise InputError(f"{text}: no file matches this pattern")
         for path in matches:
             if path.is_dir():
-                inside = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+                # inside folders, .json files that are not FHIR (reports, manifests) are not inputs
+                inside = sorted(
+                    p for p in path.rglob("*") if p.is_file() and _kind(p) and (_kind(p) == "ndjson" or _is_fhir_json(p))
+                )
                 if not inside:
                     raise InputError(f"{path}: folder holds no .ndjson, .jsonl or .json files")
                 found.extend(inside)

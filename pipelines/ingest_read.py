@@ -6,7 +6,8 @@ Rows are spilled by subject bucket (so stage 2 sees each subject whole) and reso
 
 from __future__ import annotations
 
-import hashlib
+import gc
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +25,17 @@ from odyssey.pipelines.fhir_flatten import (
     Rejected,
 )
 from odyssey.pipelines.fhir_sources import Chunk, read_lines, read_whole
+from odyssey.pipelines.fhir_times import with_fhir_times
+from odyssey.pipelines.schema import EventType
 
 INVALID = "<invalid>"  # resource type under which unparseable lines are counted
 
-ROW_SCHEMA = pa.schema(
+RAW_ROW_SCHEMA = pa.schema(
     [
         ("subject_id", pa.int64()),
-        ("time", pa.int64()),
+        ("time", pa.string()),
+        ("time_field", pa.string()),
+        ("birth", pa.bool_()),
         ("code", pa.string()),
         ("numeric_value", pa.float32()),
         ("text_value", pa.large_string()),
@@ -38,7 +43,7 @@ ROW_SCHEMA = pa.schema(
         ("unit", pa.string()),
         ("comparator", pa.string()),
         ("event_type", pa.string()),
-        ("issued", pa.int64()),
+        ("issued", pa.string()),
         ("medication_key", pa.string()),
         ("time_from_encounter", pa.bool_()),
         ("resource_type", pa.string()),
@@ -50,23 +55,12 @@ KEY_SCHEMA = pa.schema(
     [
         ("resource_type", pa.string()),
         ("fhir_id", pa.string()),
-        ("identity", pa.int64()),
         ("digest", pa.int64()),
         ("line", pa.int64()),
         ("entry", pa.int32()),
     ]
 )
 PATIENT_SCHEMA = pa.schema([("subject_id", pa.int64()), ("fhir_id", pa.string()), ("line", pa.int64()), ("entry", pa.int32())])
-ENCOUNTER_SCHEMA = pa.schema(
-    [
-        ("encounter_id", pa.int64()),
-        ("encounter_subject_id", pa.int64()),
-        ("encounter_start", pa.int64()),
-        ("encounter_end", pa.int64()),
-        ("line", pa.int64()),
-        ("entry", pa.int32()),
-    ]
-)
 MEDICATION_SCHEMA = pa.schema(
     [("medication_key", pa.string()), ("medication_code", pa.string()), ("line", pa.int64()), ("entry", pa.int32())]
 )
@@ -81,6 +75,7 @@ class ReadSettings:
     sample_every: int
     strict: bool
     spill_dir: str
+    batch_rows: int = 200_000  # rows held before they are checked and spilled (bounds memory)
 
 
 @dataclass
@@ -109,7 +104,8 @@ class ChunkResult:
 
 
 def _digest(raw: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
+    """A 63-bit fingerprint of a resource's text: tells identical duplicates from conflicting ones."""
+    return (zlib.crc32(raw) << 31) ^ zlib.adler32(raw)
 
 
 class _Validator:
@@ -146,29 +142,39 @@ class ChunkReader:
         self.keys: list[tuple] = []
         self.result = ChunkResult(chunk.index, bytes=chunk.size)
         self.validator = _Validator() if settings.validate != "off" else None
+        self.part = 0
 
     # -- entry point ---------------------------------------------------------------------------------
 
     def run(self) -> ChunkResult:
+        # millions of short-lived tuples and dicts, no cycles: the cyclic collector only costs time here
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             if self.chunk.kind == "json":
                 self._read_json_file()
             else:
                 self._read_ndjson()
+            self._flush()
         except _StrictStop:
             pass
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         self.result.descriptions = self.context.descriptions
-        self._spill()
         return self.result
 
     def _read_ndjson(self) -> None:
         line = self.chunk.first_line - 1
+        batch = self.settings.batch_rows
         try:
             for line, raw in read_lines(self.chunk):
                 self.result.lines += 1
                 if not raw.strip():
                     continue
                 self._line(raw, line)
+                if len(self.flattener.rows) >= batch:
+                    self._flush()
         except (EOFError, OSError) as exc:
             self._problem(line + 1, 0, INVALID, None, f"file is truncated or unreadable after line {line}: {exc}",
                           None)
@@ -250,7 +256,7 @@ class ChunkReader:
             self._problem(line, entry, rtype, rid if isinstance(rid, str) else None,
                           f"unexpected structure: {exc}", raw)
             return
-        self.keys.append((rtype, rid, self.context.stable_id(rtype, rid), digest, line, entry))
+        self.keys.append((rtype, rid, digest, line, entry))
 
     def _problem(self, line, entry, rtype, fhir_id, reason, raw) -> None:
         if rtype == INVALID:  # not a resource of any type: counted here, as read and rejected
@@ -259,26 +265,58 @@ class ChunkReader:
         if self.settings.strict:
             raise _StrictStop
 
-    # -- spill ---------------------------------------------------------------------------------------
+    # -- flush: check times, then spill ---------------------------------------------------------------
 
-    def _spill(self) -> None:
+    def _flush(self) -> None:
+        """Parse the batch's times, reject resources with bad ones, spill the rest to parquet."""
+        flat = self.flattener
+        if not (flat.rows or flat.patients or flat.medications or self.keys):
+            return
+        rows = _checked_rows(flat.rows)
+        failed = rows.filter(pl.col("reason").is_not_null()).group_by(KEY_COLUMNS).agg(
+            pl.col("resource_type").first(), pl.col("reason").first()
+        ).sort(KEY_COLUMNS)
+        if failed.height:
+            for line, entry, rtype, reason in failed.iter_rows():
+                self.result.problems.append(Problem(self.chunk.index, line, entry, rtype, None, reason, None))
+                if self.settings.strict:
+                    raise _StrictStop
+            bad = set(failed.select(KEY_COLUMNS).iter_rows())
+            rows = rows.filter(pl.col("reason").is_null())
+            self.keys = [k for k in self.keys if (k[3], k[4]) not in bad]
+            flat.patients = [p for p in flat.patients if (p[2], p[3]) not in bad]
+        self._spill(rows.drop("reason", "time_field", "birth"))
+        flat.rows, flat.patients, flat.medications, self.keys = [], [], [], []
+        self.part += 1
+
+    def _spill(self, rows: pl.DataFrame) -> None:
         spill = Path(self.settings.spill_dir)
-        tag = f"c{self.chunk.index:06d}.parquet"
-        rows = self.flattener.rows
-        if rows:
-            table = pa.Table.from_arrays(
-                [pa.array(col, type=ROW_SCHEMA.field(i).type) for i, col in enumerate(zip(*rows, strict=True))],
-                schema=ROW_SCHEMA,
+        tag = f"c{self.chunk.index:06d}-{self.part:04d}.parquet"
+        chunk = pl.lit(self.chunk.index, pl.Int32).alias("chunk")
+        if rows.height:
+            _write_buckets(rows.drop("encounter_end_us").with_columns(chunk), "subject_id",
+                           self.settings.subject_buckets, spill / "rows", tag)
+            encounters = rows.filter(pl.col("event_type") == EventType.ENCOUNTER_START).select(
+                "encounter_id",
+                pl.col("subject_id").alias("encounter_subject_id"),
+                pl.col("time").alias("encounter_start"),
+                pl.col("encounter_end_us").alias("encounter_end"),
+                *KEY_COLUMNS,
+                chunk,
             )
-            _write_buckets(table, "subject_id", self.settings.subject_buckets, spill / "rows", tag)
+            if encounters.height:
+                (spill / "encounters").mkdir(parents=True, exist_ok=True)
+                encounters.write_parquet(spill / "encounters" / tag, compression="lz4")
         if self.keys:
             cols = list(zip(*self.keys, strict=True))
-            table = pa.Table.from_arrays([pa.array(c, type=KEY_SCHEMA.field(i).type) for i, c in enumerate(cols)],
-                                         schema=KEY_SCHEMA)
-            _write_buckets(table, "identity", self.settings.key_buckets, spill / "keys", tag)
+            keys = pl.from_arrow(pa.Table.from_arrays(
+                [pa.array(c, type=KEY_SCHEMA.field(i).type) for i, c in enumerate(cols)], schema=KEY_SCHEMA))
+            # identity: every copy of one type/id meets in one bucket (polars' hash is stable within a run)
+            identity = (pl.concat_str("resource_type", pl.lit("/"), "fhir_id").hash(seed=0) // 2).cast(pl.Int64)
+            keys = keys.with_columns(chunk, identity=identity)
+            _write_buckets(keys, "identity", self.settings.key_buckets, spill / "keys", tag)
         for name, schema_, items in (
             ("patients", PATIENT_SCHEMA, self.flattener.patients),
-            ("encounters", ENCOUNTER_SCHEMA, self.flattener.encounters),
             ("medications", MEDICATION_SCHEMA, self.flattener.medications),
         ):
             if items:
@@ -290,16 +328,51 @@ class ChunkReader:
                 pq.write_table(table, spill / name / tag, compression="lz4")
 
 
+KEY_COLUMNS = ["line", "entry"]
+
+
+def _checked_rows(rows: list[tuple]) -> pl.DataFrame:
+    """Rows with times parsed to microseconds and a `reason` where the resource must be rejected."""
+    if rows:
+        columns = list(zip(*rows, strict=True))
+        table = pa.Table.from_arrays(
+            [pa.array(c, type=RAW_ROW_SCHEMA.field(i).type) for i, c in enumerate(columns)], schema=RAW_ROW_SCHEMA
+        )
+        frame = pl.from_arrow(table)
+    else:
+        frame = pl.from_arrow(RAW_ROW_SCHEMA.empty_table())
+    frame = with_fhir_times(frame, "time", "time_us", birth="birth")
+    frame = with_fhir_times(frame, "issued", "issued_us")
+    # an Encounter's end row directly follows its start row (see Flattener._encounter)
+    next_is_my_end = (
+        (pl.col("event_type") == EventType.ENCOUNTER_START)
+        & (pl.col("event_type").shift(-1) == EventType.ENCOUNTER_END)
+        & (pl.col("line").shift(-1) == pl.col("line"))
+        & (pl.col("entry").shift(-1) == pl.col("entry"))
+    )
+    frame = frame.with_columns(encounter_end_us=pl.when(next_is_my_end).then(pl.col("time_us").shift(-1)))
+    issued_field = pl.when(pl.col("resource_type") == "Condition").then(pl.lit("recordedDate")).otherwise(pl.lit("issued"))
+    reason = (
+        pl.when(pl.col("time").is_not_null() & pl.col("time_us").is_null())
+        .then(pl.format("{}: not a FHIR date/time: {}", pl.col("time_field"), pl.col("time")))
+        .when(pl.col("issued").is_not_null() & pl.col("issued_us").is_null())
+        .then(pl.format("{}.{}: not a FHIR date/time: {}", pl.col("resource_type"), issued_field, pl.col("issued")))
+        .when(pl.col("encounter_end_us") < pl.col("time_us"))
+        .then(pl.lit("period ends before it starts"))
+    )
+    frame = frame.with_columns(reason=reason, time=pl.col("time_us"), issued=pl.col("issued_us"))
+    if frame["reason"].null_count() < frame.height:  # spread a row's reason to its whole resource
+        frame = frame.with_columns(reason=pl.col("reason").drop_nulls().first().over(KEY_COLUMNS))
+    return frame.drop("time_us", "issued_us")
+
+
 class _StrictStop(Exception):
     pass
 
 
-def _write_buckets(table: pa.Table, column: str, buckets: int, folder: Path, tag: str) -> None:
+def _write_buckets(frame: pl.DataFrame, column: str, buckets: int, folder: Path, tag: str) -> None:
     """Write the rows of each bucket (`column` modulo `buckets`) to folder/bNNNN/tag."""
-    frame = pl.from_arrow(table).with_columns(
-        chunk=pl.lit(int(tag[1:7]), pl.Int32),
-        _bucket=(pl.col(column) & 0x7FFFFFFF) % buckets,
-    )
+    frame = frame.with_columns(_bucket=(pl.col(column) & 0x7FFFFFFF) % buckets)
     for (bucket,), part in frame.partition_by("_bucket", as_dict=True, maintain_order=True).items():
         target = folder / f"b{bucket:04d}"
         target.mkdir(parents=True, exist_ok=True)

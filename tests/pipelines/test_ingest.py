@@ -343,3 +343,11 @@ def test_partial_dates_go_to_the_end_of_their_period(tmp_path):
     assert times["ICD10CM//I509"] == at("2150-03-31 23:59:59.999999")
     assert times["ICD10CM//E119"] == at("2151-12-31 23:59:59.999999")
     assert times["MEDS_BIRTH"] == at("2090-07-02 00:00:00")
+
+
+def test_folder_ignores_json_files_that_are_not_fhir(tmp_path):
+    cohort = small_cohort(tmp_path / "in")
+    (cohort / "export_report.json").write_text('{"patients": 2, "seconds": 1.5}')
+    report = ingest_fhir([cohort], tmp_path / "out", workers=1)
+    assert report.resources_rejected == 0
+    assert not any("export_report" in name for name in report.inputs)

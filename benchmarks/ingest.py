@@ -1,0 +1,182 @@
+"""Ingest speed and memory against the parse floor and full R4B validation, in one run.
+
+    python benchmarks/ingest.py --patients 4000 --scale 5 --out /tmp/ingest_bench.json
+
+1. makes (or reuses) synthetic MIMIC-IV-on-FHIR cohorts with `odyssey synth`;
+2. parse floor: `orjson.loads` of every line, one core;
+3. R4B baseline: fhir.resources R4B validation of each resource, then flattening, one core (on a sample);
+4. `odyssey ingest` end to end with the default config: resources/s and peak memory (main + workers,
+   sampled from /proc), at the base size and at `--scale` times it (memory must stay flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import orjson
+
+
+class PeakRss:
+    """Peak resident memory of this process plus its children, sampled every 50 ms."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree(self) -> list[int]:
+        me = os.getpid()
+        pids = [me]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                            pids.append(int(entry))
+                except (OSError, IndexError, ValueError):
+                    pass
+        return pids
+
+    def _rss(self, pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(self._rss(p) for p in self._tree()))
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def cohort(cache: Path, patients: int, seed: int = 0) -> Path:
+    from odyssey.pipelines.synth import synthesize
+
+    folder = cache / f"synth-{patients}-{seed}"
+    if not (folder / "synth_report.json").exists():
+        synthesize(patients, folder, seed=seed)
+    return folder
+
+
+def ndjson_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.ndjson"))
+
+
+def parse_floor(files: list[Path]) -> dict:
+    n = 0
+    start = time.perf_counter()
+    for path in files:
+        with open(path, "rb") as handle:
+            for line in handle:
+                orjson.loads(line)
+                n += 1
+    seconds = time.perf_counter() - start
+    return {"resources": n, "seconds": seconds, "resources_per_second": n / seconds}
+
+
+def r4b_baseline(files: list[Path], sample: int) -> dict:
+    """Full R4B validation and flattening per resource, on a round-robin sample of the files."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    from odyssey.pipelines.fhir_flatten import Context, Flattener, Rejected
+    from odyssey.pipelines.ingest import load_code_systems
+
+    handles = [open(p, "rb") for p in files]
+    lines = [line for line in itertools.islice(
+        (ln for group in itertools.zip_longest(*handles) for ln in group if ln), sample)]
+    for h in handles:
+        h.close()
+    flattener = Flattener(Context(systems=load_code_systems()))
+    classes: dict[str, type] = {}
+    start = time.perf_counter()
+    for i, line in enumerate(lines):
+        resource = orjson.loads(line)
+        rtype = resource["resourceType"]
+        cls = classes.get(rtype) or classes.setdefault(rtype, get_fhir_model_class(rtype))
+        cls.model_validate(resource)
+        try:
+            flattener.flatten(resource, i, 0)
+        except Rejected:
+            pass
+    seconds = time.perf_counter() - start
+    return {"resources": len(lines), "seconds": seconds, "resources_per_second": len(lines) / seconds}
+
+
+def ours(folder: Path, workers: int | None) -> dict:
+    from odyssey.pipelines.ingest import ingest_fhir
+
+    out = Path(tempfile.mkdtemp(prefix="ingest-bench-")) / "meds"
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        report = ingest_fhir([folder], out, workers=workers)
+        seconds = time.perf_counter() - start
+    shutil.rmtree(out.parent)
+    return {
+        "resources": report.resources_read,
+        "events": report.events,
+        "rejected": report.resources_rejected,
+        "seconds": seconds,
+        "resources_per_second": report.resources_read / seconds,
+        "peak_memory_mb": rss.peak / 2**20,
+        "workers": report.workers,
+        "validation": report.validation,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patients", type=int, default=4000, help="base cohort size (about 1M resources)")
+    parser.add_argument("--scale", type=int, default=5, help="also run at this many times the base size (0: skip)")
+    parser.add_argument("--r4b-sample", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "odyssey-bench")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results")
+    args = parser.parse_args()
+
+    base = cohort(args.cache, args.patients)
+    files = ndjson_files(base)
+    results = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "parse_floor": parse_floor(files),
+        "r4b_validate_and_flatten": r4b_baseline(files, args.r4b_sample),
+        "ours": ours(base, args.workers),
+    }
+    if args.scale:
+        big = cohort(args.cache, args.patients * args.scale)
+        results["ours_scaled"] = ours(big, args.workers)
+    floor = results["parse_floor"]["resources_per_second"]
+    rows = [("parse floor (orjson.loads, 1 core)", results["parse_floor"]),
+            ("R4B validate + flatten (1 core)", results["r4b_validate_and_flatten"]),
+            ("odyssey ingest", results["ours"])]
+    if "ours_scaled" in results:
+        rows.append((f"odyssey ingest x{args.scale}", results["ours_scaled"]))
+    print(f"{'':40}{'resources':>12}{'seconds':>9}{'res/s':>11}{'x floor':>9}{'peak MB':>9}")
+    for name, r in rows:
+        print(f"{name:40}{r['resources']:>12,}{r['seconds']:>9.1f}{r['resources_per_second']:>11,.0f}"
+              f"{r['resources_per_second'] / floor:>9.2f}{r.get('peak_memory_mb', float('nan')):>9.0f}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
