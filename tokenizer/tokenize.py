@@ -3,7 +3,8 @@
 1. Check the MEDS dataset (`check_meds_dataset`).
 2. Fit the vocabulary and value bins on train subjects only (`EHRTokenizer.fit`).
 3. Per shard, in chunks of whole subjects (`max_rows_per_chunk` events), build sequences
-   (`build.build_sequences`) and write `sequences/part-NNNNN.parquet`.
+   (`build.build_sequences`) and write `sequences/part-NNNNN.parquet`; with `workers` > 1, chunks run in
+   spawned worker processes (each holds one chunk: peak memory grows with the number of workers).
 4. Write `tokenize_report.json`. Everything lands in a temp folder moved into place at the end.
 """
 
