@@ -41,7 +41,7 @@ def test_parameter_names_match_transformers():
         assert tensor.shape == ours.state_dict()[name].shape
 
 
-@pytest.mark.parametrize("length", [1, 5, 37])
+@pytest.mark.parametrize("length", [1, 5, 37, 130])  # 130 crosses the torch scan's chunk boundaries
 def test_outputs_and_gradients_match_transformers_slow_path(length):
     ours, theirs = make_pair(seed=length)
     torch.manual_seed(100 + length)
