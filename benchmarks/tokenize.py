@@ -278,7 +278,8 @@ def main() -> None:
             f"- machine: {_machine()}",
             f"- command: `{command}`",
             f"- input: {rows:,} MEDS rows, {measured['subjects']:,} subjects, "
-            f"{len(list((data / S.DATA_DIR).glob('*.parquet')))} shards (generated in {generated:.0f} s)",
+            f"{len(list((data / S.DATA_DIR).glob('*.parquet')))} shards "
+            + ("(the previous run's data)" if args.reuse else f"(generated in {generated:.0f} s)"),
             f"- result: {measured['seconds']:.1f} s for the whole stage (check, fit on train, build, write) = "
             f"**{rate:,.0f} events/s**, peak RSS **{peak_gb:.2f} GB** (all processes, sampled every 50 ms), {measured['tokens']:,} tokens, "
             f"vocabulary {measured['vocab_size']:,}, {measured['parts']} parts",
