@@ -1,0 +1,349 @@
+"""One patient's MEDS events over time (matplotlib, Agg backend: files only, never an interactive window).
+
+Rows of the figure, sharing the time axis:
+- an optional attribution strip (one stem per scored event, red raises the output, blue lowers it,
+  the strongest few labelled in words);
+- the event row: diagnoses, procedures, medications, other labs and observations as markers, each
+  type on its own line, sampled forecast futures as hollow markers after the last known event;
+- value traces of the most frequent labs (one small panel each, labelled with description and unit);
+- an optional risk-over-time panel.
+Visits are shaded bands on every panel (colour by encounter class); a death is a black line.
+
+Every drawn element carries a `gid` ("timeline:<what>") so tests and callers can find it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from zlib import crc32
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.dates as mdates  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from odyssey.pipelines import schema as S  # noqa: E402
+from odyssey.viz.events import describe, event_types_of  # noqa: E402
+
+T = S.EventType
+EventKey = tuple[datetime, str]  # (time, code) of a MEDS row
+TimeCode = tuple[datetime, str]
+
+# Event-row lines, top to bottom: (event type, label, marker, colour).
+MARKER_ROWS: tuple[tuple[str, str, str, str], ...] = (
+    (T.CONDITION.value, "Diagnoses", "D", "tab:red"),
+    (T.PROCEDURE.value, "Procedures", "s", "tab:purple"),
+    (T.MEDICATION.value, "Medications", "^", "tab:green"),
+    ("other_lab", "Other labs", "|", "0.35"),
+    (T.OBSERVATION.value, "Observations", "o", "tab:brown"),
+)
+ALWAYS_SHOWN = (T.CONDITION.value, T.PROCEDURE.value, T.MEDICATION.value)
+NUMERIC_TYPES = (T.LAB.value, T.VITAL.value)
+VISIT_COLOURS = {"IMP": "tab:blue", "EMER": "tab:orange", "AMB": "tab:green", "OBSENC": "tab:olive"}
+OTHER_VISIT_COLOUR = "tab:gray"
+MIN_BAND_FRACTION = 0.004  # a visit of a few hours in a decade-long history still shows as a band
+JITTER = 0.28  # spread of distinct codes around their row, so simultaneous events stay apart
+LABELLED_ATTRIBUTIONS = 3
+FORECAST_COLOURS = ("tab:cyan", "tab:pink", "tab:olive", "tab:gray", "tab:blue")
+
+
+@dataclass
+class PatientTimeline:
+    """The figure, its panels by name, and how many markers each event type got."""
+
+    figure: Figure
+    axes: dict[str, Axes]
+    marker_counts: dict[str, int] = field(default_factory=dict)
+    lab_codes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Visit:
+    start: datetime
+    end: datetime
+    encounter_class: str
+
+
+def _class_of(code: str) -> str:
+    return code.split(S.CODE_SEPARATOR, 1)[1] if S.CODE_SEPARATOR in code else code
+
+
+def visits_of(events: pl.DataFrame) -> list[Visit]:
+    """Encounters as (start, end, class): per encounter_id from its start/end rows and its events' times;
+    an encounter start without an id runs to the next end row of its class."""
+    timed = events.filter(pl.col(S.TIME).is_not_null())
+    visits: list[Visit] = []
+    with_id = timed.filter(pl.col(S.ENCOUNTER_ID).is_not_null())
+    if with_id.height:
+        starts = with_id.filter(pl.col(S.EVENT_TYPE) == T.ENCOUNTER_START.value)
+        classes = dict(zip(starts[S.ENCOUNTER_ID].to_list(), starts[S.CODE].map_elements(
+            _class_of, return_dtype=pl.String).to_list(), strict=True))
+        spans = with_id.group_by(S.ENCOUNTER_ID).agg(
+            pl.col(S.TIME).min().alias("start"), pl.col(S.TIME).max().alias("end")
+        ).sort("start")
+        for encounter, start, end in spans.iter_rows():
+            visits.append(Visit(start, end, classes.get(encounter, "other")))
+    loose = timed.filter(pl.col(S.ENCOUNTER_ID).is_null())
+    loose_starts = loose.filter(pl.col(S.EVENT_TYPE) == T.ENCOUNTER_START.value)
+    loose_ends = loose.filter(pl.col(S.EVENT_TYPE) == T.ENCOUNTER_END.value)
+    for start, code in loose_starts.select(S.TIME, S.CODE).iter_rows():
+        later = loose_ends.filter((pl.col(S.TIME) >= start) & (pl.col(S.CODE).str.ends_with(_class_of(code))))
+        end = later[S.TIME].min() if later.height else start
+        visits.append(Visit(start, end, _class_of(code)))
+    return sorted(visits, key=lambda v: v.start)
+
+
+def _num(times) -> np.ndarray:
+    """datetimes (list, Series or array) -> matplotlib date numbers."""
+    values = np.asarray(times.to_numpy() if isinstance(times, pl.Series) else times, dtype="datetime64[us]")
+    return mdates.date2num(values)
+
+
+def _jitter(code: str) -> float:
+    # Stable per code (crc32, not hash(): Python salts str hashes per process).
+    return ((crc32(code.encode()) % 1000) / 999 - 0.5) * JITTER
+
+
+def _top_labs(events: pl.DataFrame, count: int) -> list[str]:
+    numeric = events.filter(
+        pl.col(S.EVENT_TYPE).is_in(NUMERIC_TYPES) & pl.col(S.NUMERIC_VALUE).is_not_null()
+        & pl.col(S.TIME).is_not_null()
+    )
+    ranked = numeric.group_by(S.CODE).len().sort(["len", S.CODE], descending=[True, False])
+    return ranked[S.CODE].head(count).to_list()
+
+
+def _row_of(event_type: str, top_labs: Sequence[str], code: str) -> str | None:
+    if event_type in NUMERIC_TYPES:
+        return None if code in top_labs else "other_lab"
+    if event_type in (T.CONDITION.value, T.PROCEDURE.value, T.MEDICATION.value, T.OBSERVATION.value):
+        return event_type
+    return None  # birth, death, demographics and encounter boundaries are drawn otherwise
+
+
+def _pairs(series) -> list[tuple[datetime, float]]:
+    if isinstance(series, Mapping):
+        return sorted(series.items())
+    if isinstance(series, pl.DataFrame):
+        return sorted(series.select(series.columns[:2]).iter_rows())
+    return sorted((t, float(v)) for t, v in series)
+
+
+def plot_timeline(
+    events: pl.DataFrame,
+    *,
+    descriptions: Mapping[str, str] | None = None,
+    attributions: Mapping[EventKey, float] | None = None,
+    risk: Mapping[datetime, float] | Sequence[tuple[datetime, float]] | pl.DataFrame | None = None,
+    risk_label: str = "risk",
+    forecasts: Sequence[Sequence[TimeCode]] | None = None,
+    top_labs: int = 3,
+    title: str | None = None,
+    window: tuple[datetime, datetime] | None = None,
+    width: float = 13.0,
+) -> PatientTimeline:
+    """Plot one subject's MEDS rows (`load_patient_events`); see the module docstring for the layout.
+
+    `attributions`: score per event, keyed by (time, code). `risk`: (time, value) pairs or a mapping
+    or a two-column frame. `forecasts`: sampled futures, each a list of (time, code); bracketed special
+    tokens ([VS], [W_1], ...) are skipped. `window` limits the time axis.
+    """
+    if events.height == 0:
+        raise ValueError("no events to plot")
+    subjects = events[S.SUBJECT_ID].unique()
+    if subjects.len() != 1:
+        raise ValueError(f"plot_timeline draws one subject; got {subjects.len()} subjects")
+    timed = events.filter(pl.col(S.TIME).is_not_null())
+    lab_codes = _top_labs(timed, top_labs)
+    panels = (["attribution"] if attributions else []) + ["events"] + [f"lab:{c}" for c in lab_codes]
+    panels += ["risk"] if risk is not None else []
+    heights = [1.3 if p == "attribution" else 2.4 if p == "events" else 1.0 for p in panels]
+    fig, axes_list = plt.subplots(
+        len(panels), 1, sharex=True, figsize=(width, 1.2 + sum(heights)),
+        gridspec_kw={"height_ratios": heights, "hspace": 0.08}, squeeze=False,
+    )
+    axes = dict(zip(panels, axes_list[:, 0], strict=True))
+    counts: dict[str, int] = {}
+
+    # Time range: first to last event (birth excluded: it would squeeze decades of care into a sliver).
+    care = timed.filter(pl.col(S.EVENT_TYPE) != T.BIRTH.value)
+    care = care if care.height else timed
+    first, last = care[S.TIME].min(), care[S.TIME].max()
+    future_times = [t for sample in (forecasts or []) for t, _ in sample]
+    if future_times:
+        last = max(last, max(future_times))
+    low, high = (first, last) if window is None else window
+    span = max(_num([high])[0] - _num([low])[0], 1.0)
+    pad = 0.02 * span
+
+    # Visit bands on every panel.
+    seen_classes: dict[str, str] = {}
+    for visit in visits_of(events):
+        begin, end = _num([visit.start, visit.end])
+        colour = VISIT_COLOURS.get(visit.encounter_class, OTHER_VISIT_COLOUR)
+        seen_classes[visit.encounter_class] = colour
+        width_days = max(end - begin, MIN_BAND_FRACTION * span)
+        for name, ax in axes.items():
+            band = ax.axvspan(begin, begin + width_days, color=colour, alpha=0.15, lw=0)
+            band.set_gid("timeline:visit" if name == "events" else "timeline:visit-shade")
+    counts["visit"] = len(visits_of(events))
+
+    events_ax = axes["events"]
+    rows_used = {row for row, *_ in MARKER_ROWS if row in ALWAYS_SHOWN}
+    row_types = [
+        _row_of(t, lab_codes, c) for t, c in zip(timed[S.EVENT_TYPE].to_list(), timed[S.CODE].to_list(), strict=True)
+    ]
+    timed = timed.with_columns(pl.Series("_row", row_types, dtype=pl.String))
+    rows_used |= set(timed["_row"].drop_nulls().to_list())
+    forecast_rows: list[list[tuple[datetime, str, str]]] = []
+    for sample in forecasts or []:
+        kept = [(t, c) for t, c in sample if not (c.startswith("[") and c.endswith("]"))]
+        types = event_types_of([c for _, c in kept])
+        placed = [(t, c, _row_of(k, (), c) or T.OBSERVATION.value) for (t, c), k in zip(kept, types, strict=True)]
+        rows_used |= {row for _, _, row in placed}
+        forecast_rows.append(placed)
+    shown_rows = [r for r in MARKER_ROWS if r[0] in rows_used]
+    level = {row: len(shown_rows) - 1 - i for i, (row, *_) in enumerate(shown_rows)}
+    sizes = None
+    for row, label, marker, colour in shown_rows:
+        chosen = timed.filter(pl.col("_row") == row)
+        counts[row] = chosen.height
+        codes = chosen[S.CODE].to_list()
+        y = [level[row] + _jitter(c) for c in codes]
+        if attributions:
+            sizes = [
+                28 + 160 * abs(attributions.get((t, c), 0.0)) / max(map(abs, attributions.values()), default=1.0)
+                for t, c in zip(chosen[S.TIME].to_list(), codes, strict=True)
+            ]
+        dots = events_ax.scatter(_num(chosen[S.TIME]), y, marker=marker, color=colour, s=sizes or 28,
+                                 label=f"{label} ({chosen.height})", zorder=3,
+                                 linewidths=1.2 if marker == "|" else 0.5)
+        dots.set_gid(f"timeline:{row}")
+    events_ax.set_yticks(list(level.values()), [label for _, label, *_ in shown_rows])
+    events_ax.set_ylim(-0.7, len(shown_rows) - 0.3)
+
+    for index, placed in enumerate(forecast_rows):
+        if not placed:
+            continue
+        colour = FORECAST_COLOURS[index % len(FORECAST_COLOURS)]
+        offset = (index / max(1, len(forecast_rows)) - 0.5) * JITTER
+        ys = [level[row] + offset for _, _, row in placed]
+        dots = events_ax.scatter(_num([t for t, _, _ in placed]), ys, facecolors="none", edgecolors=colour,
+                                 marker="o", s=30, zorder=4, label=f"forecast {index + 1}" if index < 3 else None)
+        dots.set_gid(f"timeline:forecast:{index}")
+    if future_times:
+        start = min(future_times)
+        for ax in axes.values():
+            ax.axvspan(_num([start])[0], _num([last])[0] + pad, color="0.85", alpha=0.35, lw=0, zorder=0)
+            ax.axvline(_num([start])[0], color="0.3", ls="--", lw=0.8).set_gid("timeline:forecast-start")
+
+    deaths = timed.filter(pl.col(S.EVENT_TYPE) == T.DEATH.value)
+    counts["death"] = deaths.height
+    for moment in _num(deaths[S.TIME]):
+        for ax in axes.values():
+            ax.axvline(moment, color="black", lw=1.5).set_gid("timeline:death")
+        events_ax.annotate("death", (moment, len(shown_rows) - 0.45), fontsize=8, ha="right",
+                           xytext=(-3, 0), textcoords="offset points")
+
+    for code in lab_codes:
+        ax = axes[f"lab:{code}"]
+        rows = timed.filter((pl.col(S.CODE) == code) & pl.col(S.NUMERIC_VALUE).is_not_null())
+        counts[f"lab:{code}"] = rows.height
+        (line,) = ax.plot(_num(rows[S.TIME]), rows[S.NUMERIC_VALUE].to_numpy(), marker=".", ms=5, lw=1,
+                          color="tab:blue")
+        line.set_gid(f"timeline:lab:{code}")
+        units = [u for u in rows[S.UNIT].unique().to_list() if u]
+        label = describe(code, descriptions) + (f" ({units[0]})" if len(units) == 1 else "")
+        ax.text(0.005, 0.92, label, transform=ax.transAxes, fontsize=8, va="top",
+                bbox={"facecolor": "white", "alpha": 0.7, "lw": 0})
+        ax.tick_params(axis="y", labelsize=7)
+
+    if attributions:
+        _draw_attributions(axes["attribution"], attributions, descriptions)
+        counts["attribution"] = len(attributions)
+    if risk is not None:
+        pairs = _pairs(risk)
+        counts["risk"] = len(pairs)
+        ax = axes["risk"]
+        (line,) = ax.step(_num([t for t, _ in pairs]), [v for _, v in pairs], where="post", color="tab:red",
+                          marker=".", ms=4)
+        line.set_gid("timeline:risk")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(risk_label, fontsize=8)
+
+    bottom = axes_list[-1, 0]
+    bottom.set_xlim(_num([low])[0] - pad, _num([high])[0] + pad)
+    locator = mdates.AutoDateLocator()
+    bottom.xaxis.set_major_locator(locator)
+    bottom.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    handles, labels = events_ax.get_legend_handles_labels()
+    handles += [Patch(color=c, alpha=0.3) for c in seen_classes.values()]
+    labels += [f"visit {k}" for k in seen_classes]
+    events_ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+    fig.suptitle(title or _default_title(events, counts), fontsize=11)
+    fig.subplots_adjust(left=0.1, right=0.8, top=1 - 0.5 / fig.get_figheight(), bottom=0.4 / fig.get_figheight())
+    return PatientTimeline(figure=fig, axes=axes, marker_counts=counts, lab_codes=lab_codes)
+
+
+def _draw_attributions(ax: Axes, attributions: Mapping[EventKey, float], descriptions) -> None:
+    keys = sorted(attributions)
+    times = _num([t for t, _ in keys])
+    scores = np.array([attributions[k] for k in keys], dtype=float)
+    colours = np.where(scores >= 0, "tab:red", "tab:blue")
+    stems = ax.vlines(times, 0, scores, colors=colours, lw=1.5)
+    stems.set_gid("timeline:attribution")
+    ax.axhline(0, color="0.5", lw=0.5)
+    ax.set_ylabel("attribution", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    strongest = np.argsort(-np.abs(scores))[:LABELLED_ATTRIBUTIONS]
+    for index in strongest:
+        ax.annotate(describe(keys[index][1], descriptions, max_chars=32), (times[index], scores[index]),
+                    fontsize=7, xytext=(3, 0), textcoords="offset points",
+                    va="bottom" if scores[index] >= 0 else "top")
+    bound = float(np.abs(scores).max(initial=0.0)) or 1.0
+    ax.set_ylim(-1.25 * bound, 1.25 * bound)
+
+
+def _default_title(events: pl.DataFrame, counts: Mapping[str, int]) -> str:
+    """Sex, age at the first visit and amounts; never the subject id or other identifiers."""
+    parts = []
+    sex = events.filter(pl.col(S.CODE).str.starts_with(S.GENDER_PREFIX + S.CODE_SEPARATOR))[S.CODE].to_list()
+    if sex:
+        parts.append(_class_of(sex[0]))
+    births = events.filter(pl.col(S.EVENT_TYPE) == T.BIRTH.value)[S.TIME].drop_nulls()
+    care = events.filter(pl.col(S.TIME).is_not_null() & (pl.col(S.EVENT_TYPE) != T.BIRTH.value))[S.TIME]
+    if births.len() and care.len():
+        parts.append(f"{(care.min() - births.min()).days / 365.25:.0f} y at first visit")
+    parts.append(f"{counts.get('visit', 0)} visits")
+    if counts.get("death"):
+        parts.append("died")
+    return "Patient timeline: " + ", ".join(parts)
+
+
+def save_timeline(
+    figure: Figure | PatientTimeline, stem: str | os.PathLike, formats: Sequence[str] = ("png", "svg"),
+    dpi: int = 150,
+) -> list[Path]:
+    """Write `stem.<format>` for each format (through a temporary file each); returns the paths."""
+    fig = figure.figure if isinstance(figure, PatientTimeline) else figure
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        partial = path.with_name(f".{path.name}.partial")
+        fig.savefig(partial, format=fmt, dpi=dpi)
+        os.replace(partial, path)
+        written.append(path)
+    return written

@@ -1,0 +1,202 @@
+"""Patient timelines: markers per event type, lab traces, visit bands, overlays, PNG/SVG export."""
+
+import xml.etree.ElementTree as ET
+from datetime import datetime, timedelta
+
+import matplotlib.dates as mdates
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from odyssey.pipelines import schema as S
+from odyssey.pipelines.meds_io import write_meds_dataset
+from odyssey.viz import (
+    load_code_descriptions,
+    load_patient_events,
+    plot_patient,
+    plot_timeline,
+    save_timeline,
+    visits_of,
+)
+
+SUBJECT = 123456789
+OTHER_SUBJECT = 42
+DAY0 = datetime(2150, 3, 1, 8, 0)
+CREATININE, POTASSIUM, SODIUM = "LOINC//2160-0", "LOINC//2823-3", "LOINC//2951-2"
+
+
+def at(days: float) -> datetime:
+    return DAY0 + timedelta(days=days)
+
+
+def row(time, code, event_type, value=None, encounter=None, unit=None, subject=SUBJECT):
+    return {
+        S.SUBJECT_ID: subject, S.TIME: time, S.CODE: code, S.NUMERIC_VALUE: value, S.ENCOUNTER_ID: encounter,
+        S.UNIT: unit, S.EVENT_TYPE: event_type,
+    }
+
+
+def patient_rows() -> list[dict]:
+    """Three encounters: an ambulatory visit, a 6-day admission, an emergency visit; a death afterwards."""
+    rows = [
+        row(None, "GENDER//female", "demographic"),
+        row(datetime(2090, 1, 1), S.BIRTH_CODE, "birth"),
+        # visit 1: ambulatory, encounter 1
+        row(at(0), "ENCOUNTER_START//AMB", "encounter_start", encounter=1),
+        row(at(0.01), "ICD10CM//I10", "condition", encounter=1),
+        row(at(0.02), CREATININE, "lab", 1.1, encounter=1, unit="mg/dL"),
+        row(at(0.02), POTASSIUM, "lab", 4.0, encounter=1, unit="mEq/L"),
+        row(at(0.03), "RXNORM//197361", "medication", encounter=1),
+        row(at(0.05), "ENCOUNTER_END//AMB", "encounter_end", encounter=1),
+        # visit 2: inpatient, encounter 2, six days
+        row(at(40), "ENCOUNTER_START//IMP", "encounter_start", encounter=2),
+        row(at(40.1), CREATININE, "lab", 2.4, encounter=2, unit="mg/dL"),
+        row(at(41), CREATININE, "lab", 1.9, encounter=2, unit="mg/dL"),
+        row(at(42), CREATININE, "lab", 1.5, encounter=2, unit="mg/dL"),
+        row(at(41), POTASSIUM, "lab", 5.2, encounter=2, unit="mEq/L"),
+        row(at(41), SODIUM, "lab", 131.0, encounter=2, unit="mEq/L"),
+        row(at(40.5), "ICD10PCS//0DTJ4ZZ", "procedure", encounter=2),
+        row(at(40.6), "NDC//00338004904", "medication", encounter=2),
+        row(at(41.2), "NDC//00338004904", "medication", encounter=2),
+        row(at(46), "ICD10CM//I50.9", "condition", encounter=2),
+        row(at(46), "ICD10CM//N18.3", "condition", encounter=2),
+        row(at(46), "ENCOUNTER_END//IMP", "encounter_end", encounter=2),
+        # visit 3: emergency, encounter 3
+        row(at(100), "ENCOUNTER_START//EMER", "encounter_start", encounter=3),
+        row(at(100.1), CREATININE, "lab", 1.7, encounter=3, unit="mg/dL"),
+        row(at(100.2), "SNOMED//271737000", "observation", encounter=3),
+        row(at(100.3), "ENCOUNTER_END//EMER", "encounter_end", encounter=3),
+        row(at(130), S.DEATH_CODE, "death"),
+    ]
+    return rows
+
+
+def patient_events() -> pl.DataFrame:
+    return pl.DataFrame(patient_rows(), schema={
+        S.SUBJECT_ID: pl.Int64, S.TIME: pl.Datetime("us"), S.CODE: pl.String, S.NUMERIC_VALUE: pl.Float32,
+        S.ENCOUNTER_ID: pl.Int64, S.UNIT: pl.String, S.EVENT_TYPE: pl.String,
+    })
+
+
+DESCRIPTIONS = {CREATININE: "Creatinine [Mass/volume] in Serum", "ICD10CM//I50.9": "Heart failure, unspecified"}
+
+
+def artists(timeline, gid):
+    found = []
+    for ax in timeline.figure.axes:
+        found += [a for a in (*ax.collections, *ax.lines, *ax.patches) if a.get_gid() == gid]
+    return found
+
+
+def marker_count(timeline, gid) -> int:
+    return sum(len(a.get_offsets()) for a in artists(timeline, gid))
+
+
+def test_markers_traces_and_bands_per_event_type():
+    timeline = plot_timeline(patient_events(), descriptions=DESCRIPTIONS, top_labs=2)
+    assert marker_count(timeline, "timeline:condition") == 3
+    assert marker_count(timeline, "timeline:procedure") == 1
+    assert marker_count(timeline, "timeline:medication") == 3
+    assert marker_count(timeline, "timeline:observation") == 1
+    # Top two labs by count (creatinine 5, potassium 2) are traces; sodium goes to the "other labs" row.
+    assert timeline.lab_codes == [CREATININE, POTASSIUM]
+    assert marker_count(timeline, "timeline:other_lab") == 1
+    (creatinine,) = artists(timeline, f"timeline:lab:{CREATININE}")
+    assert list(creatinine.get_ydata()) == pytest.approx([1.1, 2.4, 1.9, 1.5, 1.7])
+    assert len(artists(timeline, f"timeline:lab:{POTASSIUM}")[0].get_xdata()) == 2
+    assert not artists(timeline, f"timeline:lab:{SODIUM}")
+    # Readable description and unit label the creatinine panel.
+    texts = [t.get_text() for t in timeline.axes[f"lab:{CREATININE}"].texts]
+    assert texts == ["Creatinine [Mass/volume] in Serum (mg/dL)"]
+    # One band per visit on the event panel; the admission band spans its six days.
+    bands = artists(timeline, "timeline:visit")
+    assert len(bands) == 3
+    widths = sorted(band.get_width() for band in bands)
+    assert widths[-1] == pytest.approx(6.0, rel=1e-6)
+    assert len(artists(timeline, "timeline:death")) == len(timeline.figure.axes)
+    assert timeline.marker_counts["visit"] == 3 and timeline.marker_counts["death"] == 1
+    # The title describes the patient without identifiers.
+    title = timeline.figure._suptitle.get_text()
+    assert str(SUBJECT) not in title and "female" in title and "3 visits" in title and "60 y" in title
+
+
+def test_markers_sit_at_their_event_times():
+    timeline = plot_timeline(patient_events())
+    (conditions,) = artists(timeline, "timeline:condition")
+    times = sorted(mdates.num2date(x).replace(tzinfo=None) for x in conditions.get_offsets()[:, 0])
+    assert times == [at(0.01), at(46), at(46)]
+
+
+def test_overlays_attribution_risk_and_forecasts():
+    events = patient_events()
+    attributions = {(at(46), "ICD10CM//I50.9"): 0.8, (at(40.1), CREATININE): -0.3, (at(0.03), "RXNORM//197361"): 0.1,
+                    (at(41.2), "NDC//00338004904"): 0.05}
+    risk = [(at(0.05), 0.1), (at(46), 0.35), (at(100.3), 0.6)]
+    futures = [
+        [(at(135), "[VS]"), (at(136), "ICD10CM//I50.9"), (at(137), "NDC//00338004904"), (at(138), "[VE]")],
+        [(at(150), "[W_2]"), (at(151), "LOINC//2160-0_3"), (at(152), "ICD10PCS//0DTJ4ZZ")],
+    ]
+    timeline = plot_timeline(events, descriptions=DESCRIPTIONS, attributions=attributions, risk=risk,
+                             forecasts=futures, top_labs=1)
+    assert list(timeline.axes)[0] == "attribution" and list(timeline.axes)[-1] == "risk"
+    (stems,) = artists(timeline, "timeline:attribution")
+    heights = sorted(segment[1, 1] for segment in stems.get_segments())
+    assert heights == pytest.approx(sorted(attributions.values()))
+    labels = [t.get_text() for t in timeline.axes["attribution"].texts]
+    assert len(labels) == 3 and "Heart failure, unspecified" in labels
+    (risk_line,) = artists(timeline, "timeline:risk")
+    assert list(risk_line.get_ydata()) == pytest.approx([0.1, 0.35, 0.6])
+    # Special tokens are skipped; each future's codes land on their type's row, after the history.
+    assert marker_count(timeline, "timeline:forecast:0") == 2
+    assert marker_count(timeline, "timeline:forecast:1") == 2
+    ax = timeline.axes["events"]
+    rows = dict(zip([t.get_text() for t in ax.get_yticklabels()], ax.get_yticks(), strict=True))
+    second = artists(timeline, "timeline:forecast:1")[0].get_offsets()
+    assert np.abs(second[:, 1] - [rows["Other labs"], rows["Procedures"]]).max() < 0.5
+    assert second[:, 0].min() > mdates.date2num(at(130))
+    # Attributed events get bigger markers than the rest.
+    (conditions,) = artists(timeline, "timeline:condition")
+    assert conditions.get_sizes().max() > conditions.get_sizes().min()
+
+
+def test_png_and_svg_are_written(tmp_path):
+    timeline = plot_timeline(patient_events(), risk={at(1): 0.2, at(50): 0.4})
+    paths = save_timeline(timeline, tmp_path / "figs" / "patient")
+    assert [p.name for p in paths] == ["patient.png", "patient.svg"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[0].stat().st_size > 10_000
+    svg = ET.parse(paths[1]).getroot()
+    assert svg.tag.endswith("svg")
+    # The SVG keeps the gids, so each medication marker is an element a reader can find.
+    assert 'id="timeline:medication"' in paths[1].read_text()
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["patient.png", "patient.svg"]
+
+
+def test_reads_a_meds_dataset(tmp_path):
+    other = [row(at(3), "ICD10CM//E11.9", "condition", subject=OTHER_SUBJECT)]
+    events = pl.concat([patient_events(), pl.DataFrame(other, schema=patient_events().schema)])
+    write_meds_dataset(tmp_path, events, shards=2)
+    (tmp_path / S.CODES_FILE).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"code": list(DESCRIPTIONS) + ["GENDER//female"],
+                             "description": list(DESCRIPTIONS.values()) + [None]}), tmp_path / S.CODES_FILE)
+    assert load_code_descriptions(tmp_path) == DESCRIPTIONS
+    loaded = load_patient_events(tmp_path, SUBJECT)
+    assert loaded.height == len(patient_rows()) and loaded[S.TIME][0] is None
+    timeline = plot_patient(tmp_path, SUBJECT, top_labs=1)
+    assert marker_count(timeline, "timeline:condition") == 3
+    assert timeline.axes[f"lab:{CREATININE}"].texts[0].get_text().startswith("Creatinine [Mass/volume]")
+    with pytest.raises(KeyError, match="subject 7 has no rows"):
+        load_patient_events(tmp_path, 7)
+    with pytest.raises(ValueError, match="one subject"):
+        plot_timeline(events)
+    with pytest.raises(ValueError, match="no events"):
+        plot_timeline(events.head(0))
+
+
+def test_visits_without_encounter_ids_pair_start_and_end():
+    events = patient_events().with_columns(pl.lit(None, pl.Int64).alias(S.ENCOUNTER_ID))
+    visits = visits_of(events)
+    assert [(v.encounter_class, v.start, v.end) for v in visits] == [
+        ("AMB", at(0), at(0.05)), ("IMP", at(40), at(46)), ("EMER", at(100), at(100.3)),
+    ]
