@@ -101,6 +101,21 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(sequences_dir, tm
         assert (a[name] - b[name]).abs().max().item() <= 1e-5, name
 
 
+class RecordCheckpointing(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.enabled = [layer.gradient_checkpointing for layer in model.backbone.layers]
+
+
+def test_gradient_checkpointing_is_on_and_changes_nothing_but_memory(sequences_dir, tmp_path):
+    settings = dict(max_steps=3, model={**SMALL_MODEL, "embedding_dropout": 0.0})
+    plain = pretrain(run_config(sequences_dir, tmp_path / "plain", **settings))
+    record = RecordCheckpointing()
+    checkpointed = pretrain(run_config(sequences_dir, tmp_path / "gc", gradient_checkpointing=True, **settings),
+                            callbacks=[record])
+    assert record.enabled == [True, True]
+    assert checkpointed.tuning_loss == pytest.approx(plain.tuning_loss, rel=1e-5)
+
+
 def test_config_errors_are_clear(sequences_dir, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint to resume"):
         pretrain(run_config(sequences_dir, tmp_path / "new", resume=True))
