@@ -106,6 +106,7 @@ class RecordCheckpointing(TrainerCallback):
         self.enabled = [layer.gradient_checkpointing for layer in model.backbone.layers]
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_is_on_and_changes_nothing_but_memory(sequences_dir, tmp_path):
     settings = dict(max_steps=3, model={**SMALL_MODEL, "embedding_dropout": 0.0})
     plain = pretrain(run_config(sequences_dir, tmp_path / "plain", **settings))
