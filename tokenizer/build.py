@@ -4,8 +4,9 @@
 
 - `[CLS]` and static tokens (GENDER//..., time null in MEDS) open the sequence.
 - Each visit (see `visits`) is `[VS]`, its events, `[VE]`, `[REG]`. Events are ordered by time, then by
-  event type (`EVENT_TYPE_ORDER`), then by token id and value. `ENCOUNTER_START//<class>` tokens sit right after
-  `[VS]`; ENCOUNTER_END rows, `MEDS_DEATH` and `MEDS_BIRTH` never become tokens (configurable).
+  event type (`EVENT_TYPE_ORDER`), then by token id, then by input order. `ENCOUNTER_START//<class>`
+  tokens sit right after `[VS]`; ENCOUNTER_END rows, `MEDS_DEATH` and `MEDS_BIRTH` never become tokens
+  (configurable).
 - `<gap>` before every visit but the first: the time-gap token for the whole days between the previous
   visit's end and this visit's start (`vocab.gap_token`).
 
@@ -14,8 +15,8 @@ the subject has no birth row), `times` (days since the subject's first visit sta
 (0 for [CLS] and static tokens, else the visit number; a gap token takes the visit it opens),
 `visit_segments` (1, 2, 1, ... by visit for events; 0 for specials, gaps and static tokens) and
 `event_times` (when the fact became available: `issued` when present (and not before `time`) under
-`availability: issued`, else `time`; `[CLS]` and static tokens: the first visit start; `[VS]` and a gap: the visit start;
-`[VE]` and `[REG]`: the visit end).
+`availability: issued`, else `time`; `[CLS]` and static tokens: the first visit start; `[VS]` and a gap:
+the visit start; `[VE]` and `[REG]`: the visit end).
 """
 
 from __future__ import annotations
