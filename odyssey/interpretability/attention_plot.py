@@ -1,4 +1,8 @@
-"""Heat maps of hidden attention over a patient's visits (matplotlib, Agg; never shown interactively)."""
+"""Heat maps of hidden attention over a patient's visits.
+
+Plain `matplotlib.figure.Figure`s outside pyplot (no window, no global backend change; Agg renders them
+when saved); in a notebook, `display(fig)`.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
 
 HEADER_VISIT = 0  # visit order of [CLS] and static tokens
 
@@ -70,7 +69,8 @@ def plot_hidden_attention(
     elif matrix.ndim != 2 or matrix.shape != (orders.size, orders.size):
         raise ValueError(f"alpha must be (L, L) with L = {orders.size} visit orders, got {matrix.shape}")
     size = min(12.0, 4.0 + 0.02 * matrix.shape[0])
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.subplots()
     lower = np.tril(np.ones_like(matrix, dtype=bool))
     shown = np.ma.masked_where(~lower, matrix)
     low, high = float(np.min(matrix[lower], initial=0.0)), float(np.max(matrix[lower], initial=0.0))

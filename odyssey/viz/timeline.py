@@ -1,4 +1,8 @@
-"""One patient's MEDS events over time (matplotlib, Agg backend: files only, never an interactive window).
+"""One patient's MEDS events over time (matplotlib).
+
+Figures are plain `matplotlib.figure.Figure` objects, never registered with pyplot: nothing opens a
+window or changes the global backend, they render with Agg when saved, plotting thousands of patients
+leaks nothing, and a notebook shows one with `display(timeline.figure)`.
 
 Rows of the figure, sharing the time axis:
 - an optional attribution strip (one stem per scored event, red raises the output, blue lowers it,
@@ -21,20 +25,15 @@ from datetime import datetime
 from pathlib import Path
 from zlib import crc32
 
-import matplotlib
+import matplotlib.dates as mdates
+import numpy as np
+import polars as pl
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-
-import matplotlib.dates as mdates  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from odyssey.pipelines import schema as S  # noqa: E402
-from odyssey.viz.events import describe, event_types_of  # noqa: E402
+from odyssey.pipelines import schema as S
+from odyssey.viz.events import describe, event_types_of
 
 T = S.EventType
 EventKey = tuple[datetime, str]  # (time, code) of a MEDS row
@@ -169,9 +168,9 @@ def plot_timeline(
     panels = (["attribution"] if attributions else []) + ["events"] + [f"lab:{c}" for c in lab_codes]
     panels += ["risk"] if risk is not None else []
     heights = [1.3 if p == "attribution" else 2.4 if p == "events" else 1.0 for p in panels]
-    fig, axes_list = plt.subplots(
-        len(panels), 1, sharex=True, figsize=(width, 1.2 + sum(heights)),
-        gridspec_kw={"height_ratios": heights, "hspace": 0.08}, squeeze=False,
+    fig = Figure(figsize=(width, 1.2 + sum(heights)))
+    axes_list = fig.subplots(
+        len(panels), 1, sharex=True, gridspec_kw={"height_ratios": heights, "hspace": 0.08}, squeeze=False
     )
     axes = dict(zip(panels, axes_list[:, 0], strict=True))
     counts: dict[str, int] = {}

@@ -4,6 +4,7 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta
 
 import matplotlib.dates as mdates
+import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -162,7 +163,9 @@ def test_overlays_attribution_risk_and_forecasts():
 
 
 def test_png_and_svg_are_written(tmp_path):
+    open_figures = plt.get_fignums()
     timeline = plot_timeline(patient_events(), risk={at(1): 0.2, at(50): 0.4})
+    assert plt.get_fignums() == open_figures  # pyplot never holds our figures (no leak over many patients)
     paths = save_timeline(timeline, tmp_path / "figs" / "patient")
     assert [p.name for p in paths] == ["patient.png", "patient.svg"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[0].stat().st_size > 10_000
