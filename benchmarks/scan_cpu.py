@@ -36,9 +36,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must not look for hub kernels
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
 from odyssey.kernels import selective_scan  # noqa: E402
 from odyssey.kernels.chunked import selective_scan_chunked  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 HIDDEN, EXPAND, STATE, LAYERS = 64, 2, 16, 2
 VOCAB = 1024  # a small EHR vocabulary; the output layer is not what this benchmark is about

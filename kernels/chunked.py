@@ -126,7 +126,9 @@ class _ChunkedScan(torch.autograd.Function):
         starts = []
         for start, end in segments:
             starts.append(h)
-            H = _segment_states_fast(dt[..., start:end], du[..., start:end], A, B[:, :, None, :, start:end], h)[0]
+            H = _segment_states_fast(
+                dt[..., start:end], du[..., start:end], A, B[:, :, None, :, start:end], h
+            )[0]
             h = H[..., -1].clone()  # a copy, so the saved start states do not pin whole segments
             y[..., start:end] = H.mul_(C[:, :, None, :, start:end]).sum(-2)
         if h is None:
@@ -221,7 +223,9 @@ def selective_scan_chunked(
     Bg, Cg = _grouped(B, compute), _grouped(C, compute)
     groups = math.lcm(Bg.shape[1], Cg.shape[1])
     if dim % groups:
-        raise ValueError(f"dim {dim} must be divisible by the groups of B ({Bg.shape[1]}) and C ({Cg.shape[1]})")
+        raise ValueError(
+            f"dim {dim} must be divisible by the groups of B ({Bg.shape[1]}) and C ({Cg.shape[1]})"
+        )
     # B and C with different group counts are refined to a common grouping (still far below dim)
     Bg = Bg.repeat_interleave(groups // Bg.shape[1], dim=1) if Bg.shape[1] != groups else Bg
     Cg = Cg.repeat_interleave(groups // Cg.shape[1], dim=1) if Cg.shape[1] != groups else Cg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from odyssey.kernels.chunked import DEFAULT_CHUNK_SIZE, _plan_segments, selective_scan_chunked
 from odyssey.kernels.reference import selective_scan_reference
 
@@ -200,3 +201,21 @@ def test_backward_saves_only_segment_start_states():
     all_states = batch * dim * length * n_state
     assert saved_elements(recompute_backward=True) < all_states / 4
     assert saved_elements(recompute_backward=False) > all_states  # plain autograd keeps them all
+
+
+def test_transposed_inputs_as_a_model_hands_them_over():
+    """u, delta, z as (batch, L, dim) activations transposed to (batch, dim, L), B and C likewise."""
+    inputs = make_inputs(2, 6, 45, 3, seed=10)
+    transposed = {
+        k: (v.transpose(-1, -2).contiguous().transpose(-1, -2) if v.dim() == 3 else v)
+        for k, v in inputs.items()
+    }
+    assert not transposed["u"].is_contiguous() and not transposed["B"].is_contiguous()
+    out = selective_scan_chunked(**transposed, delta_softplus=True, chunk_size=16)
+    assert rel_err(out, selective_scan_reference(**inputs, delta_softplus=True)) <= 1e-5
+
+
+def test_empty_sequence():
+    inputs = make_inputs(2, 4, 0, 3)
+    out, last = selective_scan_chunked(**inputs, return_last_state=True)
+    assert out.shape == (2, 4, 0) and torch.equal(last, torch.zeros(2, 4, 3))

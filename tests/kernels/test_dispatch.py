@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from odyssey.kernels import ENV_VAR, ScanBackendUnavailable, dispatch, resolve_backend, selective_scan
 from odyssey.kernels.reference import selective_scan_reference
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from odyssey.kernels import selective_scan, selective_state_update
 from odyssey.kernels.reference import selective_scan_reference
 
