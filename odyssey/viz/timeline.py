@@ -156,7 +156,7 @@ def plot_timeline(
 
     `attributions`: score per event, keyed by (time, code). `risk`: (time, value) pairs or a mapping
     or a two-column frame. `forecasts`: sampled futures, each a list of (time, code); bracketed special
-    tokens ([VS], [W_1], ...) are skipped. `window` limits the time axis.
+    tokens ([VS], [W_1], ...) are skipped. `window` (start, end) draws only the events inside it.
     """
     if events.height == 0:
         raise ValueError("no events to plot")
@@ -164,6 +164,12 @@ def plot_timeline(
     if subjects.len() != 1:
         raise ValueError(f"plot_timeline draws one subject; got {subjects.len()} subjects")
     timed = events.filter(pl.col(S.TIME).is_not_null())
+    if window is not None:
+        if not window[0] < window[1]:
+            raise ValueError(f"window must run forwards, got {window[0]} .. {window[1]}")
+        timed = timed.filter(pl.col(S.TIME).is_between(window[0], window[1]))
+    elif timed.height == 0:
+        raise ValueError("no timed events to plot (only static rows)")
     lab_codes = _top_labs(timed, top_labs)
     panels = (["attribution"] if attributions else []) + ["events"] + [f"lab:{c}" for c in lab_codes]
     panels += ["risk"] if risk is not None else []
@@ -176,14 +182,15 @@ def plot_timeline(
     counts: dict[str, int] = {}
 
     # Time range: first to last event (birth excluded: it would squeeze decades of care into a sliver).
-    care = timed.filter(pl.col(S.EVENT_TYPE) != T.BIRTH.value)
-    care = care if care.height else timed
-    first, last = care[S.TIME].min(), care[S.TIME].max()
     future_times = [t for sample in (forecasts or []) for t, _ in sample]
-    if future_times:
-        last = max(last, max(future_times))
-    low, high = (first, last) if window is None else window
-    span = max(_num([high])[0] - _num([low])[0], 1.0)
+    if window is None:
+        care = timed.filter(pl.col(S.EVENT_TYPE) != T.BIRTH.value)
+        care = care if care.height else timed
+        low, high = care[S.TIME].min(), max([care[S.TIME].max(), *future_times])
+    else:
+        low, high = window
+    last = max([high, *future_times])
+    span = max(_num([high])[0] - _num([low])[0], 1 / 24)
     pad = 0.02 * span
 
     # Visit bands on every panel.

@@ -162,6 +162,18 @@ def test_overlays_attribution_risk_and_forecasts():
     assert conditions.get_sizes().max() > conditions.get_sizes().min()
 
 
+def test_window_draws_only_the_events_inside_it():
+    timeline = plot_timeline(patient_events(), window=(at(39), at(47)), top_labs=1)
+    assert marker_count(timeline, "timeline:condition") == 2
+    assert marker_count(timeline, "timeline:medication") == 2
+    assert marker_count(timeline, "timeline:other_lab") == 2  # potassium and sodium of the admission
+    assert len(artists(timeline, f"timeline:lab:{CREATININE}")[0].get_xdata()) == 3
+    assert not artists(timeline, "timeline:death")
+    assert timeline.axes["events"].get_xlim()[0] < mdates.date2num(at(39)) < mdates.date2num(at(40))
+    with pytest.raises(ValueError, match="forwards"):
+        plot_timeline(patient_events(), window=(at(47), at(39)))
+
+
 def test_png_and_svg_are_written(tmp_path):
     open_figures = plt.get_fignums()
     timeline = plot_timeline(patient_events(), risk={at(1): 0.2, at(50): 0.4})
