@@ -13,6 +13,10 @@ _LAZY = {
     "ingest_meds": ("odyssey.pipelines.meds_check", "ingest_meds"),
     "IngestReport": ("odyssey.pipelines.report", "IngestReport"),
     "synthesize": ("odyssey.pipelines.synth", "synthesize"),
+    "tokenize": ("odyssey.tokenizer.tokenize", "tokenize"),
+    "make_labels": ("odyssey.pipelines.labels", "make_labels"),
+    "pretrain": ("odyssey.training.pretrain", "pretrain"),
+    "PretrainConfig": ("odyssey.training.pretrain", "PretrainConfig"),
 }
 
 

@@ -1,5 +1,86 @@
-"""`odyssey synth` (filled in by the synth module)."""
+"""`odyssey demo`: the whole pipeline on a synthetic cohort, from nothing to a trained model.
+
+Stages: synth -> ingest -> tokenize -> labels -> pretrain. Each stage writes into its own folder under
+OUT and prints its summary; the last lines say where everything is (demo_report.json lists it all).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from odyssey.cli._common import user_errors
+
+DEFAULT_TASKS = Path(__file__).resolve().parents[2] / "configs" / "tasks.yaml"
 
 
-def register(app) -> None:  # pragma: no cover - placeholder until synth lands
-    pass
+def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: int, tasks: Path = DEFAULT_TASKS) -> dict:
+    """Run every stage; returns {stage: {"dir": ..., "seconds": ...}} (also written as demo_report.json)."""
+    from odyssey.io import write_json
+    from odyssey.pipelines.ingest import ingest_fhir
+    from odyssey.pipelines.labels import make_labels
+    from odyssey.pipelines.synth import synthesize
+    from odyssey.tokenizer.tokenize import tokenize
+    from odyssey.training.pretrain import PretrainConfig, pretrain
+
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = {name: out / name for name in ("fhir", "meds", "sequences", "labels", "pretrain")}
+    stages: dict[str, dict] = {}
+
+    def stage(name: str, work) -> None:
+        typer.secho(f"\n== {name} ==", bold=True)
+        started = time.perf_counter()
+        summary = work()
+        stages[name] = {"dir": str(dirs[name]), "seconds": round(time.perf_counter() - started, 1)}
+        typer.echo(summary)
+
+    stage("fhir", lambda: _describe_synth(synthesize(patients, dirs["fhir"], seed=seed, progress=True)))
+    stage("meds", lambda: ingest_fhir([dirs["fhir"]], dirs["meds"], show_progress=True).summary())
+    stage("sequences", lambda: tokenize(dirs["meds"], dirs["sequences"]).summary())
+    if not tasks.is_file():
+        raise FileNotFoundError(f"{tasks}: task definitions not found (pass --tasks configs/tasks.yaml)")
+    stage("labels", lambda: make_labels(dirs["meds"], tasks, dirs["labels"]).summary())
+    config = PretrainConfig(data=dirs["sequences"], out=dirs["pretrain"], max_steps=pretrain_steps,
+                            eval_steps=max(1, pretrain_steps // 2), save_steps=pretrain_steps,
+                            context_length=512, batch_size=8,
+                            precision="auto" if device == "cuda" else "fp32")
+    stage("pretrain", lambda: _describe_pretrain(pretrain(config)))
+    write_json(out / "demo_report.json", stages)
+    return stages
+
+
+def _describe_synth(report) -> str:
+    data = report.to_dict() if hasattr(report, "to_dict") else dict(report.__dict__)
+    resources = data.get("resources_total") or sum(data.get("resources", {}).values())
+    return f"{data.get('patients', '?')} synthetic patients, {resources:,} FHIR resources"
+
+
+def _describe_pretrain(result) -> str:
+    return (f"{result.parameters:,} parameters, {result.steps} steps: tuning loss {result.tuning_loss:.3f} "
+            f"(perplexity {result.tuning_perplexity:.1f}), {result.tokens_per_second:,.0f} tokens/s")
+
+
+def demo(
+    patients: Annotated[int, typer.Option("--patients", help="synthetic patients")] = 200,
+    out: Annotated[Path, typer.Option("--out", help="folder for every stage's output")] = Path("demo_out"),
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    pretrain_steps: Annotated[int, typer.Option("--pretrain-steps", help="optimizer steps of the tiny model")] = 30,
+    tasks: Annotated[Path, typer.Option("--tasks", help="task definitions")] = DEFAULT_TASKS,
+) -> None:
+    """Run synth, ingest, tokenize, labels and pretrain on a synthetic cohort; print where results are."""
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter("--device must be cpu or cuda")
+    with user_errors():
+        stages = run_demo(out, patients, seed, device, pretrain_steps, tasks)
+    typer.secho("\n== done ==", bold=True)
+    for name, info in stages.items():
+        typer.echo(f"  {name:<10} {info['seconds']:>7.1f} s   {info['dir']}")
+    typer.echo(f"  report: {out / 'demo_report.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="demo")(demo)
