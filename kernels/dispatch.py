@@ -11,6 +11,10 @@ Backends (all share the signature of mamba-ssm's `selective_scan_fn`):
 The environment variable ODYSSEY_SCAN_BACKEND (one of the names above) replaces the `auto`
 choice for every call that does not name a backend, e.g. `ODYSSEY_SCAN_BACKEND=torch` to rule out
 the Triton kernels on a GPU. A backend named in the call is always used as named.
+
+`selective_state_update` (one recurrent step, for decoding) has two backends, `torch`
+(`kernels/step.py`) and `triton` (`selective_state_update_triton` in the same Triton module), chosen
+the same way; a forced `reference` or `mamba_ssm` scan backend steps with `torch`.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ import torch
 from .chunked import selective_scan_chunked
 from .mamba_ssm_backend import load_mamba_ssm_scan
 from .reference import selective_scan_reference
+from .step import selective_state_update as selective_state_update_torch
 
 ENV_VAR = "ODYSSEY_SCAN_BACKEND"
 BACKENDS = ("torch", "reference", "triton", "mamba_ssm")
 TRITON_MODULE = "odyssey.kernels.triton_scan"
 TRITON_FUNCTION = "selective_scan_triton"
+TRITON_STEP_FUNCTION = "selective_state_update_triton"
+STEP_BACKENDS = ("torch", "triton")
 
 
 class ScanBackendUnavailable(RuntimeError):
@@ -43,16 +50,26 @@ def _load_triton() -> Callable:
     return getattr(module, TRITON_FUNCTION)
 
 
+def _load_triton_step() -> Callable:
+    module = importlib.import_module(TRITON_MODULE)
+    return getattr(module, TRITON_STEP_FUNCTION)
+
+
 _LOADERS: dict[str, Callable[[], Callable]] = {
     "torch": lambda: selective_scan_chunked,
     "reference": lambda: selective_scan_reference,
     "triton": _load_triton,
     "mamba_ssm": load_mamba_ssm_scan,
+    "torch step": lambda: selective_state_update_torch,
+    "triton step": _load_triton_step,
 }
 
 
 def get_backend(name: str) -> Callable:
-    """The scan function of backend `name`; raises ScanBackendUnavailable with the reason if it cannot load."""
+    """The function of backend `name` ("triton", or "triton step" for the one-step update).
+
+    Raises ScanBackendUnavailable with the reason if it cannot load.
+    """
     if name not in _LOADERS:
         raise ValueError(f"unknown scan backend {name!r}; choose one of {('auto', *BACKENDS)}")
     if name not in _loaded:
@@ -149,3 +166,40 @@ def selective_scan(
         delta_softplus=delta_softplus,
         return_last_state=return_last_state,
     )
+
+
+def resolve_step_backend(backend: str, device: torch.device) -> str:
+    """Name of the backend (`torch` or `triton`) a `selective_state_update` call runs."""
+    if backend == "auto":
+        forced = os.environ.get(ENV_VAR, "").strip()
+        if forced and forced != "auto":
+            return "triton" if resolve_backend("auto", device) == "triton" else "torch"
+        if device.type == "cuda" and backend_available("triton step"):
+            return "triton"
+        return "torch"
+    if backend not in STEP_BACKENDS:
+        raise ValueError(
+            f"unknown state-update backend {backend!r}; choose one of {('auto', *STEP_BACKENDS)}"
+        )
+    return backend
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Advance `state` (batch, dim, N) by one step in place; return y (batch, dim). See `kernels/step.py`.
+
+    x, dt, z: (batch, dim); A: (dim, N); B, C: (batch, N) or (batch, G, N); D, dt_bias: (dim,).
+    """
+    step = get_backend(f"{resolve_step_backend(backend, state.device)} step")
+    return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)

@@ -7,7 +7,15 @@ import importlib.util
 import pytest
 import torch
 
-from odyssey.kernels import ENV_VAR, ScanBackendUnavailable, dispatch, resolve_backend, selective_scan
+from odyssey.kernels import (
+    ENV_VAR,
+    ScanBackendUnavailable,
+    dispatch,
+    resolve_backend,
+    resolve_step_backend,
+    selective_scan,
+    selective_state_update,
+)
 from odyssey.kernels.reference import selective_scan_reference
 
 CPU = torch.device("cpu")
@@ -33,6 +41,7 @@ def triton_standin(fresh_dispatch, monkeypatch, tmp_path):
     """A module exposing `selective_scan_triton` that runs the reference, to see dispatch route to it."""
     (tmp_path / "odyssey_scan_tests_triton_standin.py").write_text(
         "from odyssey.kernels.reference import selective_scan_reference as selective_scan_triton\n"
+        "from odyssey.kernels.step import selective_state_update as selective_state_update_triton\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(fresh_dispatch, "TRITON_MODULE", "odyssey_scan_tests_triton_standin")
@@ -119,3 +128,38 @@ def test_bad_shapes_name_the_argument(name, bad, message):
     inputs = small_inputs() | {name: bad}
     with pytest.raises(ValueError, match=message):
         selective_scan(**inputs)
+
+
+def step_inputs():
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "state": torch.zeros(2, 4, 3),
+        "x": torch.randn(2, 4, generator=gen),
+        "dt": torch.rand(2, 4, generator=gen),
+        "A": -torch.rand(4, 3, generator=gen),
+        "B": torch.randn(2, 3, generator=gen),
+        "C": torch.randn(2, 3, generator=gen),
+    }
+
+
+def test_state_update_backend_choice(triton_standin, monkeypatch):
+    assert resolve_step_backend("auto", CPU) == "torch"
+    assert resolve_step_backend("auto", CUDA) == "triton"
+    monkeypatch.setenv(ENV_VAR, "reference")  # a forced scan backend without a step steps with torch
+    assert resolve_step_backend("auto", CUDA) == "torch"
+    with pytest.raises(ValueError, match="unknown state-update backend"):
+        resolve_step_backend("reference", CPU)
+
+
+def test_state_update_without_triton(triton_missing):
+    assert resolve_step_backend("auto", CUDA) == "torch"
+    with pytest.raises(ScanBackendUnavailable, match="'triton step' is unavailable"):
+        selective_state_update(**step_inputs(), backend="triton")
+
+
+def test_state_update_routes_to_the_triton_module(triton_standin):
+    via_triton, via_torch = step_inputs(), step_inputs()
+    y_triton = selective_state_update(**via_triton, backend="triton")
+    y_torch = selective_state_update(**via_torch, backend="torch")
+    assert torch.equal(y_triton, y_torch) and torch.equal(via_triton["state"], via_torch["state"])
+    assert via_torch["state"].abs().sum() > 0
