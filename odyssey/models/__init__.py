@@ -10,6 +10,7 @@ from .modeling_ehrmamba import (
     EHRMambaPretrainingOutput,
     count_parameters,
 )
+from .modeling_ehrmamba_tasks import EHRMambaForTaskClassification as EHRMambaForTaskClassification
 
 __all__ = [
     "MODEL_SIZES",

@@ -1,0 +1,1 @@
+"""Multitask prompted finetuning (MTF) of EHRMamba, evaluation against baselines, and reports."""

@@ -1,0 +1,374 @@
+"""`odyssey.finetune.finetune(config)`: multitask prompted finetuning (MTF) with the transformers Trainer.
+
+One model serves every task: each example is prompted with its task's tokens (see `data`), and the head
+reads the trailing prompt. Per-task loss weights and sampling rates, few-shot training on k labelled
+examples per task, from a pretrained run (`pretrained`) or from scratch (`pretrained: null`).
+
+Output folder (`out`):
+- `model/`: the task model (`model.safetensors`, `config.json` with the task layout), `tasks.json` (the task
+  specs) and a copy of the tokenizer;
+- `finetune_report.json`: settings, examples per split and task, training loss, tuning AUROC per output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from odyssey.config import StageConfig
+from odyssey.io import atomic_output_dir, read_json, write_json
+from odyssey.models import MODEL_SIZES, EHRMambaConfig, EHRMambaForTaskClassification, count_parameters
+from odyssey.tokenizer import EHRTokenizer, load_sequences
+from odyssey.training.data import read_vocabulary
+from odyssey.training.pretrain import TOKENIZER_FIELDS, resolve_precision
+
+from .data import (
+    FinetuneDataError,
+    SequenceStore,
+    TaskCollator,
+    TaskDataset,
+    TaskExamples,
+    TaskSpec,
+    build_examples,
+    check_both_classes,
+    few_shot,
+    read_task_labels,
+    read_task_specs,
+)
+from .metrics import auroc
+
+MODEL = "model"
+TASKS_FILE = "tasks.json"
+TOKENIZER = "tokenizer"
+REPORT = "finetune_report.json"
+CHECKPOINTS = "checkpoints"
+PRETRAINED_MODEL = "model"  # `odyssey pretrain` writes its final model here inside the run folder
+
+
+class FinetuneConfig(StageConfig):
+    """Settings of `odyssey finetune` (configs/finetune.yaml); CLI flags override fields."""
+
+    pretrained: Path | None = Field(None, description="pretraining run folder (or its model/); null: from scratch")
+    data: Path | None = Field(None, description="sequences folder written by `odyssey tokenize`")
+    labels: Path | None = Field(None, description="labels folder written by `odyssey labels`")
+    out: Path | None = Field(None, description="finetuning output folder")
+    tasks: list[str] | None = Field(None, description="task names of LABEL_DIR/tasks.json; null: all source tasks")
+    model_size: str = Field("tiny", description="size when training from scratch")
+    model: dict[str, Any] = Field(default_factory=dict, description="EHRMambaConfig fields (from scratch only)")
+    classifier_dropout: float = Field(0.1, ge=0, lt=1)
+    context_length: int = Field(2048, ge=8)
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: float = Field(0.05, ge=0, description="a fraction of the run if < 1, else a step count")
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: run `epochs`)")
+    logging_steps: int = Field(20, ge=1)
+    task_loss_weights: dict[str, float] = Field(default_factory=dict, description="task -> loss weight (default 1)")
+    task_sampling: dict[str, float] = Field(
+        default_factory=dict, description="task -> relative share of training batches; empty: as many as examples"
+    )
+    few_shot_k: int | None = Field(None, ge=1, description="train on at most k labelled examples per task")
+    precision: str = Field("auto", description="auto | bf16 | fp16 | fp32")
+    scan_backend: str = "auto"
+    pad_to_multiple_of: int = Field(8, ge=1)
+    seed: int = 42
+    progress_bar: bool = True
+
+    @field_validator("model_size")
+    @classmethod
+    def _known_size(cls, value: str) -> str:
+        if value not in MODEL_SIZES:
+            raise ValueError(f"unknown model_size {value!r}; choose one of {sorted(MODEL_SIZES)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        allowed = {f.name for f in dataclasses.fields(EHRMambaConfig)} - TOKENIZER_FIELDS
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ValueError(f"model: unknown or tokenizer-owned EHRMambaConfig fields {unknown}")
+        return value
+
+    @field_validator("task_loss_weights", "task_sampling")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if v < 0}
+        if bad:
+            raise ValueError(f"weights must be >= 0, got {bad}")
+        return value
+
+
+@dataclass
+class FinetuneResult:
+    """The finetuned model, where it was saved, and what finetuning measured."""
+
+    model: EHRMambaForTaskClassification = field(repr=False)
+    out: str
+    model_dir: str
+    tasks: list[str]
+    examples: dict[str, dict[str, int]]
+    steps: int
+    train_loss: float
+    tuning_auroc: dict[str, float | None]
+    train_seconds: float
+    parameters: int
+    from_pretrained: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "model"}
+
+
+@dataclass
+class FinetuneInputs:
+    """Everything checked and loaded before training: tokenizer, tasks, sequences, examples per split."""
+
+    tokenizer: EHRTokenizer
+    specs: list[TaskSpec]
+    store: SequenceStore
+    examples: dict[str, TaskExamples]
+    without_usable_input: dict[str, dict[str, int]]
+
+
+def load_inputs(data: Path, labels: Path, tasks: Sequence[str] | None, splits: Sequence[str],
+                specs: Sequence[TaskSpec] | None = None) -> FinetuneInputs:
+    """Read tokenizer, task specs, sequences and labels; build each split's examples (checked)."""
+    tokenizer = EHRTokenizer.from_pretrained(Path(data) / TOKENIZER)
+    specs = list(specs) if specs is not None else read_task_specs(labels, tokenizer, tasks)
+    frames = [read_task_labels(labels, spec) for spec in specs]
+    store = SequenceStore(load_sequences(data))
+    examples, dropped = {}, {}
+    for split in splits:
+        examples[split], dropped[split] = build_examples(store, specs, frames, split, labels)
+    return FinetuneInputs(tokenizer, specs, store, examples, dropped)
+
+
+def check_tokenizer_match(model_dir: Path, data: Path) -> None:
+    """The checkpoint was trained with the tokenizer of `data` (same vocabulary), else a clear error."""
+    config = EHRMambaConfig.from_pretrained(model_dir)
+    vocabulary = read_vocabulary(data)
+    if config.vocab_size != vocabulary.size:
+        raise FinetuneDataError(
+            f"{model_dir}: the checkpoint has a vocabulary of {config.vocab_size} tokens but {data}/tokenizer has "
+            f"{vocabulary.size}; finetune on sequences made with the pretraining tokenizer"
+        )
+    saved = Path(model_dir) / TOKENIZER / "tokenizer.json"
+    if saved.is_file():
+        ours = EHRTokenizer.from_pretrained(Path(data) / TOKENIZER).get_vocab()
+        theirs = EHRTokenizer.from_pretrained(saved.parent).get_vocab()
+        if ours != theirs:
+            changed = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+            raise FinetuneDataError(
+                f"{model_dir}: the checkpoint's tokenizer differs from {data}/tokenizer (e.g. {changed}); "
+                "finetune on sequences made with the pretraining tokenizer"
+            )
+
+
+def resolve_pretrained(path: Path) -> Path:
+    """A pretraining run folder or its model folder -> the folder holding config.json and safetensors."""
+    path = Path(path)
+    for candidate in (path, path / PRETRAINED_MODEL):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no config.json here or in {path / PRETRAINED_MODEL} (a pretraining run?)")
+
+
+def _build_model(config: FinetuneConfig, specs: Sequence[TaskSpec], vocab_size: int, pad_id: int,
+                 model_dir: Path | None) -> EHRMambaForTaskClassification:
+    weights = [config.task_loss_weights.get(s.name, 1.0) for s in specs]
+    layout = {"task_names": [s.name for s in specs], "task_outputs": [len(s.outputs) for s in specs],
+              "task_prompt_ids": [list(s.prompt_ids) for s in specs], "task_loss_weights": weights}
+    if model_dir is not None:
+        model = EHRMambaForTaskClassification.from_backbone(model_dir, **layout)
+        model.config.scan_backend = config.scan_backend
+        model.config.classifier_dropout = config.classifier_dropout
+        model.dropout.p = config.classifier_dropout
+        return model
+    fields = {**config.model, "vocab_size": vocab_size, "pad_token_id": pad_id, "scan_backend": config.scan_backend}
+    model_config = EHRMambaConfig.from_size(config.model_size, **fields, **layout,
+                                            classifier_dropout=config.classifier_dropout)
+    return EHRMambaForTaskClassification(model_config)
+
+
+def sampling_weights(examples: TaskExamples, specs: Sequence[TaskSpec], shares: dict[str, float]) -> np.ndarray | None:
+    """Per-example sampling weights giving each task its share of batches; None: uniform over examples."""
+    if not shares:
+        return None
+    counts = np.bincount(examples.task_index, minlength=len(specs))
+    default = {s.name: counts[i] / counts.sum() for i, s in enumerate(specs)}
+    task_share = np.array([shares.get(s.name, default[s.name]) for s in specs], dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_example = np.where(counts > 0, task_share / counts, 0.0)
+    return per_example[examples.task_index]
+
+
+class TaskTrainer(Trainer):
+    """Trainer whose training order follows per-task sampling weights when given."""
+
+    def __init__(self, *args, sample_weights: np.ndarray | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sample_weights = sample_weights
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sample_weights is None:
+            return super()._get_train_sampler(train_dataset)
+        generator = torch.Generator().manual_seed(self.args.seed)
+        return torch.utils.data.WeightedRandomSampler(
+            torch.as_tensor(self.sample_weights, dtype=torch.double), num_samples=len(self.sample_weights),
+            replacement=True, generator=generator,
+        )
+
+
+def _training_arguments(config: FinetuneConfig, out: Path, precision: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=config.logging_steps,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=not config.progress_bar,
+        seed=config.seed,
+        data_seed=config.seed,
+    )
+
+
+def predict(model: EHRMambaForTaskClassification, dataset: TaskDataset, pad_id: int,
+            batch_size: int = 32) -> np.ndarray:
+    """Probabilities (examples, max_outputs) in dataset order; batches go longest first to pad little."""
+    order = np.argsort(-np.asarray(dataset.lengths), kind="stable")
+    collate = TaskCollator(pad_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    width = max(len(s.outputs) for s in dataset.specs)
+    out = np.zeros((len(dataset), width), dtype=np.float64)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            batch = collate([dataset[int(i)] for i in chosen])
+            batch = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label_mask")}
+            logits = model(**batch).logits
+            out[chosen] = torch.sigmoid(logits.float()).cpu().numpy()[:, :width]
+    model.train(was_training)
+    return out
+
+
+def output_aurocs(specs: Sequence[TaskSpec], examples: TaskExamples, probabilities: np.ndarray) -> dict[str, float | None]:
+    """AUROC of every task output (None where a class is missing)."""
+    result: dict[str, float | None] = {}
+    for task_index, spec in enumerate(specs):
+        for j, name in enumerate(spec.output_names()):
+            keep = (examples.task_index == task_index) & examples.label_mask[:, j]
+            value = auroc(examples.labels[keep, j], probabilities[keep, j], np.ones((1, int(keep.sum()))))[0]
+            result[name] = float(value) if np.isfinite(value) else None
+    return result
+
+
+def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = None) -> FinetuneResult:
+    """Finetune one EHRMamba on all `config.tasks`; write `config.out`; return the model and its metrics.
+
+    Every input problem (unknown task, checkpoint/tokenizer mismatch, labels of unknown subjects, a split
+    where a task has one class) stops here, before any training.
+    """
+    for name in ("data", "labels", "out"):
+        if getattr(config, name) is None:
+            raise ValueError(f"finetune needs `{name}`")
+    out = Path(config.out)
+    model_dir = resolve_pretrained(config.pretrained) if config.pretrained is not None else None
+    if model_dir is not None:
+        check_tokenizer_match(model_dir, config.data)
+    inputs = load_inputs(config.data, config.labels, config.tasks, ("train", "tuning"))
+    specs = inputs.specs
+    unknown = sorted((set(config.task_loss_weights) | set(config.task_sampling)) - {s.name for s in specs})
+    if unknown:
+        raise FinetuneDataError(f"task_loss_weights / task_sampling name tasks not being trained: {unknown}")
+    train = inputs.examples["train"]
+    if config.few_shot_k is not None:
+        train = few_shot(train, specs, config.few_shot_k, config.seed)
+    check_both_classes(train, specs, "train")
+    check_both_classes(inputs.examples["tuning"], specs, "tuning")
+
+    precision = resolve_precision(config.precision)  # type: ignore[arg-type]
+    set_seed(config.seed)
+    vocabulary = read_vocabulary(config.data)
+    model = _build_model(config, specs, vocabulary.size, vocabulary.pad_id, model_dir)
+    datasets = {split: TaskDataset(inputs.store, ex, specs, config.context_length)
+                for split, ex in (("train", train), ("tuning", inputs.examples["tuning"]))}
+    trainer = TaskTrainer(
+        model=model,
+        args=_training_arguments(config, out, precision),
+        train_dataset=datasets["train"],
+        data_collator=TaskCollator(vocabulary.pad_id, config.pad_to_multiple_of),
+        callbacks=callbacks,
+        sample_weights=sampling_weights(train, specs, config.task_sampling),
+    )
+    started = time.perf_counter()
+    train_output = trainer.train()
+    seconds = time.perf_counter() - started
+    model = trainer.model
+    tuning = predict(model, datasets["tuning"], vocabulary.pad_id, config.eval_batch_size or config.batch_size)
+    counts = {split: {s.name: int((ex.task_index == i).sum()) for i, s in enumerate(specs)}
+              for split, ex in (("train", train), ("tuning", inputs.examples["tuning"]))}
+    result = FinetuneResult(
+        model=model, out=str(out), model_dir=str(out / MODEL), tasks=[s.name for s in specs], examples=counts,
+        steps=int(trainer.state.global_step), train_loss=float(train_output.training_loss),
+        tuning_auroc=output_aurocs(specs, inputs.examples["tuning"], tuning), train_seconds=round(seconds, 3),
+        parameters=count_parameters(model), from_pretrained=model_dir is not None,
+    )
+    if trainer.is_world_process_zero():
+        save_model(model, specs, Path(config.data), out / MODEL)
+        write_json(out / REPORT, {**result.to_dict(), "without_usable_input": inputs.without_usable_input,
+                                  "config": config.model_dump(mode="json")})
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # no intermediate checkpoints are kept
+    return result
+
+
+def save_model(model: EHRMambaForTaskClassification, specs: Sequence[TaskSpec], data: Path, target: Path) -> None:
+    with atomic_output_dir(target) as staging:
+        model.save_pretrained(staging)
+        write_json(staging / TASKS_FILE, [s.to_dict() for s in specs])
+        shutil.copytree(Path(data) / TOKENIZER, staging / TOKENIZER)
+
+
+def load_finetuned(path: str | os.PathLike) -> tuple[EHRMambaForTaskClassification, list[TaskSpec]]:
+    """A finetuned model (FT_DIR or FT_DIR/model) and its task specs."""
+    path = Path(path)
+    model_dir = path / MODEL if (path / MODEL / TASKS_FILE).is_file() else path
+    if not (model_dir / TASKS_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no {TASKS_FILE} here or in {path / MODEL} (an `odyssey finetune` folder?)")
+    specs = [TaskSpec.from_dict(d) for d in read_json(model_dir / TASKS_FILE)]
+    model = EHRMambaForTaskClassification.from_pretrained(model_dir)
+    if list(model.config.task_names) != [s.name for s in specs]:
+        raise ValueError(f"{model_dir}: config.json and {TASKS_FILE} list different tasks")
+    return model, specs
