@@ -1,0 +1,110 @@
+"""Baselines on the same examples and splits as the finetuned model: scikit-learn on bag-of-codes features.
+
+Features of an example (subject, prediction time): for each time window before the prediction time
+(e.g. the last 30 days, the last year, all history), how often each clinical token occurred (log1p of
+the count), from the same cut as the model's input (only facts available by then); plus the age at
+the prediction time. Special, time-gap and task tokens are left out. Each task output gets its own
+classifier, trained on the train split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+
+from odyssey.tokenizer import TokenType
+
+from .data import EVENT_TIMES, SequenceStore, TaskExamples, TaskSpec
+
+NON_CLINICAL_TYPES = (TokenType.PAD, TokenType.SPECIAL, TokenType.TIME_GAP, TokenType.TASK)
+DAYS = np.timedelta64(1, "D")
+ALL_HISTORY = None
+AGE_SCALE_YEARS = 100.0  # ages enter as years / 100, on the scale of log counts
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """A named baseline: its estimator and the look-back windows (days; None = all history) of its counts."""
+
+    name: str
+    estimator: str  # "logistic_regression" or "gradient_boosting"
+    windows: tuple[float | None, ...]
+
+
+BASELINES: dict[str, BaselineSpec] = {
+    "logistic_regression": BaselineSpec("logistic_regression", "logistic_regression", (30, 365, ALL_HISTORY)),
+    "logistic_regression_recent": BaselineSpec("logistic_regression_recent", "logistic_regression", (30, 365)),
+    "gradient_boosting": BaselineSpec("gradient_boosting", "gradient_boosting", (30, 365, ALL_HISTORY)),
+}
+GRADIENT_BOOSTING_FEATURES = 512  # most frequent training features kept (dense input)
+
+
+def bag_of_codes(store: SequenceStore, examples: TaskExamples, vocab_size: int,
+                 windows: Sequence[float | None]) -> sparse.csr_matrix:
+    """(examples, len(windows) * vocab_size + 1) log1p counts per window and token, then age / 100."""
+    rows, cols, ages = [], [], np.zeros(len(examples), dtype=np.float64)
+    for i in range(len(examples)):
+        seq = store.rows[int(examples.row[i])]
+        when = examples.prediction_time[i]
+        known = seq[EVENT_TIMES] <= when
+        ids = seq["input_ids"][known].astype(np.int64)
+        clinical = ~np.isin(seq["token_type_ids"][known], [int(t) for t in NON_CLINICAL_TYPES])
+        days_before = (when - seq[EVENT_TIMES][known]) / DAYS
+        ages[i] = float(seq["ages"][known][-1]) if known.any() else 0.0
+        for w, window in enumerate(windows):
+            chosen = clinical if window is None else clinical & (days_before <= window)
+            cols.append(w * vocab_size + ids[chosen])
+            rows.append(np.full(int(chosen.sum()), i, dtype=np.int64))
+    width = len(windows) * vocab_size
+    row_index = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    col_index = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    counts = sparse.csr_matrix((np.ones(len(row_index)), (row_index, col_index)), shape=(len(examples), width))
+    counts.sum_duplicates()
+    counts.data = np.log1p(counts.data)
+    return sparse.hstack([counts, sparse.csr_matrix(ages[:, None] / AGE_SCALE_YEARS)], format="csr")
+
+
+def _estimator(kind: str, seed: int):
+    if kind == "logistic_regression":
+        return LogisticRegression(C=0.1, max_iter=2000, solver="liblinear")
+    if kind == "gradient_boosting":
+        return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, early_stopping=True,
+                                              validation_fraction=0.15, random_state=seed)
+    raise ValueError(f"unknown baseline estimator {kind!r}")
+
+
+def fit_predict(spec: BaselineSpec, store: SequenceStore, specs: Sequence[TaskSpec], vocab_size: int,
+                train: TaskExamples, targets: dict[str, TaskExamples], seed: int = 0) -> dict[str, np.ndarray]:
+    """Train one classifier per task output on `train`; probabilities (n, max_outputs) for each target split."""
+    features = {"train": bag_of_codes(store, train, vocab_size, spec.windows)}
+    for split, examples in targets.items():
+        features[split] = bag_of_codes(store, examples, vocab_size, spec.windows)
+    kept = None
+    if spec.estimator == "gradient_boosting":
+        frequency = np.asarray((features["train"] > 0).sum(axis=0)).ravel()
+        kept = np.sort(np.argsort(-frequency, kind="stable")[:GRADIENT_BOOSTING_FEATURES])
+    width = max(len(s.outputs) for s in specs)
+    out = {split: np.zeros((len(examples), width)) for split, examples in targets.items()}
+    for task_index, task in enumerate(specs):
+        for j in range(len(task.outputs)):
+            fit_rows = (train.task_index == task_index) & train.label_mask[:, j]
+            x = features["train"][fit_rows]
+            y = train.labels[fit_rows, j].astype(int)
+            if len(np.unique(y)) < 2:
+                raise ValueError(f"{task.output_names()[j]}: the train split has one class; no baseline can be fit")
+            model = _estimator(spec.estimator, seed)
+            model.fit(_prepare(x, kept), y)
+            for split, examples in targets.items():
+                members = examples.task_index == task_index
+                if members.any():
+                    out[split][members, j] = model.predict_proba(_prepare(features[split][members], kept))[:, 1]
+    return out
+
+
+def _prepare(x: sparse.csr_matrix, kept: np.ndarray | None):
+    return x if kept is None else x[:, kept].toarray()
