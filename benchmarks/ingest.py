@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -100,11 +101,10 @@ def r4b_baseline(files: list[Path], sample: int) -> dict:
     from odyssey.pipelines.fhir_flatten import Context, Flattener, Rejected
     from odyssey.pipelines.ingest import load_code_systems
 
-    handles = [open(p, "rb") for p in files]
-    lines = [line for line in itertools.islice(
-        (ln for group in itertools.zip_longest(*handles) for ln in group if ln), sample)]
-    for h in handles:
-        h.close()
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(p, "rb")) for p in files]
+        mixed = (ln for group in itertools.zip_longest(*handles) for ln in group if ln)
+        lines = list(itertools.islice(mixed, sample))
     flattener = Flattener(Context(systems=load_code_systems()))
     classes: dict[str, type] = {}
     start = time.perf_counter()
@@ -113,10 +113,8 @@ def r4b_baseline(files: list[Path], sample: int) -> dict:
         rtype = resource["resourceType"]
         cls = classes.get(rtype) or classes.setdefault(rtype, get_fhir_model_class(rtype))
         cls.model_validate(resource)
-        try:
+        with contextlib.suppress(Rejected):
             flattener.flatten(resource, i, 0)
-        except Rejected:
-            pass
     seconds = time.perf_counter() - start
     return {"resources": len(lines), "seconds": seconds, "resources_per_second": len(lines) / seconds}
 

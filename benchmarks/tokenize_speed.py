@@ -1,6 +1,6 @@
 """Speed and memory of `odyssey tokenize` on a generated MEDS dataset.
 
-    .venv/bin/python benchmarks/tokenize.py --events 50000000 --work /tmp/tokbench [--write-results]
+    .venv/bin/python benchmarks/tokenize_speed.py --events 50000000 --work /tmp/tokbench [--write-results]
 
 Generates a MEDS dataset (Odyssey's schema, sorted, whole subjects per shard) with numpy, then runs the
 tokenize stage in a child process and reports its wall time, events per second and peak resident memory
@@ -13,19 +13,13 @@ discharge diagnoses; a tenth of the subjects die. Codes come from vocabularies o
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file is named like the standard library's `tokenize`; drop its folder from the import path so that
-# `inspect`/`linecache` keep importing the real one when the script runs as `python benchmarks/tokenize.py`.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -270,7 +264,7 @@ def main() -> None:
                "events_per_second": round(rate), "peak_rss_gb": round(peak_gb, 2), "verdict": verdict}
     print(json.dumps(summary, indent=2))
     if args.write_results:
-        command = f"{Path(sys.executable).name} benchmarks/tokenize.py --events {args.events} " \
+        command = f"{Path(sys.executable).name} benchmarks/tokenize_speed.py --events {args.events} " \
                   f"--max-rows-per-chunk {args.max_rows_per_chunk} --workers {args.workers}"
         section = "\n".join([
             f"## odyssey tokenize, {args.events:,} events ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
