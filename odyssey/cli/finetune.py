@@ -1,0 +1,54 @@
+"""`odyssey finetune`: multitask prompted finetuning of EHRMamba on task labels (transformers Trainer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from odyssey.cli._common import user_errors
+
+
+def finetune(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (configs/finetune.yaml)")] = None,
+    pretrained: Annotated[Path | None, typer.Option("--pretrained", help="pretraining run folder (omit: from scratch)")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="sequences folder from `odyssey tokenize`")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="labels folder from `odyssey labels`")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="comma-separated task names (default: all)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (model/, finetune_report.json)")] = None,
+    few_shot_k: Annotated[int | None, typer.Option("--few-shot-k", help="at most k training examples per task")] = None,
+    context_length: Annotated[int | None, typer.Option("--context-length")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--learning-rate")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="> 0 overrides --epochs")] = None,
+    model_size: Annotated[str | None, typer.Option("--model-size", help="from scratch: tiny | small | base")] = None,
+    scan_backend: Annotated[str | None, typer.Option("--scan-backend")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    progress_bar: Annotated[bool | None, typer.Option("--progress/--no-progress", help="show the progress bar")] = None,
+) -> None:
+    """Finetune one EHRMamba on several tasks, each prompted by its task token."""
+    from odyssey.finetune.train import REPORT, FinetuneConfig
+    from odyssey.finetune.train import finetune as run_finetune
+
+    with user_errors():
+        cfg = FinetuneConfig.load(
+            config, pretrained=pretrained, data=data, labels=labels, out=out,
+            tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, few_shot_k=few_shot_k,
+            context_length=context_length, batch_size=batch_size, learning_rate=learning_rate, epochs=epochs,
+            max_steps=max_steps, model_size=model_size, scan_backend=scan_backend, seed=seed,
+            progress_bar=progress_bar,
+        )
+        result = run_finetune(cfg)
+    origin = "pretrained" if result.from_pretrained else "from scratch"
+    typer.echo(f"finetuned {result.parameters:,} parameters ({origin}) on {', '.join(result.tasks)} for "
+               f"{result.steps} steps in {result.train_seconds:.0f} s; train loss {result.train_loss:.4f}")
+    aurocs = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in result.tuning_auroc.items())
+    typer.echo(f"tuning AUROC: {aurocs}")
+    typer.echo(f"model: {result.model_dir}")
+    typer.echo(f"report: {Path(result.out) / REPORT}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="finetune")(finetune)
