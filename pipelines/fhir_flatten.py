@@ -27,7 +27,7 @@ EVENT_RESOURCE_TYPES = (
     "Observation",
 )
 LOOKUP_RESOURCE_TYPES = ("Medication",)
-SUPPORTED_RESOURCE_TYPES = EVENT_RESOURCE_TYPES + LOOKUP_RESOURCE_TYPES
+SUPPORTED_RESOURCE_TYPES = frozenset(EVENT_RESOURCE_TYPES + LOOKUP_RESOURCE_TYPES)
 
 # Observation.category codes -> event type; anything else is a generic observation.
 _OBSERVATION_CATEGORIES = {"laboratory": EventType.LAB, "vital-signs": EventType.VITAL}
@@ -73,6 +73,7 @@ class Context:
     descriptions: dict[str, str] = field(default_factory=dict)  # code -> first display seen
     id_cache: dict[tuple[str, str], int] = field(default_factory=dict)
     bundle_urls: dict[str, tuple[str, str]] | None = None  # fullUrl -> (type, id) inside one Bundle
+    code_cache: dict[tuple[str, str], str] = field(default_factory=dict)  # first coding -> its event code
 
     def stable_id(self, resource_type: str, fhir_id: str) -> int:
         key = (resource_type, fhir_id)
@@ -106,6 +107,11 @@ class Context:
 
     def code_of(self, concept: object, what: str) -> str:
         """`VOCAB//code` of the first coding whose system is known; records its display."""
+        try:  # fast path: a first coding seen before
+            first = concept["coding"][0]
+            return self.code_cache[(first["system"], first["code"])]
+        except (KeyError, TypeError, IndexError):
+            pass
         codings = concept.get("coding") if isinstance(concept, dict) else None
         if not isinstance(codings, list) or not codings:
             raise Rejected(f"{what} has no coding")
@@ -122,6 +128,8 @@ class Context:
                     display = coding.get("display") or concept.get("text")
                     if isinstance(display, str) and display:
                         self.descriptions[code] = display
+                if coding is codings[0] and len(self.code_cache) < 1_000_000:
+                    self.code_cache[(system, value)] = code
                 return code
             systems.append(str(system))
         raise Rejected(f"{what} has no coding with a known system: {', '.join(systems)}")
@@ -161,6 +169,8 @@ class Flattener:
         self.rows: list[tuple] = []
         self.patients: list[tuple[int, str, int, int]] = []  # subject_id, fhir id, line, entry
         self.medications: list[tuple[str, str, int, int]] = []  # "Medication/id", code, line, entry
+        self._patient_refs: dict[str, int] = {}  # "Patient/id" -> subject_id
+        self._encounter_refs: dict[str, int] = {}  # "Encounter/id" -> encounter_id
         self._dispatch = {
             "Patient": self._patient,
             "Encounter": self._encounter,
@@ -184,21 +194,35 @@ class Flattener:
     # -- references ----------------------------------------------------------------------------------
 
     def _subject(self, resource: dict) -> int:
+        try:  # fast path: a plain `Patient/id` reference seen before
+            return self._patient_refs[resource["subject"]["reference"]]
+        except (KeyError, TypeError):
+            pass
         ref = resource.get("subject") or resource.get("patient")
         if ref is None:
             raise Rejected("no subject (Patient) reference")
         text = ref.get("reference") if isinstance(ref, dict) else None
         if isinstance(text, str) and text[:8] == "Patient/" and "/" not in text[8:] and len(text) > 8:
-            return self.ctx.stable_id("Patient", text[8:])  # the common case, without parsing
+            sid = self.ctx.stable_id("Patient", text[8:])
+            if len(self._patient_refs) < 1_000_000:
+                self._patient_refs[text] = sid
+            return sid
         return self.ctx.stable_id("Patient", self.ctx.resolve_reference(ref, "Patient", "subject"))
 
     def _encounter_id(self, resource: dict) -> int | None:
+        try:  # fast path: a plain `Encounter/id` reference seen before
+            return self._encounter_refs[resource["encounter"]["reference"]]
+        except (KeyError, TypeError):
+            pass
         ref = resource.get("encounter") or resource.get("context")
         if ref is None:
             return None
         text = ref.get("reference") if isinstance(ref, dict) else None
         if isinstance(text, str) and text[:10] == "Encounter/" and "/" not in text[10:] and len(text) > 10:
-            return self.ctx.stable_id("Encounter", text[10:])
+            eid = self.ctx.stable_id("Encounter", text[10:])
+            if len(self._encounter_refs) < 1_000_000:
+                self._encounter_refs[text] = eid
+            return eid
         return self.ctx.stable_id("Encounter", self.ctx.resolve_reference(ref, "Encounter", "encounter"))
 
     # -- resource types ------------------------------------------------------------------------------
@@ -330,13 +354,10 @@ class Flattener:
         issued = r.get("issued")
         if issued is not None and not isinstance(issued, str):
             raise Rejected("Observation.issued is not a string")
-        event_type = EventType.OBSERVATION
-        for category in r.get("category") or ():
-            for coding in (category.get("coding") or ()) if isinstance(category, dict) else ():
-                found = _OBSERVATION_CATEGORIES.get(coding.get("code")) if isinstance(coding, dict) else None
-                if found is not None:
-                    event_type = found
-                    break
+        try:  # fast path: the first category's first coding decides
+            event_type = _OBSERVATION_CATEGORIES[r["category"][0]["coding"][0]["code"]]
+        except (KeyError, TypeError, IndexError):
+            event_type = self._observation_category(r)
         components = r.get("component")
         if not components:
             code = self.ctx.code_of(r.get("code"), "Observation.code")
@@ -355,6 +376,15 @@ class Flattener:
             rows.append((sid, time, field, False, code, value, text, eid, unit, comparator, event_type, issued, None,
                          False, "Observation", line, entry))
         self.rows.extend(rows)
+
+    @staticmethod
+    def _observation_category(r: dict) -> EventType:
+        for category in r.get("category") or ():
+            for coding in (category.get("coding") or ()) if isinstance(category, dict) else ():
+                found = _OBSERVATION_CATEGORIES.get(coding.get("code")) if isinstance(coding, dict) else None
+                if found is not None:
+                    return found
+        return EventType.OBSERVATION
 
     def _value(self, holder: dict, what: str) -> tuple[float | None, str | None, str | None, str | None]:
         quantity = holder.get("valueQuantity")

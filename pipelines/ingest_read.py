@@ -15,7 +15,6 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from odyssey.pipelines.fhir_flatten import (
     ROW_COLUMNS,
@@ -291,7 +290,7 @@ class ChunkReader:
 
     def _spill(self, rows: pl.DataFrame) -> None:
         spill = Path(self.settings.spill_dir)
-        tag = f"c{self.chunk.index:06d}-{self.part:04d}.parquet"
+        tag = f"c{self.chunk.index:06d}-{self.part:04d}.arrow"  # Arrow IPC: spills are written once, read once
         chunk = pl.lit(self.chunk.index, pl.Int32).alias("chunk")
         if rows.height:
             _write_buckets(rows.drop("encounter_end_us").with_columns(chunk), "subject_id",
@@ -306,7 +305,7 @@ class ChunkReader:
             )
             if encounters.height:
                 (spill / "encounters").mkdir(parents=True, exist_ok=True)
-                encounters.write_parquet(spill / "encounters" / tag, compression="lz4")
+                encounters.write_ipc(spill / "encounters" / tag)
         if self.keys:
             cols = list(zip(*self.keys, strict=True))
             keys = pl.from_arrow(pa.Table.from_arrays(
@@ -325,7 +324,7 @@ class ChunkReader:
                                              schema=schema_)
                 table = table.append_column("chunk", pa.array([self.chunk.index] * len(table), pa.int32()))
                 (spill / name).mkdir(parents=True, exist_ok=True)
-                pq.write_table(table, spill / name / tag, compression="lz4")
+                pl.from_arrow(table).write_ipc(spill / name / tag)
 
 
 KEY_COLUMNS = ["line", "entry"]
@@ -376,7 +375,7 @@ def _write_buckets(frame: pl.DataFrame, column: str, buckets: int, folder: Path,
     for (bucket,), part in frame.partition_by("_bucket", as_dict=True, maintain_order=True).items():
         target = folder / f"b{bucket:04d}"
         target.mkdir(parents=True, exist_ok=True)
-        part.drop("_bucket").write_parquet(target / tag, compression="lz4")
+        part.drop("_bucket").write_ipc(target / tag)
 
 
 def subject_bucket(subject_id: int, buckets: int) -> int:

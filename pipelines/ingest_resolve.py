@@ -46,10 +46,10 @@ class ResolveResult:
 
 
 def _read_folder(folder: Path, empty_schema: pa.Schema | None = None) -> pl.DataFrame | None:
-    files = sorted(folder.glob("*.parquet")) if folder.exists() else []
+    files = sorted(folder.glob("*.arrow")) if folder.exists() else []
     if not files:
         return None
-    return pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+    return pl.concat([pl.read_ipc(f) for f in files], how="vertical")
 
 
 def find_duplicates(spill: Path, key_buckets: int, chunk_paths: dict[int, str]) -> pl.DataFrame:
@@ -90,8 +90,9 @@ def _lookup(spill: Path, name: str, dropped: pl.DataFrame) -> pl.DataFrame | Non
     return table.join(dropped.select(KEY), on=KEY, how="anti")
 
 
-_SORT = [schema.SUBJECT_ID, schema.TIME, schema.EVENT_TYPE, schema.CODE, schema.NUMERIC_VALUE, schema.TEXT_VALUE,
-         schema.ENCOUNTER_ID, schema.UNIT, schema.COMPARATOR, schema.ISSUED]
+# Ties keep input order (`_seq`: files in path order, then line, then Bundle entry), so the order is total
+# and the same on every run, whatever the chunking or the number of workers.
+_SORT = [schema.SUBJECT_ID, schema.TIME, "_seq"]
 
 
 def resolve_and_write(
@@ -141,7 +142,8 @@ def resolve_and_write(
         if rows is None:
             continue
         rows = (
-            rows.join(dropped.select(KEY), on=KEY, how="anti")
+            rows.with_row_index("_seq")
+            .join(dropped.select(KEY), on=KEY, how="anti")
             .join(known_subjects, on=schema.SUBJECT_ID, how="left")
             .join(med_lookup, on="medication_key", how="left")
             .join(enc_lookup, on="encounter_id", how="left")
@@ -159,9 +161,9 @@ def resolve_and_write(
             .when(pl.col("time_from_encounter") & pl.col("encounter_end").is_null())
             .then(pl.lit("no time of its own and its encounter is missing, rejected or has no end"))
         )
-        rows = rows.with_columns(reason=reason).with_columns(
-            reason=pl.col("reason").drop_nulls().first().over(KEY)
-        )
+        rows = rows.with_columns(reason=reason)
+        if rows["reason"].null_count() < rows.height:  # spread a row's reason to its whole resource
+            rows = rows.with_columns(reason=pl.col("reason").drop_nulls().first().over(KEY))
         failed = rows.filter(pl.col("reason").is_not_null())
         if not failed.is_empty():
             per_resource = failed.group_by(KEY).agg(pl.col("resource_type").first(), pl.col("reason").first())
@@ -224,6 +226,7 @@ def _to_meds(rows: pl.DataFrame) -> pa.Table:
     """Rows in Odyssey's MEDS schema, in a total order (so reruns write identical bytes)."""
     us = pl.Datetime("us")
     frame = rows.select(
+        pl.col("_seq"),
         pl.col(schema.SUBJECT_ID),
         pl.col(schema.TIME).cast(us),
         pl.col(schema.CODE),
@@ -234,7 +237,7 @@ def _to_meds(rows: pl.DataFrame) -> pa.Table:
         pl.col(schema.COMPARATOR),
         pl.col(schema.EVENT_TYPE),
         pl.col(schema.ISSUED).cast(us),
-    ).sort(_SORT, nulls_last=False)
+    ).sort(_SORT, nulls_last=False).drop("_seq")
     return frame.to_arrow().cast(schema.DATA_SCHEMA)
 
 
