@@ -40,7 +40,7 @@ EVENTS_PER_VISIT = 40  # inside a visit, besides start, end and diagnoses
 DIAGNOSES_PER_VISIT = 4
 LAB_CODES, DRUG_CODES, PROCEDURE_CODES, DIAGNOSIS_CODES = 1_500, 3_000, 2_000, 8_000
 ROWS_PER_SHARD = 5_000_000
-RESULTS_FILE = Path(__file__).with_name("tokenize_RESULTS.md")
+RESULTS_FILE = Path(__file__).with_name("RESULTS.md")
 
 
 def _codes(prefix: str, n: int) -> list[str]:
@@ -285,8 +285,8 @@ def main() -> None:
             f"- verdict: {verdict}",
             "",
         ])
-        previous = RESULTS_FILE.read_text() if RESULTS_FILE.exists() else "# Tokenize benchmark results\n\n"
-        RESULTS_FILE.write_text(previous + section + "\n")
+        previous = RESULTS_FILE.read_text() if RESULTS_FILE.exists() else "# Benchmark results\n\n"
+        RESULTS_FILE.write_text(previous + "\n" + section.replace("## odyssey tokenize", "### odyssey tokenize") + "\n")
     shutil.rmtree(out, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
