@@ -7,7 +7,7 @@ DEMO_PATIENTS ?= 200
 
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-all lint venv clean
 
 $(BIN)/odyssey: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: venv
 
 test: venv lint
 	$(BIN)/python -m pytest -q
+
+# the slow end-to-end tests too (minutes more on 2 cores)
+test-all: venv lint
+	$(BIN)/python -m pytest -q -m ""
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
