@@ -11,7 +11,9 @@ gives y_t[d] = sum_{s <= t} alpha_d(t, s) u_s[d] with
 `alpha_d` is a causal (lower-triangular) matrix over positions, one per channel; the layer's hidden
 attention is its mean over channels. The products of decays are differences of cumulative log-decays
 (computed in float64), and the matrix is built in blocks of target, source and channel positions, so
-memory is one block (target_block x source_block x channel_block x N), never L^2 x dim x N.
+memory is one block (at most target_block x max(target_block, source_block) x channel_block x N), never
+L^2 x dim x N. Off-diagonal blocks factor the decay at the target block's start (see
+`hidden_attention_from_scan`), so the cost is one (dim x N)-deep contraction per pair of positions.
 
 `u` is the scan input (after the causal convolution and SiLU), so alpha mixes positions only through
 the scan; the convolution's own short window (conv_kernel tokens) is not part of it.
@@ -64,8 +66,8 @@ def hidden_attention_from_scan(
     B: torch.Tensor,
     C: torch.Tensor,
     reduce: Reduction = "mean",
-    target_block: int = 64,
-    source_block: int = 64,
+    target_block: int = 32,
+    source_block: int = 1024,
     channel_block: int = 64,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -75,6 +77,11 @@ def hidden_attention_from_scan(
     (batch, N, L). Returns (batch, L, L) averaged over channels (`mean`, or `mean_abs` of |alpha_d|), or
     (batch, dim, L, L) with `reduce="none"`. Entries above the diagonal (s > t) are exactly zero.
     Computed in `dtype` (default: delta's dtype); decays come from float64 cumulative sums.
+
+    For a block of targets starting at r, earlier sources split their decay at r:
+    exp(A (S_t - S_s)) = exp(A (S_t - S_r)) * exp(A (S_r - S_s)), both factors <= 1 (no overflow), so
+    the block is one contraction over (channel, state) instead of L^2 x dim x N exponentials. Sources
+    inside the target block (the diagonal block) take their decays pair by pair.
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
@@ -86,32 +93,51 @@ def hidden_attention_from_scan(
     dtype = dtype or delta.dtype
     batch, dim, length = delta.shape
     log_time = torch.cumsum(delta.double(), dim=-1)  # S_t per channel, (batch, dim, L)
-    A64 = A.double()
-    C_w = C.to(dtype)
-    weighted_B = delta.to(dtype)[:, :, None, :] * B.to(dtype)[:, None, :, :]  # delta_s B_s, (batch, dim, N, L)
+    A64 = A.double()[None, :, :, None]  # (1, dim, N, 1)
+    weighted_B = delta.double()[:, :, None, :] * B.double()[:, None, :, :]  # delta_s B_s, (batch, dim, N, L)
+    C64 = C.double()
     shape = (batch, dim, length, length) if reduce == "none" else (batch, length, length)
     out = torch.zeros(shape, dtype=dtype, device=delta.device)
     positions = torch.arange(length, device=delta.device)
+
+    def accumulate(block: torch.Tensor, rows: slice, cols: slice, channels: slice) -> None:
+        """block: per-channel alpha (batch, Db, Tb, Sb) or its channel sum (batch, Tb, Sb)."""
+        if reduce == "none":
+            out[:, channels, rows, cols] = block.to(dtype)
+        elif reduce == "mean_abs":
+            out[:, rows, cols] += block.abs().sum(1).to(dtype)
+        else:
+            out[:, rows, cols] += (block if block.dim() == 3 else block.sum(1)).to(dtype)
+
     for t0 in range(0, length, target_block):
         t1 = min(t0 + target_block, length)
-        # Sources after the block's last target contribute nothing (causality): stop at t1.
-        for s0 in range(0, t1, source_block):
-            s1 = min(s0 + source_block, t1)
-            causal = positions[t0:t1, None] >= positions[None, s0:s1]  # (Tb, Sb)
-            for d0 in range(0, dim, channel_block):
-                d1 = min(d0 + channel_block, dim)
-                elapsed = log_time[:, d0:d1, t0:t1, None] - log_time[:, d0:d1, None, s0:s1]  # (b, Db, Tb, Sb)
-                decay = torch.exp(elapsed.clamp(min=0)[..., None] * A64[None, d0:d1, None, None, :])
-                decay = (decay * causal[None, None, :, :, None]).to(dtype)
-                block = torch.einsum(
-                    "bdtsn,bnt,bdns->bdts", decay, C_w[:, :, t0:t1], weighted_B[:, d0:d1, :, s0:s1]
-                )
-                if reduce == "none":
-                    out[:, d0:d1, t0:t1, s0:s1] = block
-                elif reduce == "mean_abs":
-                    out[:, t0:t1, s0:s1] += block.abs().sum(1)
+        targets = slice(t0, t1)
+        causal = positions[t0:t1, None] >= positions[None, t0:t1]
+        for d0 in range(0, dim, channel_block):
+            channels = slice(d0, min(d0 + channel_block, dim))
+            S = log_time[:, channels]
+            A_d = A64[:, channels]
+            # Diagonal block: decays pair by pair (both ends inside the block).
+            elapsed = (S[:, :, targets, None] - S[:, :, None, targets]).clamp(min=0)  # (b, Db, Tb, Tb)
+            decay = torch.exp(elapsed[:, :, None] * A_d[..., None]) * causal  # (b, Db, N, Tb, Tb)
+            decay *= C64[:, None, :, targets, None] * weighted_B[:, channels, :, None, targets]
+            diagonal = decay.sum(2)  # over states: (b, Db, Tb, Tb)
+            accumulate(diagonal, targets, targets, channels)
+            if t0 == 0:
+                continue
+            # Earlier sources: decay split at the block start r = t0.
+            # Both factors are bounded by |C| and |delta B|, so the contraction can run in `dtype`.
+            into = C64[:, None, :, targets] * torch.exp((S[:, :, None, targets] - S[:, :, None, t0, None]) * A_d)
+            into = into.to(dtype)
+            for s0 in range(0, t0, source_block):
+                sources = slice(s0, min(s0 + source_block, t0))
+                out_of = torch.exp((S[:, :, None, t0, None] - S[:, :, None, sources]) * A_d)
+                carried = (out_of * weighted_B[:, channels, :, sources]).to(dtype)  # (b, Db, N, Sb)
+                if reduce == "mean":
+                    block = torch.einsum("bdnt,bdns->bts", into, carried)
                 else:
-                    out[:, t0:t1, s0:s1] += block.sum(1)
+                    block = torch.einsum("bdnt,bdns->bdts", into, carried)
+                accumulate(block, targets, sources, channels)
     if reduce != "none":
         out /= dim
     return out
@@ -193,8 +219,8 @@ def hidden_attention(
     model: nn.Module,
     layer: int,
     reduce: Reduction = "mean",
-    target_block: int = 64,
-    source_block: int = 64,
+    target_block: int = 32,
+    source_block: int = 1024,
     channel_block: int = 64,
     **inputs: torch.Tensor,
 ) -> torch.Tensor:
