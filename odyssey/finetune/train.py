@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from odyssey.config import StageConfig
 from odyssey.io import atomic_output_dir, read_json, write_json
 from odyssey.models import MODEL_SIZES, EHRMambaConfig, EHRMambaForTaskClassification, count_parameters
-from odyssey.tokenizer import EHRTokenizer, load_sequences
+from odyssey.tokenizer import EHRTokenizer, TokenType, load_sequences
 from odyssey.training.data import read_vocabulary
 from odyssey.training.pretrain import TOKENIZER_FIELDS, resolve_precision
 
@@ -84,7 +84,7 @@ class FinetuneConfig(StageConfig):
         default_factory=dict, description="task -> relative share of training batches; empty: as many as examples"
     )
     few_shot_k: int | None = Field(None, ge=1, description="train on at most k labelled examples per task")
-    precision: str = Field("auto", description="auto | bf16 | fp16 | fp32")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     scan_backend: str = "auto"
     pad_to_multiple_of: int = Field(8, ge=1)
     seed: int = 42
@@ -199,11 +199,13 @@ def _build_model(config: FinetuneConfig, specs: Sequence[TaskSpec], vocab_size: 
         model.config.scan_backend = config.scan_backend
         model.config.classifier_dropout = config.classifier_dropout
         model.dropout.p = config.classifier_dropout
-        return model
-    fields = {**config.model, "vocab_size": vocab_size, "pad_token_id": pad_id, "scan_backend": config.scan_backend}
-    model_config = EHRMambaConfig.from_size(config.model_size, **fields, **layout,
-                                            classifier_dropout=config.classifier_dropout)
-    return EHRMambaForTaskClassification(model_config)
+    else:
+        fields = {**config.model, "vocab_size": vocab_size, "pad_token_id": pad_id,
+                  "scan_backend": config.scan_backend}
+        model = EHRMambaForTaskClassification(EHRMambaConfig.from_size(
+            config.model_size, **fields, **layout, classifier_dropout=config.classifier_dropout))
+    model.config.task_token_type = int(TokenType.TASK)  # the scorer stamps its trailing prompt with it
+    return model
 
 
 def sampling_weights(examples: TaskExamples, specs: Sequence[TaskSpec], shares: dict[str, float]) -> np.ndarray | None:
@@ -319,7 +321,7 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
     check_both_classes(train, specs, "train")
     check_both_classes(inputs.examples["tuning"], specs, "tuning")
 
-    precision = resolve_precision(config.precision)  # type: ignore[arg-type]
+    precision = resolve_precision(config.precision)
     set_seed(config.seed)
     vocabulary = read_vocabulary(config.data)
     model = _build_model(config, specs, vocabulary.size, vocabulary.pad_id, model_dir)

@@ -11,6 +11,7 @@ from .modeling_ehrmamba import (
     count_parameters,
 )
 from .modeling_ehrmamba_tasks import EHRMambaForTaskClassification as EHRMambaForTaskClassification
+from .scorer import EHRMambaScorer as EHRMambaScorer
 
 __all__ = [
     "MODEL_SIZES",

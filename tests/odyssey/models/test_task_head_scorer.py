@@ -1,0 +1,92 @@
+"""EHRMambaScorer: incremental risk from carried recurrent state equals re-running the whole sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification, EHRMambaScorer
+
+VOCAB, TASK_TYPE = 60, 8
+PROMPTS = {"mortality": [24], "conditions": [27, 28, 29]}
+
+
+@pytest.fixture(scope="module")
+def model() -> EHRMambaForTaskClassification:
+    torch.manual_seed(0)
+    config = EHRMambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8,
+                            time_embedding_size=8, scan_backend="torch", task_names=list(PROMPTS),
+                            task_outputs=[len(p) for p in PROMPTS.values()], task_prompt_ids=list(PROMPTS.values()),
+                            task_token_type=TASK_TYPE)
+    return EHRMambaForTaskClassification(config).eval()
+
+
+def _history(length: int, prompt: list[int], seed: int) -> dict[str, np.ndarray]:
+    """A prompted history: the task prompt in place of [CLS], then events with rising times and ages."""
+    rng = np.random.default_rng(seed)
+    times = np.concatenate([np.zeros(len(prompt)), np.cumsum(rng.exponential(3.0, length))]).astype(np.float32)
+    return {
+        "input_ids": np.concatenate([prompt, rng.integers(33, VOCAB, length)]),
+        "token_type_ids": np.concatenate([[TASK_TYPE] * len(prompt), rng.integers(1, 8, length)]),
+        "ages": (50 + times / 365.25).astype(np.float32),
+        "times": times,
+        "visit_orders": np.concatenate([np.zeros(len(prompt)), 1 + np.arange(length) // 7]).astype(np.int64),
+        "visit_segments": np.concatenate([np.zeros(len(prompt)), 1 + (np.arange(length) // 7) % 2]).astype(np.int64),
+    }
+
+
+def _full_run(model, history: dict[str, np.ndarray], end: int, task_index: int, prompt: list[int]) -> np.ndarray:
+    """Probabilities from the parallel model over history[:end] plus the trailing prompt."""
+    columns = {k: v[:end] for k, v in history.items()}
+    last = {k: columns[k][-1] for k in ("ages", "times", "visit_orders")}
+    n = len(prompt)
+    full = {
+        "input_ids": np.concatenate([columns["input_ids"], prompt]),
+        "token_type_ids": np.concatenate([columns["token_type_ids"], [TASK_TYPE] * n]),
+        "ages": np.concatenate([columns["ages"], [last["ages"]] * n]),
+        "times": np.concatenate([columns["times"], [last["times"]] * n]),
+        "visit_orders": np.concatenate([columns["visit_orders"], [last["visit_orders"]] * n]),
+        "visit_segments": np.concatenate([columns["visit_segments"], [0] * n]),
+    }
+    batch = {k: torch.as_tensor(v)[None].to(torch.float32 if k in ("ages", "times") else torch.long)
+             for k, v in full.items()}
+    with torch.no_grad():
+        logits = model(**batch, task_index=torch.tensor([task_index])).logits[0, :n]
+    return torch.sigmoid(logits).numpy()
+
+
+@pytest.mark.parametrize("task", list(PROMPTS))
+def test_incremental_updates_equal_full_reruns(model, task):
+    prompt = PROMPTS[task]
+    history = _history(200, prompt, seed=len(task))
+    scorer = EHRMambaScorer(model, task)
+    boundaries = [len(prompt) + 120, len(prompt) + 121, len(prompt) + 122, len(prompt) + 150, len(history["times"])]
+    start = 0
+    for end in boundaries:
+        incremental = scorer.update("patient-a", {k: v[start:end] for k, v in history.items()})
+        expected = _full_run(model, history, end, list(PROMPTS).index(task), prompt)
+        np.testing.assert_allclose(incremental, expected, rtol=1e-5, atol=1e-7)
+        start = end
+    # Scoring leaves the patient's state untouched: scoring twice gives the same risk.
+    np.testing.assert_array_equal(scorer.score("patient-a"), incremental)
+
+
+def test_patients_are_kept_apart(model):
+    scorer = EHRMambaScorer(model, "mortality")
+    first, second = _history(40, [24], seed=1), _history(40, [24], seed=2)
+    alone = scorer.update("a", first)
+    scorer.update("b", second)
+    np.testing.assert_array_equal(scorer.score("a"), alone)
+    scorer.forget("a")
+    assert "a" not in scorer and "b" in scorer
+
+
+def test_a_new_patient_must_start_with_the_prompt(model):
+    scorer = EHRMambaScorer(model, "mortality")
+    history = _history(10, [24], seed=3)
+    history["input_ids"][0] = 2  # [CLS] instead of the prompt
+    with pytest.raises(ValueError, match="must start with the task prompt"):
+        scorer.update("a", history)
+    with pytest.raises(ValueError, match="unknown task"):
+        EHRMambaScorer(model, "sepsis")
