@@ -8,6 +8,7 @@ from .hidden_attention import (
     hidden_attention_from_scan,
     layer_scan_inputs,
     mixer_scan_inputs,
+    sequence_inputs,
 )
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "mixer_scan_inputs",
     "plot_hidden_attention",
     "save_heatmap",
+    "sequence_inputs",
     "visit_spans",
 ]

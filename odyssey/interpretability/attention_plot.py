@@ -36,8 +36,17 @@ def visit_spans(visit_orders: Sequence[int] | np.ndarray) -> list[tuple[int, int
     return [(int(orders[a]), int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
 
 
-def attention_by_visit(alpha, visit_orders) -> tuple[np.ndarray, list[int]]:
-    """Sum alpha (L, L) over the tokens of each (target visit, source visit) pair; rows and columns by visit."""
+VISIT_AGGREGATES = ("sum", "mean")
+
+
+def attention_by_visit(alpha, visit_orders, how: str = "sum") -> tuple[np.ndarray, list[int]]:
+    """alpha (L, L) summed (or averaged over token pairs, `how="mean"`) per (target visit, source visit).
+
+    Returns the (visits, visits) matrix and the visit orders of its rows and columns. The mean counts
+    only causal pairs (s <= t), so a visit's own block is not diluted by its zero upper half.
+    """
+    if how not in VISIT_AGGREGATES:
+        raise ValueError(f"how must be one of {VISIT_AGGREGATES}, got {how!r}")
     matrix = _as_numpy(alpha)
     orders = _as_numpy(visit_orders).astype(np.int64)
     if matrix.ndim != 2 or matrix.shape != (orders.size, orders.size):
@@ -46,6 +55,11 @@ def attention_by_visit(alpha, visit_orders) -> tuple[np.ndarray, list[int]]:
     index = np.searchsorted(visits, orders)
     out = np.zeros((len(visits), len(visits)), dtype=np.float64)
     np.add.at(out, (index[:, None], index[None, :]), matrix)
+    if how == "mean":
+        pairs = np.zeros_like(out)
+        causal = np.tril(np.ones_like(matrix))
+        np.add.at(pairs, (index[:, None], index[None, :]), causal)
+        out = np.divide(out, pairs, out=np.zeros_like(out), where=pairs > 0)
     return out, visits
 
 
@@ -54,18 +68,19 @@ def plot_hidden_attention(
     visit_orders,
     *,
     by_visit: bool = False,
+    visit_aggregate: str = "sum",
     title: str | None = None,
     tokens: Sequence[str] | None = None,
 ) -> Figure:
     """One patient's hidden attention (L, L) as a heat map, with visit boundaries and visit numbers.
 
-    `by_visit` sums it per (target visit, source visit). `tokens` (L words) label the axes of short
+    `by_visit` sums it per (target visit, source visit) (`visit_aggregate="mean"`: mean per token pair). `tokens` (L words) label the axes of short
     sequences. Signed values use a diverging map centred at zero.
     """
     matrix = _as_numpy(alpha).astype(np.float64)
     orders = _as_numpy(visit_orders)
     if by_visit:
-        matrix, visits = attention_by_visit(matrix, orders)
+        matrix, visits = attention_by_visit(matrix, orders, how=visit_aggregate)
     elif matrix.ndim != 2 or matrix.shape != (orders.size, orders.size):
         raise ValueError(f"alpha must be (L, L) with L = {orders.size} visit orders, got {matrix.shape}")
     size = min(12.0, 4.0 + 0.02 * matrix.shape[0])

@@ -21,9 +21,11 @@ the scan; the convolution's own short window (conv_kernel tokens) is not part of
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -183,6 +185,28 @@ def mixer_scan_inputs(
         D=mixer.D.float(),
         gate=gate.float(),
     )
+
+
+MODEL_INPUTS: dict[str, torch.dtype] = {
+    "input_ids": torch.long,
+    "token_type_ids": torch.long,
+    "ages": torch.float32,
+    "times": torch.float32,
+    "visit_orders": torch.long,
+    "visit_segments": torch.long,
+}
+
+
+def sequence_inputs(row: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """One stored sequence row (`load_sequences(...).row(i, named=True)`, or a cut/truncated row) as a
+    batch of one for the model."""
+    missing = [name for name in MODEL_INPUTS if name not in row]
+    if missing:
+        raise KeyError(f"sequence row lacks {missing}")
+    return {
+        name: torch.as_tensor(np.asarray(row[name]), dtype=dtype, device=device)[None]
+        for name, dtype in MODEL_INPUTS.items()
+    }
 
 
 def _backbone(model: nn.Module) -> nn.Module:

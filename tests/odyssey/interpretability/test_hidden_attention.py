@@ -14,6 +14,7 @@ from odyssey.interpretability import (
     mixer_scan_inputs,
     plot_hidden_attention,
     save_heatmap,
+    sequence_inputs,
     visit_spans,
 )
 from odyssey.kernels.reference import selective_scan_reference
@@ -146,6 +147,18 @@ def test_alpha_rebuilds_the_real_mixer_output():
     assert relative_error(rebuilt, captured["out"]) <= 1e-5
 
 
+def test_sequence_row_becomes_model_inputs():
+    batch = ehr_batch(length=6, seed=3)
+    row = {name: value[0].numpy() for name, value in batch.items()} | {"subject_id": 5, "split": "train"}
+    inputs = sequence_inputs(row)
+    assert set(inputs) == set(batch)
+    for name, value in inputs.items():
+        assert value.shape == (1, 6) and torch.equal(value, batch[name].to(value.dtype))
+    assert inputs["input_ids"].dtype == torch.long and inputs["ages"].dtype == torch.float32
+    with pytest.raises(KeyError, match="visit_orders"):
+        sequence_inputs({k: v for k, v in row.items() if k != "visit_orders"})
+
+
 def test_model_hidden_attention_matches_bruteforce_and_ignores_left_padding():
     model = tiny_backbone(seed=2)
     batch = ehr_batch(length=10, seed=4)
@@ -173,6 +186,9 @@ def test_visit_aggregation_and_heatmap(tmp_path):
     assert visits == [0, 1, 2, 3]
     assert by_visit[1, 1] == alpha[1:4, 1:4].sum() and by_visit[3, 2] == alpha[6, 4:6].sum()
     assert by_visit.sum() == pytest.approx(alpha.sum())
+    mean_by_visit, _ = attention_by_visit(alpha, orders, how="mean")
+    assert mean_by_visit[1, 1] == pytest.approx(alpha[1:4, 1:4].sum() / 6)  # 6 causal pairs in a 3-token visit
+    assert mean_by_visit[3, 2] == pytest.approx(alpha[6, 4:6].mean()) and mean_by_visit[0, 1] == 0
     for by in (False, True):
         fig = plot_hidden_attention(alpha, orders, by_visit=by)
         images = [im for ax in fig.axes for im in ax.get_images() if im.get_gid() == "hidden-attention"]
