@@ -164,19 +164,52 @@ class ChunkReader:
         return self.result
 
     def _read_ndjson(self) -> None:
+        """The hot loop. Plain resources of supported types take the inlined path; anything else
+        (Bundles, unknown types, bad JSON, sampled validation) goes through `_line` / `_resource`."""
         line = self.chunk.first_line - 1
         batch = self.settings.batch_rows
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        read = self.result.read
+        flattener = self.flattener
+        supported = SUPPORTED_RESOURCE_TYPES
+        validating = self.validator is not None
+        every = 1 if self.settings.validate == "full" else self.settings.sample_every
+        lines = 0
         try:
             for line, raw in read_lines(self.chunk):
-                self.result.lines += 1
-                if not raw.strip():
+                lines += 1
+                if not raw or raw.isspace():
                     continue
-                self._line(raw, line)
-                if len(self.flattener.rows) >= batch:
+                try:
+                    resource = loads(raw)
+                    rtype = resource["resourceType"]
+                except (decode_error, KeyError, TypeError, IndexError):
+                    self._line(raw, line)
+                    continue
+                digest = _digest(raw)
+                if rtype.__class__ is not str or rtype not in supported or (validating and digest % every == 0):
+                    self._line(raw, line)
+                    continue
+                read[rtype] += 1
+                try:
+                    flattener.flatten(resource, line, 0)
+                except Rejected as exc:
+                    rid = resource.get("id")
+                    self._problem(line, 0, rtype, rid if isinstance(rid, str) else None, str(exc), raw)
+                    continue
+                except (TypeError, AttributeError, ValueError) as exc:  # wrong JSON shapes deep inside
+                    rid = resource.get("id")
+                    self._problem(line, 0, rtype, rid if isinstance(rid, str) else None,
+                                  f"unexpected structure: {exc}", raw)
+                    continue
+                self.keys.append((rtype, resource["id"], digest, line, 0))
+                if len(flattener.rows) >= batch:
                     self._flush()
         except (EOFError, OSError) as exc:
             self._problem(line + 1, 0, INVALID, None, f"file is truncated or unreadable after line {line}: {exc}",
                           None)
+        finally:
+            self.result.lines += lines
 
     def _read_json_file(self) -> None:
         try:
@@ -201,8 +234,10 @@ class ChunkReader:
         rtype = resource.get("resourceType")
         if rtype == "Bundle":
             self._bundle(resource, raw, line)
-            return
-        self._resource(resource, raw, line, 0)
+        else:
+            self._resource(resource, raw, line, 0)
+        if len(self.flattener.rows) >= self.settings.batch_rows:
+            self._flush()
 
     def _bundle(self, bundle: dict, raw: bytes, line: int) -> None:
         entries = bundle.get("entry") or []
