@@ -195,7 +195,8 @@ def plot_timeline(
 
     # Visit bands on every panel.
     seen_classes: dict[str, str] = {}
-    for visit in visits_of(events):
+    visits = visits_of(events)
+    for visit in visits:
         begin, end = _num([visit.start, visit.end])
         colour = VISIT_COLOURS.get(visit.encounter_class, OTHER_VISIT_COLOUR)
         seen_classes[visit.encounter_class] = colour
@@ -203,7 +204,7 @@ def plot_timeline(
         for name, ax in axes.items():
             band = ax.axvspan(begin, begin + width_days, color=colour, alpha=0.15, lw=0)
             band.set_gid("timeline:visit" if name == "events" else "timeline:visit-shade")
-    counts["visit"] = len(visits_of(events))
+    counts["visit"] = len(visits)
 
     events_ax = axes["events"]
     rows_used = {row for row, *_ in MARKER_ROWS if row in ALWAYS_SHOWN}
@@ -222,6 +223,7 @@ def plot_timeline(
     shown_rows = [r for r in MARKER_ROWS if r[0] in rows_used]
     level = {row: len(shown_rows) - 1 - i for i, (row, *_) in enumerate(shown_rows)}
     sizes = None
+    strongest = max((abs(v) for v in attributions.values()), default=0.0) if attributions else 0.0
     for row, label, marker, colour in shown_rows:
         chosen = timed.filter(pl.col("_row") == row)
         counts[row] = chosen.height
@@ -229,7 +231,7 @@ def plot_timeline(
         y = [level[row] + _jitter(c) for c in codes]
         if attributions:
             sizes = [
-                28 + 160 * abs(attributions.get((t, c), 0.0)) / max(map(abs, attributions.values()), default=1.0)
+                28 + 160 * abs(attributions.get((t, c), 0.0)) / (strongest or 1.0)
                 for t, c in zip(chosen[S.TIME].to_list(), codes, strict=True)
             ]
         dots = events_ax.scatter(_num(chosen[S.TIME]), y, marker=marker, color=colour, s=sizes or 28,
