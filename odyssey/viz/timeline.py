@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from odyssey.pipelines import schema as S
+from odyssey.pipelines.meds_io import infer_event_type
 from odyssey.viz.events import describe, event_types_of
 
 T = S.EventType
@@ -103,6 +104,21 @@ def visits_of(events: pl.DataFrame) -> list[Visit]:
     return sorted(visits, key=lambda v: v.start)
 
 
+def _with_odyssey_columns(events: pl.DataFrame) -> pl.DataFrame:
+    """Core-MEDS frames (subject_id, time, code, numeric_value) get Odyssey's optional columns as nulls
+    and `event_type` from the code's vocabulary prefix."""
+    missing = [name for name in (S.SUBJECT_ID, S.TIME, S.CODE) if name not in events.columns]
+    if missing:
+        raise ValueError(f"events lack the MEDS columns {missing}")
+    extra = {S.NUMERIC_VALUE: pl.Float32, S.ENCOUNTER_ID: pl.Int64, S.UNIT: pl.String}
+    events = events.with_columns(
+        [pl.lit(None, dtype).alias(name) for name, dtype in extra.items() if name not in events.columns]
+    )
+    if S.EVENT_TYPE not in events.columns:
+        events = events.with_columns(infer_event_type(pl.col(S.CODE)).alias(S.EVENT_TYPE))
+    return events
+
+
 def _num(times) -> np.ndarray:
     """datetimes (list, Series or array) -> matplotlib date numbers."""
     values = np.asarray(times.to_numpy() if isinstance(times, pl.Series) else times, dtype="datetime64[us]")
@@ -160,6 +176,7 @@ def plot_timeline(
     """
     if events.height == 0:
         raise ValueError("no events to plot")
+    events = _with_odyssey_columns(events)
     subjects = events[S.SUBJECT_ID].unique()
     if subjects.len() != 1:
         raise ValueError(f"plot_timeline draws one subject; got {subjects.len()} subjects")

@@ -209,6 +209,20 @@ def test_reads_a_meds_dataset(tmp_path):
         plot_timeline(events.head(0))
 
 
+def test_core_meds_columns_are_enough():
+    core = patient_events().select(S.SUBJECT_ID, S.TIME, S.CODE, S.NUMERIC_VALUE)
+    timeline = plot_timeline(core, top_labs=1)
+    # event types come from the vocabulary prefixes; the SNOMED row is an observation
+    assert marker_count(timeline, "timeline:condition") == 3
+    assert marker_count(timeline, "timeline:procedure") == 1
+    assert marker_count(timeline, "timeline:medication") == 3
+    assert marker_count(timeline, "timeline:observation") == 1
+    assert timeline.lab_codes == [CREATININE]
+    assert len(artists(timeline, "timeline:visit")) == 3  # start rows pair with their end rows
+    with pytest.raises(ValueError, match="lack the MEDS columns"):
+        plot_timeline(core.drop(S.CODE))
+
+
 def test_visits_without_encounter_ids_pair_start_and_end():
     events = patient_events().with_columns(pl.lit(None, pl.Int64).alias(S.ENCOUNTER_ID))
     visits = visits_of(events)
