@@ -218,7 +218,10 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def layer_scan_inputs(model: nn.Module, layer: int, **inputs: torch.Tensor) -> ScanInputs:
-    """Run `model` (EHRMambaModel or a model with `.backbone`) on `inputs` and capture layer `layer`'s scan inputs."""
+    """Run `model` (EHRMambaModel or a model with `.backbone`) on `inputs` and capture layer `layer`'s scan inputs.
+
+    The model runs in eval mode (no dropout) and is put back in its mode afterwards.
+    """
     backbone = _backbone(model)
     count = len(backbone.layers)
     if not -count <= layer < count:
@@ -231,10 +234,13 @@ def layer_scan_inputs(model: nn.Module, layer: int, **inputs: torch.Tensor) -> S
         captured["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
     handle = mixer.register_forward_pre_hook(capture, with_kwargs=True)
+    was_training = backbone.training
+    backbone.eval()  # no embedding dropout: the attention of the model as it predicts
     try:
         backbone(**inputs)
     finally:
         handle.remove()
+        backbone.train(was_training)
     return mixer_scan_inputs(mixer, captured["hidden"], captured["mask"])
 
 

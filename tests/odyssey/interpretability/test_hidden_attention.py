@@ -176,6 +176,11 @@ def test_model_hidden_attention_matches_bruteforce_and_ignores_left_padding():
     torch.testing.assert_close(padded_alpha[:, pad:, pad:], alpha, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="out of range"):
         hidden_attention(model, layer=5, **batch)
+    # Dropout never reaches the attention, and the model's mode is given back.
+    model.embeddings.dropout.p = 0.5
+    model.train()
+    torch.testing.assert_close(hidden_attention(model, layer=0, **batch), alpha)
+    assert model.training
 
 
 def test_visit_aggregation_and_heatmap(tmp_path):
