@@ -85,13 +85,16 @@ def ndjson_files(folder: Path) -> list[Path]:
 def parse_floor(files: list[Path]) -> dict:
     n = 0
     start = time.perf_counter()
+    cpu_start = time.process_time()
     for path in files:
         with open(path, "rb") as handle:
             for line in handle:
                 orjson.loads(line)
                 n += 1
     seconds = time.perf_counter() - start
-    return {"resources": n, "seconds": seconds, "resources_per_second": n / seconds}
+    cpu = time.process_time() - cpu_start
+    return {"resources": n, "seconds": seconds, "resources_per_second": n / seconds, "cpu_seconds": cpu,
+            "resources_per_cpu_second": n / cpu}
 
 
 def r4b_baseline(files: list[Path], sample: int) -> dict:
@@ -123,10 +126,11 @@ def ours(folder: Path, workers: int | None) -> dict:
     from odyssey.pipelines.ingest import ingest_fhir
 
     out = Path(tempfile.mkdtemp(prefix="ingest-bench-")) / "meds"
+    load_before = os.getloadavg()[0]
     with PeakRss() as rss:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu()
         report = ingest_fhir([folder], out, workers=workers)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _cpu() - cpu_start
     shutil.rmtree(out.parent)
     return {
         "resources": report.resources_read,
@@ -137,7 +141,16 @@ def ours(folder: Path, workers: int | None) -> dict:
         "peak_memory_mb": rss.peak / 2**20,
         "workers": report.workers,
         "validation": report.validation,
+        "cpu_seconds": cpu,
+        "resources_per_cpu_second": report.resources_read / cpu,
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
     }
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def main() -> None:
@@ -168,10 +181,11 @@ def main() -> None:
             ("odyssey ingest", results["ours"])]
     if "ours_scaled" in results:
         rows.append((f"odyssey ingest x{args.scale}", results["ours_scaled"]))
-    print(f"{'':40}{'resources':>12}{'seconds':>9}{'res/s':>11}{'x floor':>9}{'peak MB':>9}")
+    print(f"{'':40}{'resources':>12}{'seconds':>9}{'res/s':>11}{'x floor':>9}{'res/cpu-s':>11}{'peak MB':>9}")
     for name, r in rows:
         print(f"{name:40}{r['resources']:>12,}{r['seconds']:>9.1f}{r['resources_per_second']:>11,.0f}"
-              f"{r['resources_per_second'] / floor:>9.2f}{r.get('peak_memory_mb', float('nan')):>9.0f}")
+              f"{r['resources_per_second'] / floor:>9.2f}{r.get('resources_per_cpu_second', float('nan')):>11,.0f}"
+              f"{r.get('peak_memory_mb', float('nan')):>9.0f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
