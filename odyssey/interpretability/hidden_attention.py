@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 Reduction = Literal["mean", "mean_abs", "none"]
+# (target, source, channel) block sizes. Measured best of a few: CPU one thread, L = 2,048, dim 128;
+# H100, L = 2,048-16,384, dim 1,536 (peak 6 GiB at 16k). Numbers in docs/viz.md.
+DEFAULT_BLOCKS: dict[str, tuple[int, int, int]] = {"cpu": (32, 1024, 64), "cuda": (128, 4096, 256)}
 REDUCTIONS: tuple[str, ...] = ("mean", "mean_abs", "none")
 
 
@@ -68,9 +71,9 @@ def hidden_attention_from_scan(
     B: torch.Tensor,
     C: torch.Tensor,
     reduce: Reduction = "mean",
-    target_block: int = 32,
-    source_block: int = 1024,
-    channel_block: int = 64,
+    target_block: int | None = None,
+    source_block: int | None = None,
+    channel_block: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """alpha(t, s) of a selective scan, built block by block.
@@ -79,6 +82,7 @@ def hidden_attention_from_scan(
     (batch, N, L). Returns (batch, L, L) averaged over channels (`mean`, or `mean_abs` of |alpha_d|), or
     (batch, dim, L, L) with `reduce="none"`. Entries above the diagonal (s > t) are exactly zero.
     Computed in `dtype` (default: delta's dtype); decays come from float64 cumulative sums.
+    Block sizes default by device (`DEFAULT_BLOCKS`: small tiles on CPU, larger ones on CUDA).
 
     For a block of targets starting at r, earlier sources split their decay at r:
     exp(A (S_t - S_s)) = exp(A (S_t - S_r)) * exp(A (S_r - S_s)), both factors <= 1 (no overflow), so
@@ -87,6 +91,10 @@ def hidden_attention_from_scan(
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    defaults = DEFAULT_BLOCKS["cuda" if delta.is_cuda else "cpu"]
+    target_block = defaults[0] if target_block is None else target_block
+    source_block = defaults[1] if source_block is None else source_block
+    channel_block = defaults[2] if channel_block is None else channel_block
     for name, size in (("target_block", target_block), ("source_block", source_block),
                        ("channel_block", channel_block)):
         if size < 1:
@@ -249,9 +257,9 @@ def hidden_attention(
     model: nn.Module,
     layer: int,
     reduce: Reduction = "mean",
-    target_block: int = 32,
-    source_block: int = 1024,
-    channel_block: int = 64,
+    target_block: int | None = None,
+    source_block: int | None = None,
+    channel_block: int | None = None,
     **inputs: torch.Tensor,
 ) -> torch.Tensor:
     """Hidden attention of layer `layer` for a batch (`input_ids`, `token_type_ids`, ... as the model takes).
