@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
-from .events import describe, event_types_of, load_code_descriptions, load_patient_events
+from .events import (
+    describe,
+    event_types_of,
+    load_code_descriptions,
+    load_patient_events,
+    token_scores_to_events,
+)
 from .timeline import PatientTimeline, Visit, plot_timeline, save_timeline, visits_of
 
 
@@ -24,5 +30,6 @@ __all__ = [
     "plot_patient",
     "plot_timeline",
     "save_timeline",
+    "token_scores_to_events",
     "visits_of",
 ]

@@ -170,7 +170,8 @@ def plot_timeline(
 ) -> PatientTimeline:
     """Plot one subject's MEDS rows (`load_patient_events`); see the module docstring for the layout.
 
-    `attributions`: score per event, keyed by (time, code). `risk`: (time, value) pairs or a mapping
+    `attributions`: score per event, keyed by (time, code) or (issued, code)
+    (`token_scores_to_events` makes them from per-token scores). `risk`: (time, value) pairs or a mapping
     or a two-column frame. `forecasts`: sampled futures, each a list of (time, code); bracketed special
     tokens ([VS], [W_1], ...) are skipped. `window` (start, end) draws only the events inside it.
     """
@@ -247,9 +248,10 @@ def plot_timeline(
         codes = chosen[S.CODE].to_list()
         y = [level[row] + _jitter(c) for c in codes]
         if attributions:
+            issued = chosen[S.ISSUED].to_list() if S.ISSUED in chosen.columns else [None] * chosen.height
             sizes = [
-                28 + 160 * abs(attributions.get((t, c), 0.0)) / (strongest or 1.0)
-                for t, c in zip(chosen[S.TIME].to_list(), codes, strict=True)
+                28 + 160 * abs(attributions.get((t, c), attributions.get((i, c), 0.0))) / (strongest or 1.0)
+                for t, i, c in zip(chosen[S.TIME].to_list(), issued, codes, strict=True)
             ]
         dots = events_ax.scatter(_num(chosen[S.TIME]), y, marker=marker, color=colour, s=sizes or 28,
                                  label=f"{label} ({chosen.height})", zorder=3,

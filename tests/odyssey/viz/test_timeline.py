@@ -13,12 +13,14 @@ import pytest
 
 from odyssey.pipelines import schema as S
 from odyssey.pipelines.meds_io import write_meds_dataset
+from odyssey.tokenizer import EHRTokenizer, SpecialTokens, TokenType
 from odyssey.viz import (
     load_code_descriptions,
     load_patient_events,
     plot_patient,
     plot_timeline,
     save_timeline,
+    token_scores_to_events,
     visits_of,
 )
 
@@ -229,3 +231,44 @@ def test_visits_without_encounter_ids_pair_start_and_end():
     assert [(v.encounter_class, v.start, v.end) for v in visits] == [
         ("AMB", at(0), at(0.05)), ("IMP", at(40), at(46)), ("EMER", at(100), at(100.3)),
     ]
+
+
+def test_token_scores_become_event_attributions():
+    words = ["GENDER//female", "ICD10CM//I50.9", f"{CREATININE}_0", f"{CREATININE}_1", f"{CREATININE}_2"]
+    types = [TokenType.DEMOGRAPHIC, TokenType.CONDITION, TokenType.LAB, TokenType.LAB, TokenType.LAB]
+    tokenizer = EHRTokenizer(words, [int(t) for t in types], bins={CREATININE: [1.5, 2.0]})
+    word = tokenizer.token_to_id
+    drawn, reported = at(40.1), at(40.2)  # the creatinine of the admission, drawn then reported
+    tokens = [  # (id, type, event time, score)
+        (SpecialTokens.CLS, TokenType.SPECIAL, at(0), 9.0),
+        (word("GENDER//female"), TokenType.DEMOGRAPHIC, at(0), 0.5),
+        (SpecialTokens.W_0, TokenType.TIME_GAP, at(40), 9.0),
+        (SpecialTokens.VS, TokenType.SPECIAL, at(40), 9.0),
+        (word(f"{CREATININE}_2"), TokenType.LAB, reported, -0.25),
+        (word("ICD10CM//I50.9"), TokenType.CONDITION, at(46), 0.5),
+        (word("ICD10CM//I50.9"), TokenType.CONDITION, at(46), 0.25),  # the same event twice sums
+        (SpecialTokens.UNK, TokenType.MEDICATION, at(41), 0.125),
+        (SpecialTokens.MOR_1M, TokenType.TASK, at(46), 9.0),
+    ]
+    ids, kinds, times, scores = zip(*tokens, strict=True)
+    row = {"input_ids": np.array(ids, np.int32), "token_type_ids": np.array(kinds, np.int8),
+           "event_times": np.array(times, "datetime64[us]")}
+    events = token_scores_to_events(row, scores, tokenizer)
+    assert events == {
+        (at(0), "GENDER//female"): 0.5,
+        (reported, CREATININE): -0.25,
+        (at(46), "ICD10CM//I50.9"): 0.75,
+        (at(41), "[UNK]"): 0.125,
+    }
+    with pytest.raises(ValueError, match="3 scores for a row of 9 tokens"):
+        token_scores_to_events(row, scores[:3], tokenizer)
+    # The lab is matched by its issued time: its marker grows; unscored labs keep the base size.
+    frame = patient_events().with_columns(
+        pl.when((pl.col(S.CODE) == CREATININE) & (pl.col(S.TIME) == drawn)).then(pl.lit(reported))
+        .otherwise(None).cast(pl.Datetime("us")).alias(S.ISSUED)
+    )
+    timeline = plot_timeline(frame, attributions=events, top_labs=0)
+    (labs,) = artists(timeline, "timeline:other_lab")
+    sizes = dict(zip(mdates.num2date(labs.get_offsets()[:, 0]), labs.get_sizes(), strict=True))
+    big = [t.replace(tzinfo=None) for t, size in sizes.items() if size > sizes[min(sizes)]]
+    assert big == [drawn]
