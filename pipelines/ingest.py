@@ -50,7 +50,7 @@ class IngestConfig(StageConfig):
     strict: bool = False
     workers: int | None = Field(None, ge=1, description="default: number of CPU cores")
     chunk_mb: int = Field(32, ge=1)
-    shard_mb: int = Field(1024, ge=1, description="input megabytes (uncompressed estimate) per output shard")
+    shard_mb: int = Field(256, ge=1, description="input megabytes (uncompressed estimate) per output shard")
     code_systems: str | None = Field(None, description="YAML file with extra system URI -> vocabulary entries")
     splits: SplitRatios = SplitRatios()
     dataset_name: str = "odyssey"

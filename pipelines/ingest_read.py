@@ -75,7 +75,7 @@ class ReadSettings:
     sample_every: int
     strict: bool
     spill_dir: str
-    batch_rows: int = 200_000  # rows held before they are checked and spilled (bounds memory)
+    batch_rows: int = 100_000  # rows held before they are checked and spilled (bounds memory)
 
 
 @dataclass
