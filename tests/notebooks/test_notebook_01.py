@@ -9,9 +9,10 @@ import nbformat
 import polars as pl
 import pytest
 from nbclient import NotebookClient
-from typer.testing import CliRunner
 
-from odyssey.cli import app
+from odyssey.pipelines.ingest import ingest_fhir
+from odyssey.pipelines.synth import synthesize
+from odyssey.tokenizer import tokenize
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "01_explore_timelines.ipynb"
 PATIENTS = 40
@@ -19,16 +20,12 @@ PATIENTS = 40
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    """demo_out-like folder: fhir/, meds/, sequences/, made by the real `odyssey` commands."""
+    """demo_out-like folder: fhir/, meds/, sequences/, made by what `odyssey synth`, `odyssey ingest` and
+    `odyssey tokenize` run (called directly, so this test does not depend on every CLI module importing)."""
     root = tmp_path_factory.mktemp("notebook01")
-    runner = CliRunner()
-    for args in (
-        ["synth", "--out", str(root / "fhir"), "--patients", str(PATIENTS), "--seed", "7", "--workers", "1"],
-        ["ingest", "--fhir", str(root / "fhir"), "--out", str(root / "meds"), "--workers", "1"],
-        ["tokenize", str(root / "meds"), "--out", str(root / "sequences"), "--no-progress"],
-    ):
-        result = runner.invoke(app, args)
-        assert result.exit_code == 0, f"odyssey {args[0]} failed:\n{result.output}"
+    synthesize(PATIENTS, root / "fhir", seed=7, workers=1)
+    ingest_fhir([root / "fhir"], root / "meds", workers=1)
+    tokenize(root / "meds", root / "sequences", progress=False)
     return root
 
 
