@@ -104,8 +104,11 @@ def hidden_attention_from_scan(
     batch, dim, length = delta.shape
     log_time = torch.cumsum(delta.double(), dim=-1)  # S_t per channel, (batch, dim, L)
     A64 = A.double()[None, :, :, None]  # (1, dim, N, 1)
-    weighted_B = delta.double()[:, :, None, :] * B.double()[:, None, :, :]  # delta_s B_s, (batch, dim, N, L)
-    C64 = C.double()
+    delta64, B64, C64 = delta.double(), B.double(), C.double()
+
+    def weighted_B(channels: slice, sources: slice) -> torch.Tensor:
+        """delta_s B_s for a tile, (batch, Db, N, Sb); built per tile to keep memory O(L x dim)."""
+        return delta64[:, channels, None, sources] * B64[:, None, :, sources]
     shape = (batch, dim, length, length) if reduce == "none" else (batch, length, length)
     out = torch.zeros(shape, dtype=dtype, device=delta.device)
     positions = torch.arange(length, device=delta.device)
@@ -130,7 +133,7 @@ def hidden_attention_from_scan(
             # Diagonal block: decays pair by pair (both ends inside the block).
             elapsed = (S[:, :, targets, None] - S[:, :, None, targets]).clamp(min=0)  # (b, Db, Tb, Tb)
             decay = torch.exp(elapsed[:, :, None] * A_d[..., None]) * causal  # (b, Db, N, Tb, Tb)
-            decay *= C64[:, None, :, targets, None] * weighted_B[:, channels, :, None, targets]
+            decay *= C64[:, None, :, targets, None] * weighted_B(channels, targets)[:, :, :, None, :]
             diagonal = decay.sum(2)  # over states: (b, Db, Tb, Tb)
             accumulate(diagonal, targets, targets, channels)
             if t0 == 0:
@@ -142,7 +145,7 @@ def hidden_attention_from_scan(
             for s0 in range(0, t0, source_block):
                 sources = slice(s0, min(s0 + source_block, t0))
                 out_of = torch.exp((S[:, :, None, t0, None] - S[:, :, None, sources]) * A_d)
-                carried = (out_of * weighted_B[:, channels, :, sources]).to(dtype)  # (b, Db, N, Sb)
+                carried = (out_of * weighted_B(channels, sources)).to(dtype)  # (b, Db, N, Sb)
                 if reduce == "mean":
                     block = torch.einsum("bdnt,bdns->bts", into, carried)
                 else:
