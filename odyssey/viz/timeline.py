@@ -30,6 +30,7 @@ import numpy as np
 import polars as pl
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from odyssey.pipelines import schema as S
@@ -49,6 +50,8 @@ MARKER_ROWS: tuple[tuple[str, str, str, str], ...] = (
     (T.OBSERVATION.value, "Observations", "o", "tab:brown"),
 )
 ALWAYS_SHOWN = (T.CONDITION.value, T.PROCEDURE.value, T.MEDICATION.value)
+LISTED_ROWS = ALWAYS_SHOWN  # types whose most frequent codes the legend names in words
+LISTED_CHARS = 32  # description length that fits the legend column
 NUMERIC_TYPES = (T.LAB.value, T.VITAL.value)
 VISIT_COLOURS = {"IMP": "tab:blue", "EMER": "tab:orange", "AMB": "tab:green", "OBSENC": "tab:olive"}
 OTHER_VISIT_COLOUR = "tab:gray"
@@ -166,6 +169,7 @@ def plot_timeline(
     top_labs: int = 3,
     title: str | None = None,
     window: tuple[datetime, datetime] | None = None,
+    listed_codes: int = 4,
     width: float = 13.0,
 ) -> PatientTimeline:
     """Plot one subject's MEDS rows (`load_patient_events`); see the module docstring for the layout.
@@ -174,6 +178,7 @@ def plot_timeline(
     (`token_scores_to_events` makes them from per-token scores). `risk`: (time, value) pairs or a mapping
     or a two-column frame. `forecasts`: sampled futures, each a list of (time, code); bracketed special
     tokens ([VS], [W_1], ...) are skipped. `window` (start, end) draws only the events inside it.
+    The legend lists the `listed_codes` most frequent diagnoses, procedures and medications in words.
     """
     if events.height == 0:
         raise ValueError("no events to plot")
@@ -317,9 +322,22 @@ def plot_timeline(
     handles, labels = events_ax.get_legend_handles_labels()
     handles += [Patch(color=c, alpha=0.3) for c in seen_classes.values()]
     labels += [f"visit {k}" for k in seen_classes]
+    for row, heading, marker, colour in MARKER_ROWS:
+        if row not in LISTED_ROWS or listed_codes <= 0:
+            continue
+        frequent = (
+            timed.filter(pl.col("_row") == row).group_by(S.CODE).len()
+            .sort(["len", S.CODE], descending=[True, False]).head(listed_codes)
+        )
+        if frequent.height:
+            handles.append(Line2D([], [], ls="none"))
+            labels.append(f"Most frequent {heading.lower()}:")
+        for code, times in frequent.iter_rows():
+            handles.append(Line2D([], [], ls="none", marker=marker, color=colour, ms=5))
+            labels.append(f"{describe(code, descriptions, max_chars=LISTED_CHARS)} ×{times}")
     events_ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
     fig.suptitle(title or _default_title(events, counts), fontsize=11)
-    fig.subplots_adjust(left=0.1, right=0.8, top=1 - 0.5 / fig.get_figheight(), bottom=0.4 / fig.get_figheight())
+    fig.subplots_adjust(left=0.1, right=0.78, top=1 - 0.5 / fig.get_figheight(), bottom=0.4 / fig.get_figheight())
     return PatientTimeline(figure=fig, axes=axes, marker_counts=counts, lab_codes=lab_codes)
 
 

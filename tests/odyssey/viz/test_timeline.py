@@ -125,6 +125,17 @@ def test_markers_traces_and_bands_per_event_type():
     assert str(SUBJECT) not in title and "female" in title and "3 visits" in title and "60 y" in title
 
 
+def test_legend_names_the_most_frequent_codes_in_words():
+    timeline = plot_timeline(patient_events(), descriptions=DESCRIPTIONS, listed_codes=2)
+    texts = [t.get_text() for t in timeline.axes["events"].get_legend().get_texts()]
+    start = texts.index("Most frequent diagnoses:")
+    assert texts[start + 1 : start + 3] == ["ICD10CM//I10 ×1", "Heart failure, unspecified ×1"]
+    start = texts.index("Most frequent medications:")
+    assert texts[start + 1 : start + 3] == ["NDC//00338004904 ×2", "RXNORM//197361 ×1"]
+    quiet = plot_timeline(patient_events(), listed_codes=0)
+    assert not [t for t in quiet.axes["events"].get_legend().get_texts() if "frequent" in t.get_text()]
+
+
 def test_markers_sit_at_their_event_times():
     timeline = plot_timeline(patient_events())
     (conditions,) = artists(timeline, "timeline:condition")
