@@ -187,3 +187,23 @@ def test_unknown_task_stops_the_cli(cohort, cli, config_file, tmp_path):
                  "--tasks", "mortality_30d,sepsis_7d", "--out", tmp_path / "ft")
     assert result.exit_code == 2
     assert "unknown task(s) sepsis_7d" in result.output
+
+
+@pytest.mark.slow
+def test_a_label_written_in_the_input_is_learned(cohort, tmp_path):
+    """The counterpart of the alarm: when the label is a function of the input (the subject's sex, a
+    header token that truncation keeps), the pipeline learns it, so chance AUROC above means no signal,
+    not a model that cannot learn. About 25 s on one CPU thread."""
+    target = tmp_path / "labels"
+    shutil.copytree(cohort.labels, target)
+    female = json.loads((cohort.seq / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]["GENDER//female"]
+    from odyssey.tokenizer import load_sequences
+
+    sex = load_sequences(cohort.seq).select(
+        "subject_id", pl.col("input_ids").list.slice(0, 4).list.contains(female).alias("female"))
+    path = target / "mortality_30d" / "labels.parquet"
+    labels = pl.read_parquet(path).join(sex, on="subject_id", how="left", maintain_order="left")
+    labels.with_columns(pl.col("female").alias("boolean_value")).drop("female").write_parquet(path)
+    result = finetune(data=cohort.seq, labels=target, out=tmp_path / "ft", tasks=["mortality_30d", "los_7d"],
+                      **{**TRAINING, "model": {"hidden_size": 64, "num_hidden_layers": 2}, "max_steps": 500})
+    assert result.tuning_auroc["mortality_30d"] > 0.95
