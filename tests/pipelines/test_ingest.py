@@ -69,7 +69,6 @@ def test_mimic_fixture_rows(tmp_path, style):
     # an encounter diagnosis without a time of its own sits at the encounter's end, never its start
     assert by_code["ICD10CM//I509"]["time"] == end["time"]
     # medicationReference resolved through the Medication file; codeable concept accepted too
-    assert by_code["NDC//00338004904"]["time"] == at("2150-03-01 16:00:00")
     assert "MIMIC_MED_NAME//Heparin" in by_code
     creat = by_code["MIMIC_LAB//50912"]
     assert creat["numeric_value"] == pytest.approx(1.4) and creat["unit"] == "mg/dL"
@@ -78,6 +77,13 @@ def test_mimic_fixture_rows(tmp_path, style):
     assert by_code["MEDS_DEATH"]["time"] == at("2150-04-20 12:00:00")
     assert by_code["GENDER//female"]["time"] is None
     assert by_code["ICD10PCS//0DTJ4ZZ"]["encounter_id"] == stable_id("Encounter", "e-1")
+    # MedicationAdministration (reference, and a codeable concept with a period) and MedicationDispense
+    ndc = p1.filter(pl.col("code") == "NDC//00338004904").sort("time")
+    assert ndc["time"].to_list() == [at("2150-03-01 16:00:00"), at("2150-03-02 11:00:00")]
+    icu = by_code["MIMIC_ICU_MED//225158"]
+    assert icu["time"] == at("2150-03-03 11:00:00") and icu["encounter_id"] == stable_id("Encounter", "e-1")
+    dispensed = subject_rows(frame, "p-2").filter(pl.col("code") == "NDC//00338004904")
+    assert dispensed["time"].to_list() == [at("2151-01-01 05:00:00")]
     p2 = subject_rows(frame, "p-2")
     assert p2.filter(pl.col("code") == "ICD9CM//4280").height == 1
     assert p2.filter(pl.col("code") == "MIMIC_LAB//51266")["text_value"].to_list() == ["NEGATIVE"]
