@@ -12,12 +12,12 @@ The first events of a patient must begin like a finetuning input: the task promp
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
 
+from .mixer import MixerState
 from .modeling_ehrmamba import EHRMambaCache
 from .modeling_ehrmamba_tasks import EHRMambaForTaskClassification
 
@@ -43,7 +43,7 @@ class EHRMambaScorer:
         self.task_token_type = int(token_type)
         self.device = next(model.parameters()).device
         self.states: dict[Hashable, EHRMambaCache] = {}
-        self.last_token: dict[Hashable, dict[str, float]] = {}
+        self.last_token: dict[Hashable, dict[str, torch.Tensor]] = {}
 
     def __contains__(self, patient: Hashable) -> bool:
         return patient in self.states
@@ -77,7 +77,8 @@ class EHRMambaScorer:
             self.states[patient] = self.model.backbone(**batch, use_cache=True).cache
         else:
             self.model.backbone(**batch, cache=self.states[patient])
-        self.last_token[patient] = {c: float(batch[c][0, -1]) for c in ("ages", "times", "visit_orders")}
+        # Kept on the device: reading them back would wait for the GPU at every event.
+        self.last_token[patient] = {c: batch[c][:, -1:] for c in ("ages", "times", "visit_orders")}
         return self.score(patient)
 
     @torch.no_grad()
@@ -90,18 +91,25 @@ class EHRMambaScorer:
         prompt = {
             "input_ids": torch.tensor([self.prompt], device=self.device),
             "token_type_ids": torch.full((1, count), self.task_token_type, device=self.device),
-            "ages": torch.full((1, count), last["ages"], device=self.device),
-            "times": torch.full((1, count), last["times"], device=self.device),
-            "visit_orders": torch.full((1, count), int(last["visit_orders"]), device=self.device),
+            "ages": last["ages"].expand(1, count),
+            "times": last["times"].expand(1, count),
+            "visit_orders": last["visit_orders"].expand(1, count),
             "visit_segments": torch.full((1, count), _SEGMENT_OF_PROMPT, device=self.device),
         }
-        state = copy.deepcopy(self.states[patient])
+        state = _copy(self.states[patient])
         hidden = self.model.backbone(**prompt, cache=state).last_hidden_state[0]  # (count, hidden)
         offset = sum(self.model.config.task_outputs[: self.task_index])
         weight = self.model.classifier.weight[offset: offset + count]
         bias = self.model.classifier.bias[offset: offset + count]
         logits = (hidden.to(weight.dtype) * weight).sum(-1) + bias
         return torch.sigmoid(logits.float()).cpu().numpy()
+
+
+def _copy(cache: EHRMambaCache) -> EHRMambaCache:
+    return EHRMambaCache(
+        layers=[MixerState(s.conv_state.clone(), s.ssm_state.clone()) for s in cache.layers],
+        last_times=cache.last_times.clone(), seen_tokens=cache.seen_tokens,
+    )
 
 
 __all__ = ["EHRMambaScorer"]
