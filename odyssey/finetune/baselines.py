@@ -79,11 +79,19 @@ def _estimator(kind: str, seed: int):
 
 
 def fit_predict(spec: BaselineSpec, store: SequenceStore, specs: Sequence[TaskSpec], vocab_size: int,
-                train: TaskExamples, targets: dict[str, TaskExamples], seed: int = 0) -> dict[str, np.ndarray]:
-    """Train one classifier per task output on `train`; probabilities (n, max_outputs) for each target split."""
-    features = {"train": bag_of_codes(store, train, vocab_size, spec.windows)}
-    for split, examples in targets.items():
-        features[split] = bag_of_codes(store, examples, vocab_size, spec.windows)
+                train: TaskExamples, targets: dict[str, TaskExamples], seed: int = 0,
+                cache: dict | None = None) -> dict[str, np.ndarray]:
+    """Train one classifier per task output on `train`; probabilities (n, max_outputs) for each target split.
+
+    `cache` (a dict kept by the caller) shares the features of baselines with the same windows.
+    """
+    cache = {} if cache is None else cache
+    features = {}
+    for split, examples in {"train": train, **targets}.items():
+        key = (split, spec.windows)
+        if key not in cache:
+            cache[key] = bag_of_codes(store, examples, vocab_size, spec.windows)
+        features[split] = cache[key]
     kept = None
     if spec.estimator == "gradient_boosting":
         frequency = np.asarray((features["train"] > 0).sum(axis=0)).ravel()

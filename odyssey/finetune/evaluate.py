@@ -261,6 +261,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     models = {PRIMARY: Path(config.model), **config.compare}
     probabilities: dict[str, dict[str, np.ndarray]] = {}
     steps = list(models) + list(config.baselines)
+    feature_cache: dict = {}
     progress = tqdm(steps, desc="evaluate", unit="model", disable=not config.progress_bar)
     for name in progress:
         progress.set_postfix_str(name)
@@ -270,6 +271,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             probabilities[name] = B.fit_predict(
                 B.BASELINES[name], inputs.store, specs, len(inputs.tokenizer), inputs.examples["train"],
                 {"tuning": inputs.examples["tuning"], "held_out": inputs.examples["held_out"]}, config.seed,
+                cache=feature_cache,
             )
 
     held, tuning = inputs.examples["held_out"], inputs.examples["tuning"]
