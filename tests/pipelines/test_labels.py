@@ -246,7 +246,6 @@ def test_cli(labelled, tmp_path):
     assert bad.exit_code == 2 and "known tasks" in bad.output
 
 
-@pytest.mark.slow
 def test_labels_match_the_synthetic_cohort_truth(tmp_path):
     """synth → ingest → labels: every label equals truth.parquet's realized outcome, admission by admission."""
     from odyssey.pipelines.ingest import ingest_fhir
