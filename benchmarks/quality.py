@@ -2,7 +2,8 @@
 
 Runs the whole pipeline on a synthetic cohort and writes EVAL_DIR/report.md and report.json:
 
-    synth -> ingest -> tokenize -> labels -> pretrain -> finetune (MTF, all tasks)
+    synth -> ingest -> tokenize -> labels -> pretrain -> finetune (MTF, all tasks; and from scratch)
+          -> finetune (GPT-style transformer at 512 and 2,048 tokens, from scratch)
           -> finetune (single-task, one model per task, optional) -> evaluate (+ baselines, oracle from truth)
 
     python benchmarks/quality.py --patients 20000 --work /data/quality             # the benchmark
@@ -81,6 +82,14 @@ def main() -> None:
                                                    model_size=size, **finetune_fields)),
     }
     compare = {"ehrmamba_mtf_scratch": work / "ft_scratch"}
+    for gpt_context in (512, 2048):  # the transformer baseline at two context lengths (from scratch)
+        gpt_context = min(gpt_context, context) if args.smoke else gpt_context
+        out = work / f"ft_gpt_{gpt_context}"
+        timings[f"finetune_gpt_{gpt_context}"] = _step(
+            f"finetune (GPT, {gpt_context} tokens)", out / "model", False,
+            lambda o=out, c=gpt_context: finetune(data=seq, labels=labels, out=o, tasks=TASKS, model_size=size,
+                                                  architecture="gpt", **{**finetune_fields, "context_length": c}))
+        compare[f"gpt_{gpt_context}"] = out
     if args.single_task:
         for task in TASKS:
             out = work / f"ft_single_{task}"

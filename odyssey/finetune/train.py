@@ -47,6 +47,7 @@ from .data import (
     read_task_specs,
 )
 from .metrics import auroc
+from .transformer import GPT, EHRGPTForTaskClassification, task_model_class
 
 MODEL = "model"
 TASKS_FILE = "tasks.json"
@@ -84,6 +85,10 @@ class FinetuneConfig(StageConfig):
         default_factory=dict, description="task -> relative share of training batches; empty: as many as examples"
     )
     few_shot_k: int | None = Field(None, ge=1, description="train on at most k labelled examples per task")
+    architecture: Literal["ehrmamba", "gpt"] = Field(
+        "ehrmamba", description="gpt: the transformer baseline (same embeddings and head, from scratch)")
+    gpt_layers: int | None = Field(None, ge=1, description="gpt blocks; default half the Mamba layers")
+    gpt_heads: int | None = Field(None, ge=1, description="attention heads; default hidden_size / 64")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     scan_backend: str = "auto"
     pad_to_multiple_of: int = Field(8, ge=1)
@@ -194,7 +199,18 @@ def _build_model(config: FinetuneConfig, specs: Sequence[TaskSpec], vocab_size: 
     weights = [config.task_loss_weights.get(s.name, 1.0) for s in specs]
     layout = {"task_names": [s.name for s in specs], "task_outputs": [len(s.outputs) for s in specs],
               "task_prompt_ids": [list(s.prompt_ids) for s in specs], "task_loss_weights": weights}
-    if model_dir is not None:
+    if config.architecture == GPT:
+        if model_dir is not None:
+            raise ValueError("architecture 'gpt' trains from scratch; leave `pretrained` empty")
+        fields = {**config.model, "vocab_size": vocab_size, "pad_token_id": pad_id}
+        model_config = EHRMambaConfig.from_size(config.model_size, **fields, **layout,
+                                                classifier_dropout=config.classifier_dropout)
+        model_config.architecture = GPT
+        model_config.gpt_layers = config.gpt_layers or max(1, model_config.num_hidden_layers // 2)
+        model_config.gpt_heads = config.gpt_heads
+        model_config.gpt_positions = config.context_length
+        model = EHRGPTForTaskClassification(model_config)
+    elif model_dir is not None:
         model = EHRMambaForTaskClassification.from_backbone(model_dir, **layout)
         model.config.scan_backend = config.scan_backend
         model.config.classifier_dropout = config.classifier_dropout
@@ -306,6 +322,8 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
     for name in ("data", "labels", "out"):
         if getattr(config, name) is None:
             raise ValueError(f"finetune needs `{name}`")
+    if config.architecture == GPT and config.pretrained is not None:
+        raise ValueError("architecture 'gpt' trains from scratch; leave `pretrained` empty")
     out = Path(config.out)
     model_dir = resolve_pretrained(config.pretrained) if config.pretrained is not None else None
     if model_dir is not None:
@@ -370,7 +388,7 @@ def load_finetuned(path: str | os.PathLike) -> tuple[EHRMambaForTaskClassificati
     if not (model_dir / TASKS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {TASKS_FILE} here or in {path / MODEL} (an `odyssey finetune` folder?)")
     specs = [TaskSpec.from_dict(d) for d in read_json(model_dir / TASKS_FILE)]
-    model = EHRMambaForTaskClassification.from_pretrained(model_dir)
+    model = task_model_class(EHRMambaConfig.from_pretrained(model_dir)).from_pretrained(model_dir)
     if list(model.config.task_names) != [s.name for s in specs]:
         raise ValueError(f"{model_dir}: config.json and {TASKS_FILE} list different tasks")
     return model, specs
