@@ -23,6 +23,8 @@ def finetune(
     learning_rate: Annotated[float | None, typer.Option("--learning-rate")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="> 0 overrides --epochs")] = None,
+    eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="keep the best model on tuning, checked this often")] = None,
+    architecture: Annotated[str | None, typer.Option("--architecture", help="ehrmamba | gpt (transformer baseline)")] = None,
     model_size: Annotated[str | None, typer.Option("--model-size", help="from scratch: tiny | small | base")] = None,
     scan_backend: Annotated[str | None, typer.Option("--scan-backend")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
@@ -37,7 +39,7 @@ def finetune(
             config, pretrained=pretrained, data=data, labels=labels, out=out,
             tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, few_shot_k=few_shot_k,
             context_length=context_length, batch_size=batch_size, learning_rate=learning_rate, epochs=epochs,
-            max_steps=max_steps, model_size=model_size, scan_backend=scan_backend, seed=seed,
+            max_steps=max_steps, eval_steps=eval_steps, architecture=architecture, model_size=model_size, scan_backend=scan_backend, seed=seed,
             progress_bar=progress_bar,
         )
         result = run_finetune(cfg)

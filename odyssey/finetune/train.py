@@ -80,6 +80,8 @@ class FinetuneConfig(StageConfig):
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: run `epochs`)")
     logging_steps: int = Field(20, ge=1)
+    eval_steps: int | None = Field(
+        None, ge=1, description="score the tuning split every this many steps and keep the best model (mean AUROC)")
     task_loss_weights: dict[str, float] = Field(default_factory=dict, description="task -> loss weight (default 1)")
     task_sampling: dict[str, float] = Field(
         default_factory=dict, description="task -> relative share of training batches; empty: as many as examples"
@@ -236,6 +238,29 @@ def sampling_weights(examples: TaskExamples, specs: Sequence[TaskSpec], shares: 
     return per_example[examples.task_index]
 
 
+class KeepBestOnTuning(TrainerCallback):
+    """Every `every` steps: mean AUROC over task outputs on the tuning split; keeps the best weights (CPU copy)."""
+
+    def __init__(self, dataset: TaskDataset, pad_id: int, batch_size: int, every: int):
+        self.dataset, self.pad_id, self.batch_size, self.every = dataset, pad_id, batch_size, every
+        self.best_score, self.best_step, self.best_state = -np.inf, 0, None
+        self.history: list[dict[str, float]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.check(model, state.global_step)
+
+    def check(self, model, step: int) -> None:
+        probabilities = predict(model, self.dataset, self.pad_id, self.batch_size)
+        scores = [v for v in output_aurocs(self.dataset.specs, self.dataset.examples, probabilities).values()
+                  if v is not None]
+        score = float(np.mean(scores)) if scores else -np.inf
+        self.history.append({"step": step, "tuning_mean_auroc": score})
+        if score > self.best_score:
+            self.best_score, self.best_step = score, step
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 class TaskTrainer(Trainer):
     """Trainer whose training order follows per-task sampling weights when given."""
 
@@ -353,10 +378,17 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
         callbacks=callbacks,
         sample_weights=sampling_weights(train, specs, config.task_sampling),
     )
+    keep_best = None
+    if config.eval_steps is not None:
+        keep_best = KeepBestOnTuning(datasets["tuning"], vocabulary.pad_id,
+                                     config.eval_batch_size or config.batch_size, config.eval_steps)
+        trainer.add_callback(keep_best)
     started = time.perf_counter()
     train_output = trainer.train()
     seconds = time.perf_counter() - started
     model = trainer.model
+    if keep_best is not None and keep_best.best_state is not None:
+        model.load_state_dict(keep_best.best_state)
     tuning = predict(model, datasets["tuning"], vocabulary.pad_id, config.eval_batch_size or config.batch_size)
     counts = {split: {s.name: int((ex.task_index == i).sum()) for i, s in enumerate(specs)}
               for split, ex in (("train", train), ("tuning", inputs.examples["tuning"]))}
@@ -368,8 +400,9 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
     )
     if trainer.is_world_process_zero():
         save_model(model, specs, Path(config.data), out / MODEL)
+        selection = None if keep_best is None else {"best_step": keep_best.best_step, "history": keep_best.history}
         write_json(out / REPORT, {**result.to_dict(), "without_usable_input": inputs.without_usable_input,
-                                  "config": config.model_dump(mode="json")})
+                                  "model_selection": selection, "config": config.model_dump(mode="json")})
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # no intermediate checkpoints are kept
     return result
 

@@ -207,3 +207,15 @@ def test_a_label_written_in_the_input_is_learned(cohort, tmp_path):
     result = finetune(data=cohort.seq, labels=target, out=tmp_path / "ft", tasks=["mortality_30d", "los_7d"],
                       **{**TRAINING, "model": {"hidden_size": 64, "num_hidden_layers": 2}, "max_steps": 500})
     assert result.tuning_auroc["mortality_30d"] > 0.95
+
+
+def test_eval_steps_keep_the_best_model_on_tuning(cohort, tmp_path):
+    result = finetune(data=cohort.seq, labels=cohort.labels, out=tmp_path / "ft", tasks=["los_7d", "readmission_30d"],
+                      **{**TRAINING, "max_steps": 12, "eval_steps": 4})
+    report = json.loads((tmp_path / "ft" / "finetune_report.json").read_text())
+    history = report["model_selection"]["history"]
+    assert [h["step"] for h in history] == [4, 8, 12]
+    best = max(history, key=lambda h: h["tuning_mean_auroc"])
+    assert report["model_selection"]["best_step"] == best["step"]
+    # The returned (and saved) model is the best one: its tuning AUROC is the best seen.
+    assert np.mean(list(result.tuning_auroc.values())) == pytest.approx(best["tuning_mean_auroc"], abs=1e-9)
