@@ -7,7 +7,8 @@ Runs the whole pipeline on a synthetic cohort and writes EVAL_DIR/report.md and 
           -> finetune (single-task, one model per task, optional) -> evaluate (+ baselines, oracle from truth)
 
     python benchmarks/quality.py --patients 20000 --work /data/quality             # the issue's benchmark
-    python benchmarks/quality.py --patients 300 --work /tmp/q --smoke               # minutes on a CPU
+    python benchmarks/quality.py --patients 600 --work /tmp/q --smoke               # minutes on a CPU
+    python benchmarks/quality.py ... --few-shot 16,64,256                           # label-efficiency columns
 
 Targets (issue 6): within 0.02 AUROC of the oracle on each task, above every baseline. Record the table
 and the machine in benchmarks/RESULTS.md. Steps whose output exists are skipped (rerun with --fresh).
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=5000)
     parser.add_argument("--finetune-epochs", type=float, default=3.0)
     parser.add_argument("--single-task", action="store_true", help="also finetune one model per task")
+    parser.add_argument("--few-shot", default="", help="label-efficiency: comma-separated k, e.g. 16,64,256 "
+                        "(MTF on k examples per task, from pretrained and from scratch)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, short runs (checks the script)")
     parser.add_argument("--fresh", action="store_true", help="redo steps whose output exists")
     args = parser.parse_args()
@@ -90,6 +93,14 @@ def main() -> None:
             lambda o=out, c=gpt_context: finetune(data=seq, labels=labels, out=o, tasks=TASKS, model_size=size,
                                                   architecture="gpt", **{**finetune_fields, "context_length": c}))
         compare[f"gpt_{gpt_context}"] = out
+    for k in [int(v) for v in args.few_shot.split(",") if v.strip()]:
+        for origin, pretrained in (("pretrained", work / "run"), ("scratch", None)):
+            out = work / f"ft_k{k}_{origin}"
+            timings[f"finetune_k{k}_{origin}"] = _step(
+                f"finetune (k={k}, {origin})", out / "model", False,
+                lambda o=out, p=pretrained, k=k: finetune(pretrained=p, data=seq, labels=labels, out=o, tasks=TASKS,
+                                                           model_size=size, few_shot_k=k, **finetune_fields))
+            compare[f"ehrmamba_k{k}_{origin}"] = out
     if args.single_task:
         for task in TASKS:
             out = work / f"ft_single_{task}"
