@@ -164,12 +164,16 @@ class EHRMambaForTaskClassification(EHRMambaPreTrainedModel):
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                   task_index: torch.Tensor) -> torch.Tensor:
-        """Task-weighted mean over examples of each example's mean BCE over its labelled outputs."""
+        """Task-weighted mean over examples of each example's summed BCE over its labelled outputs.
+
+        Summed, not averaged, over outputs: each condition group's label then teaches the model as much as
+        a binary task's label (averaging made six-group examples learn six times slower).
+        """
         element = F.binary_cross_entropy_with_logits(
             logits.float(), labels.to(logits.device).float(), reduction="none"
         ) * mask
         counts = mask.sum(dim=1)
-        per_example = element.sum(dim=1) / counts.clamp(min=1)
+        per_example = element.sum(dim=1)
         weights = self._per_task(self._weights, task_index, torch.float32) * (counts > 0)
         return (per_example * weights).sum() / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
 

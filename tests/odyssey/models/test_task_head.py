@@ -61,7 +61,7 @@ def test_multilabel_head_reads_one_trailing_prompt_token_per_group(model):
     assert out.logits[0, 1:].abs().sum() == 0
 
 
-def test_loss_is_task_weighted_mean_of_masked_bce():
+def test_loss_is_task_weighted_mean_of_per_example_summed_masked_bce():
     torch.manual_seed(3)
     weighted = EHRMambaForTaskClassification(_config(task_loss_weights=[2.0, 0.5])).eval()
     ids = torch.randint(33, VOCAB, (3, 10))
@@ -71,7 +71,7 @@ def test_loss_is_task_weighted_mean_of_masked_bce():
     with torch.no_grad():
         out = weighted(ids, task_index=task_index, labels=labels, label_mask=label_mask)
     bce = F.binary_cross_entropy_with_logits(out.logits, labels, reduction="none")
-    per_example = torch.stack([bce[0, :1].mean(), bce[1, [0, 2]].mean(), bce[2].mean()])
+    per_example = torch.stack([bce[0, :1].sum(), bce[1, [0, 2]].sum(), bce[2].sum()])  # summed over outputs
     weights = torch.tensor([2.0, 0.5, 0.5])
     torch.testing.assert_close(out.loss, (per_example * weights).sum() / weights.sum())
 
