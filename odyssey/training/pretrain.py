@@ -15,6 +15,7 @@ shards batches; only the main process writes TensorBoard logs, the final model a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import shutil
 import time
@@ -205,6 +206,13 @@ def _model_config(config: PretrainConfig, vocab_size: int, pad_id: int) -> EHRMa
     return EHRMambaConfig.from_size(config.model_size, **fields)
 
 
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """transformers renamed `gradient_checkpointing` to `activation_checkpointing`; speak whichever it knows."""
+    known = inspect.signature(TrainingArguments.__init__).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
@@ -226,8 +234,7 @@ def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str) -
         logging_steps=config.logging_steps,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **_checkpointing_arguments(config.gradient_checkpointing),
         dataloader_num_workers=config.dataloader_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without CUDA, tell accelerate so that torchrun / accelerate launch start gloo DDP across CPU processes.
