@@ -19,8 +19,10 @@ def explain(
     meds: Annotated[Path | None, typer.Option("--meds", help="MEDS folder (default: the one SEQ_DIR was made from)")] = None,
     time: Annotated[str | None, typer.Option("--time", help="prediction time, ISO (default: the task's rule at the last admission)")] = None,
     output: Annotated[str | None, typer.Option("--output", help="output of a multi-label task (default: the likeliest)")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="integration steps")] = 32,
-    batch: Annotated[int | None, typer.Option("--batch", min=1, help="interpolated inputs per forward pass (default: all)")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="integration steps (first try)")] = 32,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="double the steps until attributions add up to the logit change within this share; 0: fixed --steps")] = 0.05,
+    max_steps: Annotated[int, typer.Option("--max-steps", min=1, help="most integration steps when doubling")] = 256,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="interpolated inputs per forward pass (default: 8 on CPU, all steps on a GPU)")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="top events listed")] = 10,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
 ) -> None:
@@ -29,7 +31,8 @@ def explain(
 
     with user_errors((KeyError,)):
         report = run_explain(model, data, task, subject, out, meds_dir=meds, prediction_time=time, output=output,
-                             n_steps=steps, internal_batch_size=batch, top_k=top, device=device)
+                             n_steps=steps, tolerance=tolerance or None, max_steps=max_steps,
+                             internal_batch_size=batch, top_k=top, device=device)
     typer.echo(report.summary())
     typer.echo(f"report: {Path(out) / 'explanation.json'}; table: {Path(out) / 'top_events.md'}")
 

@@ -23,7 +23,14 @@ from odyssey.io import atomic_output_dir, read_json, write_json
 from odyssey.tokenizer import EHRTokenizer, SpecialTokens, load_sequences
 from odyssey.tokenizer.sequences import REPORT_FILE, TOKENIZER_DIR
 
-from .attribution import DEFAULT_STEPS, aggregate, describe_events, integrated_gradients, token_table
+from .attribution import (
+    COMPLETENESS_FLOOR,
+    DEFAULT_STEPS,
+    aggregate,
+    describe_events,
+    integrated_gradients,
+    token_table,
+)
 
 EXPLANATION_FILE = "explanation.json"
 TOP_EVENTS_FILE = "top_events.md"
@@ -31,6 +38,9 @@ TIMELINE_STEM = "timeline"
 FINETUNE_REPORT = "finetune_report.json"
 DEFAULT_CONTEXT_LENGTH = 2048
 INPATIENT_START = "ENCOUNTER_START//IMP"
+# Steps double from n_steps until the attributions add up to the logit difference within this share of it.
+DEFAULT_TOLERANCE = 0.05
+DEFAULT_MAX_STEPS = 256
 
 
 class ExplainError(ValueError):
@@ -181,6 +191,8 @@ def explain(
     prediction_time: datetime | str | None = None,
     output: str | None = None,
     n_steps: int = DEFAULT_STEPS,
+    tolerance: float | None = DEFAULT_TOLERANCE,
+    max_steps: int = DEFAULT_MAX_STEPS,
     internal_batch_size: int | None = None,
     context_length: int | None = None,
     top_k: int = 10,
@@ -191,7 +203,9 @@ def explain(
 
     The prediction time defaults to the task's rule (e.g. discharge) at the subject's last inpatient
     admission; `meds_dir` (default: the dataset `seq_dir` was tokenized from, when it is still there)
-    gives code descriptions and the timeline. See `odyssey.interpretability.attribution` for the method.
+    gives code descriptions and the timeline. Steps double from `n_steps` (up to `max_steps`) until the
+    completeness error is within `tolerance` of the logit difference (None: exactly `n_steps`).
+    See `odyssey.interpretability.attribution` for the method.
     """
     from odyssey.finetune import load_finetuned
     from odyssey.finetune.data import prompt_input
@@ -217,7 +231,8 @@ def explain(
         raise ExplainError(f"nothing of subject {subject_id} is known at {when}: no input to explain")
     chosen = _pick_output(model, inputs, task_index, spec, output)
     attributions = integrated_gradients(model, inputs, task_index, chosen, n_steps=n_steps,
-                                        internal_batch_size=internal_batch_size)
+                                        internal_batch_size=internal_batch_size, tolerance=tolerance,
+                                        max_steps=max(max_steps, n_steps))
     table = token_table(inputs, attributions.scores, tokenizer)
     sums = aggregate(table)
     meds = _meds_dir(seq_dir, meds_dir)
@@ -231,12 +246,16 @@ def explain(
         notes.append("no MEDS dataset found (pass meds_dir): codes are not described and no timeline is drawn")
     top = describe_events(sums["events"], tokenizer, descriptions, top_k)
     total = float(attributions.scores.sum())
+    difference = attributions.logit - attributions.baseline_logit
+    error = abs(total - difference)
+    if tolerance is not None and error > tolerance * max(abs(difference), COMPLETENESS_FLOOR):
+        notes.append(f"completeness error {error:.3g} exceeds {tolerance:g} of the logit difference {difference:.3g} "
+                     f"after {attributions.n_steps} steps: scores are approximate (raise max_steps)")
     report = ExplainReport(
         out=str(out), task=task, output=spec.output_names()[chosen], prediction_time=when.isoformat(sep=" "),
         tokens=int(len(inputs["input_ids"])), event_tokens=int(attributions.event_mask.sum()),
         probability=attributions.probability, logit=attributions.logit, baseline_logit=attributions.baseline_logit,
-        attribution_sum=total, completeness_error=abs(total - (attributions.logit - attributions.baseline_logit)),
-        n_steps=n_steps, seconds=0.0, top_events=top, notes=notes,
+        attribution_sum=total, completeness_error=error, n_steps=attributions.n_steps, seconds=0.0, top_events=top, notes=notes,
     )
     with atomic_output_dir(out) as staging:
         files = [EXPLANATION_FILE, TOP_EVENTS_FILE]
@@ -261,7 +280,8 @@ def explain(
             "subject_id": int(subject_id),
             "method": {"name": "integrated_gradients", "layer": "concept (word) embeddings", "target": "logit",
                        "baseline": "event tokens as [PAD]; specials, time gaps and task prompts kept",
-                       "n_steps": n_steps, "captum_convergence_delta": attributions.convergence_delta},
+                       "n_steps_requested": n_steps, "n_steps": attributions.n_steps, "tolerance": tolerance,
+                       "captum_convergence_delta": attributions.convergence_delta},
             "tokens": _frame_records(table.drop("is_event").with_columns(pl.col("score"))),
             "events": _frame_records(sums["events"]),
             "visits": _frame_records(sums["visits"]),

@@ -129,9 +129,14 @@ def test_a_planted_token_gets_the_largest_attribution(planted_model):
     difference = result.logit - result.baseline_logit
     assert difference > 1.0
     assert abs(result.scores.sum() - difference) > 0.1 * difference
-    fine = integrated_gradients(planted_model, inputs, task_index=0, n_steps=1024, internal_batch_size=256)
+    fine = integrated_gradients(planted_model, inputs, task_index=0, n_steps=32, internal_batch_size=256,
+                                tolerance=1e-2, max_steps=2048)
+    assert 256 <= fine.n_steps <= 2048
     assert fine.scores.sum() == pytest.approx(difference, rel=1e-2)
     assert int(np.argmax(fine.scores)) == int(np.argmax(result.scores))
+    # Without room to double, it stops at max_steps and the error shows.
+    capped = integrated_gradients(planted_model, inputs, task_index=0, n_steps=32, tolerance=1e-2, max_steps=32)
+    assert capped.n_steps == 32 and capped.scores.sum() == pytest.approx(result.scores.sum())
 
 
 def test_multilabel_output_choice_and_range():
