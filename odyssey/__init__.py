@@ -17,6 +17,8 @@ _LAZY = {
     "make_labels": ("odyssey.pipelines.labels", "make_labels"),
     "pretrain": ("odyssey.training.pretrain", "pretrain"),
     "PretrainConfig": ("odyssey.training.pretrain", "PretrainConfig"),
+    "finetune": ("odyssey.finetune.train", "finetune"),
+    "EHRTokenizer": ("odyssey.tokenizer.ehr_tokenizer", "EHRTokenizer"),
 }
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from odyssey.pipelines import schema
 from odyssey.pipelines.schema import EventType
 
@@ -43,25 +45,27 @@ def stable_id(resource_type: str, fhir_id: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-# A MEDS row before resolution. Field order is the order of ROW_COLUMNS.
-ROW_COLUMNS = (
-    "subject_id",
-    "time",  # the raw FHIR string
-    "time_field",  # where `time` came from, for messages (e.g. "Observation.effectiveDateTime")
-    "birth",  # True: a birth date (placed mid-period)
-    "code",
-    "numeric_value",
-    "text_value",
-    "encounter_id",
-    "unit",
-    "comparator",
-    "event_type",
-    "issued",  # the raw FHIR string
-    "medication_key",  # "Medication/<id>" still to resolve into `code`, else None
-    "time_from_encounter",  # True: `time` is the encounter's end, filled in at resolution
-    "resource_type",
-    "line",
-    "entry",
+# A MEDS row before resolution, as the tuples the Flattener appends (field order = tuple order).
+ROW_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.int64()),
+        ("time", pa.string()),  # the raw FHIR string
+        ("time_field", pa.string()),  # where `time` came from, for messages (e.g. "Observation.effectiveDateTime")
+        ("birth", pa.bool_()),  # True: a birth date (placed mid-period)
+        ("code", pa.string()),
+        ("numeric_value", pa.float32()),
+        ("text_value", pa.large_string()),
+        ("encounter_id", pa.int64()),
+        ("unit", pa.string()),
+        ("comparator", pa.string()),
+        ("event_type", pa.string()),
+        ("issued", pa.string()),  # the raw FHIR string
+        ("medication_key", pa.string()),  # "Medication/<id>" still to resolve into `code`, else None
+        ("time_from_encounter", pa.bool_()),  # True: `time` is the encounter's end, filled in at resolution
+        ("resource_type", pa.string()),
+        ("line", pa.int64()),
+        ("entry", pa.int32()),
+    ]
 )
 
 

@@ -221,7 +221,7 @@ def ingest_fhir(
     subject_buckets = max(1, math.ceil(_estimated_bytes(chunks) / (config.shard_mb << 20)))
     key_buckets = max(4, subject_buckets)
     out = Path(out)
-    with atomic_output_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="odyssey-spill-", dir=out.resolve().parent) as spill:
+    with atomic_output_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="odyssey-spill-", dir=out.resolve().parent, ignore_cleanup_errors=True) as spill:
         settings = ReadSettings(
             systems=systems,
             subject_buckets=subject_buckets,

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 
 from odyssey.pipelines.fhir_flatten import (
-    ROW_COLUMNS,
+    ROW_SCHEMA,
     SUPPORTED_RESOURCE_TYPES,
     Context,
     Flattener,
@@ -29,28 +29,7 @@ from odyssey.pipelines.schema import EventType
 
 INVALID = "<invalid>"  # resource type under which unparseable lines are counted
 
-RAW_ROW_SCHEMA = pa.schema(
-    [
-        ("subject_id", pa.int64()),
-        ("time", pa.string()),
-        ("time_field", pa.string()),
-        ("birth", pa.bool_()),
-        ("code", pa.string()),
-        ("numeric_value", pa.float32()),
-        ("text_value", pa.large_string()),
-        ("encounter_id", pa.int64()),
-        ("unit", pa.string()),
-        ("comparator", pa.string()),
-        ("event_type", pa.string()),
-        ("issued", pa.string()),
-        ("medication_key", pa.string()),
-        ("time_from_encounter", pa.bool_()),
-        ("resource_type", pa.string()),
-        ("line", pa.int64()),
-        ("entry", pa.int32()),
-    ]
-)
-_RAW_ROW_STRUCT = pa.struct(list(RAW_ROW_SCHEMA))
+_RAW_ROW_STRUCT = pa.struct(list(ROW_SCHEMA))
 KEY_SCHEMA = pa.schema(
     [
         ("resource_type", pa.string()),
@@ -372,7 +351,7 @@ def _checked_rows(rows: list[tuple]) -> pl.DataFrame:
         table = pa.Table.from_struct_array(pa.array(rows, type=_RAW_ROW_STRUCT))
         frame = pl.from_arrow(table)
     else:
-        frame = pl.from_arrow(RAW_ROW_SCHEMA.empty_table())
+        frame = pl.from_arrow(ROW_SCHEMA.empty_table())
     frame = with_fhir_times(frame, "time", "time_us", birth="birth")
     frame = with_fhir_times(frame, "issued", "issued_us")
     # an Encounter's end row directly follows its start row (see Flattener._encounter)
@@ -411,13 +390,9 @@ def _write_buckets(frame: pl.DataFrame, column: str, buckets: int, folder: Path,
         part.drop("_bucket").write_ipc(target / tag)
 
 
-def subject_bucket(subject_id: int, buckets: int) -> int:
-    return (subject_id & 0x7FFFFFFF) % buckets
-
-
 def read_chunk(args: tuple[Chunk, ReadSettings]) -> ChunkResult:
     chunk, settings = args
     return ChunkReader(chunk, settings).run()
 
 
-__all__ = ["ROW_COLUMNS", "ChunkResult", "Problem", "ReadSettings", "read_chunk", "subject_bucket"]
+__all__ = ["ChunkResult", "Problem", "ReadSettings", "read_chunk"]

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 
 from odyssey.pipelines import schema
 from odyssey.pipelines.ingest_read import Problem
-from odyssey.pipelines.schema import EventType
 
 KEY = ["chunk", "line", "entry"]
 _EMPTY_DROPPED = pl.DataFrame(
@@ -45,7 +44,7 @@ class ResolveResult:
     dangling_encounters: int = 0
 
 
-def _read_folder(folder: Path, empty_schema: pa.Schema | None = None) -> pl.DataFrame | None:
+def _read_folder(folder: Path) -> pl.DataFrame | None:
     files = sorted(folder.glob("*.arrow")) if folder.exists() else []
     if not files:
         return None
@@ -241,4 +240,4 @@ def _to_meds(rows: pl.DataFrame) -> pa.Table:
     return frame.to_arrow().cast(schema.DATA_SCHEMA)
 
 
-__all__ = ["EventType", "ResolveResult", "StrictStop", "resolve_and_write"]
+__all__ = ["ResolveResult", "StrictStop", "resolve_and_write"]

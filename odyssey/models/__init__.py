@@ -10,17 +10,19 @@ from .modeling_ehrmamba import (
     EHRMambaPretrainingOutput,
     count_parameters,
 )
-from .modeling_ehrmamba_tasks import EHRMambaForTaskClassification as EHRMambaForTaskClassification
-from .scorer import EHRMambaScorer as EHRMambaScorer
+from .modeling_ehrmamba_tasks import EHRMambaForTaskClassification
+from .scorer import EHRMambaScorer
 
 __all__ = [
     "MODEL_SIZES",
     "EHRMambaCache",
     "EHRMambaConfig",
     "EHRMambaForPretraining",
+    "EHRMambaForTaskClassification",
     "EHRMambaModel",
     "EHRMambaOutput",
     "EHRMambaPreTrainedModel",
     "EHRMambaPretrainingOutput",
+    "EHRMambaScorer",
     "count_parameters",
 ]
