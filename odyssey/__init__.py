@@ -17,7 +17,8 @@ _LAZY = {
     "make_labels": ("odyssey.pipelines.labels", "make_labels"),
     "pretrain": ("odyssey.training.pretrain", "pretrain"),
     "PretrainConfig": ("odyssey.training.pretrain", "PretrainConfig"),
-    "finetune": ("odyssey.finetune.train", "finetune"),
+    "finetune": ("odyssey.finetune", None),  # a package that is also callable: odyssey.finetune(...)
+    "evaluate": ("odyssey.finetune", "evaluate"),
     "EHRTokenizer": ("odyssey.tokenizer.ehr_tokenizer", "EHRTokenizer"),
 }
 
@@ -25,7 +26,8 @@ _LAZY = {
 def __getattr__(name: str):
     if name in _LAZY:
         module, attr = _LAZY[name]
-        return getattr(import_module(module), attr)
+        loaded = import_module(module)
+        return loaded if attr is None else getattr(loaded, attr)
     raise AttributeError(f"module 'odyssey' has no attribute {name!r}")
 
 

@@ -10,6 +10,8 @@ In a notebook::
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 from .data import FinetuneDataError, TaskSpec
@@ -39,3 +41,14 @@ __all__ = [
     "finetune",
     "load_finetuned",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    """`odyssey.finetune(...)` (the issue's API) and `odyssey.finetune.evaluate(...)` both work: the
+    package is also the function."""
+
+    def __call__(self, config: FinetuneConfig | None = None, callbacks: list | None = None, **fields: Any):
+        return finetune(config, callbacks, **fields)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
