@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_out
-DEMO_PATIENTS ?= 200
+DEMO_PATIENTS ?= 1000
 
 BIN := $(VENV)/bin
 
