@@ -171,6 +171,8 @@ def _frame_records(frame: pl.DataFrame) -> list[dict[str, Any]]:
 
 def _meds_dir(seq_dir: Path, meds_dir: str | os.PathLike | None) -> Path | None:
     if meds_dir is not None:
+        if not (Path(meds_dir) / "data").is_dir():
+            raise ExplainError(f"{meds_dir}: not a MEDS dataset (no data/ folder)")
         return Path(meds_dir)
     report = seq_dir / REPORT_FILE
     if report.is_file():
@@ -222,6 +224,7 @@ def explain(
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ExplainError(f"{seq_dir}/{TOKENIZER_DIR} has {tokenizer.vocab_size} tokens but the model "
                            f"{model.config.vocab_size}; use the sequences the model was finetuned on")
+    meds = _meds_dir(seq_dir, meds_dir)
     model.to(device)
     row = _subject_row(seq_dir, int(subject_id))
     when = _prediction_time(prediction_time, row, tokenizer, spec)
@@ -235,7 +238,6 @@ def explain(
                                         max_steps=max(max_steps, n_steps))
     table = token_table(inputs, attributions.scores, tokenizer)
     sums = aggregate(table)
-    meds = _meds_dir(seq_dir, meds_dir)
     notes = []
     descriptions: dict[str, str] = {}
     if meds is not None:

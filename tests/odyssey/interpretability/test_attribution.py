@@ -184,7 +184,7 @@ def finetuned(tmp_path_factory):
     tokenize(root / "meds", root / "seq", progress=False)
     make_labels(root / "meds", Path(__file__).resolve().parents[3] / "configs" / "tasks.yaml", root / "labels",
                 progress=False)
-    finetune(data=root / "seq", labels=root / "labels", out=root / "ft", tasks=["mortality_30d", "los_7d"],
+    finetune(data=root / "seq", labels=root / "labels", out=root / "ft", tasks=["mortality_30d", "los_7d", "conditions"],
              model={k: v for k, v in TINY.items() if k != "scan_backend"}, scan_backend="torch", max_steps=4,
              batch_size=8, context_length=256, progress_bar=False)
     return root
@@ -289,8 +289,9 @@ def test_cli_writes_the_explanation(finetuned, cli, tmp_path):
 
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--subject", "12345", "subject 12345 has no sequence"),
-    ("--task", "readmission_30d", "not finetuned on task 'readmission_30d'; it knows: mortality_30d, los_7d"),
+    ("--task", "readmission_30d", "not finetuned on task 'readmission_30d'; it knows: mortality_30d, los_7d, conditions"),
     ("--time", "yesterday", "not an ISO date"),
+    ("--output", "flu", "task 'mortality_30d' has no output 'flu'"),
 ])
 def test_cli_bad_input_is_a_clear_error(finetuned, cli, tmp_path, option, value, message):
     args = {"--model": str(finetuned / "ft"), "--data": str(finetuned / "seq"), "--task": "mortality_30d",
@@ -299,3 +300,37 @@ def test_cli_bad_input_is_a_clear_error(finetuned, cli, tmp_path, option, value,
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_multilabel_task_explains_its_likeliest_output_or_the_one_asked(finetuned, tmp_path):
+    from odyssey.finetune import load_finetuned
+    from odyssey.finetune.data import prompt_input
+    from odyssey.interpretability.explain import explain
+    from odyssey.tokenizer import load_sequences
+
+    subject = subject_with_admissions(finetuned)
+    time = "2200-01-01T00:00"  # after every event: the whole history
+    report = explain(finetuned / "ft", finetuned / "seq", "conditions", subject, tmp_path / "a", prediction_time=time,
+                     n_steps=4, formats=("png",))
+    model, specs = load_finetuned(finetuned / "ft")
+    model.eval()
+    row = load_sequences(finetuned / "seq").filter(pl.col("subject_id") == subject).row(0, named=True)
+    inputs = prompt_input(row, time, 256, specs[2].prompt_ids)
+    tensors = {k: torch.as_tensor(np.asarray(inputs[k]).astype(np.float32 if k in ("ages", "times") else np.int64))[None]
+               for k in ("input_ids", "token_type_ids", "ages", "times", "visit_orders", "visit_segments")}
+    with torch.no_grad():
+        logits = model(**tensors, task_index=torch.tensor([2])).logits[0, :6]
+    assert report.output == specs[2].output_names()[int(torch.argmax(logits))]
+    assert report.logit == pytest.approx(float(logits.max()), abs=1e-5)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["explanation.json", "timeline.png", "top_events.md"]
+    # Without a MEDS dataset (none given, none named by the sequences' report): codes, no timeline, a note.
+    import shutil
+
+    bare_seq = shutil.copytree(finetuned / "seq", tmp_path / "seq", ignore=shutil.ignore_patterns("tokenize_report.json"))
+    asked = explain(finetuned / "ft", bare_seq, "conditions", subject, tmp_path / "b", prediction_time=time,
+                    output="copd", n_steps=4)
+    assert asked.output == "conditions_copd"
+    assert asked.files == ["explanation.json", "top_events.md"] and "no MEDS dataset" in asked.notes[0]
+    assert all(e["description"].startswith(e["code"]) for e in asked.top_events)  # codes, not words
+    with pytest.raises(ValueError, match="not a MEDS dataset"):
+        explain(finetuned / "ft", finetuned / "seq", "conditions", subject, tmp_path / "c", meds_dir=tmp_path)
