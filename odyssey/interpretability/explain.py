@@ -268,6 +268,10 @@ def explain(
             # From the first visit the model saw (not birth, not history truncated away) to the prediction.
             in_visits = table.filter(pl.col("visit") > 0)
             start = in_visits["time"].min() if in_visits.height else None
+            if start is not None and start < when:
+                # Only the rows in view: the timeline draws a band per visit of the frame it gets (thousands
+                # in a long history), window or not.
+                events = events.filter(pl.col("time").is_null() | pl.col("time").is_between(start, when))
             timeline = plot_timeline(
                 events, descriptions=descriptions, attributions=token_scores_to_events(inputs, attributions.scores, tokenizer),
                 window=(start, when) if start is not None and start < when else None,
