@@ -19,7 +19,7 @@ DEFAULT_TASKS = Path(__file__).resolve().parents[2] / "configs" / "tasks.yaml"
 
 
 def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: int, tasks: Path = DEFAULT_TASKS,
-             finetune_steps: int = 60) -> dict:
+             finetune_steps: int = 400) -> dict:
     """Run every stage; returns {stage: {"dir": ..., "seconds": ...}} (also written as demo_report.json)."""
     from odyssey.finetune import evaluate, finetune
     from odyssey.io import write_json
@@ -95,9 +95,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="folder for every stage's output")] = Path("demo_out"),
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
-    pretrain_steps: Annotated[int, typer.Option("--pretrain-steps", help="optimizer steps of the tiny model")] = 30,
+    pretrain_steps: Annotated[int, typer.Option("--pretrain-steps", help="optimizer steps of the tiny model")] = 200,
     tasks: Annotated[Path, typer.Option("--tasks", help="task definitions")] = DEFAULT_TASKS,
-    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="optimizer steps of finetuning")] = 60,
+    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="optimizer steps of finetuning")] = 400,
 ) -> None:
     """Run the whole pipeline (synth ... evaluate) on a synthetic cohort; print the metrics and where results are."""
     if device not in ("cpu", "cuda"):
