@@ -41,6 +41,7 @@ INPATIENT_START = "ENCOUNTER_START//IMP"
 # Steps double from n_steps until the attributions add up to the logit difference within this share of it.
 DEFAULT_TOLERANCE = 0.05
 DEFAULT_MAX_STEPS = 256
+MICROSECONDS_PER_HOUR = 3_600_000_000
 
 
 class ExplainError(ValueError):
@@ -111,7 +112,7 @@ def last_admission_time(row: dict[str, Any], tokenizer: EHRTokenizer, anchor: st
     hits = np.flatnonzero(in_visit & (ids == marker))
     if not hits.size:
         raise ExplainError(f"the last inpatient visit has no {marker.name} token; pass a prediction time")
-    moment = np.datetime64(times[hits[0]], "us") + np.timedelta64(round(offset_hours * 3_600_000_000), "us")
+    moment = np.datetime64(times[hits[0]], "us") + np.timedelta64(round(offset_hours * MICROSECONDS_PER_HOUR), "us")
     return moment.astype(datetime)
 
 
