@@ -20,6 +20,8 @@ _LAZY = {
     "finetune": ("odyssey.finetune", None),  # a package that is also callable: odyssey.finetune(...)
     "evaluate": ("odyssey.finetune", "evaluate"),
     "EHRTokenizer": ("odyssey.tokenizer.ehr_tokenizer", "EHRTokenizer"),
+    "explain": ("odyssey.interpretability.explain", "explain"),
+    "ExplainReport": ("odyssey.interpretability.explain", "ExplainReport"),
 }
 
 

@@ -1,8 +1,8 @@
 """`odyssey demo`: the whole pipeline on a synthetic cohort, from nothing to a trained model.
 
-Stages: synth -> ingest -> tokenize -> labels -> pretrain -> finetune -> evaluate. Each stage writes into
-its own folder under OUT and prints its summary; the last lines say where everything is (demo_report.json
-lists it all) and the evaluation's metrics table.
+Stages: synth -> ingest -> tokenize -> labels -> pretrain -> finetune -> evaluate -> explain. Each stage
+writes into its own folder under OUT and prints its summary (the evaluation's AUROC table, the top events
+behind one held-out patient's mortality risk); the last lines say where everything is (demo_report.json).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: i
              finetune_steps: int = 400) -> dict:
     """Run every stage; returns {stage: {"dir": ..., "seconds": ...}} (also written as demo_report.json)."""
     from odyssey.finetune import evaluate, finetune
+    from odyssey.interpretability.explain import explain
     from odyssey.io import write_json
     from odyssey.pipelines.ingest import ingest_fhir
     from odyssey.pipelines.labels import make_labels
@@ -35,7 +36,7 @@ def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: i
         # a tiny model's ops are too small to share between threads: one thread is several times faster
         torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
-    dirs = {name: out / name for name in ("fhir", "meds", "sequences", "labels", "pretrain", "finetune", "evaluate")}
+    dirs = {name: out / name for name in ("fhir", "meds", "sequences", "labels", "pretrain", "finetune", "evaluate", "explain")}
     stages: dict[str, dict] = {}
 
     def stage(name: str, work) -> None:
@@ -63,8 +64,26 @@ def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: i
     stage("evaluate", lambda: _describe_evaluation(evaluate(
         model=dirs["finetune"], data=dirs["sequences"], labels=dirs["labels"], out=dirs["evaluate"],
         truth=dirs["fhir"] / "truth.parquet", meds=dirs["meds"], resamples=200), dirs["evaluate"]))
+    subject, when = _patient_to_explain(dirs["meds"], dirs["labels"])
+    stage("explain", lambda: explain(dirs["finetune"], dirs["sequences"], "mortality_30d", subject, dirs["explain"],
+                                     meds_dir=dirs["meds"], prediction_time=when).summary())
     write_json(out / "demo_report.json", stages)
     return stages
+
+
+def _patient_to_explain(meds_dir: Path, labels_dir: Path):
+    """A held-out patient who died within 30 days of a discharge (else any held-out label), and that time."""
+    import polars as pl
+
+    from odyssey.pipelines import schema
+
+    held_out = pl.read_parquet(meds_dir / schema.SPLITS_FILE).filter(pl.col("split") == schema.HELD_OUT_SPLIT)
+    labels = pl.read_parquet(labels_dir / "mortality_30d" / "labels.parquet").join(held_out, on=schema.SUBJECT_ID)
+    if labels.is_empty():
+        raise ValueError(f"{labels_dir}: no held-out mortality_30d label to explain")
+    row = labels.sort(["boolean_value", schema.SUBJECT_ID, "prediction_time"], descending=[True, False, False]).row(
+        0, named=True)
+    return row[schema.SUBJECT_ID], row["prediction_time"]
 
 
 def _describe_finetune(result) -> str:
