@@ -31,7 +31,7 @@ from odyssey.io import atomic_output_dir, read_json, write_json
 from odyssey.models import MODEL_SIZES, EHRMambaConfig, EHRMambaForTaskClassification, count_parameters
 from odyssey.tokenizer import EHRTokenizer, TokenType, load_sequences
 from odyssey.training.data import read_vocabulary
-from odyssey.training.pretrain import TOKENIZER_FIELDS, resolve_precision
+from odyssey.training.pretrain import TOKENIZER_FIELDS, resolve_precision, shared_training_arguments
 
 from .data import (
     FinetuneDataError,
@@ -280,29 +280,7 @@ class TaskTrainer(Trainer):
 
 def _training_arguments(config: FinetuneConfig, out: Path, precision: str) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(out / CHECKPOINTS),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.lr_scheduler,
-        max_grad_norm=config.max_grad_norm,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=config.logging_steps,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
-        report_to=[],
-        disable_tqdm=not config.progress_bar,
-        seed=config.seed,
-        data_seed=config.seed,
+        **shared_training_arguments(config, out / CHECKPOINTS, precision), eval_strategy="no", save_strategy="no"
     )
 
 

@@ -213,38 +213,45 @@ def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def shared_training_arguments(config, output_dir: Path, precision: str) -> dict[str, Any]:
+    """The TrainingArguments fields pretraining and finetuning set alike (their configs share these names)."""
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.eval_batch_size or config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "warmup_steps": config.warmup_steps,
+        "lr_scheduler_type": config.lr_scheduler,
+        "max_grad_norm": config.max_grad_norm,
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps,
+        "logging_steps": config.logging_steps,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        # Without CUDA, tell accelerate so that torchrun / accelerate launch start gloo DDP across CPU processes.
+        "use_cpu": not torch.cuda.is_available(),
+        "remove_unused_columns": False,
+        "report_to": [],
+        "disable_tqdm": not config.progress_bar,
+        "seed": config.seed,
+        "data_seed": config.seed,
+    }
+
+
 def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(run_dir / CHECKPOINTS),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.lr_scheduler,
-        max_grad_norm=config.max_grad_norm,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
+        **shared_training_arguments(config, run_dir / CHECKPOINTS, precision),
         eval_strategy="steps",
         eval_steps=config.eval_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
-        logging_steps=config.logging_steps,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
         **_checkpointing_arguments(config.gradient_checkpointing),
         dataloader_num_workers=config.dataloader_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        # Without CUDA, tell accelerate so that torchrun / accelerate launch start gloo DDP across CPU processes.
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        report_to=[],
-        disable_tqdm=not config.progress_bar,
-        seed=config.seed,
-        data_seed=config.seed,
     )
 
 
