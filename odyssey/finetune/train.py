@@ -12,7 +12,6 @@ Output folder (`out`):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -26,12 +25,15 @@ import torch
 from pydantic import Field, field_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from odyssey.config import StageConfig
 from odyssey.io import atomic_output_dir, read_json, write_json
-from odyssey.models import MODEL_SIZES, EHRMambaConfig, EHRMambaForTaskClassification, count_parameters
+from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification, count_parameters
 from odyssey.tokenizer import EHRTokenizer, TokenType, load_sequences
 from odyssey.training.data import read_vocabulary
-from odyssey.training.pretrain import TOKENIZER_FIELDS, resolve_precision, shared_training_arguments
+from odyssey.training.pretrain import (
+    TrainerSettings,
+    resolve_precision,
+    shared_training_arguments,
+)
 
 from .data import (
     FinetuneDataError,
@@ -57,29 +59,22 @@ CHECKPOINTS = "checkpoints"
 PRETRAINED_MODEL = "model"  # `odyssey pretrain` writes its final model here inside the run folder
 
 
-class FinetuneConfig(StageConfig):
-    """Settings of `odyssey finetune` (configs/finetune.yaml); CLI flags override fields."""
+class FinetuneConfig(TrainerSettings):
+    """Settings of `odyssey finetune` (configs/finetune.yaml); CLI flags override fields.
+
+    `model_size` and `model` apply when training from scratch only."""
 
     pretrained: Path | None = Field(None, description="pretraining run folder (or its model/); null: from scratch")
     data: Path | None = Field(None, description="sequences folder written by `odyssey tokenize`")
     labels: Path | None = Field(None, description="labels folder written by `odyssey labels`")
     out: Path | None = Field(None, description="finetuning output folder")
     tasks: list[str] | None = Field(None, description="task names of LABEL_DIR/tasks.json; null: all source tasks")
-    model_size: str = Field("tiny", description="size when training from scratch")
-    model: dict[str, Any] = Field(default_factory=dict, description="EHRMambaConfig fields (from scratch only)")
     classifier_dropout: float = Field(0.1, ge=0, lt=1)
     context_length: int = Field(2048, ge=8)
     batch_size: int = Field(16, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: float = Field(0.05, ge=0, description="a fraction of the run if < 1, else a step count")
     lr_scheduler: str = "linear"
-    max_grad_norm: float = Field(1.0, gt=0)
     epochs: float = Field(3.0, gt=0)
-    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: run `epochs`)")
-    logging_steps: int = Field(20, ge=1)
     eval_steps: int | None = Field(
         None, ge=1, description="score the tuning split every this many steps and keep the best model (mean AUROC)")
     task_loss_weights: dict[str, float] = Field(default_factory=dict, description="task -> loss weight (default 1)")
@@ -91,27 +86,6 @@ class FinetuneConfig(StageConfig):
         "ehrmamba", description="gpt: the transformer baseline (same embeddings and head, from scratch)")
     gpt_layers: int | None = Field(None, ge=1, description="gpt blocks; default half the Mamba layers")
     gpt_heads: int | None = Field(None, ge=1, description="attention heads; default hidden_size / 64")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    scan_backend: str = "auto"
-    pad_to_multiple_of: int = Field(8, ge=1)
-    seed: int = 42
-    progress_bar: bool = True
-
-    @field_validator("model_size")
-    @classmethod
-    def _known_size(cls, value: str) -> str:
-        if value not in MODEL_SIZES:
-            raise ValueError(f"unknown model_size {value!r}; choose one of {sorted(MODEL_SIZES)}")
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _known_model_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-        allowed = {f.name for f in dataclasses.fields(EHRMambaConfig)} - TOKENIZER_FIELDS
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise ValueError(f"model: unknown or tokenizer-owned EHRMambaConfig fields {unknown}")
-        return value
 
     @field_validator("task_loss_weights", "task_sampling")
     @classmethod

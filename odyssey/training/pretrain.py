@@ -57,35 +57,21 @@ TOKENIZER_FIELDS = {"vocab_size", "pad_token_id", "scan_backend"}
 MAX_LOG_PERPLEXITY = 50.0  # perplexity is reported as exp(min(loss, this)) to stay finite
 
 
-class PretrainConfig(StageConfig):
-    """Settings of `odyssey pretrain` (configs/pretrain.yaml); CLI flags override fields."""
+class TrainerSettings(StageConfig):
+    """Fields (and their checks) that pretraining and finetuning share; each stage adds its own."""
 
-    data: Path | None = Field(None, description="sequences folder written by `odyssey tokenize`")
-    out: Path | None = Field(None, description="run folder: checkpoints, logs, final model, report")
-    resume: bool = Field(False, description="continue from the last checkpoint in out/checkpoints")
-    model_size: str = "tiny"
+    model_size: str = Field("tiny", description="tiny, small or base (docs/model.md)")
     model: dict[str, Any] = Field(default_factory=dict, description="EHRMambaConfig fields overriding the size")
-    context_length: int = Field(2048, ge=2, le=MAX_CONTEXT_LENGTH)
-    long_sequences: Literal["recent", "windows"] = "windows"
-    batch_size: int = Field(8, ge=1, description="sequences per device per micro-batch")
     eval_batch_size: int | None = Field(None, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: float = Field(0.05, ge=0, description="a fraction of the run if < 1, else a step count")
-    lr_scheduler: str = "cosine"
     max_grad_norm: float = Field(1.0, gt=0)
-    epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: run `epochs`)")
-    eval_steps: int = Field(200, ge=1)
-    save_steps: int = Field(200, ge=1)
     logging_steps: int = Field(20, ge=1)
-    save_total_limit: int | None = Field(3, ge=1)
     precision: Precision = Field("auto", description="auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU")
-    gradient_checkpointing: bool = False
     scan_backend: str = "auto"
     pad_to_multiple_of: int = Field(8, ge=1)
-    dataloader_workers: int = Field(0, ge=0)
     seed: int = 42
     progress_bar: bool = True
 
@@ -111,6 +97,25 @@ class PretrainConfig(StageConfig):
         if value not in MODEL_SIZES:
             raise ValueError(f"unknown model_size {value!r}; choose one of {sorted(MODEL_SIZES)}")
         return value
+
+
+class PretrainConfig(TrainerSettings):
+    """Settings of `odyssey pretrain` (configs/pretrain.yaml); CLI flags override fields."""
+
+    data: Path | None = Field(None, description="sequences folder written by `odyssey tokenize`")
+    out: Path | None = Field(None, description="run folder: checkpoints, logs, final model, report")
+    resume: bool = Field(False, description="continue from the last checkpoint in out/checkpoints")
+    context_length: int = Field(2048, ge=2, le=MAX_CONTEXT_LENGTH)
+    long_sequences: Literal["recent", "windows"] = "windows"
+    batch_size: int = Field(8, ge=1, description="sequences per device per micro-batch")
+    learning_rate: float = Field(5e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    epochs: float = Field(1.0, gt=0)
+    eval_steps: int = Field(200, ge=1)
+    save_steps: int = Field(200, ge=1)
+    save_total_limit: int | None = Field(3, ge=1)
+    gradient_checkpointing: bool = False
+    dataloader_workers: int = Field(0, ge=0)
 
 
 @dataclass
@@ -213,7 +218,7 @@ def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-def shared_training_arguments(config, output_dir: Path, precision: str) -> dict[str, Any]:
+def shared_training_arguments(config: TrainerSettings, output_dir: Path, precision: str) -> dict[str, Any]:
     """The TrainingArguments fields pretraining and finetuning set alike (their configs share these names)."""
     return {
         "output_dir": str(output_dir),
