@@ -82,6 +82,11 @@ class ChunkResult:
     bytes: int = 0
 
 
+def _id_or_none(resource: dict) -> str | None:
+    rid = resource.get("id")
+    return rid if isinstance(rid, str) else None
+
+
 def _digest(raw: bytes) -> int:
     """A 63-bit fingerprint of a resource's text: tells identical duplicates from conflicting ones."""
     return (zlib.crc32(raw) << 31) ^ zlib.adler32(raw)
@@ -171,18 +176,7 @@ class ChunkReader:
                     self._line(raw, line)
                     continue
                 read[rtype] += 1
-                try:
-                    flattener.flatten(resource, line, 0)
-                except Rejected as exc:
-                    rid = resource.get("id")
-                    self._problem(line, 0, rtype, rid if isinstance(rid, str) else None, str(exc), raw)
-                    continue
-                except (TypeError, AttributeError, ValueError) as exc:  # wrong JSON shapes deep inside
-                    rid = resource.get("id")
-                    self._problem(line, 0, rtype, rid if isinstance(rid, str) else None,
-                                  f"unexpected structure: {exc}", raw)
-                    continue
-                self.keys.append((rtype, resource["id"], digest, line, 0))
+                self._flatten(resource, raw, rtype, digest, line, 0)
                 if len(flattener.rows) >= batch:
                     self._flush()
         except (EOFError, OSError) as exc:
@@ -253,24 +247,26 @@ class ChunkReader:
         if rtype not in SUPPORTED_RESOURCE_TYPES:
             self.result.skipped[(rtype, "resource type not used by Odyssey")] += 1
             return
-        rid = resource.get("id")
         digest = _digest(raw)
         if self.validator is not None and (self.settings.validate == "full" or digest % self.settings.sample_every == 0):
             self.result.validated += 1
             reason = self.validator.check(resource)
             if reason is not None:
-                self._problem(line, entry, rtype, rid, reason, raw)
+                self._problem(line, entry, rtype, _id_or_none(resource), reason, raw)
                 return
+        self._flatten(resource, raw, rtype, digest, line, entry)
+
+    def _flatten(self, resource: dict, raw: bytes, rtype: str, digest: int, line: int, entry: int) -> None:
+        """Flatten one resource of a supported type, or quarantine it with the reason."""
         try:
             self.flattener.flatten(resource, line, entry)
         except Rejected as exc:
-            self._problem(line, entry, rtype, rid if isinstance(rid, str) else None, str(exc), raw)
+            self._problem(line, entry, rtype, _id_or_none(resource), str(exc), raw)
             return
         except (TypeError, AttributeError, ValueError) as exc:  # wrong JSON shapes deep inside a resource
-            self._problem(line, entry, rtype, rid if isinstance(rid, str) else None,
-                          f"unexpected structure: {exc}", raw)
+            self._problem(line, entry, rtype, _id_or_none(resource), f"unexpected structure: {exc}", raw)
             return
-        self.keys.append((rtype, rid, digest, line, entry))
+        self.keys.append((rtype, resource["id"], digest, line, entry))
 
     def _problem(self, line, entry, rtype, fhir_id, reason, raw) -> None:
         if rtype == INVALID:  # not a resource of any type: counted here, as read and rejected

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from odyssey.pipelines import schema
 from odyssey.pipelines.ingest_read import Problem
+from odyssey.pipelines.report import reason_category
 
 KEY = ["chunk", "line", "entry"]
 _EMPTY_DROPPED = pl.DataFrame(
@@ -212,7 +213,7 @@ def resolve_and_write(
             result.problems.append(Problem(r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"],
                                            r["reason"], None))
         else:
-            key = (r["resource_type"], r["reason"].rsplit(": ", 1)[0])
+            key = (r["resource_type"], reason_category(r["reason"]))
             result.skipped[key] = result.skipped.get(key, 0) + 1
     for frame in cascades:
         for r in frame.iter_rows(named=True):
