@@ -4,7 +4,8 @@ Writes to OUT (atomically): `explanation.json` (prediction, completeness check, 
 sums per event, visit, code, code category and code family, the top events in plain words),
 `top_events.md` (the same top events as a table) and, when the MEDS dataset is at hand,
 `timeline.png` / `timeline.svg` (the patient's timeline up to the prediction time with the
-per-event attributions overlaid, `odyssey.viz`).
+per-event attributions overlaid and the risk over time, read by incremental scoring after each moment of
+the history, `odyssey.viz`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class ExplainReport:
     n_steps: int
     seconds: float
     top_events: list[dict[str, Any]] = field(default_factory=list)
+    risk_points: int = 0
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -145,6 +147,22 @@ def _pick_output(model, inputs, task_index: int, spec, output: str | None) -> in
     with torch.no_grad():
         logits = model(**tensors, task_index=torch.tensor([task_index], device=device)).logits[0, : len(names)]
     return int(torch.argmax(logits))
+
+
+def risk_over_time(model, inputs: dict[str, np.ndarray], task: str, output: int,
+                   prompt_length: int) -> list[tuple[datetime, float]]:
+    """The task output's risk after each moment of the explained input, by incremental scoring.
+
+    The last point is the explained prediction itself (the whole input with its trailing prompt).
+    """
+    from odyssey.models import EHRMambaScorer
+
+    history = {name: values[: len(values) - prompt_length] for name, values in inputs.items()}
+    # A result issued late (a lab) can sit before earlier-known events: a risk is known once all it read is.
+    known = np.maximum.accumulate(np.asarray(history["event_times"], dtype="datetime64[us]"))
+    moments = [t.astype(datetime) for t in known]
+    points = EHRMambaScorer(model, task).trajectory(history, moments)
+    return [(moment, float(risk[output])) for moment, risk in points]
 
 
 def _top_events_markdown(report: ExplainReport) -> str:
@@ -254,11 +272,13 @@ def explain(
     if tolerance is not None and error > tolerance * max(abs(difference), COMPLETENESS_FLOOR):
         notes.append(f"completeness error {error:.3g} exceeds {tolerance:g} of the logit difference {difference:.3g} "
                      f"after {attributions.n_steps} steps: scores are approximate (raise max_steps)")
+    risk = risk_over_time(model, inputs, task, chosen, len(spec.prompt_ids))
     report = ExplainReport(
         out=str(out), task=task, output=spec.output_names()[chosen], prediction_time=when.isoformat(sep=" "),
         tokens=int(len(inputs["input_ids"])), event_tokens=int(attributions.event_mask.sum()),
         probability=attributions.probability, logit=attributions.logit, baseline_logit=attributions.baseline_logit,
-        attribution_sum=total, completeness_error=error, n_steps=attributions.n_steps, seconds=0.0, top_events=top, notes=notes,
+        attribution_sum=total, completeness_error=error, n_steps=attributions.n_steps, seconds=0.0, top_events=top,
+        risk_points=len(risk), notes=notes,
     )
     with atomic_output_dir(out) as staging:
         files = [EXPLANATION_FILE, TOP_EVENTS_FILE]
@@ -276,6 +296,7 @@ def explain(
             timeline = plot_timeline(
                 events, descriptions=descriptions, attributions=token_scores_to_events(inputs, attributions.scores, tokenizer),
                 window=(start, when) if start is not None and start < when else None,
+                risk=risk, risk_label=f"{report.output} risk",
                 title=f"{report.output}: risk {report.probability:.2f} at {when:%Y-%m-%d %H:%M}",
             )
             files += [p.name for p in save_timeline(timeline, staging / TIMELINE_STEM, formats)]
@@ -289,6 +310,7 @@ def explain(
                        "baseline": "event tokens as [PAD]; specials, time gaps and task prompts kept",
                        "n_steps_requested": n_steps, "n_steps": attributions.n_steps, "tolerance": tolerance,
                        "captum_convergence_delta": attributions.convergence_delta},
+            "risk_over_time": [{"time": t.isoformat(), "probability": p} for t, p in risk],
             "tokens": _frame_records(table.drop("is_event").with_columns(pl.col("score"))),
             "events": _frame_records(sums["events"]),
             "visits": _frame_records(sums["visits"]),
@@ -299,4 +321,5 @@ def explain(
     return report
 
 
-__all__ = ["EXPLANATION_FILE", "ExplainError", "ExplainReport", "TOP_EVENTS_FILE", "explain", "last_admission_time"]
+__all__ = ["EXPLANATION_FILE", "ExplainError", "ExplainReport", "TOP_EVENTS_FILE", "explain", "last_admission_time",
+           "risk_over_time"]

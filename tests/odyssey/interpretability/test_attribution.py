@@ -284,7 +284,15 @@ def test_cli_writes_the_explanation(finetuned, cli, tmp_path):
     table = (out / "top_events.md").read_text()
     assert table.count("\n| ") == 1 + 5  # header + one row per top event
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "timeline:attribution" in (out / "timeline.svg").read_text()
+    svg = (out / "timeline.svg").read_text()
+    assert "timeline:attribution" in svg and "timeline:risk" in svg
+    # Risk over time by incremental scoring: one point per moment, oldest first, ending at the explained
+    # prediction itself (the scorer's state path against the parallel forward).
+    risk = report["risk_over_time"]
+    assert len(risk) == report["risk_points"] > 1
+    assert [r["time"] for r in risk] == sorted(r["time"] for r in risk)
+    assert risk[-1]["probability"] == pytest.approx(report["probability"], rel=1e-5)
+    assert len({r["time"] for r in risk}) == len(risk)
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

@@ -90,3 +90,36 @@ def test_a_new_patient_must_start_with_the_prompt(model):
         scorer.update("a", history)
     with pytest.raises(ValueError, match="unknown task"):
         EHRMambaScorer(model, "sepsis")
+
+
+def test_many_patients_advance_together_as_each_would_alone(model):
+    histories = {name: _history(60, [27, 28, 29], seed=seed) for seed, name in enumerate("abcd")}
+    together, alone = EHRMambaScorer(model, "conditions"), EHRMambaScorer(model, "conditions")
+    first = {name: {k: v[:30] for k, v in h.items()} for name, h in histories.items()}
+    together.update_many(first)
+    for name, events in first.items():
+        alone.update(name, events)
+    # Unequal numbers of new events: the shorter rows are padded and must not move.
+    ends = {"a": 31, "b": 35, "c": 60, "d": 30}
+    risks = together.update_many({name: {k: v[30: ends[name]] for k, v in histories[name].items()}
+                                  for name in histories})
+    for name, history in histories.items():
+        expected = alone.update(name, {k: v[30: ends[name]] for k, v in history.items()})
+        np.testing.assert_allclose(risks[name], expected, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(risks[name], _full_run(model, history, ends[name], 1, [27, 28, 29]),
+                                   rtol=1e-5, atol=1e-7)
+        assert together.states[name].seen_tokens == ends[name]
+
+
+def test_trajectory_reads_the_risk_after_each_moment(model):
+    history = _history(50, [24], seed=7)
+    # Tokens come in groups that share a moment (a visit's events are known together).
+    moments = np.repeat(np.arange(26), 2)[: len(history["input_ids"])]
+    points = EHRMambaScorer(model, "mortality").trajectory(history, moments)
+    ends = np.flatnonzero(np.diff(np.append(moments, -1))) + 1
+    ends = ends[ends > 1]
+    assert [t for t, _ in points] == [moments[e - 1] for e in ends]
+    for (_, risk), end in zip(points, ends, strict=True):
+        np.testing.assert_allclose(risk, _full_run(model, history, end, 0, [24]), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="event times decrease"):
+        EHRMambaScorer(model, "mortality").trajectory(history, moments[::-1])
