@@ -4,6 +4,19 @@ Two paths share the weights:
 - `forward` over a whole sequence (training, scoring, prefill), scan by `selective_scan`;
 - `step` over one token from a `MixerState` (conv window + SSM state), O(1) work per token, through
   `selective_state_update`: this is what forecasting and incremental scoring use.
+
+`forward` has two layouts with the same result:
+- `lean` (the default on CUDA): every per-channel tensor lives channel-major, as (channels,
+  batch * length) with each channel's time steps contiguous. in_proj is computed as W @ tokens^T, so
+  x and the gate z are row slices of its output; the causal conv + SiLU (`odyssey.kernels.causal_conv`,
+  a Triton kernel on CUDA) reads x and writes its output in that layout; x_proj and dt_proj are
+  W @ activations products whose outputs are again channel-major, so u, delta, z, B and C reach the scan
+  as strided (batch, channels, L) views and out_proj reads the scan's output through a transposed
+  operand. No transpose copy and no float32 copy of a (batch, L, channels) tensor is made; every matrix
+  product takes its transposed operands as cuBLAS does natively. dt_proj's bias and softplus run inside
+  the scan (delta_bias, delta_softplus).
+- `unfused` (the default on CPU, where it is faster with the chunked torch scan): transformers'
+  MambaMixer sequence of operations (batch-first projections, nn.Conv1d, transposed views).
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from odyssey.kernels import selective_scan, selective_state_update
+from odyssey.kernels.causal_conv import causal_conv1d
 
 from .configuration_ehrmamba import EHRMambaConfig
 
@@ -40,6 +54,8 @@ class EHRMambaMixer(nn.Module):
         self.conv_kernel_size = config.conv_kernel
         self.time_step_rank = int(config.time_step_rank)
         self.scan_backend = config.scan_backend
+        self.layout = "auto"  # "lean", "unfused", or "auto": lean on CUDA (module docstring)
+        self.conv_backend = "auto"  # odyssey.kernels.causal_conv backend of the lean layout
         self.in_proj = nn.Linear(self.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             self.intermediate_size,
@@ -91,6 +107,8 @@ class EHRMambaMixer(nn.Module):
         mask = None if attention_mask is None else attention_mask[:, :, None].to(hidden_states.dtype)
         if mask is not None:
             hidden_states = hidden_states * mask
+        if self._lean(hidden_states):
+            return self._lean_forward(hidden_states, attention_mask, return_state)
         x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
         conv_input = x
         x = F.silu(self.conv1d(x)[..., :length])
@@ -118,6 +136,55 @@ class EHRMambaMixer(nn.Module):
         window = F.pad(conv_input, (max(self.conv_kernel_size - length, 0), 0))[..., -self.conv_kernel_size :]
         out = self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
         return out, MixerState(conv_state=window.contiguous(), ssm_state=ssm_state.float())
+
+    def _lean(self, hidden_states: torch.Tensor) -> bool:
+        if self.layout not in ("auto", "lean", "unfused"):
+            raise ValueError(f"unknown mixer layout {self.layout!r}; choose auto, lean or unfused")
+        return self.layout == "lean" or (self.layout == "auto" and hidden_states.is_cuda)
+
+    def _lean_forward(self, hidden_states, attention_mask, return_state):
+        """The channel-major forward (module docstring); same outputs as the unfused one."""
+        batch, length, _ = hidden_states.shape
+        inter, rank, n_state = self.intermediate_size, self.time_step_rank, self.ssm_state_size
+
+        def per_channel(rows: torch.Tensor) -> torch.Tensor:
+            """(channels, batch * L) -> a (batch, channels, L) view."""
+            return rows.view(rows.shape[0], batch, length).transpose(0, 1)
+
+        def as_rows(channels_first: torch.Tensor) -> torch.Tensor:
+            """(batch, channels, L) -> (channels, batch * L): a view when channel-major."""
+            return channels_first.transpose(0, 1).reshape(channels_first.shape[1], batch * length)
+
+        tokens = hidden_states.reshape(batch * length, self.hidden_size)
+        xz = torch.mm(self.in_proj.weight, tokens.t())
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        x, gate = per_channel(xz[:inter]), per_channel(xz[inter:])
+        x_conv = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, mask=attention_mask,
+                               backend=self.conv_backend)
+        x_rows = as_rows(x_conv)
+        time_step, B, C = torch.split(torch.mm(self.x_proj.weight, x_rows), [rank, n_state, n_state], dim=0)
+        delta = torch.mm(self.dt_proj.weight, time_step)
+        result = selective_scan(
+            x_conv,
+            per_channel(delta),
+            -torch.exp(self.A_log.float()),
+            per_channel(B),
+            per_channel(C),
+            D=self.D.float(),
+            z=gate,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            return_last_state=return_state,
+            backend=self.scan_backend,
+        )
+        y = result[0] if return_state else result
+        out = F.linear(as_rows(y).t(), self.out_proj.weight, self.out_proj.bias)
+        out = out.view(batch, length, self.hidden_size)
+        if not return_state:
+            return out
+        window = F.pad(x, (max(self.conv_kernel_size - length, 0), 0))[..., -self.conv_kernel_size :]
+        return out, MixerState(conv_state=window.contiguous(), ssm_state=result[1].float())
 
     def empty_state(self, batch_size: int, device=None, dtype=None) -> MixerState:
         """The state before any token (zeros), for decoding from scratch."""

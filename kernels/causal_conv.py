@@ -1,0 +1,149 @@
+"""Causal depthwise conv1d (+ SiLU, + padding mask): the step between Mamba's in_proj and its scan.
+
+    causal_conv1d(x, weight, bias=None, mask=None, silu=True, backend="auto")
+
+x (batch, dim, L) with any strides; weight (dim, K) or nn.Conv1d's (dim, 1, K); bias (dim,);
+mask (batch, L), multiplied into the output (0 at padding). Returns (batch, dim, L) in x's dtype and,
+when x is dense, in x's memory layout (a channel-major slice stays channel-major, no transpose copy).
+
+Backends: `torch` (nn.functional.conv1d, any device: the CPU path and the reference); `triton`
+(`causal_conv_kernels`, K <= 4, CUDA or TRITON_INTERPRET=1), one pass over x forward and one over
+x and the output gradient backward; `auto` takes `triton` for CUDA tensors when it can run them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+MAX_TRITON_TAPS = 4
+BLOCK_D = 32
+BLOCK_T_FWD = 128
+BLOCK_T_BWD = 64
+CONV_BACKENDS = ("torch", "triton")
+
+
+def _weight_2d(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    if weight.dim() == 3 and weight.shape[1] == 1:
+        weight = weight[:, 0]
+    if weight.dim() != 2 or weight.shape[0] != dim:
+        raise ValueError(f"conv weight must be (dim={dim}, K) or (dim, 1, K), got {tuple(weight.shape)}")
+    return weight
+
+
+def causal_conv1d_torch(x, weight, bias=None, mask=None, silu=True):
+    """The reference: nn.functional.conv1d with K - 1 zeros of left padding (differentiable by autograd)."""
+    batch, dim, length = x.shape
+    weight = _weight_2d(weight, dim)
+    taps = weight.shape[1]
+    out = F.conv1d(x, weight[:, None, :], bias, padding=taps - 1, groups=dim)[..., :length]
+    if silu:
+        out = F.silu(out)
+    if mask is not None:
+        out = out * mask[:, None, :].to(out.dtype)
+    return out
+
+
+def _padded_taps(weight: torch.Tensor) -> torch.Tensor:
+    """(dim, K) -> (dim, 4) float32 with K leading zero taps prepended: the same causal sum."""
+    return F.pad(weight.float(), (MAX_TRITON_TAPS - weight.shape[1], 0))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _mask_args(mask, x):
+    if mask is None:
+        return x, (0, 0)
+    return mask, tuple(mask.stride())
+
+
+class CausalConv1dTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, silu):
+        from odyssey.kernels.causal_conv_kernels import _causal_conv_fwd_kernel
+
+        batch, dim, length = x.shape
+        taps = _padded_taps(_weight_2d(weight, dim))
+        out = torch.empty_like(x)
+        mask_ptr, mask_strides = _mask_args(mask, x)
+        grid = (triton_cdiv(length, BLOCK_T_FWD), triton_cdiv(dim, BLOCK_D), batch)
+        _causal_conv_fwd_kernel[grid](
+            x, taps, bias if bias is not None else taps, mask_ptr, out, dim, length,
+            *x.stride(), *taps.stride(), *mask_strides, *out.stride(),
+            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=bool(silu),
+            BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T_FWD, num_warps=4,
+        )
+        ctx.save_for_backward(x, taps, bias if bias is not None else taps.new_empty(0),
+                              mask if mask is not None else taps.new_empty(0))
+        ctx.has_bias, ctx.has_mask, ctx.silu = bias is not None, mask is not None, bool(silu)
+        ctx.weight_shape, ctx.weight_dtype, ctx.taps = weight.shape, weight.dtype, weight.shape[-1]
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from odyssey.kernels.causal_conv_kernels import _causal_conv_bwd_kernel
+
+        x, taps, bias, mask = ctx.saved_tensors
+        batch, dim, length = x.shape
+        dx = torch.empty_like(x)
+        dw = torch.zeros_like(taps)
+        dbias = torch.zeros(dim, device=x.device, dtype=torch.float32) if ctx.has_bias else None
+        mask_ptr, mask_strides = _mask_args(mask if ctx.has_mask else None, x)
+        grid = (triton_cdiv(length, BLOCK_T_BWD), triton_cdiv(dim, BLOCK_D), batch)
+        _causal_conv_bwd_kernel[grid](
+            x, taps, bias if ctx.has_bias else taps, mask_ptr, dout, dx, dw,
+            dbias if dbias is not None else dw, dim, length,
+            *x.stride(), *taps.stride(), *mask_strides, *dout.stride(), *dx.stride(),
+            HAS_BIAS=ctx.has_bias, HAS_MASK=ctx.has_mask, SILU=ctx.silu,
+            BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T_BWD, num_warps=4,
+        )
+        dweight = dw[:, MAX_TRITON_TAPS - ctx.taps:].to(ctx.weight_dtype).reshape(ctx.weight_shape)
+        if dbias is not None:
+            dbias = dbias.to(bias.dtype)
+        return dx, dweight, dbias, None, None
+
+
+def _triton_usable(x: torch.Tensor, taps: int) -> bool:
+    if taps > MAX_TRITON_TAPS:
+        return False
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        importlib.import_module("odyssey.kernels.causal_conv_kernels")
+    except Exception:  # Triton missing or broken: the torch path still works
+        return False
+    return True
+
+
+def resolve_conv_backend(backend: str, x: torch.Tensor, taps: int) -> str:
+    """The backend a call runs: `auto` is `triton` for CUDA tensors with K <= 4 when Triton imports."""
+    if backend == "auto":
+        return "triton" if x.is_cuda and _triton_usable(x, taps) else "torch"
+    if backend not in CONV_BACKENDS:
+        raise ValueError(f"unknown conv backend {backend!r}; choose one of {('auto', *CONV_BACKENDS)}")
+    if backend == "triton" and not _triton_usable(x, taps):
+        raise ValueError(f"the triton conv needs CUDA tensors (or TRITON_INTERPRET=1), Triton, and at most "
+                         f"{MAX_TRITON_TAPS} taps; got device {x.device} and {taps} taps")
+    return backend
+
+
+def causal_conv1d(x, weight, bias=None, mask=None, silu=True, backend="auto"):
+    """silu(causal depthwise conv1d(x)) * mask, (batch, dim, L) -> (batch, dim, L); see the module doc."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, dim, L), got shape {tuple(x.shape)}")
+    batch, dim, length = x.shape
+    weight2 = _weight_2d(weight, dim)
+    if bias is not None and tuple(bias.shape) != (dim,):
+        raise ValueError(f"conv bias must be (dim={dim},), got {tuple(bias.shape)}")
+    if mask is not None and tuple(mask.shape) != (batch, length):
+        raise ValueError(f"mask must be (batch={batch}, L={length}), got {tuple(mask.shape)}")
+    if resolve_conv_backend(backend, x, weight2.shape[1]) == "torch":
+        return causal_conv1d_torch(x, weight2, bias, mask, silu)
+    if mask is not None:
+        mask = mask.to(torch.float32)
+    return CausalConv1dTriton.apply(x, weight, bias, mask, silu)

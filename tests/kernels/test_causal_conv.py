@@ -1,0 +1,108 @@
+"""The Triton causal conv1d + SiLU against the torch reference, on CPU under the Triton interpreter."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from odyssey.kernels import causal_conv, causal_conv_kernels  # noqa: E402
+
+if not isinstance(causal_conv_kernels._causal_conv_fwd_kernel, InterpretedFunction):
+    importlib.reload(causal_conv_kernels)
+
+
+def rel_err(ours, ref):
+    assert torch.isfinite(ours).all(), "non-finite values (an unwritten element?)"
+    return ((ours.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def channel_major(batch, dim, length, gen, dtype=torch.float32):
+    """(batch, dim, L) view of a (dim, batch, L) buffer: the mixer's layout of in_proj's output."""
+    return torch.randn(dim, batch, length, generator=gen).to(dtype).transpose(0, 1)
+
+
+def run(fn, x, weight, bias, mask, silu, dout):
+    x = x.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    bias = None if bias is None else bias.detach().clone().requires_grad_()
+    out = fn(x, weight, bias, mask, silu)
+    out.backward(dout)
+    return out, x.grad, weight.grad, None if bias is None else bias.grad
+
+
+def triton_conv(x, weight, bias, mask, silu):
+    return causal_conv.causal_conv1d(x, weight, bias, mask, silu, backend="triton")
+
+
+@pytest.mark.parametrize(
+    ("length", "taps", "with_bias", "with_mask", "silu", "layout"),
+    [
+        (1, 4, True, False, True, "channel_major"),
+        (17, 4, True, True, True, "channel_major"),
+        (130, 4, False, False, True, "contiguous"),  # crosses time tiles of 64 and 128
+        (37, 3, True, True, False, "channel_last"),
+        (9, 2, True, False, True, "contiguous"),
+    ],
+)
+def test_triton_matches_torch_reference(length, taps, with_bias, with_mask, silu, layout):
+    gen = torch.Generator().manual_seed(length * 10 + taps)
+    batch, dim = 2, 40  # dim not a multiple of the channel tile
+    if layout == "channel_major":
+        x = channel_major(batch, dim, length, gen)
+    elif layout == "channel_last":
+        x = torch.randn(batch, length, dim, generator=gen).transpose(1, 2)
+    else:
+        x = torch.randn(batch, dim, length, generator=gen)
+    weight = torch.randn(dim, 1, taps, generator=gen)
+    bias = torch.randn(dim, generator=gen) if with_bias else None
+    mask = None
+    if with_mask:
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[1, : length // 2] = 0
+    dout = torch.randn(batch, dim, length, generator=gen)
+    ours = run(triton_conv, x, weight, bias, mask, silu, dout)
+    ref = run(causal_conv.causal_conv1d_torch, x, weight, bias, mask, silu, dout)
+    for name, a, b in zip(("out", "dx", "dweight", "dbias"), ours, ref, strict=True):
+        if b is None:
+            assert a is None
+            continue
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) <= 1e-5, name
+
+
+def test_channel_major_input_gives_channel_major_output_and_gradient():
+    gen = torch.Generator().manual_seed(0)
+    x = channel_major(2, 8, 20, gen).requires_grad_()
+    out = causal_conv.causal_conv1d(x, torch.randn(8, 4, generator=gen), backend="triton")
+    assert out.stride() == x.stride()
+    out.backward(torch.randn(out.shape, generator=gen))
+    assert x.grad.stride() == x.stride()
+
+
+def test_bf16_matches_reference_within_rounding():
+    gen = torch.Generator().manual_seed(1)
+    x = channel_major(2, 16, 70, gen, dtype=torch.bfloat16)
+    weight, bias = torch.randn(16, 4, generator=gen), torch.randn(16, generator=gen)
+    out = causal_conv.causal_conv1d(x, weight, bias, backend="triton")
+    ref = causal_conv.causal_conv1d_torch(x.double(), weight.double(), bias.double())
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) <= 5e-3
+
+
+def test_bad_shapes_are_named():
+    x = torch.randn(2, 8, 5)
+    with pytest.raises(ValueError, match="conv weight"):
+        causal_conv.causal_conv1d(x, torch.randn(7, 4))
+    with pytest.raises(ValueError, match="mask"):
+        causal_conv.causal_conv1d(x, torch.randn(8, 4), mask=torch.ones(2, 6))
+    with pytest.raises(ValueError, match="taps"):
+        causal_conv.causal_conv1d(x, torch.randn(8, 5), backend="triton")
+
+
+def test_auto_runs_torch_on_cpu():
+    assert causal_conv.resolve_conv_backend("auto", torch.randn(1, 2, 3), 4) == "torch"
