@@ -1,0 +1,278 @@
+"""`odyssey forecast`: sampled futures at each labelled prediction time, next-visit metrics, zero-shot risks.
+
+Output folder (written atomically):
+- `futures.parquet`: one row per generated token: `subject_id`, `prediction_time`, `sample`, `position`
+  (0-based within the future), `token`, `time` (UTC, tz-naive), `token_type` (a `TokenType` name),
+  `visit` (1 = the first generated visit).
+- `risks.parquet`: per prediction time and task, the share of futures with the task's outcome
+  (`predicted_boolean_probability`) next to the label (`boolean_value`), in the MEDS prediction schema.
+- `report.json`: settings, counts, next-visit recall@k / precision@k, zero-shot AUROC per task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import torch
+from pydantic import Field, field_validator
+from tqdm.auto import tqdm
+
+from odyssey.config import StageConfig
+from odyssey.io import atomic_output_dir, write_json
+from odyssey.pipelines import schema as S
+from odyssey.tokenizer import EHRTokenizer, SpecialTokens, TokenType, as_row, cut_at, load_sequences, truncate
+
+from .generate import Futures, History, generate, load_generator
+from .metrics import ranked_codes, recall_precision_at, risk_auroc, share_with_outcome
+from .rules import SequenceRules, outcome_token_ids
+
+REPORT = "report.json"
+FUTURES = "futures.parquet"
+RISKS = "risks.parquet"
+TOKENIZER_SUBDIR = "tokenizer"
+LABELS_FILE = "labels.parquet"
+PREDICTION_TIME = "prediction_time"
+BOOLEAN_VALUE = "boolean_value"
+PROBABILITY = "predicted_boolean_probability"
+OUTCOMES = ("death", "admission")
+_MICROSECONDS_PER_DAY = 86_400 * 1_000_000
+
+
+class ForecastConfig(StageConfig):
+    """Settings of `odyssey forecast` (configs/forecast.yaml); CLI flags override fields."""
+
+    model: Path | None = Field(None, description="pretraining run folder (or its model/ folder)")
+    data: Path | None = Field(None, description="sequences folder from `odyssey tokenize`")
+    labels: Path | None = Field(None, description="labels folder from `odyssey labels`")
+    out: Path | None = Field(None, description="output folder: futures.parquet, risks.parquet, report.json")
+    split: str = Field(S.HELD_OUT_SPLIT, description="subjects whose prediction times are forecast")
+    samples: int = Field(16, ge=1, description="futures sampled per prediction time (K)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus: sample among the most likely tokens of this mass")
+    temperature: float = Field(1.0, ge=0, description="softmax temperature; 0 takes the most likely token")
+    max_visits: int = Field(2, ge=1, description="generated visits per future (V)")
+    max_tokens: int = Field(256, ge=1, description="generated tokens per future at most")
+    max_subjects: int | None = Field(None, ge=1, description="forecast this many subjects of the split (seeded draw)")
+    context_length: int = Field(2048, ge=8, description="history tokens read before generating (most recent)")
+    histories_per_batch: int = Field(8, ge=1, description="prediction times whose futures are sampled together")
+    risks: dict[str, Literal["death", "admission"]] = Field(
+        default_factory=lambda: {"mortality_30d": "death", "readmission_30d": "admission"},
+        description="task -> outcome token its zero-shot risk looks for",
+    )
+    horizon_days: float = Field(30.0, gt=0, description="an outcome counts when this close after the prediction time")
+    inpatient_class: str = Field("IMP", description="encounter class of an admission (ENCOUNTER_START//IMP)")
+    top_k: list[int] = Field(default_factory=lambda: [5, 10, 20], description="k of next-visit recall@k / precision@k")
+    allow_unknown: bool = Field(False, description="let futures hold [UNK] (a rare code of unknown kind)")
+    resamples: int = Field(1000, ge=1, description="bootstrap resamples (subjects) of the AUROC intervals")
+    device: Literal["cpu", "cuda"] = "cpu"
+    seed: int = 0
+    progress_bar: bool = True
+
+    @field_validator("top_k")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or min(value) < 1:
+            raise ValueError("top_k needs at least one k >= 1")
+        return sorted(set(value))
+
+
+@dataclass
+class IndexPoint:
+    """One prediction time of one subject, with its history and the real next visit's codes."""
+
+    subject_id: int
+    prediction_time: np.datetime64
+    history: History
+    next_codes: set[str] | None  # None: no visit followed
+
+    @property
+    def anchor(self) -> np.datetime64:
+        """When the history's last token happened: generated times count from here."""
+        return np.datetime64(self.history.row["event_times"][-1], "us")
+
+
+def read_labels(labels_dir: Path, tasks: Sequence[str]) -> dict[str, pl.DataFrame]:
+    """`LABEL_DIR/<task>/labels.parquet` of each task that has one; an error when none has."""
+    found = {}
+    for task in tasks:
+        path = labels_dir / task / LABELS_FILE
+        if path.is_file():
+            frame = pl.read_parquet(path, columns=[S.SUBJECT_ID, PREDICTION_TIME, BOOLEAN_VALUE])
+            found[task] = frame.with_columns(pl.col(PREDICTION_TIME).cast(pl.Datetime("us")))
+    if not found:
+        raise FileNotFoundError(
+            f"{labels_dir}: no labels for the tasks {list(tasks)} (expected {labels_dir}/<task>/{LABELS_FILE}; "
+            "run `odyssey labels`)"
+        )
+    return found
+
+
+def _next_visit_codes(row: dict[str, Any], cut: dict[str, Any], codes: list[str | None]) -> set[str] | None:
+    following = int(cut["visit_orders"].max()) + 1
+    in_visit = row["visit_orders"] == following
+    if not in_visit.any():
+        return None
+    return {c for c in (codes[i] for i in row["input_ids"][in_visit]) if c is not None}
+
+
+def index_points(config: ForecastConfig, tokenizer_codes: list[str | None], labels: dict[str, pl.DataFrame]
+                 ) -> tuple[list[IndexPoint], dict[str, int]]:
+    """The split's prediction times (from every task's labels) with their cut, truncated histories."""
+    sequences = load_sequences(config.data, config.split)
+    times = pl.concat([f.select(S.SUBJECT_ID, PREDICTION_TIME) for f in labels.values()]).unique()
+    subjects = np.sort(np.intersect1d(sequences[S.SUBJECT_ID].to_numpy(), times[S.SUBJECT_ID].to_numpy()))
+    if config.max_subjects is not None and subjects.size > config.max_subjects:
+        chosen = np.random.default_rng(config.seed).choice(subjects, config.max_subjects, replace=False)
+        subjects = np.sort(chosen)
+    if not subjects.size:
+        raise ValueError(f"{config.labels}: no labelled prediction time of a {config.split!r} subject in {config.data}")
+    wanted = times.filter(pl.col(S.SUBJECT_ID).is_in(subjects.tolist())).sort(S.SUBJECT_ID, PREDICTION_TIME)
+    by_subject = {r[S.SUBJECT_ID]: r for r in sequences.filter(pl.col(S.SUBJECT_ID).is_in(subjects.tolist()))
+                  .iter_rows(named=True)}
+    points, counts = [], {"prediction_times": wanted.height, "no_history": 0}
+    for subject_id, prediction_time in wanted.iter_rows():
+        row = as_row(by_subject[subject_id])
+        when = np.datetime64(prediction_time, "us")
+        cut = cut_at(row, when)
+        if cut is None:
+            counts["no_history"] += 1
+            continue
+        points.append(IndexPoint(subject_id, when, History(truncate(cut, config.context_length)),
+                                 _next_visit_codes(row, cut, tokenizer_codes)))
+    return points, counts
+
+
+def _futures_frame(points: Sequence[IndexPoint], futures: Futures, tokenizer: EHRTokenizer,
+                   rules: SequenceRules) -> pl.DataFrame:
+    """One row per generated token; times in float64 from the history's last token (exact gap days)."""
+    gap_days = rules.gap_days.cpu().numpy().astype(np.float64)
+    words = np.asarray([tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)], dtype=object)
+    type_names = {int(t): t.name for t in TokenType}
+    pieces = []
+    for r in range(len(futures.tokens)):
+        point = points[futures.history[r]]
+        count = len(futures.tokens[r])
+        last_order = int(point.history.row["visit_orders"][-1])
+        elapsed_days = np.cumsum(gap_days[futures.tokens[r]])
+        offsets = np.round(elapsed_days * _MICROSECONDS_PER_DAY).astype("timedelta64[us]")
+        pieces.append(pl.DataFrame({
+            S.SUBJECT_ID: np.full(count, point.subject_id, dtype=np.int64),
+            PREDICTION_TIME: np.full(count, point.prediction_time),
+            "sample": np.full(count, futures.sample[r], dtype=np.int32),
+            "position": np.arange(count, dtype=np.int32),
+            "token": words[futures.tokens[r]].astype(str) if count else np.array([], dtype=str),
+            "time": point.anchor + offsets,
+            "token_type": [type_names[int(t)] for t in futures.token_types[r]],
+            "visit": (futures.visit_orders[r] - last_order).astype(np.int32),
+        }, schema_overrides={"token": pl.String, "token_type": pl.String}))
+    return pl.concat(pieces)
+
+
+def forecast(config: ForecastConfig) -> dict[str, Any]:
+    """Run the stage (see the module docstring); returns the report."""
+    started = time.perf_counter()
+    for name in ("model", "data", "labels", "out"):
+        if getattr(config, name) is None:
+            raise ValueError(f"forecast needs --{name}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    tokenizer_dir = Path(config.data) / TOKENIZER_SUBDIR
+    tokenizer = EHRTokenizer.from_pretrained(tokenizer_dir)
+    model = load_generator(config.model, tokenizer, config.device)
+    rules = SequenceRules(tokenizer, allow_unknown=config.allow_unknown, device=config.device)
+    labels = read_labels(Path(config.labels), list(config.risks))
+    points, counts = index_points(config, rules.codes, labels)
+    outcome_ids = outcome_token_ids(tokenizer, config.inpatient_class)
+    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    risks: dict[str, list[float]] = {outcome: [] for outcome in OUTCOMES}
+    next_visit: dict[int, list[tuple[float, float]]] = {k: [] for k in config.top_k}
+    frames, generated, truncated = [], 0, 0
+    loaded = time.perf_counter()
+    bar = tqdm(total=len(points), desc="forecast", unit="time", disable=not config.progress_bar)
+    for begin in range(0, len(points), config.histories_per_batch):
+        batch = points[begin: begin + config.histories_per_batch]
+        futures = generate(model, [p.history for p in batch], rules, config.samples, config.max_visits,
+                           config.max_tokens, config.top_p, config.temperature, generator)
+        frames.append(_futures_frame(batch, futures, tokenizer, rules))
+        generated += sum(len(t) for t in futures.tokens)
+        truncated += sum(int((t == SpecialTokens.REG).sum() < config.max_visits) for t in futures.tokens)
+        for index, point in enumerate(batch):
+            rows = np.flatnonzero(futures.history == index)
+            tokens = [futures.tokens[r] for r in rows]
+            times = [futures.times[r] for r in rows]
+            reference = float(futures.reference_times[rows[0]])
+            for outcome in OUTCOMES:
+                token_id = outcome_ids[outcome]
+                risks[outcome].append(np.nan if token_id is None else share_with_outcome(
+                    tokens, times, reference, token_id, config.horizon_days))
+            if point.next_codes:
+                last_order = int(point.history.row["visit_orders"][-1])
+                first_visits = [
+                    [c for c in (rules.codes[i] for i in futures.tokens[r][futures.visit_orders[r] == last_order + 1])
+                     if c is not None]
+                    for r in rows
+                ]
+                ranked = ranked_codes(first_visits)
+                for k in config.top_k:
+                    next_visit[k].append(recall_precision_at(ranked, point.next_codes, k))
+        bar.update(len(batch))
+    bar.close()
+    sampled = time.perf_counter()
+    keys = pl.DataFrame({
+        S.SUBJECT_ID: [p.subject_id for p in points],
+        PREDICTION_TIME: np.array([p.prediction_time for p in points], dtype="datetime64[us]"),
+        **{outcome: risks[outcome] for outcome in OUTCOMES},
+    }, schema_overrides={outcome: pl.Float64 for outcome in OUTCOMES})
+    zero_shot, risk_frames = {}, []
+    for task, outcome in config.risks.items():
+        if task not in labels:
+            zero_shot[task] = {"unavailable": f"no {task}/{LABELS_FILE} in {config.labels}"}
+            continue
+        if outcome_ids[outcome] is None:
+            zero_shot[task] = {"unavailable": _missing_outcome_reason(outcome, config.inpatient_class)}
+            continue
+        scored = keys.join(labels[task], on=[S.SUBJECT_ID, PREDICTION_TIME], how="inner")
+        risk_frames.append(scored.select(
+            S.SUBJECT_ID, PREDICTION_TIME, pl.lit(task).alias("task"), pl.col(outcome).alias(PROBABILITY),
+            BOOLEAN_VALUE))
+        zero_shot[task] = {"outcome": outcome, **risk_auroc(
+            scored[S.SUBJECT_ID].to_numpy(), scored[BOOLEAN_VALUE].to_numpy(), scored[outcome].to_numpy(),
+            config.resamples, config.seed)}
+    with_next = len(next_visit[config.top_k[0]])
+    report = {
+        "settings": config.model_dump(mode="json"),
+        "subjects": len({p.subject_id for p in points}),
+        "prediction_times": counts["prediction_times"],
+        "prediction_times_without_history": counts["no_history"],
+        "prediction_times_forecast": len(points),
+        "prediction_times_with_next_visit": with_next,
+        "generated_tokens": generated,
+        "futures_short_of_max_visits": truncated,
+        "next_visit": {
+            f"recall@{k}": float(np.mean([r for r, _ in v])) if v else None for k, v in next_visit.items()
+        } | {f"precision@{k}": float(np.mean([p for _, p in v])) if v else None for k, v in next_visit.items()},
+        "zero_shot": zero_shot,
+        "seconds": {"load": loaded - started, "sample": sampled - loaded},
+        "tokens_per_second": generated / max(sampled - loaded, 1e-9),
+    }
+    empty = pl.DataFrame(schema={S.SUBJECT_ID: pl.Int64, PREDICTION_TIME: pl.Datetime("us"), "task": pl.String,
+                                 PROBABILITY: pl.Float64, BOOLEAN_VALUE: pl.Boolean})
+    with atomic_output_dir(config.out) as staging:
+        (pl.concat(frames) if frames else pl.DataFrame()).write_parquet(staging / FUTURES)
+        (pl.concat(risk_frames) if risk_frames else empty).write_parquet(staging / RISKS)
+        report["seconds"]["total"] = time.perf_counter() - started
+        write_json(staging / REPORT, report)
+    return report
+
+
+def _missing_outcome_reason(outcome: str, inpatient_class: str) -> str:
+    if outcome == "death":
+        return (f"{S.DEATH_CODE} is not a token of this tokenizer (configs/tokenize.yaml excludes it by default; "
+                f"tokenize with exclude_codes: [{S.BIRTH_CODE}] to forecast death)")
+    code = S.make_code(S.ENCOUNTER_START_PREFIX, inpatient_class)
+    return f"{code} is not a token of this tokenizer (encounter_class_tokens: true keeps it)"
