@@ -2,11 +2,13 @@
 
 A patient with `--history` tokens is prefilled once; then each of `--events` new tokens is scored two
 ways: `scorer.update` (recurrent steps from the carried state, plus the trailing prompt on a copy of it)
-and a full parallel forward over the prompted history. Prints the median times and their ratio as JSON
-(target: >= 100x at 16k tokens of history).
+and a full parallel forward over the prompted history. Then a ward of `--ward` patients, each after
+`--history` tokens, takes one new event each in one `update_many` call, against full re-runs batched
+`--rerun-batch` at a time: the per-event cost when a hospital streams events for many patients. Prints
+the median times and ratios as JSON (target: >= 100x at 16k tokens of history).
 
     python benchmarks/scorer.py                                  # small model, 16k history, CPU or CUDA
-    python benchmarks/scorer.py --size tiny --history 2048       # quick
+    python benchmarks/scorer.py --size tiny --history 2048 --ward 64   # quick
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification, EHRMambaScorer
+from odyssey.models.scorer import clone_cache
 
 TASK_TOKEN, TASK_TYPE, VOCAB = 24, 8, 2048
 
@@ -48,6 +51,10 @@ def main() -> None:
     parser.add_argument("--size", default="small")
     parser.add_argument("--history", type=int, default=16_384)
     parser.add_argument("--events", type=int, default=10)
+    parser.add_argument("--ward", type=int, default=1024, help="patients updated together (0: skip)")
+    parser.add_argument("--rerun-batch", type=int, default=4, help="histories per batched full re-run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -88,7 +95,57 @@ def main() -> None:
         "speedup": round(statistics.median(full) / statistics.median(incremental), 1),
         "max_relative_error": max_error,
     }
+    if args.ward:
+        result |= _ward(model, scorer, tokens, args, device)
     print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
+def _timed(device: torch.device, work, repeats: int) -> float:
+    """Median seconds of `work()` over `repeats` runs after one warm-up."""
+    work()
+    seconds = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        work()
+        _sync(device)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def _ward(model, scorer: EHRMambaScorer, tokens: dict[str, np.ndarray], args, device: torch.device) -> dict:
+    """Per-event cost of `update_many` over a ward against batched full re-runs of the same histories."""
+    source = "patient"
+    for bed in range(args.ward):
+        # Every bed starts from the state after the same long history (the cost does not depend on which).
+        scorer.states[bed] = clone_cache(scorer.states[source])
+        scorer.last_token[bed] = scorer.last_token[source]
+    end = args.history + args.events
+    event = {k: v[end - 1: end] for k, v in tokens.items()}
+    ward_seconds = _timed(device, lambda: scorer.update_many({bed: event for bed in range(args.ward)}), args.repeats)
+
+    prompted = {k: np.concatenate([v[:end], v[end - 1: end]]) for k, v in tokens.items()}
+    prompted["input_ids"][-1], prompted["token_type_ids"][-1], prompted["visit_segments"][-1] = TASK_TOKEN, TASK_TYPE, 0
+    batch = {k: torch.as_tensor(v, device=device)[None].expand(args.rerun_batch, -1)
+             .to(torch.float32 if k in ("ages", "times") else torch.long) for k, v in prompted.items()}
+    task_index = torch.zeros(args.rerun_batch, dtype=torch.long, device=device)
+
+    def rerun():
+        with torch.no_grad():
+            model(**batch, task_index=task_index)
+
+    rerun_seconds = _timed(device, rerun, args.repeats)
+    per_event = ward_seconds / args.ward
+    per_rerun = rerun_seconds / args.rerun_batch
+    return {
+        "ward_patients": args.ward, "ward_update_ms": round(1000 * ward_seconds, 3),
+        "ward_per_event_us": round(1e6 * per_event, 2),
+        "rerun_batch": args.rerun_batch, "batched_rerun_per_patient_ms": round(1000 * per_rerun, 3),
+        "ward_speedup": round(per_rerun / per_event, 1),
+    }
 
 
 if __name__ == "__main__":

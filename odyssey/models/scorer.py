@@ -136,7 +136,7 @@ class EHRMambaScorer:
             "visit_segments": torch.full((rows, count), _SEGMENT_OF_PROMPT, device=self.device),
             **last,
         }
-        state = _stack([self.states[p] for p in patients]) if rows > 1 else _copy(self.states[patients[0]])
+        state = _stack([self.states[p] for p in patients]) if rows > 1 else clone_cache(self.states[patients[0]])
         hidden = self.model.backbone(**prompt, cache=state).last_hidden_state  # (rows, count, hidden)
         offset = sum(self.model.config.task_outputs[: self.task_index])
         weight = self.model.classifier.weight[offset: offset + count]
@@ -188,11 +188,12 @@ def _unstack(cache: EHRMambaCache) -> list[EHRMambaCache]:
                           last_times=cache.last_times[r: r + 1], seen_tokens=cache.seen_tokens) for r in range(rows)]
 
 
-def _copy(cache: EHRMambaCache) -> EHRMambaCache:
+def clone_cache(cache: EHRMambaCache) -> EHRMambaCache:
+    """An independent copy of a cache (its tensors cloned)."""
     return EHRMambaCache(
         layers=[MixerState(s.conv_state.clone(), s.ssm_state.clone()) for s in cache.layers],
         last_times=cache.last_times.clone(), seen_tokens=cache.seen_tokens,
     )
 
 
-__all__ = ["EHRMambaScorer"]
+__all__ = ["EHRMambaScorer", "clone_cache"]
