@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer import TRAINING_ARGS_NAME as PICKLED_TRAINING_ARGUMENTS
 from transformers.trainer_utils import get_last_checkpoint
 
 from odyssey.config import StageConfig
@@ -143,7 +144,19 @@ class PretrainResult:
         return asdict(self)
 
 
-class EHRTrainer(Trainer):
+class PickleFreeTrainer(Trainer):
+    """A Trainer whose saved folders hold no pickle: the training arguments go to our JSON reports instead.
+
+    transformers writes `training_args.bin` with `torch.save` (a pickle, readable only with
+    `weights_only=False`); nothing here reads it, and a model folder users share should not carry one.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        (Path(output_dir or self.args.output_dir) / PICKLED_TRAINING_ARGUMENTS).unlink(missing_ok=True)
+
+
+class EHRTrainer(PickleFreeTrainer):
     """Trainer with length-bucketed batches and a token-weighted tuning loss with perplexity."""
 
     def _get_train_sampler(self, train_dataset=None):

@@ -38,6 +38,8 @@ def test_tuning_loss_falls_and_run_folder_is_complete(sequences_dir, tmp_path):
     assert not list((run / "model").glob("*.bin"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-20", "checkpoint-40"]
+    # No pickled training arguments anywhere in the run folder (transformers writes one by default).
+    assert not list(run.rglob("training_args.bin"))
     tags = set()
     for events in (run / "logs").glob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
