@@ -21,6 +21,7 @@ _LAZY = {
     "evaluate": ("odyssey.finetune", "evaluate"),
     "EHRTokenizer": ("odyssey.tokenizer.ehr_tokenizer", "EHRTokenizer"),
     "explain": ("odyssey.interpretability.explain", "explain"),
+    "forecast": ("odyssey.forecast", None),  # a package that is also callable: odyssey.forecast(...)
     "ExplainReport": ("odyssey.interpretability.explain", "ExplainReport"),
 }
 
