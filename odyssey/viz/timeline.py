@@ -8,7 +8,8 @@ Rows of the figure, sharing the time axis:
 - an optional attribution strip (one stem per scored event, red raises the output, blue lowers it,
   the strongest few labelled in words);
 - the event row: diagnoses, procedures, medications, other labs and observations as markers, each
-  type on its own line, sampled forecast futures as hollow markers after the last known event;
+  type on its own line, sampled forecast futures as light hollow markers after the cut line (one lane
+  per sample, or one marker per code sized by the share of samples holding it);
 - value traces of the most frequent labs (one small panel each, labelled with description and unit);
 - an optional risk-over-time panel.
 Visits are shaded bands on every panel (colour by encounter class); a death is a black line.
@@ -59,6 +60,11 @@ MIN_BAND_FRACTION = 0.004  # a visit of a few hours in a decade-long history sti
 JITTER = 0.28  # spread of distinct codes around their row, so simultaneous events stay apart
 LABELLED_ATTRIBUTIONS = 3
 FORECAST_COLOURS = ("tab:cyan", "tab:pink", "tab:olive", "tab:gray", "tab:blue")
+FORECAST_ALPHA = 0.6  # futures are drawn lighter than what happened
+FORECAST_STYLES = ("samples", "aggregate")
+# Columns of `odyssey forecast`'s futures.parquet that the overlay reads.
+FUTURE_SAMPLE, FUTURE_TIME, FUTURE_TOKEN, FUTURE_POSITION = "sample", "time", "token", "position"
+FUTURE_KEYS = (S.SUBJECT_ID, "prediction_time")
 
 
 @dataclass
@@ -165,7 +171,9 @@ def plot_timeline(
     attributions: Mapping[EventKey, float] | None = None,
     risk: Mapping[datetime, float] | Sequence[tuple[datetime, float]] | pl.DataFrame | None = None,
     risk_label: str = "risk",
-    forecasts: Sequence[Sequence[TimeCode]] | None = None,
+    forecasts: Sequence[Sequence[TimeCode]] | pl.DataFrame | None = None,
+    forecast_start: datetime | None = None,
+    forecast_style: str = "samples",
     top_labs: int = 3,
     title: str | None = None,
     window: tuple[datetime, datetime] | None = None,
@@ -176,12 +184,19 @@ def plot_timeline(
 
     `attributions`: score per event, keyed by (time, code) or (issued, code)
     (`token_scores_to_events` makes them from per-token scores). `risk`: (time, value) pairs or a mapping
-    or a two-column frame. `forecasts`: sampled futures, each a list of (time, code); bracketed special
-    tokens ([VS], [W_1], ...) are skipped. `window` (start, end) draws only the events inside it.
+    or a two-column frame. `forecasts`: sampled futures, each a list of (time, code), or the rows of
+    `odyssey forecast`'s futures.parquet for one prediction time (`sample`, `time`, `token`); bracketed
+    special tokens ([VS], [W_1], ...) are skipped. `forecast_start`: the cut line (the prediction time;
+    default: the first future time). `forecast_style`: "samples" (one lane of one colour per sample) or
+    "aggregate" (one marker per code at its median time, sized by the share of samples holding it).
+    `window` (start, end) draws only the events inside it.
     The legend lists the `listed_codes` most frequent diagnoses, procedures and medications in words.
     """
     if events.height == 0:
         raise ValueError("no events to plot")
+    if forecast_style not in FORECAST_STYLES:
+        raise ValueError(f"forecast_style must be one of {FORECAST_STYLES}, got {forecast_style!r}")
+    forecasts = _forecast_samples(forecasts)
     events = _with_odyssey_columns(events)
     subjects = events[S.SUBJECT_ID].unique()
     if subjects.len() != 1:
@@ -206,6 +221,7 @@ def plot_timeline(
 
     # Time range: first to last event (birth excluded: it would squeeze decades of care into a sliver).
     future_times = [t for sample in (forecasts or []) for t, _ in sample]
+    future_times += [forecast_start] if forecast_start is not None and future_times else []
     if window is None:
         care = timed.filter(pl.col(S.EVENT_TYPE) != T.BIRTH.value)
         care = care if care.height else timed
@@ -265,6 +281,10 @@ def plot_timeline(
     events_ax.set_yticks(list(level.values()), [label for _, label, *_ in shown_rows])
     events_ax.set_ylim(-0.7, len(shown_rows) - 0.3)
 
+    counts["forecast"] = sum(len(placed) for placed in forecast_rows)
+    if forecast_style == "aggregate":
+        _draw_forecast_aggregate(events_ax, forecast_rows, level)
+        forecast_rows = []
     for index, placed in enumerate(forecast_rows):
         if not placed:
             continue
@@ -272,10 +292,11 @@ def plot_timeline(
         offset = (index / max(1, len(forecast_rows)) - 0.5) * JITTER
         ys = [level[row] + offset for _, _, row in placed]
         dots = events_ax.scatter(_num([t for t, _, _ in placed]), ys, facecolors="none", edgecolors=colour,
-                                 marker="o", s=30, zorder=4, label=f"forecast {index + 1}" if index < 3 else None)
+                                 marker="o", s=30, zorder=4, alpha=FORECAST_ALPHA,
+                                 label=f"forecast {index + 1}" if index < 3 else None)
         dots.set_gid(f"timeline:forecast:{index}")
     if future_times:
-        start = min(future_times)
+        start = forecast_start if forecast_start is not None else min(future_times)
         for ax in axes.values():
             ax.axvspan(_num([start])[0], _num([last])[0] + pad, color="0.85", alpha=0.35, lw=0, zorder=0)
             ax.axvline(_num([start])[0], color="0.3", ls="--", lw=0.8).set_gid("timeline:forecast-start")
@@ -339,6 +360,47 @@ def plot_timeline(
     fig.suptitle(title or _default_title(events, counts), fontsize=11)
     fig.subplots_adjust(left=0.1, right=0.78, top=1 - 0.5 / fig.get_figheight(), bottom=0.4 / fig.get_figheight())
     return PatientTimeline(figure=fig, axes=axes, marker_counts=counts, lab_codes=lab_codes)
+
+
+def _forecast_samples(forecasts) -> list[list[TimeCode]] | None:
+    """Futures as lists of (time, code): as given, or from futures.parquet rows of one prediction time."""
+    if forecasts is None or not isinstance(forecasts, pl.DataFrame):
+        return None if forecasts is None else [list(sample) for sample in forecasts]
+    missing = [c for c in (FUTURE_SAMPLE, FUTURE_TIME, FUTURE_TOKEN) if c not in forecasts.columns]
+    if missing:
+        raise ValueError(f"forecasts frame lacks the columns {missing} (futures.parquet of `odyssey forecast`)")
+    keys = [c for c in FUTURE_KEYS if c in forecasts.columns]
+    if keys and forecasts.select(keys).unique().height > 1:
+        raise ValueError(f"forecasts frame holds several {', '.join(keys)}; filter it to one prediction time")
+    order = [FUTURE_SAMPLE] + ([FUTURE_POSITION] if FUTURE_POSITION in forecasts.columns else [FUTURE_TIME])
+    ordered = forecasts.sort(order, maintain_order=True)
+    return [
+        list(zip(group[FUTURE_TIME].to_list(), group[FUTURE_TOKEN].to_list(), strict=True))
+        for _, group in ordered.group_by(FUTURE_SAMPLE, maintain_order=True)
+    ]
+
+
+def _draw_forecast_aggregate(ax: Axes, forecast_rows: list[list[tuple[datetime, str, str]]],
+                             level: Mapping[str, int]) -> None:
+    """One hollow marker per future code on its type's line, at the median time of its first occurrence
+    per sample, sized and shaded by the share of samples that hold it."""
+    first_seen: dict[tuple[str, str], list[datetime]] = {}
+    for placed in forecast_rows:
+        mine: dict[tuple[str, str], datetime] = {}
+        for time, code, row in placed:
+            mine.setdefault((row, code), time)
+        for key, time in mine.items():
+            first_seen.setdefault(key, []).append(time)
+    if not first_seen:
+        return
+    keys = sorted(first_seen)
+    shares = np.array([len(first_seen[k]) / len(forecast_rows) for k in keys])
+    times = [np.median(_num(first_seen[k])) for k in keys]
+    ys = [level[row] + _jitter(code) for row, code in keys]
+    colours = [(0.0, 0.6, 0.7, 0.25 + 0.75 * share) for share in shares]
+    dots = ax.scatter(times, ys, facecolors="none", edgecolors=colours, marker="o", s=20 + 120 * shares,
+                      zorder=4, label=f"forecast ({len(forecast_rows)} samples)")
+    dots.set_gid("timeline:forecast-aggregate")
 
 
 def _draw_attributions(ax: Axes, attributions: Mapping[EventKey, float], descriptions) -> None:
