@@ -2,9 +2,13 @@
 
 Runs `odyssey pretrain` on a small synthetic sequences folder once on one GPU (batch B) and once under
 `torchrun --nproc_per_node N` (batch B/N per GPU), for each precision asked, and reports the per-step
-training losses of both, the tuning losses and the largest weight difference. JSON to $OUT/ddp_check.json.
+training losses of both, the tuning losses and the largest weight difference. `--launcher accelerate`
+starts the several-GPU run with `accelerate launch --multi_gpu` instead of torchrun. `--scaling` then
+trains a `small` model (hidden 256, 8 layers) on ~2,000-token sequences at a fixed batch per GPU on one
+GPU and on N, and reports tokens/s and the scaling efficiency. JSON to $OUT/ddp_check.json.
 
     python -P benchmarks/ddp_check.py --gpus 2 --steps 30 --precision fp32 bf16
+    python -P benchmarks/ddp_check.py --gpus 2 --steps 30 --precision fp32 --launcher torchrun accelerate --scaling
 """
 
 from __future__ import annotations
@@ -27,6 +31,21 @@ CONFIG = (
     "model:\n  hidden_size: 64\n  embedding_dropout: 0.0\n"
     "learning_rate: 0.003\nwarmup_steps: 0\neval_steps: 10\nsave_steps: 1000\nlogging_steps: 1\n"
 )
+SCALING_CONFIG = (
+    "model_size: small\ncontext_length: 2048\nlearning_rate: 0.001\nwarmup_steps: 0\neval_steps: 100000\nsave_steps: 100000\n"
+    "logging_steps: 10\nprecision: bf16\n"
+)
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def launch_many(launcher: str, gpus: int, precision: str) -> list[str]:
+    """The command prefix that starts `odyssey` on `gpus` local GPUs."""
+    if launcher == "torchrun":
+        return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(gpus),
+                "--master_port", str(free_port()), "-m"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+            "--num_machines", "1", "--mixed_precision", MIXED_PRECISION[precision], "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m"]
 
 
 def free_port() -> int:
@@ -50,6 +69,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--launcher", nargs="+", default=["torchrun"], choices=["torchrun", "accelerate"])
+    parser.add_argument("--scaling", action="store_true", help="also measure tokens/s on 1 and N GPUs")
+    parser.add_argument("--scaling-steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
 
@@ -61,35 +83,70 @@ def main() -> None:
     (work / "cfg.yaml").write_text(CONFIG)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (gloo)"
     results = {"gpus": args.gpus, "device": device, "steps": args.steps, "runs": {}}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for precision in args.precision:
         common = ["pretrain", "--config", str(work / "cfg.yaml"), "--data", str(data), "--max-steps",
                   str(args.steps), "--no-progress", "--seed", "11", "--precision", precision,
                   "--save-steps", str(args.steps)]
-        one, many = work / f"one-{precision}", work / f"many-{precision}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        one = work / f"one-{precision}"
         subprocess.run([sys.executable, "-m", "odyssey.cli", *common, "--out", str(one), "--batch-size",
                         str(args.batch_size)], env={**env, "CUDA_VISIBLE_DEVICES": "0"}, check=True)
-        torchrun = Path(sys.executable).with_name("torchrun")
-        subprocess.run([str(torchrun), "--nproc_per_node", str(args.gpus), "--master_port", str(free_port()),
-                        "-m", "odyssey.cli", *common, "--out", str(many), "--batch-size",
-                        str(args.batch_size // args.gpus)], env=env, check=True)
-        reports = [json.loads((run / "pretrain_report.json").read_text()) for run in (one, many)]
-        a = load_file(one / "model" / "model.safetensors")
-        b = load_file(many / "model" / "model.safetensors")
-        losses_one, losses_many = step_losses(one), step_losses(many)
-        results["runs"][precision] = {
-            "one_gpu": {"tuning_loss": reports[0]["tuning_loss"], "train_loss": reports[0]["train_loss"],
-                        "step_losses": losses_one},
-            f"{args.gpus}_gpus": {"tuning_loss": reports[1]["tuning_loss"], "train_loss": reports[1]["train_loss"],
-                                  "step_losses": losses_many},
-            "max_step_loss_difference": max((abs(x - y) for x, y in zip(losses_one, losses_many, strict=False)),
-                                            default=None),
-            "max_weight_difference": max((a[k].float() - b[k].float()).abs().max().item() for k in a),
-            "tokens_per_second": [reports[0]["tokens_per_second"], reports[1]["tokens_per_second"]],
-        }
-        print(precision, json.dumps(results["runs"][precision], indent=1)[:1500], flush=True)
+        for launcher in args.launcher:
+            many = work / f"many-{launcher}-{precision}"
+            subprocess.run([*launch_many(launcher, args.gpus, precision), "odyssey.cli", *common, "--out", str(many),
+                            "--batch-size", str(args.batch_size // args.gpus)], env=env, check=True)
+            key = precision if launcher == "torchrun" else f"{precision}-{launcher}"
+            results["runs"][key] = compare(one, many, args.gpus, load_file)
+            print(key, json.dumps(results["runs"][key], indent=1)[:1500], flush=True)
+    if args.scaling:
+        results["scaling"] = scaling(work, args, env)
+        print("scaling", json.dumps(results["scaling"], indent=1), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ddp_check.json").write_text(json.dumps(results, indent=2))
+
+
+def compare(one: Path, many: Path, gpus: int, load_file) -> dict:
+    """Losses, weights and speed of the one-GPU run against the several-GPU run."""
+    reports = [json.loads((run / "pretrain_report.json").read_text()) for run in (one, many)]
+    a = load_file(one / "model" / "model.safetensors")
+    b = load_file(many / "model" / "model.safetensors")
+    losses_one, losses_many = step_losses(one), step_losses(many)
+    return {
+        "one_gpu": {"tuning_loss": reports[0]["tuning_loss"], "train_loss": reports[0]["train_loss"],
+                    "step_losses": losses_one},
+        f"{gpus}_gpus": {"tuning_loss": reports[1]["tuning_loss"], "train_loss": reports[1]["train_loss"],
+                         "step_losses": losses_many},
+        "max_step_loss_difference": max((abs(x - y) for x, y in zip(losses_one, losses_many, strict=False)),
+                                        default=None),
+        "max_weight_difference": max((a[k].float() - b[k].float()).abs().max().item() for k in a),
+        "tokens_per_second": [reports[0]["tokens_per_second"], reports[1]["tokens_per_second"]],
+    }
+
+
+def scaling(work: Path, args, env: dict) -> dict:
+    """Tokens/s of a small model at a fixed batch per GPU: one GPU against `args.gpus` (weak scaling)."""
+    data = write_sequences(work / "long", subjects=1024, max_visits=450)
+    (work / "scaling.yaml").write_text(SCALING_CONFIG)
+    per_gpu_batch = 8
+    common = ["pretrain", "--config", str(work / "scaling.yaml"), "--data", str(data), "--no-progress",
+              "--seed", "11", "--batch-size", str(per_gpu_batch)]
+    # A short run first, so Triton's compiled kernels are cached before either timed run.
+    subprocess.run([sys.executable, "-m", "odyssey.cli", *common, "--max-steps", "2", "--out", str(work / "warm")],
+                   env={**env, "CUDA_VISIBLE_DEVICES": "0"}, check=True)
+    timed = ["--max-steps", str(args.scaling_steps)]
+    subprocess.run([sys.executable, "-m", "odyssey.cli", *common, *timed, "--out", str(work / "s1")],
+                   env={**env, "CUDA_VISIBLE_DEVICES": "0"}, check=True)
+    subprocess.run([*launch_many("torchrun", args.gpus, "bf16"), "odyssey.cli", *common, *timed,
+                    "--out", str(work / "sN")], env=env, check=True)
+    one, many = (json.loads((work / run / "pretrain_report.json").read_text()) for run in ("s1", "sN"))
+    return {
+        "model": "small (hidden 256, 8 layers)", "context_length": 2048, "batch_per_gpu": per_gpu_batch,
+        "steps": args.scaling_steps, "one_gpu_tokens_per_second": one["tokens_per_second"],
+        f"{args.gpus}_gpus_tokens_per_second": many["tokens_per_second"],
+        "speedup": round(many["tokens_per_second"] / one["tokens_per_second"], 2),
+        "efficiency": round(many["tokens_per_second"] / one["tokens_per_second"] / args.gpus, 2),
+        "note": "tokens/s over the whole train() call (start-up, the first steps and the final save included)",
+    }
 
 
 if __name__ == "__main__":
