@@ -11,8 +11,15 @@ number of tokens per step, bf16 autocast on CUDA, in the same run:
 Reports tokens/s and peak GPU memory per (model, length), and the longest length each trains at batch 1
 (doubling until out of memory, up to `--max-length`). JSON goes to `$OUT/pretrain_gpu.json` (or --out).
 
+`--mixer-layout` picks the EHRMamba mixer's layout (`auto`: the lean channel-major one on CUDA, see
+odyssey/models/mixer.py); `--compare LAYOUT:SCAN ...` adds EHRMamba variants timed in the same run
+(e.g. `unfused:auto` for the old layout, `lean:mamba_ssm` for mamba-ssm's scan inside the lean block),
+reported as `ehrmamba_LAYOUT_SCAN`. `--profile` writes a per-kernel CUDA time table of one training
+step of every model at the first length to `$OUT/pretrain_profile.txt`.
+
     python benchmarks/pretrain_gpu.py                     # on the GPU machine
     python benchmarks/pretrain_gpu.py --gradient-checkpointing   # longest lengths with recomputation
+    python benchmarks/pretrain_gpu.py --compare unfused:auto lean:mamba_ssm --profile
     python benchmarks/pretrain_gpu.py --smoke --out /tmp  # toy sizes on CPU (what the tests run)
 """
 
@@ -38,6 +45,8 @@ from odyssey.kernels import resolve_backend  # noqa: E402
 from odyssey.models import EHRMambaConfig, EHRMambaForPretraining, count_parameters  # noqa: E402
 
 REPORT_NAME = "pretrain_gpu.json"
+PROFILE_NAME = "pretrain_profile.txt"
+PROFILE_ROWS = 30
 
 
 class GPTBlock(nn.Module):
@@ -89,11 +98,13 @@ class GPT(nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
 
-def build(kind: str, args) -> nn.Module:
+def build(kind: str, args, layout: str | None = None, scan_backend: str | None = None) -> nn.Module:
     if kind == "ehrmamba":
         config = EHRMambaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                embedding_dropout=0.0, scan_backend=args.scan_backend)
+                                embedding_dropout=0.0, scan_backend=scan_backend or args.scan_backend)
         model = EHRMambaForPretraining(config)
+        for block in model.backbone.layers:
+            block.mixer.layout = layout or args.mixer_layout
         if args.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -177,6 +188,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each block in backward (both models): longer lengths fit")
     parser.add_argument("--models", nargs="+", default=["ehrmamba", "gpt"], choices=["ehrmamba", "gpt"])
+    parser.add_argument("--mixer-layout", default="auto", choices=["auto", "lean", "unfused"])
+    parser.add_argument("--compare", nargs="*", default=[], metavar="LAYOUT:SCAN",
+                        help="extra EHRMamba variants, e.g. unfused:auto lean:mamba_ssm (no batch-1 search)")
+    parser.add_argument("--profile", action="store_true", help=f"per-kernel table of one step -> {PROFILE_NAME}")
     args = parser.parse_args(argv)
     if args.smoke:
         args.hidden, args.layers, args.heads, args.vocab = 32, 2, 2, 64
@@ -184,6 +199,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.gpt_layers is None:
         args.gpt_layers = max(1, args.layers // 2)
     return args
+
+
+def variants(args) -> list[tuple[str, str, str | None, str | None]]:
+    """(report key, model kind, mixer layout, scan backend) of every model timed, in order."""
+    runs = [(kind, kind, None, None) for kind in args.models]
+    for spec in args.compare:
+        layout, _, scan = spec.partition(":")
+        if layout not in ("auto", "lean", "unfused") or not scan:
+            raise SystemExit(f"--compare takes LAYOUT:SCAN with LAYOUT in auto/lean/unfused, got {spec!r}")
+        runs.append((f"ehrmamba_{layout}_{scan}", "ehrmamba", layout, scan))
+    return runs
+
+
+def profile_step(kind, model, batch, length, args, device, autocast_dtype) -> str:
+    """Per-kernel table (CUDA time) of one full training step, after the caller's measurement warmed it up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    train_steps(kind, model, optimizer, batch, length, 1, device, autocast_dtype, args.vocab)
+    with profile(activities=activities) as prof:
+        train_steps(kind, model, optimizer, batch, length, 1, device, autocast_dtype, args.vocab)
+    optimizer.zero_grad(set_to_none=True)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=PROFILE_ROWS, max_name_column_width=70)
 
 
 def main(argv=None) -> dict:
@@ -199,8 +239,12 @@ def main(argv=None) -> dict:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "models": {},
     }
-    for kind in args.models:
-        model = build(kind, args).to(device)
+    out = args.out or Path(os.environ.get("OUT", "."))
+    out.mkdir(parents=True, exist_ok=True)
+    profiles = []
+    for key, kind, layout, scan in variants(args):
+        torch.manual_seed(0)
+        model = build(kind, args, layout, scan).to(device)
         blocks = model.backbone.layers if kind == "ehrmamba" else model.blocks
         entry = {
             "parameters": count_parameters(model),
@@ -208,27 +252,45 @@ def main(argv=None) -> dict:
             "layers": args.layers if kind == "ehrmamba" else args.gpt_layers,
             "by_length": [],
         }
+        if kind == "ehrmamba":
+            mixer = blocks[0].mixer
+            entry["mixer_layout"] = "lean" if mixer._lean(torch.empty(0, device=device)) else "unfused"
+            entry["scan_backend"] = resolve_backend(mixer.scan_backend, device)
         for length in args.lengths:
             batch = max(1, args.tokens_per_step // length)
             entry["by_length"].append(measure(kind, model, batch, length, args, device, autocast_dtype))
             row = entry["by_length"][-1]
             speed = "OOM" if row["out_of_memory"] else f"{row['tokens_per_second']:,.0f} tokens/s"
-            print(f"{kind:9s} length {length:>7,} batch {batch:>3}: {speed}", flush=True)
-        entry["batch_1"] = longest_length(kind, model, args, device, autocast_dtype)
-        print(f"{kind:9s} longest length at batch 1: {entry['batch_1']['longest_length']}", flush=True)
-        report["models"][kind] = entry
+            print(f"{key:28s} length {length:>7,} batch {batch:>3}: {speed}", flush=True)
+        if args.profile:
+            length = args.lengths[0]
+            table = profile_step(kind, model, max(1, args.tokens_per_step // length), length, args, device,
+                                 autocast_dtype)
+            profiles.append(f"=== {key} (length {length}) ===\n{table}\n")
+        if key in ("ehrmamba", "gpt"):
+            entry["batch_1"] = longest_length(kind, model, args, device, autocast_dtype)
+            print(f"{key:28s} longest length at batch 1: {entry['batch_1']['longest_length']}", flush=True)
+        report["models"][key] = entry
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if {"ehrmamba", "gpt"} <= set(report["models"]):
-        report["ehrmamba_speedup"] = {
-            str(m["length"]): (m["tokens_per_second"] / g["tokens_per_second"])
-            if not (m["out_of_memory"] or g["out_of_memory"]) else None
-            for m, g in zip(report["models"]["ehrmamba"]["by_length"], report["models"]["gpt"]["by_length"],
-                            strict=True)
+    if "gpt" in report["models"]:
+        gpt_rows = report["models"]["gpt"]["by_length"]
+        report["speedup_vs_gpt"] = {
+            key: {
+                str(m["length"]): (m["tokens_per_second"] / g["tokens_per_second"])
+                if not (m["out_of_memory"] or g["out_of_memory"]) else None
+                for m, g in zip(entry["by_length"], gpt_rows, strict=True)
+            }
+            for key, entry in report["models"].items() if key != "gpt"
         }
-    out = args.out or Path(os.environ.get("OUT", "."))
-    out.mkdir(parents=True, exist_ok=True)
+        if "ehrmamba" in report["speedup_vs_gpt"]:
+            report["ehrmamba_speedup"] = report["speedup_vs_gpt"]["ehrmamba"]
+        for key, ratios in report["speedup_vs_gpt"].items():
+            shown = ", ".join(f"{length}: {'-' if r is None else f'{r:.2f}x'}" for length, r in ratios.items())
+            print(f"{key:28s} vs GPT tokens/s: {shown}")
+    if profiles:
+        (out / PROFILE_NAME).write_text("".join(profiles))
     write_json(out / REPORT_NAME, report)
     print(f"report: {out / REPORT_NAME}")
     return report

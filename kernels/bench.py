@@ -239,10 +239,11 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 
 
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
-    "b32_L2048_N16": [{}, {"pair": 2}, {"fwd_variant": "seq", "warps_fwd": 2}, {"block_d_bwd": 16},
-                      {"maxnreg": 128}],
-    "b8_L16384_N16": [{}, {"pair": 2}, {"fwd_variant": "seq"}],
-    "b32_L2048_N64": [{}, {"pair": 2}],
+    # v4: backward channel tiles per warp count (1-warp programs reduce dB/dC without crossing warps)
+    "b32_L2048_N16": [{}, {"block_d_bwd": 8, "warps_bwd": 1}, {"block_d_bwd": 16, "warps_bwd": 1},
+                      {"block_d_bwd": 16, "warps_bwd": 2}, {"block_d_bwd": 32, "warps_bwd": 2}, {"chunk": 32}],
+    "b8_L16384_N16": [{}, {"block_d_bwd": 8, "warps_bwd": 1}],
+    "b32_L2048_N64": [{}, {"block_d_bwd": 8, "warps_bwd": 1}],
 }
 
 

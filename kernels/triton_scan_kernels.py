@@ -512,6 +512,8 @@ def _bwd_state_loop_kernel(
     last = (offs_k == CHUNK - 1)[None, :]
     dD_acc = tl.zeros([BLOCK_D], tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], tl.float32)
+    # dA summed over all chunks in registers: one atomic add per program instead of one per (chunk, n)
+    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
 
     n_chunks = tl.cdiv(length, CHUNK)
     carry_rows = carry_ptr + seq * sg_s + offs_d * sg_d
@@ -574,7 +576,7 @@ def _bwd_state_loop_kernel(
             gB_acc += gs * Bn[None, :]
             g_hprev = gs * (hs - drive)
             gA_acc += g_hprev * An[:, None]
-            tl.atomic_add(dA_ptr + offs_d * N + n, tl.sum(g_hprev * dt, axis=1), mask=mask_d)
+            dA_acc += tl.where(offs_n[None, :] == n, tl.sum(g_hprev * dt, axis=1)[:, None], 0.0)
             tl.atomic_add(dB_ptr + b * sdB_b + group * sdB_g + n * sdB_n + t * sdB_l,
                           tl.sum(gs * dtu, axis=0), mask=mask_t)
             tl.atomic_add(dC_ptr + b * sdC_b + group * sdC_g + n * sdC_n + t * sdC_l,
@@ -597,6 +599,9 @@ def _bwd_state_loop_kernel(
                 y += Dv[:, None] * u
             dout = tl.load(dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l,
                            mask=mask_dt, other=0.0).to(tl.float32)
+            # z re-read (an L2 hit) rather than kept live through the state loop
+            zv = tl.load(z_ptr + b * sz_b + offs_d[:, None] * sz_d + t[None, :] * sz_l,
+                         mask=mask_dt, other=0.0).to(tl.float32)
             sig = tl.sigmoid(zv)
             dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
             tl.store(dz_ptr + b * sdz_b + offs_d[:, None] * sdz_d + t[None, :] * sdz_l,
@@ -610,6 +615,7 @@ def _bwd_state_loop_kernel(
         tl.store(ddt_ptr + b * sddt_b + offs_d[:, None] * sddt_d + t[None, :] * sddt_l,
                  ddt.to(ddt_ptr.dtype.element_ty), mask=mask_dt)
 
+    tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:

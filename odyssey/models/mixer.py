@@ -159,7 +159,8 @@ class EHRMambaMixer(nn.Module):
         xz = torch.mm(self.in_proj.weight, tokens.t())
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
-        x, gate = per_channel(xz[:inter]), per_channel(xz[inter:])
+        # split (not two slices): autograd joins the two gradients with one cat, not two zero-filled copies
+        x, gate = (per_channel(rows) for rows in torch.split(xz, inter, dim=0))
         x_conv = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, mask=attention_mask,
                                backend=self.conv_backend)
         x_rows = as_rows(x_conv)
