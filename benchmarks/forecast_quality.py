@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--max-visits", type=int, default=2)
     parser.add_argument("--max-subjects", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=1, help="processes for synth and ingest")
+    parser.add_argument("--batch-size", type=int, default=8, help="pretraining sequences per step")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -57,8 +59,8 @@ def main() -> None:
     root, timings = args.out, {}
     started = time.perf_counter()
     if not (root / "labels").is_dir():
-        odyssey.synthesize(args.patients, root / "fhir", seed=0, workers=1)
-        odyssey.ingest_fhir([root / "fhir"], root / "meds", workers=1)
+        odyssey.synthesize(args.patients, root / "fhir", seed=0, workers=args.workers)
+        odyssey.ingest_fhir([root / "fhir"], root / "meds", workers=args.workers)
         odyssey.tokenize(root / "meds", root / "seq", TokenizeConfig(exclude_codes=["MEDS_BIRTH"]), progress=False)
         odyssey.make_labels(root / "meds", TASKS, root / "labels", progress=False)
     timings["data"] = time.perf_counter() - started
@@ -66,7 +68,7 @@ def main() -> None:
         odyssey.pretrain(odyssey.PretrainConfig(
             data=root / "seq", out=root / "pretrain", max_steps=args.pretrain_steps, model_size=args.model_size,
             eval_steps=args.pretrain_steps, save_steps=args.pretrain_steps, context_length=args.context_length,
-            batch_size=8, progress_bar=False, precision="auto" if args.device == "cuda" else "fp32"))
+            batch_size=args.batch_size, progress_bar=False, precision="auto" if args.device == "cuda" else "fp32"))
     timings["pretrain"] = time.perf_counter() - started - timings["data"]
     report = odyssey.forecast(model=root / "pretrain", data=root / "seq", labels=root / "labels",
                               out=root / "forecast", samples=args.samples, max_visits=args.max_visits,
