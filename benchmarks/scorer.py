@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification, EHRMambaScorer
-from odyssey.models.scorer import clone_cache
 
 TASK_TOKEN, TASK_TYPE, VOCAB = 24, 8, 2048
 
@@ -118,11 +117,9 @@ def _timed(device: torch.device, work, repeats: int) -> float:
 
 def _ward(model, scorer: EHRMambaScorer, tokens: dict[str, np.ndarray], args, device: torch.device) -> dict:
     """Per-event cost of `update_many` over a ward against batched full re-runs of the same histories."""
-    source = "patient"
     for bed in range(args.ward):
         # Every bed starts from the state after the same long history (the cost does not depend on which).
-        scorer.states[bed] = clone_cache(scorer.states[source])
-        scorer.last_token[bed] = scorer.last_token[source]
+        scorer.copy_patient("patient", bed)
     end = args.history + args.events
     event = {k: v[end - 1: end] for k, v in tokens.items()}
     ward_seconds = _timed(device, lambda: scorer.update_many({bed: event for bed in range(args.ward)}), args.repeats)

@@ -1,10 +1,13 @@
 """`EHRMambaScorer`: a task's risk, updated as new events arrive, at a cost that does not grow with history.
 
-The scorer keeps each patient's recurrent state (an `EHRMambaCache`: per layer, the conv window and the
-SSM state) after the events seen so far. New events advance that state one recurrent step per token.
-To score, the task's trailing prompt is stepped on a copy of the state, so the prompt never enters the
-patient's history; the result equals running the whole prompted sequence through the parallel model
+The scorer keeps each patient's recurrent state (per layer, the conv window and the SSM state) after the
+events seen so far. New events advance that state one recurrent step per token. To score, the task's
+trailing prompt is stepped on a copy of the state, so the prompt never enters the patient's history; the
+result equals running the whole prompted sequence through the parallel model
 (`EHRMambaForTaskClassification`) up to float rounding.
+
+States live in one pool of rows on the model's device (a row per patient), so a ward of patients is
+gathered, stepped and scattered back in a few batched operations rather than one per patient.
 
 The first events of a patient must begin like a finetuning input: the task prompt in place of `[CLS]`
 (`odyssey.finetune.data.prompt_input` builds one; drop its trailing prompt, which the scorer adds).
@@ -17,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .mixer import MixerState
 from .modeling_ehrmamba import EHRMambaCache
@@ -28,6 +30,7 @@ _FLOAT_COLUMNS = {"ages", "times"}
 _SEGMENT_OF_PROMPT = 0
 # The trailing prompt repeats the last event's age, time and visit.
 _PROMPT_CONTEXT = ("ages", "times", "visit_orders")
+_FIRST_CAPACITY = 8
 
 
 class EHRMambaScorer:
@@ -46,22 +49,36 @@ class EHRMambaScorer:
         self.prompt = [int(t) for t in model.config.task_prompt_ids[self.task_index]]
         self.task_token_type = int(token_type)
         self.device = next(model.parameters()).device
-        self.states: dict[Hashable, EHRMambaCache] = {}
-        self.last_token: dict[Hashable, dict[str, torch.Tensor]] = {}
+        self.seen_tokens: dict[Hashable, int] = {}
+        self._slots: dict[Hashable, int] = {}
+        self._free: list[int] = []
+        self._pool: EHRMambaCache | None = None  # one row per slot
+        self._context: dict[str, torch.Tensor] = {}  # per slot: the last event's age, time and visit order
 
     def __contains__(self, patient: Hashable) -> bool:
-        return patient in self.states
+        return patient in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
 
     def forget(self, patient: Hashable) -> None:
-        self.states.pop(patient, None)
-        self.last_token.pop(patient, None)
+        slot = self._slots.pop(patient, None)
+        self.seen_tokens.pop(patient, None)
+        if slot is not None:
+            self._free.append(slot)
 
-    def _tensors(self, events: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        lengths = {len(np.asarray(events[c])) for c in TOKEN_COLUMNS}
-        if len(lengths) != 1:
-            raise ValueError(f"event columns differ in length: {sorted(lengths)}")
-        return {c: torch.as_tensor(np.asarray(events[c]), device=self.device)[None].to(
-            torch.float32 if c in _FLOAT_COLUMNS else torch.long) for c in TOKEN_COLUMNS}
+    def state(self, patient: Hashable) -> EHRMambaCache:
+        """A copy of the patient's recurrent state."""
+        cache = self._gather(self._index([patient]))
+        cache.seen_tokens = self.seen_tokens[patient]
+        return cache
+
+    def copy_patient(self, source: Hashable, target: Hashable) -> None:
+        """Start `target` from a copy of `source`'s state (a what-if branch; `target` is replaced)."""
+        index = self._index([source])
+        self.forget(target)
+        self._store(target, self._gather(index), {c: self._context[c][index] for c in _PROMPT_CONTEXT},
+                    self.seen_tokens[source])
 
     @torch.no_grad()
     def update(self, patient: Hashable, events: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -79,43 +96,47 @@ class EHRMambaScorer:
         Rows with fewer new events are padded (padding leaves a row's state unchanged), so a ward of patients
         costs about one patient's steps on a GPU. Returns each patient's risk.
         """
-        batches = {patient: self._tensors(events) for patient, events in events_by_patient.items()}
-        known = []
-        for patient, batch in batches.items():
-            if patient not in self.states:
-                if batch["input_ids"].shape[1] == 0:
-                    raise ValueError("a new patient needs at least one event")
-                if batch["input_ids"][0, : len(self.prompt)].tolist() != self.prompt:
-                    raise ValueError(f"a new patient's events must start with the task prompt {self.prompt}")
-                self.states[patient] = self.model.backbone(**batch, use_cache=True).cache
-                self._remember_last(patient, batch)
-            elif batch["input_ids"].shape[1] > 0:
+        known, arrays = [], []
+        for patient, events in events_by_patient.items():
+            columns = _columns(events)
+            count = len(columns["input_ids"])
+            if patient not in self._slots:
+                self._prefill(patient, columns)
+            elif count:
                 known.append(patient)
+                arrays.append(columns)
         if known:
-            self._step_together(known, [batches[p] for p in known])
-        return self.score_many(list(batches))
+            self._step_together(known, arrays)
+        return self.score_many(list(events_by_patient))
 
-    def _remember_last(self, patient: Hashable, batch: Mapping[str, torch.Tensor], row: int = 0, end: int = -1) -> None:
-        # Kept on the device: reading them back would wait for the GPU at every event.
-        self.last_token[patient] = {c: batch[c][row: row + 1, end: end + 1 or None] for c in _PROMPT_CONTEXT}
+    def _prefill(self, patient: Hashable, columns: dict[str, np.ndarray]) -> None:
+        if len(columns["input_ids"]) == 0:
+            raise ValueError("a new patient needs at least one event")
+        if columns["input_ids"][: len(self.prompt)].tolist() != self.prompt:
+            raise ValueError(f"a new patient's events must start with the task prompt {self.prompt}")
+        batch = {c: self._tensor(c, v[None]) for c, v in columns.items()}
+        cache = self.model.backbone(**batch, use_cache=True).cache
+        self._store(patient, cache, {c: batch[c][:, -1] for c in _PROMPT_CONTEXT}, len(columns["input_ids"]))
 
-    def _step_together(self, patients: list[Hashable], batches: list[dict[str, torch.Tensor]]) -> None:
-        if len(patients) == 1:
-            self.model.backbone(**batches[0], cache=self.states[patients[0]])
-            self._remember_last(patients[0], batches[0])
-            return
-        lengths = [b["input_ids"].shape[1] for b in batches]
-        width = max(lengths)
-        padded = {c: torch.cat([F.pad(b[c], (0, width - n)) for b, n in zip(batches, lengths, strict=True)])
-                  for c in TOKEN_COLUMNS}
-        mask = (torch.arange(width, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None])
-        seen = [self.states[p].seen_tokens for p in patients]
-        cache = _stack([self.states[p] for p in patients])
-        self.model.backbone(**padded, attention_mask=mask.long(), cache=cache)
-        for row, (patient, state) in enumerate(zip(patients, _unstack(cache), strict=True)):
-            state.seen_tokens = seen[row] + lengths[row]
-            self.states[patient] = state
-            self._remember_last(patient, padded, row, lengths[row] - 1)
+    def _step_together(self, patients: list[Hashable], arrays: list[dict[str, np.ndarray]]) -> None:
+        lengths = np.array([len(a["input_ids"]) for a in arrays])
+        width = int(lengths.max())
+        padded = {}
+        for name in TOKEN_COLUMNS:
+            values = np.zeros((len(arrays), width), dtype=np.float32 if name in _FLOAT_COLUMNS else np.int64)
+            for row, columns in enumerate(arrays):
+                values[row, : lengths[row]] = columns[name]
+            padded[name] = self._tensor(name, values)
+        mask = torch.as_tensor(np.arange(width)[None] < lengths[:, None], device=self.device).long()
+        index = self._index(patients)
+        cache = self._gather(index)
+        self.model.backbone(**padded, attention_mask=mask, cache=cache)
+        self._scatter(index, cache)
+        rows, last = torch.arange(len(patients), device=self.device), torch.as_tensor(lengths - 1, device=self.device)
+        for name in _PROMPT_CONTEXT:
+            self._context[name].index_copy_(0, index, padded[name][rows, last].to(self._context[name].dtype))
+        for patient, count in zip(patients, lengths.tolist(), strict=True):
+            self.seen_tokens[patient] += count
 
     @torch.no_grad()
     def score(self, patient: Hashable) -> np.ndarray:
@@ -123,20 +144,18 @@ class EHRMambaScorer:
         return self.score_many([patient])[patient]
 
     @torch.no_grad()
-    def score_many(self, patients: list[Hashable]) -> dict[Hashable, np.ndarray]:
+    def score_many(self, patients: Sequence[Hashable]) -> dict[Hashable, np.ndarray]:
         """`score` for many patients in one batch; each one's state is left untouched."""
-        for patient in patients:
-            if patient not in self.states:
-                raise KeyError(f"no events seen for patient {patient!r}")
+        patients = list(patients)
+        index = self._index(patients)
         count, rows = len(self.prompt), len(patients)
-        last = {c: torch.cat([self.last_token[p][c] for p in patients]).expand(rows, count) for c in _PROMPT_CONTEXT}
         prompt = {
             "input_ids": torch.tensor([self.prompt], device=self.device).expand(rows, count),
             "token_type_ids": torch.full((rows, count), self.task_token_type, device=self.device),
             "visit_segments": torch.full((rows, count), _SEGMENT_OF_PROMPT, device=self.device),
-            **last,
+            **{c: self._context[c][index][:, None].expand(rows, count) for c in _PROMPT_CONTEXT},
         }
-        state = _stack([self.states[p] for p in patients]) if rows > 1 else clone_cache(self.states[patients[0]])
+        state = self._gather(index)  # a copy: the prompt must not enter the patients' histories
         hidden = self.model.backbone(**prompt, cache=state).last_hidden_state  # (rows, count, hidden)
         offset = sum(self.model.config.task_outputs[: self.task_index])
         weight = self.model.classifier.weight[offset: offset + count]
@@ -162,8 +181,7 @@ class EHRMambaScorer:
         points = []
         start = 0
         # The prompt has no moment of its own: it joins the first group of events.
-        first = len(self.prompt)
-        for end in range(first + 1, len(times) + 1):
+        for end in range(len(self.prompt) + 1, len(times) + 1):
             if end < len(times) and times[end] == times[end - 1]:
                 continue
             risk = self.update(patient, {c: np.asarray(events[c])[start:end] for c in TOKEN_COLUMNS})
@@ -172,28 +190,74 @@ class EHRMambaScorer:
         self.forget(patient)
         return points
 
+    # The pool: one row per patient slot, gathered and scattered by index.
 
-def _stack(caches: list[EHRMambaCache]) -> EHRMambaCache:
-    """One batched cache (new tensors) from single-row caches."""
-    return EHRMambaCache(
-        layers=[MixerState(torch.cat([c.layers[i].conv_state for c in caches]),
-                           torch.cat([c.layers[i].ssm_state for c in caches])) for i in range(len(caches[0].layers))],
-        last_times=torch.cat([c.last_times for c in caches]), seen_tokens=max(c.seen_tokens for c in caches),
-    )
+    def _tensor(self, name: str, values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32 if name in _FLOAT_COLUMNS else torch.long, device=self.device)
+
+    def _index(self, patients: Sequence[Hashable]) -> torch.Tensor:
+        missing = [p for p in patients if p not in self._slots]
+        if missing:
+            raise KeyError(f"no events seen for patient {missing[0]!r}")
+        return torch.as_tensor([self._slots[p] for p in patients], device=self.device)
+
+    def _gather(self, index: torch.Tensor) -> EHRMambaCache:
+        pool = self._pool
+        return EHRMambaCache(
+            layers=[MixerState(s.conv_state.index_select(0, index), s.ssm_state.index_select(0, index))
+                    for s in pool.layers],
+            last_times=pool.last_times.index_select(0, index),
+        )
+
+    def _scatter(self, index: torch.Tensor, cache: EHRMambaCache) -> None:
+        for row, new in zip(self._pool.layers, cache.layers, strict=True):
+            row.conv_state.index_copy_(0, index, new.conv_state.to(row.conv_state.dtype))
+            row.ssm_state.index_copy_(0, index, new.ssm_state.to(row.ssm_state.dtype))
+        self._pool.last_times.index_copy_(0, index, cache.last_times.float())
+
+    def _store(self, patient: Hashable, cache: EHRMambaCache, context: dict[str, torch.Tensor], seen: int) -> None:
+        if self._pool is None:
+            self._pool = _empty_like(cache, _FIRST_CAPACITY)
+            self._context = {c: torch.zeros(_FIRST_CAPACITY, dtype=context[c].dtype, device=self.device)
+                             for c in _PROMPT_CONTEXT}
+            self._free = list(range(_FIRST_CAPACITY - 1, -1, -1))
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        index = torch.tensor([slot], device=self.device)
+        self._scatter(index, cache)
+        for name in _PROMPT_CONTEXT:
+            self._context[name].index_copy_(0, index, context[name].reshape(1).to(self._context[name].dtype))
+        self._slots[patient] = slot
+        self.seen_tokens[patient] = seen
+
+    def _grow(self) -> None:
+        """Double the pool's rows (amortised O(1) per new patient)."""
+        capacity = self._pool.last_times.shape[0]
+        bigger = _empty_like(self._pool, 2 * capacity)
+        for row, old in zip(bigger.layers, self._pool.layers, strict=True):
+            row.conv_state[:capacity] = old.conv_state
+            row.ssm_state[:capacity] = old.ssm_state
+        bigger.last_times[:capacity] = self._pool.last_times
+        self._pool = bigger
+        self._context = {c: torch.cat([v, torch.zeros_like(v)]) for c, v in self._context.items()}
+        self._free = list(range(2 * capacity - 1, capacity - 1, -1))
 
 
-def _unstack(cache: EHRMambaCache) -> list[EHRMambaCache]:
-    rows = cache.last_times.shape[0]
-    return [EHRMambaCache(layers=[MixerState(s.conv_state[r: r + 1], s.ssm_state[r: r + 1]) for s in cache.layers],
-                          last_times=cache.last_times[r: r + 1], seen_tokens=cache.seen_tokens) for r in range(rows)]
+def _columns(events: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    columns = {c: np.asarray(events[c]) for c in TOKEN_COLUMNS}
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"event columns differ in length: {sorted(lengths)}")
+    return columns
 
 
-def clone_cache(cache: EHRMambaCache) -> EHRMambaCache:
-    """An independent copy of a cache (its tensors cloned)."""
-    return EHRMambaCache(
-        layers=[MixerState(s.conv_state.clone(), s.ssm_state.clone()) for s in cache.layers],
-        last_times=cache.last_times.clone(), seen_tokens=cache.seen_tokens,
-    )
+def _empty_like(cache: EHRMambaCache, rows: int) -> EHRMambaCache:
+    def empty(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+
+    return EHRMambaCache(layers=[MixerState(empty(s.conv_state), empty(s.ssm_state)) for s in cache.layers],
+                         last_times=torch.full((rows,), float("nan"), device=cache.last_times.device))
 
 
-__all__ = ["EHRMambaScorer", "clone_cache"]
+__all__ = ["EHRMambaScorer"]

@@ -79,7 +79,25 @@ def test_patients_are_kept_apart(model):
     scorer.update("b", second)
     np.testing.assert_array_equal(scorer.score("a"), alone)
     scorer.forget("a")
-    assert "a" not in scorer and "b" in scorer
+    assert "a" not in scorer and "b" in scorer and len(scorer) == 1
+    # A forgotten patient's row is reused; the others keep theirs.
+    scorer.update("c", first)
+    np.testing.assert_array_equal(scorer.score("c"), alone)
+    # A copied state is a branch: the copy moves on, the source stays.
+    scorer.copy_patient("b", "b-what-if")
+    extra = {k: v[-1:] for k, v in first.items()}
+    branched = scorer.update("b-what-if", extra)
+    assert not np.array_equal(branched, scorer.score("b"))
+    assert scorer.seen_tokens["b-what-if"] == scorer.seen_tokens["b"] + 1
+
+
+def test_the_pool_grows_and_keeps_every_patient(model):
+    scorer = EHRMambaScorer(model, "mortality")
+    histories = [_history(12, [24], seed=seed) for seed in range(20)]  # more patients than the first pool
+    alone = [scorer.update(i, h) for i, h in enumerate(histories)]
+    for i in range(20):
+        np.testing.assert_allclose(scorer.score(i), alone[i], rtol=1e-6)
+        np.testing.assert_allclose(alone[i], _full_run(model, histories[i], 13, 0, [24]), rtol=1e-5, atol=1e-7)
 
 
 def test_a_new_patient_must_start_with_the_prompt(model):
@@ -108,7 +126,7 @@ def test_many_patients_advance_together_as_each_would_alone(model):
         np.testing.assert_allclose(risks[name], expected, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(risks[name], _full_run(model, history, ends[name], 1, [27, 28, 29]),
                                    rtol=1e-5, atol=1e-7)
-        assert together.states[name].seen_tokens == ends[name]
+        assert together.seen_tokens[name] == ends[name]
 
 
 def test_trajectory_reads_the_risk_after_each_moment(model):
