@@ -18,11 +18,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _shifted(row_ptr, t, shift, stride_l, mask_rows, length):
+def _shifted(base_ptr, offsets, t, shift, stride_l, mask_rows, length):
     """x at time t + shift for a (channels, time) tile, 0 outside [0, length)."""
     ts = t + shift
     ok = mask_rows[:, None] & ((ts >= 0) & (ts < length))[None, :]
-    return tl.load(row_ptr[:, None] + ts[None, :] * stride_l, mask=ok, other=0.0).to(tl.float32)
+    return tl.load(base_ptr + (offsets + shift * stride_l), mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile_offsets(offs_d, t, stride_d, stride_l, WIDE: tl.constexpr):
+    """Element offsets of a (channels, time) tile from its batch row's base; 32-bit unless WIDE (a
+    tensor of 2**31 or more elements), which halves the registers that address the tiles."""
+    if WIDE:
+        return offs_d.to(tl.int64)[:, None] * stride_d + t.to(tl.int64)[None, :] * stride_l
+    return offs_d[:, None] * stride_d + t[None, :] * stride_l
 
 
 @triton.jit
@@ -30,7 +39,7 @@ def _causal_conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, mask_ptr, out_ptr,
     dim, length,
     sx_b, sx_d, sx_l, sw_d, sw_k, sm_b, sm_l, so_b, so_d, so_l,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -40,16 +49,17 @@ def _causal_conv_fwd_kernel(
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_d = offs_d < dim
     mask_t = t < length
-    row = x_ptr + b * sx_b + offs_d.to(tl.int64) * sx_d
+    x_base = x_ptr + b * sx_b
+    x_offs = _tile_offsets(offs_d, t, sx_d, sx_l, WIDE)
     w_row = w_ptr + offs_d * sw_d
     w0 = tl.load(w_row, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     w1 = tl.load(w_row + sw_k, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     w2 = tl.load(w_row + 2 * sw_k, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     w3 = tl.load(w_row + 3 * sw_k, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-    acc = w3 * _shifted(row, t, 0, sx_l, mask_d, length)
-    acc += w2 * _shifted(row, t, -1, sx_l, mask_d, length)
-    acc += w1 * _shifted(row, t, -2, sx_l, mask_d, length)
-    acc += w0 * _shifted(row, t, -3, sx_l, mask_d, length)
+    acc = w3 * _shifted(x_base, x_offs, t, 0, sx_l, mask_d, length)
+    acc += w2 * _shifted(x_base, x_offs, t, -1, sx_l, mask_d, length)
+    acc += w1 * _shifted(x_base, x_offs, t, -2, sx_l, mask_d, length)
+    acc += w0 * _shifted(x_base, x_offs, t, -3, sx_l, mask_d, length)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     if SILU:
@@ -57,17 +67,17 @@ def _causal_conv_fwd_kernel(
     if HAS_MASK:
         keep = tl.load(mask_ptr + b * sm_b + t * sm_l, mask=mask_t, other=0.0).to(tl.float32)
         acc = acc * keep[None, :]
-    tl.store(out_ptr + b * so_b + offs_d.to(tl.int64)[:, None] * so_d + t[None, :] * so_l,
+    tl.store(out_ptr + b * so_b + _tile_offsets(offs_d, t, so_d, so_l, WIDE),
              acc.to(out_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_t[None, :])
 
 
 @triton.jit
-def _pre_grad(g_row, m_row, t, shift, stride_gl, stride_ml, mask_d, length, pre,
+def _pre_grad(g_base, g_offs, m_row, t, shift, stride_gl, stride_ml, mask_d, length, pre,
               HAS_MASK: tl.constexpr, SILU: tl.constexpr):
     """Gradient wrt the pre-activation at time t + shift (0 past the sequence end)."""
     ts = t + shift
     ok_t = ts < length
-    g = tl.load(g_row[:, None] + ts[None, :] * stride_gl, mask=mask_d[:, None] & ok_t[None, :],
+    g = tl.load(g_base + (g_offs + shift * stride_gl), mask=mask_d[:, None] & ok_t[None, :],
                 other=0.0).to(tl.float32)
     if HAS_MASK:
         g = g * tl.load(m_row + ts * stride_ml, mask=ok_t, other=0.0).to(tl.float32)[None, :]
@@ -82,7 +92,7 @@ def _causal_conv_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, mask_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
     dim, length,
     sx_b, sx_d, sx_l, sw_d, sw_k, sm_b, sm_l, sg_b, sg_d, sg_l, sdx_b, sdx_d, sdx_l,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SILU: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """dx[t] = sum_k w[k] g[t + 3 - k] with g the pre-activation gradient; dw[k] = sum_t g[t] x[t - 3 + k]."""
@@ -93,8 +103,10 @@ def _causal_conv_bwd_kernel(
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_d = offs_d < dim
     mask_t = t < length
-    row = x_ptr + b * sx_b + offs_d.to(tl.int64) * sx_d
-    g_row = dout_ptr + b * sg_b + offs_d.to(tl.int64) * sg_d
+    x_base = x_ptr + b * sx_b
+    x_offs = _tile_offsets(offs_d, t, sx_d, sx_l, WIDE)
+    g_base = dout_ptr + b * sg_b
+    g_offs = _tile_offsets(offs_d, t, sg_d, sg_l, WIDE)
     m_row = mask_ptr + b * sm_b
     w_row = w_ptr + offs_d * sw_d
     w0 = tl.load(w_row, mask=mask_d, other=0.0).to(tl.float32)[:, None]
@@ -105,26 +117,26 @@ def _causal_conv_bwd_kernel(
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     else:
         bias = tl.zeros([BLOCK_D, 1], tl.float32)
-    xm3 = _shifted(row, t, -3, sx_l, mask_d, length)
-    xm2 = _shifted(row, t, -2, sx_l, mask_d, length)
-    xm1 = _shifted(row, t, -1, sx_l, mask_d, length)
-    x0 = _shifted(row, t, 0, sx_l, mask_d, length)
-    xp1 = _shifted(row, t, 1, sx_l, mask_d, length)
-    xp2 = _shifted(row, t, 2, sx_l, mask_d, length)
-    xp3 = _shifted(row, t, 3, sx_l, mask_d, length)
+    xm3 = _shifted(x_base, x_offs, t, -3, sx_l, mask_d, length)
+    xm2 = _shifted(x_base, x_offs, t, -2, sx_l, mask_d, length)
+    xm1 = _shifted(x_base, x_offs, t, -1, sx_l, mask_d, length)
+    x0 = _shifted(x_base, x_offs, t, 0, sx_l, mask_d, length)
+    xp1 = _shifted(x_base, x_offs, t, 1, sx_l, mask_d, length)
+    xp2 = _shifted(x_base, x_offs, t, 2, sx_l, mask_d, length)
+    xp3 = _shifted(x_base, x_offs, t, 3, sx_l, mask_d, length)
 
     # output position t + e reads x[t + e - 3 .. t + e]; its gradient reaches x[t] through tap 3 - e
     pre0 = bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
-    g0 = _pre_grad(g_row, m_row, t, 0, sg_l, sm_l, mask_d, length, pre0, HAS_MASK, SILU)
+    g0 = _pre_grad(g_base, g_offs, m_row, t, 0, sg_l, sm_l, mask_d, length, pre0, HAS_MASK, SILU)
     g0 = tl.where(mask_t[None, :], g0, 0.0)
     dx = w3 * g0
     pre1 = bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1
-    dx += w2 * _pre_grad(g_row, m_row, t, 1, sg_l, sm_l, mask_d, length, pre1, HAS_MASK, SILU)
+    dx += w2 * _pre_grad(g_base, g_offs, m_row, t, 1, sg_l, sm_l, mask_d, length, pre1, HAS_MASK, SILU)
     pre2 = bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2
-    dx += w1 * _pre_grad(g_row, m_row, t, 2, sg_l, sm_l, mask_d, length, pre2, HAS_MASK, SILU)
+    dx += w1 * _pre_grad(g_base, g_offs, m_row, t, 2, sg_l, sm_l, mask_d, length, pre2, HAS_MASK, SILU)
     pre3 = bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3
-    dx += w0 * _pre_grad(g_row, m_row, t, 3, sg_l, sm_l, mask_d, length, pre3, HAS_MASK, SILU)
-    tl.store(dx_ptr + b * sdx_b + offs_d.to(tl.int64)[:, None] * sdx_d + t[None, :] * sdx_l,
+    dx += w0 * _pre_grad(g_base, g_offs, m_row, t, 3, sg_l, sm_l, mask_d, length, pre3, HAS_MASK, SILU)
+    tl.store(dx_ptr + b * sdx_b + _tile_offsets(offs_d, t, sdx_d, sdx_l, WIDE),
              dx.to(dx_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_t[None, :])
 
     dw_row = dw_ptr + offs_d * 4

@@ -106,3 +106,21 @@ def test_bad_shapes_are_named():
 
 def test_auto_runs_torch_on_cpu():
     assert causal_conv.resolve_conv_backend("auto", torch.randn(1, 2, 3), 4) == "torch"
+
+
+def test_offsets_widen_only_past_32_bits():
+    small = torch.empty_strided((2, 8, 100), (800, 100, 1), device="meta")
+    huge = torch.empty_strided((1, 3, 10), (1, 2**30, 1), device="meta")
+    assert not causal_conv._wide(small)
+    assert causal_conv._wide(small, huge)
+
+
+def test_64_bit_offset_path_matches(monkeypatch):
+    monkeypatch.setattr(causal_conv, "_wide", lambda *tensors: True)
+    gen = torch.Generator().manual_seed(3)
+    x, weight, bias = channel_major(2, 8, 21, gen), torch.randn(8, 4, generator=gen), torch.randn(8, generator=gen)
+    dout = torch.randn(2, 8, 21, generator=gen)
+    ours = run(triton_conv, x, weight, bias, None, True, dout)
+    ref = run(causal_conv.causal_conv1d_torch, x, weight, bias, None, True, dout)
+    for a, b in zip(ours, ref, strict=True):
+        assert rel_err(a, b) <= 1e-5
