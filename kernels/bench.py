@@ -241,7 +241,8 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
     # v4: backward channel tiles per warp count (1-warp programs reduce dB/dC without crossing warps)
     "b32_L2048_N16": [{}, {"block_d_bwd": 8, "warps_bwd": 1}, {"block_d_bwd": 16, "warps_bwd": 1},
-                      {"block_d_bwd": 16, "warps_bwd": 2}, {"block_d_bwd": 32, "warps_bwd": 2}, {"chunk": 32}],
+                      {"block_d_bwd": 16, "warps_bwd": 2}, {"block_d_bwd": 32, "warps_bwd": 2}, {"chunk": 32},
+                      {"chunk": 128, "block_d_bwd": 16}, {"block_d_bwd": 64, "warps_bwd": 8}],
     "b8_L16384_N16": [{}, {"block_d_bwd": 8, "warps_bwd": 1}],
     "b32_L2048_N64": [{}, {"block_d_bwd": 8, "warps_bwd": 1}],
 }
