@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=1, help="processes for synth and ingest")
     parser.add_argument("--batch-size", type=int, default=8, help="pretraining sequences per step")
+    parser.add_argument("--histories-per-batch", type=int, default=8, help="prediction times sampled together")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -73,7 +74,7 @@ def main() -> None:
     report = odyssey.forecast(model=root / "pretrain", data=root / "seq", labels=root / "labels",
                               out=root / "forecast", samples=args.samples, max_visits=args.max_visits,
                               max_subjects=args.max_subjects, device=args.device, progress_bar=False,
-                              context_length=args.context_length)
+                              context_length=args.context_length, histories_per_batch=args.histories_per_batch)
     risks = pl.read_parquet(root / "forecast" / "risks.parquet")
     summary = {
         "settings": vars(args) | {"out": str(args.out)},
