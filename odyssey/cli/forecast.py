@@ -43,6 +43,8 @@ def forecast(
     max_subjects: Annotated[int | None, typer.Option("--max-subjects", help="forecast this many subjects")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu | cuda")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
+    meds: Annotated[Path | None, typer.Option("--meds", help="MEDS folder: draw timelines with the futures")] = None,
+    plots: Annotated[int | None, typer.Option("--plots", help="timelines drawn with --meds (default 3)")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config (configs/forecast.yaml)")] = None,
     progress_bar: Annotated[bool | None, typer.Option("--progress/--no-progress", help="show the progress bar")] = None,
 ) -> None:
@@ -54,10 +56,12 @@ def forecast(
         cfg = ForecastConfig.load(
             config, model=model, data=data, labels=labels, out=out, samples=samples, top_p=top_p,
             temperature=temperature, max_visits=max_visits, max_tokens=max_tokens, max_subjects=max_subjects,
-            device=device, seed=seed, progress_bar=progress_bar,
+            device=device, seed=seed, meds=meds, plots=plots, progress_bar=progress_bar,
         )
         report = run_forecast(cfg)
     typer.echo("\n".join(_summary(report)))
+    if report.get("plots"):
+        typer.echo(f"timelines: {', '.join(str(Path(cfg.out) / p) for p in report['plots'] if p.endswith('.png'))}")
     typer.echo(f"report: {Path(cfg.out) / REPORT}")
 
 

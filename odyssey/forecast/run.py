@@ -7,6 +7,8 @@ Output folder (written atomically):
 - `risks.parquet`: per prediction time and task, the share of futures with the task's outcome
   (`predicted_boolean_probability`) next to the label (`boolean_value`), in the MEDS prediction schema.
 - `report.json`: settings, counts, next-visit recall@k / precision@k, zero-shot AUROC per task.
+- `plots/forecast_<i>.png|svg` (with `meds`): timelines of the first prediction times with their futures,
+  named by position, never by subject id.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from .rules import SequenceRules, outcome_token_ids
 REPORT = "report.json"
 FUTURES = "futures.parquet"
 RISKS = "risks.parquet"
+PLOTS = "plots"
+HISTORIES_PER_BATCH = {"cpu": 8, "cuda": 128}  # a GPU step costs about the same for 128 rows as for 8
 TOKENIZER_SUBDIR = "tokenizer"
 LABELS_FILE = "labels.parquet"
 PREDICTION_TIME = "prediction_time"
@@ -59,7 +63,8 @@ class ForecastConfig(StageConfig):
     max_tokens: int = Field(256, ge=1, description="generated tokens per future at most")
     max_subjects: int | None = Field(None, ge=1, description="forecast this many subjects of the split (seeded draw)")
     context_length: int = Field(2048, ge=8, description="history tokens read before generating (most recent)")
-    histories_per_batch: int = Field(8, ge=1, description="prediction times whose futures are sampled together")
+    histories_per_batch: int | None = Field(
+        None, ge=1, description="prediction times sampled together (default: 8 on CPU, 128 on CUDA)")
     risks: dict[str, Literal["death", "admission"]] = Field(
         default_factory=lambda: {"mortality_30d": "death", "readmission_30d": "admission"},
         description="task -> outcome token its zero-shot risk looks for",
@@ -70,6 +75,8 @@ class ForecastConfig(StageConfig):
     allow_unknown: bool = Field(False, description="let futures hold [UNK] (a rare code of unknown kind)")
     resamples: int = Field(1000, ge=1, description="bootstrap resamples (subjects) of the AUROC intervals")
     device: Literal["cpu", "cuda"] = "cpu"
+    meds: Path | None = Field(None, description="MEDS folder: draws `plots` timelines with their futures")
+    plots: int = Field(3, ge=0, description="timelines drawn when `meds` is given (first prediction times)")
     seed: int = 0
     progress_bar: bool = True
 
@@ -181,6 +188,8 @@ def forecast(config: ForecastConfig) -> dict[str, Any]:
             raise ValueError(f"forecast needs --{name}")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    if config.meds is not None and not (Path(config.meds) / S.DATA_DIR).is_dir():
+        raise FileNotFoundError(f"{config.meds}: no {S.DATA_DIR}/ folder (the MEDS dataset of `odyssey ingest`)")
     tokenizer_dir = Path(config.data) / TOKENIZER_SUBDIR
     tokenizer = EHRTokenizer.from_pretrained(tokenizer_dir)
     model = load_generator(config.model, tokenizer, config.device)
@@ -194,8 +203,9 @@ def forecast(config: ForecastConfig) -> dict[str, Any]:
     frames, generated, truncated = [], 0, 0
     loaded = time.perf_counter()
     bar = tqdm(total=len(points), desc="forecast", unit="time", disable=not config.progress_bar)
-    for begin in range(0, len(points), config.histories_per_batch):
-        batch = points[begin: begin + config.histories_per_batch]
+    per_batch = config.histories_per_batch or HISTORIES_PER_BATCH[config.device]
+    for begin in range(0, len(points), per_batch):
+        batch = points[begin: begin + per_batch]
         futures = generate(model, [p.history for p in batch], rules, config.samples, config.max_visits,
                            config.max_tokens, config.top_p, config.temperature, generator)
         frames.append(_futures_frame(batch, futures, tokenizer, rules))
@@ -263,11 +273,26 @@ def forecast(config: ForecastConfig) -> dict[str, Any]:
     empty = pl.DataFrame(schema={S.SUBJECT_ID: pl.Int64, PREDICTION_TIME: pl.Datetime("us"), "task": pl.String,
                                  PROBABILITY: pl.Float64, BOOLEAN_VALUE: pl.Boolean})
     with atomic_output_dir(config.out) as staging:
-        (pl.concat(frames) if frames else pl.DataFrame()).write_parquet(staging / FUTURES)
+        futures_frame = pl.concat(frames) if frames else pl.DataFrame()
+        futures_frame.write_parquet(staging / FUTURES)
+        if config.meds is not None and config.plots:
+            report["plots"] = _plots(config, points, futures_frame, staging / PLOTS)
         (pl.concat(risk_frames) if risk_frames else empty).write_parquet(staging / RISKS)
         report["seconds"]["total"] = time.perf_counter() - started
         write_json(staging / REPORT, report)
     return report
+
+
+def _plots(config: ForecastConfig, points: Sequence[IndexPoint], futures: pl.DataFrame, folder: Path) -> list[str]:
+    from .plots import plot_forecast
+
+    folder.mkdir()
+    written = []
+    for index, point in enumerate(points[: config.plots]):
+        when = point.prediction_time.astype("datetime64[us]").item()
+        paths = plot_forecast(config.meds, futures, point.subject_id, when, folder / f"forecast_{index}")
+        written += [str(Path(PLOTS) / p.name) for p in paths]
+    return written
 
 
 def _missing_outcome_reason(outcome: str, inpatient_class: str) -> str:

@@ -188,7 +188,8 @@ def plot_timeline(
     `odyssey forecast`'s futures.parquet for one prediction time (`sample`, `time`, `token`); bracketed
     special tokens ([VS], [W_1], ...) are skipped. `forecast_start`: the cut line (the prediction time;
     default: the first future time). `forecast_style`: "samples" (one lane of one colour per sample) or
-    "aggregate" (one marker per code at its median time, sized by the share of samples holding it).
+    "aggregate" (one marker per code at its median time, sized by the share of samples holding it);
+    a death in a future is a black cross above the lines, annotated with how many futures die.
     `window` (start, end) draws only the events inside it.
     The legend lists the `listed_codes` most frequent diagnoses, procedures and medications in words.
     """
@@ -253,10 +254,14 @@ def plot_timeline(
     timed = timed.with_columns(pl.Series("_row", row_types, dtype=pl.String))
     rows_used |= set(timed["_row"].drop_nulls().to_list())
     forecast_rows: list[list[tuple[datetime, str, str]]] = []
+    future_deaths: list[datetime] = []  # the first death of each future that has one
     for sample in forecasts or []:
         kept = [(t, c) for t, c in sample if not (c.startswith("[") and c.endswith("]"))]
         types = event_types_of([c for _, c in kept])
-        placed = [(t, c, _row_of(k, (), c) or T.OBSERVATION.value) for (t, c), k in zip(kept, types, strict=True)]
+        deaths = [t for (t, _), k in zip(kept, types, strict=True) if k == T.DEATH.value]
+        future_deaths += deaths[:1]
+        placed = [(t, c, _row_of(k, (), c) or T.OBSERVATION.value) for (t, c), k in zip(kept, types, strict=True)
+                  if k != T.DEATH.value]
         rows_used |= {row for _, _, row in placed}
         forecast_rows.append(placed)
     shown_rows = [r for r in MARKER_ROWS if r[0] in rows_used]
@@ -282,6 +287,16 @@ def plot_timeline(
     events_ax.set_ylim(-0.7, len(shown_rows) - 0.3)
 
     counts["forecast"] = sum(len(placed) for placed in forecast_rows)
+    counts["forecast_death"] = len(future_deaths)
+    if future_deaths:
+        # Deaths sit above the top line: crosses, one per future that dies, and how many of all futures do.
+        top = len(shown_rows) - 0.45
+        crosses = events_ax.scatter(_num(future_deaths), [top] * len(future_deaths), marker="x", color="black",
+                                    s=36, zorder=5, alpha=FORECAST_ALPHA, label="death in a forecast")
+        crosses.set_gid("timeline:forecast-death")
+        events_ax.annotate(f"death in {len(future_deaths)}/{len(forecast_rows)} futures",
+                           (float(np.median(_num(future_deaths))), top), fontsize=7, xytext=(4, 3),
+                           textcoords="offset points")
     if forecast_style == "aggregate":
         _draw_forecast_aggregate(events_ax, forecast_rows, level)
         forecast_rows = []

@@ -36,8 +36,9 @@ def forecast_dir(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("fc") / "forecast"
     result = run("--model", str(cohort.pretrain), "--data", str(cohort.seq), "--labels", str(cohort.labels),
                  "--out", str(out), "--samples", str(SAMPLES), "--max-visits", str(VISITS), "--top-p", "0.9",
-                 "--temperature", "1.0", "--seed", "3", "--no-progress")
+                 "--temperature", "1.0", "--seed", "3", "--no-progress", "--meds", str(cohort.meds), "--plots", "2")
     assert result.exit_code == 0, result.output
+    assert "timelines:" in result.output
     assert "zero-shot mortality_30d: AUROC" in result.output and "next visit" in result.output
     return out
 
@@ -95,6 +96,15 @@ def test_outputs_are_consistent_with_the_futures(forecast_dir, cohort):
     assert all(0 <= nv[f"precision@{k}"] <= 1 for k in (5, 10, 20))
 
 
+def test_timelines_of_the_first_prediction_times(forecast_dir):
+    report = json.loads((forecast_dir / "report.json").read_text())
+    assert sorted(report["plots"]) == ["plots/forecast_0.png", "plots/forecast_0.svg", "plots/forecast_1.png",
+                                       "plots/forecast_1.svg"]
+    assert (forecast_dir / "plots" / "forecast_0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (forecast_dir / "plots" / "forecast_1.svg").read_text()
+    assert "timeline:forecast-aggregate" in svg and "timeline:forecast-start" in svg
+
+
 def test_same_seed_same_futures(cohort, tmp_path):
     common = ["--model", str(cohort.pretrain), "--data", str(cohort.seq), "--labels", str(cohort.labels),
               "--samples", "3", "--max-visits", "1", "--max-subjects", "4", "--no-progress"]
@@ -140,3 +150,6 @@ def test_clear_errors(cohort, tmp_path):
                     "--out", str(tmp_path / "out"), "--no-progress")
     assert no_labels.exit_code == 2 and "no labels for the tasks" in no_labels.output
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+    no_meds = run("--model", str(cohort.pretrain), *base, "--meds", str(tmp_path / "nomeds"))
+    assert no_meds.exit_code == 2 and "no data/ folder" in no_meds.output

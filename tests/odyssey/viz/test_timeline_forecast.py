@@ -81,3 +81,16 @@ def test_forecast_overlay_errors():
         plot_timeline(patient_events(), forecasts=futures_frame(SAMPLES).drop("token"))
     with pytest.raises(ValueError, match="forecast_style"):
         plot_timeline(patient_events(), forecasts=futures_frame(SAMPLES), forecast_style="cloud")
+
+
+def test_deaths_in_futures_are_crosses_with_their_share():
+    samples = [*SAMPLES[:2], [(125, "[W_2]"), (125, "[VS]"), (125, "MEDS_DEATH"), (125, "[VE]")],
+               [(160, "[M_1]"), (160, "[VS]"), (160, "ICD10CM//I50.9"), (160, "MEDS_DEATH"), (170, "MEDS_DEATH")]]
+    for style in ("samples", "aggregate"):
+        timeline = plot_timeline(patient_events(), forecasts=futures_frame(samples), forecast_start=CUT,
+                                 forecast_style=style)
+        (crosses,) = artists(timeline, "timeline:forecast-death")
+        assert sorted(crosses.get_offsets()[:, 0]) == pytest.approx(mdates.date2num([at(125), at(160)]))
+        assert timeline.marker_counts["forecast_death"] == 2
+        assert "death in 2/4 futures" in [t.get_text() for t in timeline.axes["events"].texts]
+        assert timeline.marker_counts["forecast"] == 4  # deaths are not drawn on the observation line
