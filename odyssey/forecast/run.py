@@ -158,26 +158,28 @@ def _futures_frame(points: Sequence[IndexPoint], futures: Futures, tokenizer: EH
                    rules: SequenceRules) -> pl.DataFrame:
     """One row per generated token; times in float64 from the history's last token (exact gap days)."""
     gap_days = rules.gap_days.cpu().numpy().astype(np.float64)
-    words = np.asarray([tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)], dtype=object)
-    type_names = {int(t): t.name for t in TokenType}
-    pieces = []
-    for r in range(len(futures.tokens)):
-        point = points[futures.history[r]]
-        count = len(futures.tokens[r])
-        last_order = int(point.history.row["visit_orders"][-1])
-        elapsed_days = np.cumsum(gap_days[futures.tokens[r]])
-        offsets = np.round(elapsed_days * _MICROSECONDS_PER_DAY).astype("timedelta64[us]")
-        pieces.append(pl.DataFrame({
-            S.SUBJECT_ID: np.full(count, point.subject_id, dtype=np.int64),
-            PREDICTION_TIME: np.full(count, point.prediction_time),
-            "sample": np.full(count, futures.sample[r], dtype=np.int32),
-            "position": np.arange(count, dtype=np.int32),
-            "token": words[futures.tokens[r]].astype(str) if count else np.array([], dtype=str),
-            "time": point.anchor + offsets,
-            "token_type": [type_names[int(t)] for t in futures.token_types[r]],
-            "visit": (futures.visit_orders[r] - last_order).astype(np.int32),
-        }, schema_overrides={"token": pl.String, "token_type": pl.String}))
-    return pl.concat(pieces)
+    counts = np.array([len(t) for t in futures.tokens], dtype=np.int64)
+    of_row = np.repeat(np.arange(len(counts)), counts)
+    point_of_row = futures.history[of_row]
+    tokens = np.concatenate(futures.tokens).astype(np.int64)
+    row_starts = np.repeat(np.cumsum(counts) - counts, counts)
+    gaps = np.cumsum(gap_days[tokens])
+    elapsed_days = gaps - np.concatenate([[0.0], gaps])[row_starts]  # cumulative gap days within each future
+    anchors = np.array([p.anchor for p in points], dtype="datetime64[us]")[point_of_row]
+    last_orders = np.array([int(p.history.row["visit_orders"][-1]) for p in points])[point_of_row]
+    words = pl.Series([tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)], dtype=pl.String)
+    type_names = pl.Series([TokenType(t).name if t in TokenType._value2member_map_ else None
+                            for t in range(max(TokenType) + 1)], dtype=pl.String)
+    return pl.DataFrame({
+        S.SUBJECT_ID: np.array([p.subject_id for p in points], dtype=np.int64)[point_of_row],
+        PREDICTION_TIME: np.array([p.prediction_time for p in points], dtype="datetime64[us]")[point_of_row],
+        "sample": futures.sample[of_row].astype(np.int32),
+        "position": (np.arange(tokens.size) - row_starts).astype(np.int32),
+        "token": words.gather(tokens),
+        "time": anchors + np.round(elapsed_days * _MICROSECONDS_PER_DAY).astype("timedelta64[us]"),
+        "token_type": type_names.gather(np.concatenate(futures.token_types).astype(np.int64)),
+        "visit": (np.concatenate(futures.visit_orders) - last_orders).astype(np.int32),
+    })
 
 
 def forecast(config: ForecastConfig) -> dict[str, Any]:
