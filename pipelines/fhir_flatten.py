@@ -32,7 +32,7 @@ LOOKUP_RESOURCE_TYPES = ("Medication",)
 SUPPORTED_RESOURCE_TYPES = frozenset(EVENT_RESOURCE_TYPES + LOOKUP_RESOURCE_TYPES)
 
 # Observation.category codes -> event type; anything else is a generic observation.
-_OBSERVATION_CATEGORIES = {"laboratory": EventType.LAB, "vital-signs": EventType.VITAL}
+OBSERVATION_CATEGORIES = {"laboratory": EventType.LAB, "vital-signs": EventType.VITAL}
 
 
 class Rejected(Exception):
@@ -207,10 +207,7 @@ class Flattener:
             raise Rejected("no subject (Patient) reference")
         text = ref.get("reference") if isinstance(ref, dict) else None
         if isinstance(text, str) and text[:8] == "Patient/" and "/" not in text[8:] and len(text) > 8:
-            sid = self.ctx.stable_id("Patient", text[8:])
-            if len(self._patient_refs) < 1_000_000:
-                self._patient_refs[text] = sid
-            return sid
+            return self._remember_patient(text)
         return self.ctx.stable_id("Patient", self.ctx.resolve_reference(ref, "Patient", "subject"))
 
     def _encounter_id(self, resource: dict) -> int | None:
@@ -223,11 +220,22 @@ class Flattener:
             return None
         text = ref.get("reference") if isinstance(ref, dict) else None
         if isinstance(text, str) and text[:10] == "Encounter/" and "/" not in text[10:] and len(text) > 10:
-            eid = self.ctx.stable_id("Encounter", text[10:])
-            if len(self._encounter_refs) < 1_000_000:
-                self._encounter_refs[text] = eid
-            return eid
+            return self._remember_encounter(text)
         return self.ctx.stable_id("Encounter", self.ctx.resolve_reference(ref, "Encounter", "encounter"))
+
+    def _remember_patient(self, text: str) -> int:
+        """subject_id of a plain `Patient/id` reference, cached by its text."""
+        sid = self.ctx.stable_id("Patient", text[8:])
+        if len(self._patient_refs) < 1_000_000:
+            self._patient_refs[text] = sid
+        return sid
+
+    def _remember_encounter(self, text: str) -> int:
+        """encounter_id of a plain `Encounter/id` reference, cached by its text."""
+        eid = self.ctx.stable_id("Encounter", text[10:])
+        if len(self._encounter_refs) < 1_000_000:
+            self._encounter_refs[text] = eid
+        return eid
 
     # -- resource types ------------------------------------------------------------------------------
 
@@ -359,7 +367,7 @@ class Flattener:
         if issued is not None and not isinstance(issued, str):
             raise Rejected("Observation.issued is not a string")
         try:  # fast path: the first category's first coding decides
-            event_type = _OBSERVATION_CATEGORIES[r["category"][0]["coding"][0]["code"]]
+            event_type = OBSERVATION_CATEGORIES[r["category"][0]["coding"][0]["code"]]
         except (KeyError, TypeError, IndexError):
             event_type = self._observation_category(r)
         components = r.get("component")
@@ -385,7 +393,7 @@ class Flattener:
     def _observation_category(r: dict) -> EventType:
         for category in r.get("category") or ():
             for coding in (category.get("coding") or ()) if isinstance(category, dict) else ():
-                found = _OBSERVATION_CATEGORIES.get(coding.get("code")) if isinstance(coding, dict) else None
+                found = OBSERVATION_CATEGORIES.get(coding.get("code")) if isinstance(coding, dict) else None
                 if found is not None:
                     return found
         return EventType.OBSERVATION

@@ -52,6 +52,7 @@ class IngestConfig(StageConfig):
     chunk_mb: int = Field(32, ge=1)
     shard_mb: int = Field(256, ge=1, description="input megabytes (uncompressed estimate) per output shard")
     code_systems: str | None = Field(None, description="YAML file with extra system URI -> vocabulary entries")
+    fast_path: bool = Field(True, description="decode common resource shapes with msgspec when installed")
     splits: SplitRatios = SplitRatios()
     dataset_name: str = "odyssey"
     dataset_version: str = "1.0"
@@ -91,30 +92,35 @@ def _estimated_bytes(chunks: list[Chunk]) -> int:
     return sum(c.size * (8 if c.compressed else 1) for c in chunks)
 
 
-def _read_all(chunks, settings, workers, show_progress):
-    """Stage 1 over all chunks, in parallel when there is more than one worker."""
+def _read_all(chunks, settings, pool, show_progress):
+    """Stage 1 over all chunks, in the worker pool when there is one."""
     results = []
     bar = tqdm(total=sum(c.size for c in chunks), unit="B", unit_scale=True, desc="read", disable=not show_progress)
     jobs = [(c, settings) for c in chunks]
     try:
-        if workers <= 1 or len(chunks) == 1:
-            for job in jobs:
-                results.append(read_chunk(job))
-                bar.update(job[0].size)
-                if settings.strict and results[-1].problems:
-                    break
-        else:
-            # spawn, not fork: polars' thread pool does not survive a fork (children deadlock)
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                for result in pool.imap_unordered(read_chunk, jobs):
-                    results.append(result)
-                    bar.update(result.bytes)
-                    if settings.strict and result.problems:
-                        pool.terminate()
-                        break
+        for result in pool.imap_unordered(read_chunk, jobs) if pool is not None else map(read_chunk, jobs):
+            results.append(result)
+            bar.update(result.bytes)
+            if settings.strict and result.problems:
+                break
     finally:
         bar.close()
     return sorted(results, key=lambda r: r.chunk)
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+    """Processes shared by both stages (started once), or None to run in this process."""
+    if workers <= 1:
+        yield None
+        return
+    # spawn, not fork: polars' thread pool does not survive a fork (children deadlock)
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def _where(problem: Problem, chunk_paths: dict[int, str]) -> str:
@@ -217,11 +223,15 @@ def ingest_fhir(
     files = discover(list(paths))
     chunks = plan_chunks(files, config.chunk_mb << 20)
     chunk_paths = {c.index: c.path for c in chunks}
-    workers = min(config.workers or os.cpu_count() or 1, len(chunks))
     subject_buckets = max(1, math.ceil(_estimated_bytes(chunks) / (config.shard_mb << 20)))
     key_buckets = max(4, subject_buckets)
+    workers = min(config.workers or os.cpu_count() or 1, max(len(chunks), subject_buckets))
     out = Path(out)
-    with atomic_output_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="odyssey-spill-", dir=out.resolve().parent, ignore_cleanup_errors=True) as spill:
+    with (
+        atomic_output_dir(out) as tmp,
+        tempfile.TemporaryDirectory(prefix="odyssey-spill-", dir=out.resolve().parent, ignore_cleanup_errors=True) as spill,
+        _worker_pool(workers) as pool,
+    ):
         settings = ReadSettings(
             systems=systems,
             subject_buckets=subject_buckets,
@@ -230,15 +240,17 @@ def ingest_fhir(
             sample_every=config.sample_every,
             strict=config.strict,
             spill_dir=spill,
+            fast_path=config.fast_path,
         )
-        read_results = _read_all(chunks, settings, workers, show_progress)
+        read_results = _read_all(chunks, settings, pool, show_progress)
         problems = [p for r in read_results for p in r.problems]
         if config.strict and problems:
             first = min(problems, key=lambda p: (p.chunk, p.line, p.entry))
             raise StrictModeError(f"{_where(first, chunk_paths)}: {first.reason}")
         bar = tqdm(total=subject_buckets, desc="write", unit="shard", disable=not show_progress)
         try:
-            result = resolve_and_write(Path(spill), tmp, subject_buckets, key_buckets, chunk_paths, config.strict, bar)
+            result = resolve_and_write(Path(spill), tmp, subject_buckets, key_buckets, chunk_paths, config.strict, bar,
+                                       mapper=pool.imap if pool is not None else map)
         except StrictStop as stop:
             raise StrictModeError(f"{_where(stop.problem, chunk_paths)}: {stop.problem.reason}") from None
         finally:

@@ -16,6 +16,8 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
+from odyssey.pipelines.fhir_fast import AVAILABLE as FAST_PATH_AVAILABLE
+from odyssey.pipelines.fhir_fast import FastFlattener
 from odyssey.pipelines.fhir_flatten import (
     ROW_SCHEMA,
     SUPPORTED_RESOURCE_TYPES,
@@ -55,6 +57,7 @@ class ReadSettings:
     strict: bool
     spill_dir: str
     batch_rows: int = 100_000  # rows held before they are checked and spilled (bounds memory)
+    fast_path: bool = True  # decode common shapes with msgspec when it is installed (fhir_fast)
 
 
 @dataclass
@@ -123,6 +126,7 @@ class ChunkReader:
         self.settings = settings
         self.context = Context(systems=settings.systems)
         self.flattener = Flattener(self.context)
+        self.fast = FastFlattener(self.flattener) if settings.fast_path and FAST_PATH_AVAILABLE else None
         self.keys: list[tuple] = []
         self.result = ChunkResult(chunk.index, bytes=chunk.size)
         self.validator = _Validator() if settings.validate != "off" else None
@@ -159,19 +163,28 @@ class ChunkReader:
         supported = SUPPORTED_RESOURCE_TYPES
         validating = self.validator is not None
         every = 1 if self.settings.validate == "full" else self.settings.sample_every
+        fast = self.fast.flatten if self.fast is not None else None
         lines = 0
         try:
             for line, raw in read_lines(self.chunk):
                 lines += 1
                 if not raw or raw.isspace():
                     continue
+                digest = _digest(raw)
+                if fast is not None and not (validating and digest % every == 0):
+                    found = fast(raw, line)
+                    if found is not None:
+                        read[found[0]] += 1
+                        self.keys.append((found[0], found[1], digest, line, 0))
+                        if len(flattener.rows) >= batch:
+                            self._flush()
+                        continue
                 try:
                     resource = loads(raw)
                     rtype = resource["resourceType"]
                 except (decode_error, KeyError, TypeError, IndexError):
                     self._line(raw, line)
                     continue
-                digest = _digest(raw)
                 if rtype.__class__ is not str or rtype not in supported or (validating and digest % every == 0):
                     self._line(raw, line)
                     continue

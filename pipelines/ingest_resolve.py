@@ -52,35 +52,38 @@ def _read_folder(folder: Path) -> pl.DataFrame | None:
     return pl.concat([pl.read_ipc(f) for f in files], how="vertical")
 
 
-def find_duplicates(spill: Path, key_buckets: int, chunk_paths: dict[int, str]) -> pl.DataFrame:
-    """Copies of one resource id: identical copies are skipped, differing copies are all rejected."""
-    found = [_EMPTY_DROPPED]
-    for bucket in range(key_buckets):
-        keys = _read_folder(spill / "keys" / f"b{bucket:04d}")
-        if keys is None:
-            continue
-        dup = keys.filter(pl.len().over("identity") > 1).sort(["identity", *KEY])
-        if dup.is_empty():
-            continue
-        dup = dup.with_columns(
-            first_chunk=pl.col("chunk").first().over("identity"),
-            first_line=pl.col("line").first().over("identity"),
-            is_first=pl.int_range(pl.len()).over("identity") == 0,
-            conflict=pl.col("digest").n_unique().over("identity") > 1,
-        )
-        rows = []
-        for r in dup.iter_rows(named=True):
-            ident = f"{r['resource_type']}/{r['fhir_id']}"
-            if r["conflict"]:
-                rows.append((r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"], "rejected",
-                             f"duplicate id with different content: {ident}"))
-            elif not r["is_first"]:
-                where = f"{chunk_paths[r['first_chunk']]}:{r['first_line']}"
-                rows.append((r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"], "skipped",
-                             f"exact duplicate: {where}"))
-        if rows:
-            found.append(pl.DataFrame(rows, schema=_EMPTY_DROPPED.schema, orient="row"))
-    return pl.concat(found)
+def _bucket_duplicates(args: tuple[Path, int, dict[int, str]]) -> pl.DataFrame | None:
+    """Copies of one resource id within one key bucket (every copy of an id meets in one bucket)."""
+    spill, bucket, chunk_paths = args
+    keys = _read_folder(spill / "keys" / f"b{bucket:04d}")
+    if keys is None:
+        return None
+    dup = keys.filter(pl.len().over("identity") > 1).sort(["identity", *KEY])
+    if dup.is_empty():
+        return None
+    dup = dup.with_columns(
+        first_chunk=pl.col("chunk").first().over("identity"),
+        first_line=pl.col("line").first().over("identity"),
+        is_first=pl.int_range(pl.len()).over("identity") == 0,
+        conflict=pl.col("digest").n_unique().over("identity") > 1,
+    )
+    rows = []
+    for r in dup.iter_rows(named=True):
+        ident = f"{r['resource_type']}/{r['fhir_id']}"
+        if r["conflict"]:
+            rows.append((r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"], "rejected",
+                         f"duplicate id with different content: {ident}"))
+        elif not r["is_first"]:
+            where = f"{chunk_paths[r['first_chunk']]}:{r['first_line']}"
+            rows.append((r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"], "skipped",
+                         f"exact duplicate: {where}"))
+    return pl.DataFrame(rows, schema=_EMPTY_DROPPED.schema, orient="row") if rows else None
+
+
+def find_duplicates(spill: Path, key_buckets: int, chunk_paths: dict[int, str], mapper=map) -> pl.DataFrame:
+    """Identical copies of an id are skipped (all but the first), differing copies are all rejected."""
+    found = mapper(_bucket_duplicates, [(spill, bucket, chunk_paths) for bucket in range(key_buckets)])
+    return pl.concat([_EMPTY_DROPPED, *(f for f in found if f is not None)])
 
 
 def _lookup(spill: Path, name: str, dropped: pl.DataFrame) -> pl.DataFrame | None:
@@ -93,6 +96,105 @@ def _lookup(spill: Path, name: str, dropped: pl.DataFrame) -> pl.DataFrame | Non
 # Ties keep input order (`_seq`: files in path order, then line, then Bundle entry), so the order is total
 # and the same on every run, whatever the chunking or the number of workers.
 _SORT = [schema.SUBJECT_ID, schema.TIME, "_seq"]
+_LOOKUPS = "lookups"  # spill folder of the tables every bucket joins against
+
+
+@dataclass
+class _BucketResult:
+    """What resolving one subject bucket tells the parent (small: counts and short lists)."""
+
+    written: dict[str, int]
+    events: int
+    dangling_encounters: int
+    codes: pl.DataFrame  # code, len
+    subjects: pl.DataFrame  # subject_id
+    failed: pl.DataFrame | None  # chunk, line, entry, resource_type, reason
+    strict_problem: Problem | None = None
+
+
+def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, encounters, medications) -> None:
+    """The tables every bucket joins against, written once for the workers to read."""
+    folder = spill / _LOOKUPS
+    folder.mkdir(parents=True, exist_ok=True)
+    dropped.select(KEY).write_ipc(folder / "dropped.arrow")
+    known_subjects = (
+        patients.select(schema.SUBJECT_ID).with_columns(has_patient=pl.lit(True))
+        if patients is not None
+        else pl.DataFrame(schema={schema.SUBJECT_ID: pl.Int64, "has_patient": pl.Boolean})
+    )
+    known_subjects.write_ipc(folder / "subjects.arrow")
+    (
+        encounters.select("encounter_id", "encounter_subject_id", "encounter_end")
+        if encounters is not None
+        else pl.DataFrame(schema={"encounter_id": pl.Int64, "encounter_subject_id": pl.Int64, "encounter_end": pl.Int64})
+    ).write_ipc(folder / "encounters.arrow")
+    (
+        medications.select("medication_key", "medication_code")
+        if medications is not None
+        else pl.DataFrame(schema={"medication_key": pl.String, "medication_code": pl.String})
+    ).write_ipc(folder / "medications.arrow")
+
+
+def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
+    """Resolve one subject bucket's rows and write them as one sorted shard."""
+    spill, bucket, shard, strict = args
+    lookups = spill / _LOOKUPS
+    rows = _read_folder(spill / "rows" / f"b{bucket:04d}")
+    rows = (
+        rows.with_row_index("_seq")
+        .join(pl.read_ipc(lookups / "dropped.arrow"), on=KEY, how="anti")
+        .join(pl.read_ipc(lookups / "subjects.arrow"), on=schema.SUBJECT_ID, how="left")
+        .join(pl.read_ipc(lookups / "medications.arrow"), on="medication_key", how="left")
+        .join(pl.read_ipc(lookups / "encounters.arrow"), on="encounter_id", how="left")
+    )
+    reason = (
+        pl.when(pl.col("has_patient").is_null())
+        .then(pl.lit("subject Patient not found or rejected"))
+        .when(pl.col("medication_key").is_not_null() & pl.col("medication_code").is_null())
+        .then(pl.lit("medicationReference not found or rejected: ") + pl.col("medication_key"))
+        .when(
+            pl.col("encounter_subject_id").is_not_null()
+            & (pl.col("encounter_subject_id") != pl.col(schema.SUBJECT_ID))
+        )
+        .then(pl.lit("encounter belongs to another patient"))
+        .when(pl.col("time_from_encounter") & pl.col("encounter_end").is_null())
+        .then(pl.lit("no time of its own and its encounter is missing, rejected or has no end"))
+    )
+    rows = rows.with_columns(reason=reason)
+    if rows["reason"].null_count() < rows.height:  # spread a row's reason to its whole resource
+        rows = rows.with_columns(reason=pl.col("reason").drop_nulls().first().over(KEY))
+    failed = rows.filter(pl.col("reason").is_not_null())
+    per_resource = None
+    if not failed.is_empty():
+        per_resource = failed.group_by(KEY).agg(pl.col("resource_type").first(), pl.col("reason").first()).sort(KEY)
+        if strict:
+            first = per_resource.row(0, named=True)
+            problem = Problem(first["chunk"], first["line"], first["entry"], first["resource_type"], None,
+                              first["reason"], None)
+            empty = pl.DataFrame()
+            return _BucketResult({}, 0, 0, empty, empty, None, strict_problem=problem)
+    kept = rows.filter(pl.col("reason").is_null())
+    dangling = kept.filter(pl.col("encounter_id").is_not_null() & pl.col("encounter_subject_id").is_null())
+    kept = kept.with_columns(
+        code=pl.coalesce(schema.CODE, "medication_code"),
+        time=pl.when(pl.col("time_from_encounter")).then(pl.col("encounter_end")).otherwise(pl.col(schema.TIME)),
+        encounter_id=pl.when(pl.col("encounter_subject_id").is_null() & (pl.col(schema.EVENT_TYPE) != "encounter_start")
+                             & (pl.col(schema.EVENT_TYPE) != "encounter_end"))
+        .then(None)
+        .otherwise(pl.col("encounter_id")),
+    )
+    written = dict(kept.select("resource_type", *KEY).unique().group_by("resource_type").len().iter_rows())
+    meds = _to_meds(kept)
+    pq.write_table(meds, shard, compression="zstd", write_statistics=True)
+    frame = pl.from_arrow(meds)
+    return _BucketResult(
+        written=written,
+        events=meds.num_rows,
+        dangling_encounters=dangling.select(KEY).unique().height,
+        codes=frame.group_by(schema.CODE).len(),
+        subjects=frame.select(schema.SUBJECT_ID).unique(),
+        failed=per_resource,
+    )
 
 
 def resolve_and_write(
@@ -103,8 +205,14 @@ def resolve_and_write(
     chunk_paths: dict[int, str],
     strict: bool,
     progress=None,
+    mapper=map,
 ) -> ResolveResult:
-    dropped = find_duplicates(spill, key_buckets, chunk_paths)
+    """Settle duplicates, then resolve every subject bucket into a shard; `mapper` may run buckets in a pool.
+
+    Shards are numbered by bucket order (empty buckets write none), so the output does not depend on
+    how many processes resolve them.
+    """
+    dropped = find_duplicates(spill, key_buckets, chunk_paths, mapper)
     if strict and not dropped.filter(pl.col("kind") == "rejected").is_empty():
         first = dropped.filter(pl.col("kind") == "rejected").sort(KEY).row(0, named=True)
         raise StrictStop(Problem(first["chunk"], first["line"], first["entry"], first["resource_type"],
@@ -112,87 +220,33 @@ def resolve_and_write(
     patients = _lookup(spill, "patients", dropped)
     encounters = _lookup(spill, "encounters", dropped)
     medications = _lookup(spill, "medications", dropped)
-    known_subjects = (
-        patients.select(schema.SUBJECT_ID).with_columns(has_patient=pl.lit(True))
-        if patients is not None
-        else pl.DataFrame(schema={schema.SUBJECT_ID: pl.Int64, "has_patient": pl.Boolean})
-    )
-    enc_lookup = (
-        encounters.select("encounter_id", "encounter_subject_id", "encounter_end")
-        if encounters is not None
-        else pl.DataFrame(schema={"encounter_id": pl.Int64, "encounter_subject_id": pl.Int64, "encounter_end": pl.Int64})
-    )
-    med_lookup = (
-        medications.select("medication_key", "medication_code")
-        if medications is not None
-        else pl.DataFrame(schema={"medication_key": pl.String, "medication_code": pl.String})
-    )
+    _write_lookups(spill, dropped, patients, encounters, medications)
 
-    result = ResolveResult(shards=[], written={})
+    data_dir = out / schema.DATA_DIR
+    data_dir.mkdir(parents=True, exist_ok=True)
+    filled = [b for b in range(subject_buckets) if any((spill / "rows" / f"b{b:04d}").glob("*.arrow"))]
+    shards = [data_dir / f"{i}.parquet" for i in range(len(filled))]
+    if progress is not None and len(filled) < subject_buckets:
+        progress.update(subject_buckets - len(filled))
+    result = ResolveResult(shards=shards, written={})
     written: dict[str, int] = {}
     code_counts: list[pl.DataFrame] = []
     subject_frames: list[pl.DataFrame] = []
     cascades: list[pl.DataFrame] = []
-    data_dir = out / schema.DATA_DIR
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for bucket in range(subject_buckets):
-        rows = _read_folder(spill / "rows" / f"b{bucket:04d}")
+    jobs = [(spill, bucket, shard, strict) for bucket, shard in zip(filled, shards, strict=True)]
+    for bucket_result in mapper(resolve_bucket, jobs):  # in bucket order: strict stops where a serial run would
         if progress is not None:
             progress.update(1)
-        if rows is None:
-            continue
-        rows = (
-            rows.with_row_index("_seq")
-            .join(dropped.select(KEY), on=KEY, how="anti")
-            .join(known_subjects, on=schema.SUBJECT_ID, how="left")
-            .join(med_lookup, on="medication_key", how="left")
-            .join(enc_lookup, on="encounter_id", how="left")
-        )
-        reason = (
-            pl.when(pl.col("has_patient").is_null())
-            .then(pl.lit("subject Patient not found or rejected"))
-            .when(pl.col("medication_key").is_not_null() & pl.col("medication_code").is_null())
-            .then(pl.lit("medicationReference not found or rejected: ") + pl.col("medication_key"))
-            .when(
-                pl.col("encounter_subject_id").is_not_null()
-                & (pl.col("encounter_subject_id") != pl.col(schema.SUBJECT_ID))
-            )
-            .then(pl.lit("encounter belongs to another patient"))
-            .when(pl.col("time_from_encounter") & pl.col("encounter_end").is_null())
-            .then(pl.lit("no time of its own and its encounter is missing, rejected or has no end"))
-        )
-        rows = rows.with_columns(reason=reason)
-        if rows["reason"].null_count() < rows.height:  # spread a row's reason to its whole resource
-            rows = rows.with_columns(reason=pl.col("reason").drop_nulls().first().over(KEY))
-        failed = rows.filter(pl.col("reason").is_not_null())
-        if not failed.is_empty():
-            per_resource = failed.group_by(KEY).agg(pl.col("resource_type").first(), pl.col("reason").first())
-            if strict:
-                first = per_resource.sort(KEY).row(0, named=True)
-                raise StrictStop(Problem(first["chunk"], first["line"], first["entry"], first["resource_type"],
-                                         None, first["reason"], None))
-            cascades.append(per_resource)
-        kept = rows.filter(pl.col("reason").is_null())
-        dangling = kept.filter(pl.col("encounter_id").is_not_null() & pl.col("encounter_subject_id").is_null())
-        result.dangling_encounters += dangling.select(KEY).unique().height
-        kept = kept.with_columns(
-            code=pl.coalesce(schema.CODE, "medication_code"),
-            time=pl.when(pl.col("time_from_encounter")).then(pl.col("encounter_end")).otherwise(pl.col(schema.TIME)),
-            encounter_id=pl.when(pl.col("encounter_subject_id").is_null() & (pl.col(schema.EVENT_TYPE) != "encounter_start")
-                                 & (pl.col(schema.EVENT_TYPE) != "encounter_end"))
-            .then(None)
-            .otherwise(pl.col("encounter_id")),
-        )
-        for rtype, n in kept.select("resource_type", *KEY).unique().group_by("resource_type").len().iter_rows():
+        if bucket_result.strict_problem is not None:
+            raise StrictStop(bucket_result.strict_problem)
+        for rtype, n in bucket_result.written.items():
             written[rtype] = written.get(rtype, 0) + n
-        meds = _to_meds(kept)
-        shard = data_dir / f"{len(result.shards)}.parquet"
-        pq.write_table(meds, shard, compression="zstd", write_statistics=True)
-        result.shards.append(shard)
-        result.events += meds.num_rows
-        frame = pl.from_arrow(meds)
-        code_counts.append(frame.group_by(schema.CODE).len())
-        subject_frames.append(frame.select(schema.SUBJECT_ID).unique())
+        result.events += bucket_result.events
+        result.dangling_encounters += bucket_result.dangling_encounters
+        code_counts.append(bucket_result.codes)
+        subject_frames.append(bucket_result.subjects)
+        if bucket_result.failed is not None:
+            cascades.append(bucket_result.failed)
 
     if patients is not None:
         written["Patient"] = patients.height
