@@ -182,9 +182,70 @@ def _futures_frame(points: Sequence[IndexPoint], futures: Futures, tokenizer: EH
     })
 
 
-def forecast(config: ForecastConfig) -> dict[str, Any]:
-    """Run the stage (see the module docstring); returns the report."""
-    started = time.perf_counter()
+class _Scores:
+    """Per prediction time, as batches of futures come: zero-shot risks and next-visit recall/precision."""
+
+    def __init__(self, config: ForecastConfig, rules: SequenceRules, outcome_ids: dict[str, int | None]):
+        self.config, self.rules, self.outcome_ids = config, rules, outcome_ids
+        self.risks: dict[str, list[float]] = {outcome: [] for outcome in OUTCOMES}
+        self.next_visit: dict[int, list[tuple[float, float]]] = {k: [] for k in config.top_k}
+        self.generated = self.short_of_visits = 0
+
+    def add(self, batch: Sequence[IndexPoint], futures: Futures) -> None:
+        self.generated += sum(len(t) for t in futures.tokens)
+        self.short_of_visits += sum(
+            int((t == SpecialTokens.REG).sum() < self.config.max_visits) for t in futures.tokens)
+        for index, point in enumerate(batch):
+            rows = np.flatnonzero(futures.history == index)
+            tokens = [futures.tokens[r] for r in rows]
+            times = [futures.times[r] for r in rows]
+            reference = float(futures.reference_times[rows[0]])
+            for outcome, token_id in self.outcome_ids.items():
+                self.risks[outcome].append(np.nan if token_id is None else share_with_outcome(
+                    tokens, times, reference, token_id, self.config.horizon_days))
+            if point.next_codes:
+                first_visit = int(point.history.row["visit_orders"][-1]) + 1
+                in_first = [futures.tokens[r][futures.visit_orders[r] == first_visit] for r in rows]
+                codes = self.rules.codes
+                ranked = ranked_codes([[codes[i] for i in ids if codes[i] is not None] for ids in in_first])
+                for k in self.config.top_k:
+                    self.next_visit[k].append(recall_precision_at(ranked, point.next_codes, k))
+
+    def next_visit_means(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for position, name in enumerate(("recall", "precision")):
+            for k, pairs in self.next_visit.items():
+                out[f"{name}@{k}"] = float(np.mean([pair[position] for pair in pairs])) if pairs else None
+        return out
+
+    def zero_shot(self, points: Sequence[IndexPoint], labels: dict[str, pl.DataFrame]
+                  ) -> tuple[dict[str, Any], pl.DataFrame]:
+        """Per task: AUROC of the risks against its labels (or why not), and the risks next to the labels."""
+        keys = pl.DataFrame({
+            S.SUBJECT_ID: [p.subject_id for p in points],
+            PREDICTION_TIME: np.array([p.prediction_time for p in points], dtype="datetime64[us]"),
+            **self.risks,
+        }, schema_overrides={outcome: pl.Float64 for outcome in OUTCOMES})
+        results, frames = {}, []
+        for task, outcome in self.config.risks.items():
+            if task not in labels:
+                results[task] = {"unavailable": f"no {task}/{LABELS_FILE} in {self.config.labels}"}
+                continue
+            if self.outcome_ids[outcome] is None:
+                results[task] = {"unavailable": _missing_outcome_reason(outcome, self.config.inpatient_class)}
+                continue
+            scored = keys.join(labels[task], on=[S.SUBJECT_ID, PREDICTION_TIME], how="inner")
+            frames.append(scored.select(S.SUBJECT_ID, PREDICTION_TIME, pl.lit(task).alias("task"),
+                                        pl.col(outcome).alias(PROBABILITY), BOOLEAN_VALUE))
+            results[task] = {"outcome": outcome, **risk_auroc(
+                scored[S.SUBJECT_ID].to_numpy(), scored[BOOLEAN_VALUE].to_numpy(), scored[outcome].to_numpy(),
+                self.config.resamples, self.config.seed)}
+        empty = pl.DataFrame(schema={S.SUBJECT_ID: pl.Int64, PREDICTION_TIME: pl.Datetime("us"), "task": pl.String,
+                                     PROBABILITY: pl.Float64, BOOLEAN_VALUE: pl.Boolean})
+        return results, pl.concat(frames) if frames else empty
+
+
+def _check_paths(config: ForecastConfig) -> None:
     for name in ("model", "data", "labels", "out"):
         if getattr(config, name) is None:
             raise ValueError(f"forecast needs --{name}")
@@ -192,94 +253,52 @@ def forecast(config: ForecastConfig) -> dict[str, Any]:
         raise ValueError("--device cuda: no CUDA device is available")
     if config.meds is not None and not (Path(config.meds) / S.DATA_DIR).is_dir():
         raise FileNotFoundError(f"{config.meds}: no {S.DATA_DIR}/ folder (the MEDS dataset of `odyssey ingest`)")
-    tokenizer_dir = Path(config.data) / TOKENIZER_SUBDIR
-    tokenizer = EHRTokenizer.from_pretrained(tokenizer_dir)
+
+
+def forecast(config: ForecastConfig) -> dict[str, Any]:
+    """Run the stage (see the module docstring); returns the report."""
+    started = time.perf_counter()
+    _check_paths(config)
+    tokenizer = EHRTokenizer.from_pretrained(Path(config.data) / TOKENIZER_SUBDIR)
     model = load_generator(config.model, tokenizer, config.device)
     rules = SequenceRules(tokenizer, allow_unknown=config.allow_unknown, device=config.device)
     labels = read_labels(Path(config.labels), list(config.risks))
     points, counts = index_points(config, rules.codes, labels)
-    outcome_ids = outcome_token_ids(tokenizer, config.inpatient_class)
+    scores = _Scores(config, rules, outcome_token_ids(tokenizer, config.inpatient_class))
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    risks: dict[str, list[float]] = {outcome: [] for outcome in OUTCOMES}
-    next_visit: dict[int, list[tuple[float, float]]] = {k: [] for k in config.top_k}
-    frames, generated, truncated = [], 0, 0
+    frames = []
     loaded = time.perf_counter()
-    bar = tqdm(total=len(points), desc="forecast", unit="time", disable=not config.progress_bar)
     per_batch = config.histories_per_batch or HISTORIES_PER_BATCH[config.device]
-    for begin in range(0, len(points), per_batch):
-        batch = points[begin: begin + per_batch]
-        futures = generate(model, [p.history for p in batch], rules, config.samples, config.max_visits,
-                           config.max_tokens, config.top_p, config.temperature, generator)
-        frames.append(_futures_frame(batch, futures, tokenizer, rules))
-        generated += sum(len(t) for t in futures.tokens)
-        truncated += sum(int((t == SpecialTokens.REG).sum() < config.max_visits) for t in futures.tokens)
-        for index, point in enumerate(batch):
-            rows = np.flatnonzero(futures.history == index)
-            tokens = [futures.tokens[r] for r in rows]
-            times = [futures.times[r] for r in rows]
-            reference = float(futures.reference_times[rows[0]])
-            for outcome in OUTCOMES:
-                token_id = outcome_ids[outcome]
-                risks[outcome].append(np.nan if token_id is None else share_with_outcome(
-                    tokens, times, reference, token_id, config.horizon_days))
-            if point.next_codes:
-                last_order = int(point.history.row["visit_orders"][-1])
-                first_visits = [
-                    [c for c in (rules.codes[i] for i in futures.tokens[r][futures.visit_orders[r] == last_order + 1])
-                     if c is not None]
-                    for r in rows
-                ]
-                ranked = ranked_codes(first_visits)
-                for k in config.top_k:
-                    next_visit[k].append(recall_precision_at(ranked, point.next_codes, k))
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(points), desc="forecast", unit="time", disable=not config.progress_bar) as bar:
+        for begin in range(0, len(points), per_batch):
+            batch = points[begin: begin + per_batch]
+            futures = generate(model, [p.history for p in batch], rules, config.samples, config.max_visits,
+                               config.max_tokens, config.top_p, config.temperature, generator)
+            frames.append(_futures_frame(batch, futures, tokenizer, rules))
+            scores.add(batch, futures)
+            bar.update(len(batch))
     sampled = time.perf_counter()
-    keys = pl.DataFrame({
-        S.SUBJECT_ID: [p.subject_id for p in points],
-        PREDICTION_TIME: np.array([p.prediction_time for p in points], dtype="datetime64[us]"),
-        **{outcome: risks[outcome] for outcome in OUTCOMES},
-    }, schema_overrides={outcome: pl.Float64 for outcome in OUTCOMES})
-    zero_shot, risk_frames = {}, []
-    for task, outcome in config.risks.items():
-        if task not in labels:
-            zero_shot[task] = {"unavailable": f"no {task}/{LABELS_FILE} in {config.labels}"}
-            continue
-        if outcome_ids[outcome] is None:
-            zero_shot[task] = {"unavailable": _missing_outcome_reason(outcome, config.inpatient_class)}
-            continue
-        scored = keys.join(labels[task], on=[S.SUBJECT_ID, PREDICTION_TIME], how="inner")
-        risk_frames.append(scored.select(
-            S.SUBJECT_ID, PREDICTION_TIME, pl.lit(task).alias("task"), pl.col(outcome).alias(PROBABILITY),
-            BOOLEAN_VALUE))
-        zero_shot[task] = {"outcome": outcome, **risk_auroc(
-            scored[S.SUBJECT_ID].to_numpy(), scored[BOOLEAN_VALUE].to_numpy(), scored[outcome].to_numpy(),
-            config.resamples, config.seed)}
-    with_next = len(next_visit[config.top_k[0]])
+    zero_shot, risks = scores.zero_shot(points, labels)
     report = {
         "settings": config.model_dump(mode="json"),
         "subjects": len({p.subject_id for p in points}),
         "prediction_times": counts["prediction_times"],
         "prediction_times_without_history": counts["no_history"],
         "prediction_times_forecast": len(points),
-        "prediction_times_with_next_visit": with_next,
-        "generated_tokens": generated,
-        "futures_short_of_max_visits": truncated,
-        "next_visit": {
-            f"recall@{k}": float(np.mean([r for r, _ in v])) if v else None for k, v in next_visit.items()
-        } | {f"precision@{k}": float(np.mean([p for _, p in v])) if v else None for k, v in next_visit.items()},
+        "prediction_times_with_next_visit": len(scores.next_visit[config.top_k[0]]),
+        "generated_tokens": scores.generated,
+        "futures_short_of_max_visits": scores.short_of_visits,
+        "next_visit": scores.next_visit_means(),
         "zero_shot": zero_shot,
         "seconds": {"load": loaded - started, "sample": sampled - loaded},
-        "tokens_per_second": generated / max(sampled - loaded, 1e-9),
+        "tokens_per_second": scores.generated / max(sampled - loaded, 1e-9),
     }
-    empty = pl.DataFrame(schema={S.SUBJECT_ID: pl.Int64, PREDICTION_TIME: pl.Datetime("us"), "task": pl.String,
-                                 PROBABILITY: pl.Float64, BOOLEAN_VALUE: pl.Boolean})
     with atomic_output_dir(config.out) as staging:
-        futures_frame = pl.concat(frames) if frames else pl.DataFrame()
+        futures_frame = pl.concat(frames)
         futures_frame.write_parquet(staging / FUTURES)
+        risks.write_parquet(staging / RISKS)
         if config.meds is not None and config.plots:
             report["plots"] = _plots(config, points, futures_frame, staging / PLOTS)
-        (pl.concat(risk_frames) if risk_frames else empty).write_parquet(staging / RISKS)
         report["seconds"]["total"] = time.perf_counter() - started
         write_json(staging / REPORT, report)
     return report

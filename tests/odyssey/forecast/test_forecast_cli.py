@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
+import torch
 import typer
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -153,3 +154,6 @@ def test_clear_errors(cohort, tmp_path):
 
     no_meds = run("--model", str(cohort.pretrain), *base, "--meds", str(tmp_path / "nomeds"))
     assert no_meds.exit_code == 2 and "no data/ folder" in no_meds.output
+    if not torch.cuda.is_available():
+        no_gpu = run("--model", str(cohort.pretrain), *base, "--device", "cuda")
+        assert no_gpu.exit_code == 2 and "no CUDA device" in no_gpu.output
