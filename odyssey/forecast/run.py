@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
@@ -38,7 +40,12 @@ REPORT = "report.json"
 FUTURES = "futures.parquet"
 RISKS = "risks.parquet"
 PLOTS = "plots"
-HISTORIES_PER_BATCH = {"cpu": 8, "cuda": 128}  # a GPU step costs about the same for 128 rows as for 8
+HISTORIES_PER_BATCH = {"cpu": 8, "cuda": 128}
+FUTURES_SCHEMA = pa.schema([
+    pa.field(S.SUBJECT_ID, pa.int64()), pa.field("prediction_time", pa.timestamp("us")),
+    pa.field("sample", pa.int32()), pa.field("position", pa.int32()), pa.field("token", pa.large_string()),
+    pa.field("time", pa.timestamp("us")), pa.field("token_type", pa.large_string()), pa.field("visit", pa.int32()),
+])  # a GPU step costs about the same for 128 rows as for 8
 TOKENIZER_SUBDIR = "tokenizer"
 LABELS_FILE = "labels.parquet"
 PREDICTION_TIME = "prediction_time"
@@ -266,39 +273,42 @@ def forecast(config: ForecastConfig) -> dict[str, Any]:
     points, counts = index_points(config, rules.codes, labels)
     scores = _Scores(config, rules, outcome_token_ids(tokenizer, config.inpatient_class))
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    frames = []
-    loaded = time.perf_counter()
     per_batch = config.histories_per_batch or HISTORIES_PER_BATCH[config.device]
-    with tqdm(total=len(points), desc="forecast", unit="time", disable=not config.progress_bar) as bar:
-        for begin in range(0, len(points), per_batch):
-            batch = points[begin: begin + per_batch]
-            futures = generate(model, [p.history for p in batch], rules, config.samples, config.max_visits,
-                               config.max_tokens, config.top_p, config.temperature, generator)
-            frames.append(_futures_frame(batch, futures, tokenizer, rules))
-            scores.add(batch, futures)
-            bar.update(len(batch))
-    sampled = time.perf_counter()
-    zero_shot, risks = scores.zero_shot(points, labels)
-    report = {
-        "settings": config.model_dump(mode="json"),
-        "subjects": len({p.subject_id for p in points}),
-        "prediction_times": counts["prediction_times"],
-        "prediction_times_without_history": counts["no_history"],
-        "prediction_times_forecast": len(points),
-        "prediction_times_with_next_visit": len(scores.next_visit[config.top_k[0]]),
-        "generated_tokens": scores.generated,
-        "futures_short_of_max_visits": scores.short_of_visits,
-        "next_visit": scores.next_visit_means(),
-        "zero_shot": zero_shot,
-        "seconds": {"load": loaded - started, "sample": sampled - loaded},
-        "tokens_per_second": scores.generated / max(sampled - loaded, 1e-9),
-    }
+    plotted: list[pl.DataFrame] = []  # futures of the first prediction times, for the timelines
+    loaded = time.perf_counter()
+    # Futures stream to one parquet file batch by batch: a large held-out set never sits in memory.
     with atomic_output_dir(config.out) as staging:
-        futures_frame = pl.concat(frames)
-        futures_frame.write_parquet(staging / FUTURES)
+        with tqdm(total=len(points), desc="forecast", unit="time", disable=not config.progress_bar) as bar, \
+                pq.ParquetWriter(staging / FUTURES, FUTURES_SCHEMA) as writer:
+            for begin in range(0, len(points), per_batch):
+                batch = points[begin: begin + per_batch]
+                futures = generate(model, [p.history for p in batch], rules, config.samples, config.max_visits,
+                                   config.max_tokens, config.top_p, config.temperature, generator)
+                frame = _futures_frame(batch, futures, tokenizer, rules)
+                writer.write_table(frame.to_arrow().cast(FUTURES_SCHEMA))
+                if config.meds is not None and begin < config.plots:
+                    plotted.append(frame)
+                scores.add(batch, futures)
+                bar.update(len(batch))
+        sampled = time.perf_counter()
+        zero_shot, risks = scores.zero_shot(points, labels)
         risks.write_parquet(staging / RISKS)
+        report = {
+            "settings": config.model_dump(mode="json"),
+            "subjects": len({p.subject_id for p in points}),
+            "prediction_times": counts["prediction_times"],
+            "prediction_times_without_history": counts["no_history"],
+            "prediction_times_forecast": len(points),
+            "prediction_times_with_next_visit": len(scores.next_visit[config.top_k[0]]),
+            "generated_tokens": scores.generated,
+            "futures_short_of_max_visits": scores.short_of_visits,
+            "next_visit": scores.next_visit_means(),
+            "zero_shot": zero_shot,
+            "seconds": {"load": loaded - started, "sample": sampled - loaded},
+            "tokens_per_second": scores.generated / max(sampled - loaded, 1e-9),
+        }
         if config.meds is not None and config.plots:
-            report["plots"] = _plots(config, points, futures_frame, staging / PLOTS)
+            report["plots"] = _plots(config, points, pl.concat(plotted), staging / PLOTS)
         report["seconds"]["total"] = time.perf_counter() - started
         write_json(staging / REPORT, report)
     return report
