@@ -239,11 +239,10 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 
 
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
-    # v4: backward channel tiles per warp count (1-warp programs reduce dB/dC without crossing warps)
-    "b32_L2048_N16": [{}, {"block_d_bwd": 8, "warps_bwd": 1}, {"block_d_bwd": 16, "warps_bwd": 1},
-                      {"block_d_bwd": 16, "warps_bwd": 2}, {"block_d_bwd": 32, "warps_bwd": 2}, {"chunk": 32},
-                      {"chunk": 128, "block_d_bwd": 16}, {"block_d_bwd": 64, "warps_bwd": 8}],
-    "b8_L16384_N16": [{}, {"block_d_bwd": 8, "warps_bwd": 1}],
+    # v5: the backward's default is now 8 channels x 1 warp at d_state 16; v3's 32 x 4 for comparison
+    "b32_L2048_N16": [{}, {"block_d_bwd": 32, "warps_bwd": 4}, {"block_d_bwd": 4, "warps_bwd": 1},
+                      {"block_d_bwd": 8, "warps_bwd": 2}],
+    "b8_L16384_N16": [{}, {"block_d_bwd": 32, "warps_bwd": 4}],
     "b32_L2048_N64": [{}, {"block_d_bwd": 8, "warps_bwd": 1}],
 }
 

@@ -24,6 +24,8 @@ MAX_TRITON_TAPS = 4
 # cuobjdump -res-usage on a local compile: forward 167 registers, backward 168, no stack)
 BLOCK_D_FWD, BLOCK_T_FWD = 32, 64
 BLOCK_D_BWD, BLOCK_T_BWD = 16, 64
+# time steps one backward program walks, summing the weight gradient before its atomic adds
+BWD_SPAN = 1024
 CONV_BACKENDS = ("torch", "triton")
 
 
@@ -105,13 +107,13 @@ class CausalConv1dTriton(torch.autograd.Function):
         dw = torch.zeros_like(taps)
         dbias = torch.zeros(dim, device=x.device, dtype=torch.float32) if ctx.has_bias else None
         mask_ptr, mask_strides = _mask_args(mask if ctx.has_mask else None, x)
-        grid = (triton_cdiv(length, BLOCK_T_BWD), triton_cdiv(dim, BLOCK_D_BWD), batch)
+        grid = (triton_cdiv(length, BWD_SPAN), triton_cdiv(dim, BLOCK_D_BWD), batch)
         _causal_conv_bwd_kernel[grid](
             x, taps, bias if ctx.has_bias else taps, mask_ptr, dout, dx, dw,
             dbias if dbias is not None else dw, dim, length,
             *x.stride(), *taps.stride(), *mask_strides, *dout.stride(), *dx.stride(),
             HAS_BIAS=ctx.has_bias, HAS_MASK=ctx.has_mask, SILU=ctx.silu, WIDE=_wide(x, dout, dx),
-            BLOCK_D=BLOCK_D_BWD, BLOCK_T=BLOCK_T_BWD, num_warps=4,
+            BLOCK_D=BLOCK_D_BWD, BLOCK_T=BLOCK_T_BWD, SPAN=BWD_SPAN, num_warps=4,
         )
         dweight = dw[:, MAX_TRITON_TAPS - ctx.taps:].to(ctx.weight_dtype).reshape(ctx.weight_shape)
         if dbias is not None:

@@ -124,3 +124,16 @@ def test_64_bit_offset_path_matches(monkeypatch):
     ref = run(causal_conv.causal_conv1d_torch, x, weight, bias, None, True, dout)
     for a, b in zip(ours, ref, strict=True):
         assert rel_err(a, b) <= 1e-5
+
+
+def test_backward_spans_sum_the_weight_gradient_across_programs(monkeypatch):
+    monkeypatch.setattr(causal_conv, "BWD_SPAN", 128)  # 300 steps: three programs per channel tile
+    gen = torch.Generator().manual_seed(4)
+    x, weight, bias = channel_major(2, 8, 300, gen), torch.randn(8, 4, generator=gen), torch.randn(8, generator=gen)
+    mask = torch.ones(2, 300)
+    mask[0, :130] = 0
+    dout = torch.randn(2, 8, 300, generator=gen)
+    ours = run(triton_conv, x, weight, bias, mask, True, dout)
+    ref = run(causal_conv.causal_conv1d_torch, x, weight, bias, mask, True, dout)
+    for a, b in zip(ours, ref, strict=True):
+        assert rel_err(a, b) <= 1e-5
