@@ -174,3 +174,27 @@ def test_bad_arguments(tokenizer, tiny_model, row):
         generate(tiny_model, [History(row)], SequenceRules(tokenizer), samples=0, max_visits=1, max_tokens=5)
     with pytest.raises(ValueError, match="at least one visit"):
         generate(tiny_model, [History(shorter(row, 2))], SequenceRules(tokenizer), samples=1, max_visits=1, max_tokens=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_state_path_equals_rereading_on_cuda(tokenizer, tiny_model, row):
+    """On the GPU the prefill takes the Triton scan and the steps the recurrent path: same greedy futures."""
+    from odyssey.models import EHRMambaForPretraining
+
+    config = tiny_model.config.__class__.from_dict({**tiny_model.config.to_dict(), "scan_backend": "auto"})
+    model = EHRMambaForPretraining(config)
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.cuda().eval()
+    rules = SequenceRules(tokenizer, device="cuda")
+    step_logits: list[torch.Tensor] = []
+    futures = generate(model, [History(row)], rules, samples=2, max_visits=2, max_tokens=16, temperature=0.0,
+                       step_logits=step_logits)
+    generated = futures.columns[0]
+    worst = 0.0
+    for step in range(len(generated["input_ids"])):
+        prefix = {c: np.concatenate([row[c], generated[c][:step].astype(row[c].dtype)]) for c in INPUT_COLUMNS}
+        with torch.no_grad():
+            reread = model(**{k: v.cuda() for k, v in inputs(prefix).items()}).logits[0, -1]
+        worst = max(worst, float((step_logits[step][0] - reread).abs().max()))
+    assert worst < 1e-4, worst
