@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # One module per subcommand; each defines `register(app)`.
-COMMAND_MODULES = ["synth", "ingest", "tokenize", "labels", "pretrain", "finetune", "evaluate", "explain", "demo"]
+COMMAND_MODULES = ["synth", "ingest", "tokenize", "labels", "pretrain", "finetune", "evaluate", "explain", "forecast", "demo"]
 
 for _name in COMMAND_MODULES:
     import_module(f"odyssey.cli.{_name}").register(app)
