@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,7 +96,11 @@ def discover(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def plan_chunks(files: list[Path], chunk_bytes: int = 32 << 20) -> list[Chunk]:
-    """Cut plain NDJSON files into line-aligned byte ranges; others are one chunk each."""
+    """Cut plain NDJSON files into line-aligned byte ranges; others are one chunk each.
+
+    Lines are numbered from each chunk's start (`first_line` 1): counting them here would read every
+    file once more before the workers start. `line_offsets` turns them into file lines afterwards.
+    """
     chunks: list[Chunk] = []
     for path in files:
         size = path.stat().st_size
@@ -103,7 +108,6 @@ def plan_chunks(files: list[Path], chunk_bytes: int = 32 << 20) -> list[Chunk]:
         if kind == "json" or str(path).endswith(".gz") or size <= chunk_bytes:
             chunks.append(Chunk(len(chunks), str(path), 0, None, 1, kind, size))
             continue
-        line = 1
         with open(path, "rb") as handle:
             start = 0
             while start < size:
@@ -112,15 +116,41 @@ def plan_chunks(files: list[Path], chunk_bytes: int = 32 << 20) -> list[Chunk]:
                     handle.seek(target)
                     handle.readline()
                     target = min(handle.tell(), size)
-                chunks.append(Chunk(len(chunks), str(path), start, target, line, kind, target - start))
-                handle.seek(start)
-                remaining = target - start
-                while remaining:
-                    block = handle.read(min(_BLOCK, remaining))
-                    line += block.count(b"\n")
-                    remaining -= len(block)
+                chunks.append(Chunk(len(chunks), str(path), start, target, 1, kind, target - start))
                 start = target
     return chunks
+
+
+def count_lines(chunk: Chunk) -> int:
+    """Lines that start in a plain chunk (what the reader numbers), counted from its bytes."""
+    with open(chunk.path, "rb") as handle:
+        handle.seek(chunk.start)
+        remaining = (chunk.end if chunk.end is not None else os.path.getsize(chunk.path)) - chunk.start
+        lines, last = 0, b"\n"
+        while remaining:
+            block = handle.read(min(_BLOCK, remaining))
+            if not block:
+                break
+            lines += block.count(b"\n")
+            last = block[-1:]
+            remaining -= len(block)
+    return lines + (last != b"\n")
+
+
+def line_offsets(chunks: list[Chunk], counted: dict[int, int]) -> dict[int, int]:
+    """Chunk index -> lines of the same file before it (chunk line + offset = file line).
+
+    `counted` holds the line count of every chunk the readers finished; others are counted here
+    (only a strict-mode stop leaves chunks unread).
+    """
+    offsets: dict[int, int] = {}
+    before: dict[str, int] = {}
+    for chunk in chunks:
+        offsets[chunk.index] = before.get(chunk.path, 0)
+        if chunk.end is not None:  # only plain files are cut into several chunks
+            n = counted[chunk.index] if chunk.index in counted else count_lines(chunk)
+            before[chunk.path] = offsets[chunk.index] + n
+    return offsets
 
 
 def read_lines(chunk: Chunk) -> Iterator[tuple[int, bytes]]:
@@ -129,18 +159,22 @@ def read_lines(chunk: Chunk) -> Iterator[tuple[int, bytes]]:
     A truncated gzip stream raises EOFError after the last complete line, for the caller to report.
     """
     if chunk.compressed:
-        with gzip.open(chunk.path, "rb") as handle:
-            for number, line in enumerate(handle, start=chunk.first_line):
-                yield number, line.rstrip(b"\r\n")
-        return
+        return _gzip_lines(chunk)
     with open(chunk.path, "rb") as handle:
         handle.seek(chunk.start)
         data = handle.read() if chunk.end is None else handle.read(chunk.end - chunk.start)
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    for number, line in enumerate(lines, start=chunk.first_line):
-        yield number, line.rstrip(b"\r")
+    if b"\r" in data:
+        lines = [line.rstrip(b"\r") for line in lines]
+    return zip(itertools.count(chunk.first_line), lines)  # no generator frame per line: this is the hot loop
+
+
+def _gzip_lines(chunk: Chunk) -> Iterator[tuple[int, bytes]]:
+    with gzip.open(chunk.path, "rb") as handle:
+        for number, line in enumerate(handle, start=chunk.first_line):
+            yield number, line.rstrip(b"\r\n")
 
 
 def read_whole(chunk: Chunk) -> bytes:

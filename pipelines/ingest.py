@@ -33,7 +33,7 @@ import odyssey
 from odyssey.config import ConfigError, StageConfig
 from odyssey.io import atomic_output_dir, write_json
 from odyssey.pipelines import schema
-from odyssey.pipelines.fhir_sources import Chunk, discover, fetch_lines, plan_chunks
+from odyssey.pipelines.fhir_sources import Chunk, discover, fetch_lines, line_offsets, plan_chunks
 from odyssey.pipelines.ingest_read import Problem, ReadSettings, read_chunk
 from odyssey.pipelines.ingest_resolve import StrictStop, resolve_and_write
 from odyssey.pipelines.report import IngestReport, TypeCounts, reason_category
@@ -121,6 +121,13 @@ def _worker_pool(workers: int):
     finally:
         pool.terminate()
         pool.join()
+
+
+def _in_file_lines(problems: list[Problem], offsets: dict[int, int]) -> list[Problem]:
+    """Problems numbered by line of their file (readers number lines from their chunk's start)."""
+    for p in problems:
+        p.line += offsets[p.chunk]
+    return problems
 
 
 def _where(problem: Problem, chunk_paths: dict[int, str]) -> str:
@@ -243,19 +250,21 @@ def ingest_fhir(
             fast_path=config.fast_path,
         )
         read_results = _read_all(chunks, settings, pool, show_progress)
-        problems = [p for r in read_results for p in r.problems]
+        offsets = line_offsets(chunks, {r.chunk: r.lines for r in read_results})
+        problems = _in_file_lines([p for r in read_results for p in r.problems], offsets)
         if config.strict and problems:
             first = min(problems, key=lambda p: (p.chunk, p.line, p.entry))
             raise StrictModeError(f"{_where(first, chunk_paths)}: {first.reason}")
         bar = tqdm(total=subject_buckets, desc="write", unit="shard", disable=not show_progress)
         try:
             result = resolve_and_write(Path(spill), tmp, subject_buckets, key_buckets, chunk_paths, config.strict, bar,
-                                       mapper=pool.imap if pool is not None else map)
+                                       mapper=pool.imap if pool is not None else map, line_offsets=offsets)
         except StrictStop as stop:
-            raise StrictModeError(f"{_where(stop.problem, chunk_paths)}: {stop.problem.reason}") from None
+            (problem,) = _in_file_lines([stop.problem], offsets)
+            raise StrictModeError(f"{_where(problem, chunk_paths)}: {problem.reason}") from None
         finally:
             bar.close()
-        problems += result.problems
+        problems += _in_file_lines(result.problems, offsets)
         splits = _metadata(tmp, result, config, _descriptions(read_results))
         counts = _count(read_results, result, problems)
         _write_rejects(tmp / "rejects", problems, chunk_paths)

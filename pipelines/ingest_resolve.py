@@ -52,9 +52,9 @@ def _read_folder(folder: Path) -> pl.DataFrame | None:
     return pl.concat([pl.read_ipc(f) for f in files], how="vertical")
 
 
-def _bucket_duplicates(args: tuple[Path, int, dict[int, str]]) -> pl.DataFrame | None:
+def _bucket_duplicates(args: tuple[Path, int, dict[int, str], dict[int, int]]) -> pl.DataFrame | None:
     """Copies of one resource id within one key bucket (every copy of an id meets in one bucket)."""
-    spill, bucket, chunk_paths = args
+    spill, bucket, chunk_paths, line_offsets = args
     keys = _read_folder(spill / "keys" / f"b{bucket:04d}")
     if keys is None:
         return None
@@ -74,15 +74,20 @@ def _bucket_duplicates(args: tuple[Path, int, dict[int, str]]) -> pl.DataFrame |
             rows.append((r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"], "rejected",
                          f"duplicate id with different content: {ident}"))
         elif not r["is_first"]:
-            where = f"{chunk_paths[r['first_chunk']]}:{r['first_line']}"
+            where = f"{chunk_paths[r['first_chunk']]}:{r['first_line'] + line_offsets.get(r['first_chunk'], 0)}"
             rows.append((r["chunk"], r["line"], r["entry"], r["resource_type"], r["fhir_id"], "skipped",
                          f"exact duplicate: {where}"))
     return pl.DataFrame(rows, schema=_EMPTY_DROPPED.schema, orient="row") if rows else None
 
 
-def find_duplicates(spill: Path, key_buckets: int, chunk_paths: dict[int, str], mapper=map) -> pl.DataFrame:
-    """Identical copies of an id are skipped (all but the first), differing copies are all rejected."""
-    found = mapper(_bucket_duplicates, [(spill, bucket, chunk_paths) for bucket in range(key_buckets)])
+def find_duplicates(spill: Path, key_buckets: int, chunk_paths: dict[int, str], mapper=map,
+                    line_offsets: dict[int, int] | None = None) -> pl.DataFrame:
+    """Identical copies of an id are skipped (all but the first), differing copies are all rejected.
+
+    Problems keep chunk line numbers; messages name file lines (`line_offsets`: chunk -> lines before it).
+    """
+    jobs = [(spill, bucket, chunk_paths, line_offsets or {}) for bucket in range(key_buckets)]
+    found = mapper(_bucket_duplicates, jobs)
     return pl.concat([_EMPTY_DROPPED, *(f for f in found if f is not None)])
 
 
@@ -140,10 +145,15 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
     spill, bucket, shard, strict = args
     lookups = spill / _LOOKUPS
     rows = _read_folder(spill / "rows" / f"b{bucket:04d}")
+    # a resource's rows are adjacent in the spill: its first row marks it (for counting resources cheaply)
+    first_row = (pl.col("line") != pl.col("line").shift()) | (pl.col("entry") != pl.col("entry").shift()) | (
+        pl.col("chunk") != pl.col("chunk").shift())
+    rows = rows.with_row_index("_seq").with_columns(_first_row=first_row.fill_null(True))
+    dropped = pl.read_ipc(lookups / "dropped.arrow")
+    if dropped.height:
+        rows = rows.join(dropped, on=KEY, how="anti")
     rows = (
-        rows.with_row_index("_seq")
-        .join(pl.read_ipc(lookups / "dropped.arrow"), on=KEY, how="anti")
-        .join(pl.read_ipc(lookups / "subjects.arrow"), on=schema.SUBJECT_ID, how="left")
+        rows.join(pl.read_ipc(lookups / "subjects.arrow"), on=schema.SUBJECT_ID, how="left")
         .join(pl.read_ipc(lookups / "medications.arrow"), on="medication_key", how="left")
         .join(pl.read_ipc(lookups / "encounters.arrow"), on="encounter_id", how="left")
     )
@@ -183,7 +193,7 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
         .then(None)
         .otherwise(pl.col("encounter_id")),
     )
-    written = dict(kept.select("resource_type", *KEY).unique().group_by("resource_type").len().iter_rows())
+    written = dict(kept.filter("_first_row").group_by("resource_type").len().iter_rows())
     meds = _to_meds(kept)
     pq.write_table(meds, shard, compression="zstd", write_statistics=True)
     frame = pl.from_arrow(meds)
@@ -206,13 +216,14 @@ def resolve_and_write(
     strict: bool,
     progress=None,
     mapper=map,
+    line_offsets: dict[int, int] | None = None,
 ) -> ResolveResult:
     """Settle duplicates, then resolve every subject bucket into a shard; `mapper` may run buckets in a pool.
 
     Shards are numbered by bucket order (empty buckets write none), so the output does not depend on
     how many processes resolve them.
     """
-    dropped = find_duplicates(spill, key_buckets, chunk_paths, mapper)
+    dropped = find_duplicates(spill, key_buckets, chunk_paths, mapper, line_offsets)
     if strict and not dropped.filter(pl.col("kind") == "rejected").is_empty():
         first = dropped.filter(pl.col("kind") == "rejected").sort(KEY).row(0, named=True)
         raise StrictStop(Problem(first["chunk"], first["line"], first["entry"], first["resource_type"],

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from test_ingest_properties import corruption
 
 from odyssey.pipelines.fhir_flatten import Context, Flattener, Rejected
-from odyssey.pipelines.ingest import ingest_fhir, load_code_systems
+from odyssey.pipelines.ingest import StrictModeError, ingest_fhir, load_code_systems
 
 pytest.importorskip("msgspec")
 from odyssey.pipelines.fhir_fast import FastFlattener  # noqa: E402 - needs msgspec
@@ -207,3 +207,25 @@ def test_fast_path_defers_what_orjson_calls_malformed(line):
         orjson.loads(line)
     fast, found = _fast(line, 1)
     assert found is None
+
+
+def test_problems_in_later_chunks_name_their_file_line(tmp_path):
+    """Readers number lines from their chunk's start; reports and rejects give the line of the file."""
+    folder = tmp_path / "in"
+    write_ndjson(folder / "Patient.ndjson", [patient("a")])
+    labs: list = [lab(f"o{i}", "a", None, "2150-01-01T00:00:00Z", float(i)) for i in range(9000)]
+    labs[4999] = lab("ghost", "nobody", None, "2150-01-01T00:00:00Z")  # rejected when references resolve
+    labs[7999] = lab("o1", "a", None, "2150-01-01T00:00:00Z", 99.0)  # same id as line 2, other content
+    labs[8499] = b"{broken"  # rejected while reading
+    write_ndjson(folder / "Obs.ndjson", labs)
+    report = ingest_fhir([folder], tmp_path / "out", workers=2, chunk_mb=1)
+    assert report.workers == 2
+    found = {(r["line"], r["reason"].split(":")[0]) for r in (
+        orjson.loads(x) for x in (tmp_path / "out" / "rejects" / "rejects.ndjson").read_bytes().splitlines())}
+    assert found == {(2, "duplicate id with different content"), (8000, "duplicate id with different content"),
+                     (5000, "subject Patient not found or rejected"), (8500, "malformed JSON")}
+    labs[4999] = lab("o4999", "a", None, "2150-01-01T00:00:00Z")
+    labs[7999] = lab("o7999", "a", None, "2150-01-01T00:00:00Z")
+    write_ndjson(folder / "Obs.ndjson", labs)  # only the broken line is left
+    with pytest.raises(StrictModeError, match=r"Obs.ndjson:8500: malformed JSON"):
+        ingest_fhir([folder], tmp_path / "strict", workers=2, chunk_mb=1, strict=True)
