@@ -157,9 +157,9 @@ def _causal_conv_bwd_kernel(
         db += tl.sum(g0, axis=1)
 
     dw_row = dw_ptr + offs_d * 4
-    tl.atomic_add(dw_row, dw0, mask=mask_d)
-    tl.atomic_add(dw_row + 1, dw1, mask=mask_d)
-    tl.atomic_add(dw_row + 2, dw2, mask=mask_d)
-    tl.atomic_add(dw_row + 3, dw3, mask=mask_d)
+    tl.atomic_add(dw_row, dw0, mask=mask_d, sem="relaxed")
+    tl.atomic_add(dw_row + 1, dw1, mask=mask_d, sem="relaxed")
+    tl.atomic_add(dw_row + 2, dw2, mask=mask_d, sem="relaxed")
+    tl.atomic_add(dw_row + 3, dw3, mask=mask_d, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + offs_d, db, mask=mask_d)
+        tl.atomic_add(dbias_ptr + offs_d, db, mask=mask_d, sem="relaxed")

@@ -65,6 +65,7 @@ class ScanConfig:
     block_d_carry: int
     pair: int = 1
     maxnreg: int | None = None
+    bwd_stages: int = 1
 
 
 def _largest_pow2_divisor(value: int, cap: int) -> int:
@@ -129,6 +130,7 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         block_d_carry=_largest_pow2_divisor(channels_per_group, max(1, FWD_TILE_ELEMENTS // (block_n * chunk))),
         pair=over.get("pair", 1),
         maxnreg=over.get("maxnreg"),
+        bwd_stages=over.get("bwd_stages", 1),
     )
 
 
@@ -320,7 +322,7 @@ def _backward(ctx, dout, dlast):
             *(dlast.stride() if dlast is not None else (0, 0, 0)), *carry.stride(),
             *du.stride(), *ddelta.stride(), *_strides3(dz), *dB.stride(), *dC.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
-            HAS_DLAST=dlast is not None,
+            HAS_DLAST=dlast is not None, STAGES=cfg.bwd_stages,
             BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )

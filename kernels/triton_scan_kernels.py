@@ -309,7 +309,7 @@ def _bwd_chunk_kernel(
             du = dt * gB
             if HAS_D:
                 du += Dv[:, None] * dy
-                tl.atomic_add(dD_ptr + offs_d, tl.sum(dy * u, axis=1), mask=mask_d)
+                tl.atomic_add(dD_ptr + offs_d, tl.sum(dy * u, axis=1), mask=mask_d, sem="relaxed")
             tl.store(du_ptr + b * sdu_b + offs_d[:, None] * sdu_d + t[None, :] * sdu_l,
                      du.to(du_ptr.dtype.element_ty), mask=mask_dt)
             if SOFTPLUS:
@@ -318,16 +318,16 @@ def _bwd_chunk_kernel(
             tl.store(ddt_ptr + b * sddt_b + offs_d[:, None] * sddt_d + t[None, :] * sddt_l,
                      ddt.to(ddt_ptr.dtype.element_ty), mask=mask_dt)
             if HAS_BIAS:
-                tl.atomic_add(dbias_ptr + offs_d, tl.sum(ddt, axis=1), mask=mask_d)
+                tl.atomic_add(dbias_ptr + offs_d, tl.sum(ddt, axis=1), mask=mask_d, sem="relaxed")
             dA = tl.sum(g_hprev * dt[:, None, :], axis=2)
-            tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA, mask=mask_dn)
+            tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA, mask=mask_dn, sem="relaxed")
             dB_acc += tl.sum(gs * dtu[:, None, :], axis=0)
             dC_acc += tl.sum(hs * dy[:, None, :], axis=0)
 
         dB_tile = dB_ptr + b * sdB_b + group * sdB_g + offs_n[:, None] * sdB_n + t[None, :] * sdB_l
         dC_tile = dC_ptr + b * sdC_b + group * sdC_g + offs_n[:, None] * sdC_n + t[None, :] * sdC_l
-        tl.atomic_add(dB_tile, dB_acc, mask=mask_nt)
-        tl.atomic_add(dC_tile, dC_acc, mask=mask_nt)
+        tl.atomic_add(dB_tile, dB_acc, mask=mask_nt, sem="relaxed")
+        tl.atomic_add(dC_tile, dC_acc, mask=mask_nt, sem="relaxed")
 
 
 @triton.jit
@@ -484,7 +484,7 @@ def _bwd_state_loop_kernel(
     sdB_b, sdB_g, sdB_n, sdB_l, sdC_b, sdC_g, sdC_n, sdC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 1,
 ):
     """Backward over chunks from last to first, one state index n at a time on (channels, CHUNK) tiles:
     the forward scan restarts from the saved chunk-start state, the adjoint scan from the carry of
@@ -554,7 +554,8 @@ def _bwd_state_loop_kernel(
         h0_rows = states_ptr + seq * ss_s + c * ss_c + offs_d * ss_d
         g_in = carry_rows + (c % 2) * sg_c
         g_out = carry_rows + ((c + 1) % 2) * sg_c
-        for n in range(0, N):
+        # STAGES > 1 lets the compiler prefetch the next state index's A, B, C and carries
+        for n in tl.range(0, N, num_stages=STAGES):
             An = tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=mask_d, other=0.0).to(tl.float32)
             Bn = tl.load(B_base + n * sB_n, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_base + n * sC_n, mask=mask_t, other=0.0).to(tl.float32)
@@ -578,9 +579,9 @@ def _bwd_state_loop_kernel(
             gA_acc += g_hprev * An[:, None]
             dA_acc += tl.where(offs_n[None, :] == n, tl.sum(g_hprev * dt, axis=1)[:, None], 0.0)
             tl.atomic_add(dB_ptr + b * sdB_b + group * sdB_g + n * sdB_n + t * sdB_l,
-                          tl.sum(gs * dtu, axis=0), mask=mask_t)
+                          tl.sum(gs * dtu, axis=0), mask=mask_t, sem="relaxed")
             tl.atomic_add(dC_ptr + b * sdC_b + group * sdC_g + n * sdC_n + t * sdC_l,
-                          tl.sum(hs * dy, axis=0), mask=mask_t)
+                          tl.sum(hs * dy, axis=0), mask=mask_t, sem="relaxed")
         tl.debug_barrier()
 
         # pointers rebuilt rather than kept live through the loop (64-bit each, per element)
@@ -615,11 +616,11 @@ def _bwd_state_loop_kernel(
         tl.store(ddt_ptr + b * sddt_b + offs_d[:, None] * sddt_d + t[None, :] * sddt_l,
                  ddt.to(ddt_ptr.dtype.element_ty), mask=mask_dt)
 
-    tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
+    tl.atomic_add(dA_ptr + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn, sem="relaxed")
     if HAS_D:
-        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d, sem="relaxed")
 
 
 @triton.jit
