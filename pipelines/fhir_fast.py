@@ -17,7 +17,7 @@ import sys
 from typing import ClassVar
 
 from odyssey.pipelines import schema
-from odyssey.pipelines.fhir_flatten import OBSERVATION_CATEGORIES, Flattener
+from odyssey.pipelines.fhir_flatten import OBSERVATION_CATEGORIES, Flattener, stable_id
 from odyssey.pipelines.schema import EventType
 
 try:
@@ -261,16 +261,19 @@ class FastFlattener:
         period, klass = r.period, r.class_
         if period is None or period.start is None or klass is None or not klass.code or r.admission is not None:
             return False
-        sid = self._subject(r)
+        subject = r.subject
+        sid = self.flat._patient_refs.get(subject.reference) if subject is not None else None
         if sid is None:
-            return False
+            sid = self._subject(r)
+            if sid is None:
+                return False
         disposition = None
         hosp = r.hospitalization
         if hosp is not None and hosp.dischargeDisposition is not None:
             dd = hosp.dischargeDisposition
             codings = dd.coding
             disposition = (codings[0].code if codings else None) or dd.text
-        eid = self.ctx.stable_id("Encounter", rid)
+        eid = stable_id("Encounter", rid)  # not cached: an Encounter's own id is rarely met again in its chunk
         code_start = _START_PREFIX + klass.code
         if klass.display is not None and code_start not in self.ctx.descriptions:
             self.ctx.descriptions[code_start] = f"start of {klass.display}"
@@ -374,6 +377,7 @@ class FastFlattener:
         return True
 
     def _observation(self, r, rid: str, line: int) -> bool:
+        # the commonest resource: cache hits are inlined (subject, encounter, code), misses take the helpers
         if r.component is not None:
             return False
         if r.effectiveDateTime is not None:
@@ -399,16 +403,27 @@ class FastFlattener:
             return False
         else:
             text = r.valueString
-        sid = self._subject(r)
+        flat = self.flat
+        subject = r.subject
+        sid = flat._patient_refs.get(subject.reference) if subject is not None else None
         if sid is None:
-            return False
-        handled, eid = self._encounter_ref(r)
-        if not handled:
-            return False
+            sid = self._subject(r)
+            if sid is None:
+                return False
+        encounter = r.encounter
+        eid = flat._encounter_refs.get(encounter.reference) if encounter is not None else None
+        if eid is None:
+            handled, eid = self._encounter_ref(r)
+            if not handled:
+                return False
         # the general path reads the code only once subject, encounter and time are good (descriptions)
-        code = self._code(r.code)
+        concept = r.code
+        codings = concept.coding if concept is not None else None
+        code = self.ctx.code_cache.get((codings[0].system, codings[0].code)) if codings else None
         if code is None:
-            return False
+            code = self._code(concept)
+            if code is None:
+                return False
         event_type = EventType.OBSERVATION
         for category in r.category or ():
             found = None
@@ -419,8 +434,8 @@ class FastFlattener:
             if found is not None:
                 event_type = found
                 break
-        self.flat.rows.append((sid, time, field, False, code, value, text, eid, unit, comparator, event_type,
-                               r.issued, None, False, "Observation", line, 0))
+        flat.rows.append((sid, time, field, False, code, value, text, eid, unit, comparator, event_type, r.issued,
+                          None, False, "Observation", line, 0))
         return True
 
 
