@@ -239,11 +239,10 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 
 
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
-    # v5: relaxed atomics; backward default 8 channels x 1 warp at d_state 16 (v3's 32 x 4 for comparison);
-    # prefetching the state loop's loads (bwd_stages); 1-warp forward programs
-    "b32_L2048_N16": [{}, {"block_d_bwd": 32, "warps_bwd": 4}, {"block_d_bwd": 4, "warps_bwd": 1},
-                      {"bwd_stages": 2}, {"block_d_fwd": 8, "warps_fwd": 1}, {"block_d_fwd": 4, "warps_fwd": 1}],
-    "b8_L16384_N16": [{}, {"block_d_bwd": 4, "warps_bwd": 1}],
+    # v6: the default prefetches the backward's state loop (bwd_stages 2); the forward's loop likewise,
+    # and a third backward stage
+    "b32_L2048_N16": [{}, {"fwd_stages": 2}, {"bwd_stages": 3}],
+    "b8_L16384_N16": [{}, {"fwd_stages": 2}],
     "b32_L2048_N64": [{}, {"block_d_bwd": 8, "warps_bwd": 1}],
 }
 

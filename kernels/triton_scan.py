@@ -65,7 +65,8 @@ class ScanConfig:
     block_d_carry: int
     pair: int = 1
     maxnreg: int | None = None
-    bwd_stages: int = 1
+    bwd_stages: int = 2
+    fwd_stages: int = 1
 
 
 def _largest_pow2_divisor(value: int, cap: int) -> int:
@@ -130,7 +131,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         block_d_carry=_largest_pow2_divisor(channels_per_group, max(1, FWD_TILE_ELEMENTS // (block_n * chunk))),
         pair=over.get("pair", 1),
         maxnreg=over.get("maxnreg"),
-        bwd_stages=over.get("bwd_stages", 1),
+        # software-pipelined state loops (the next state index's loads in flight): backward 10.1 -> 9.3 ms
+        # f+b at b32/L2048/N16 on an H100 (kernels/NOTES.md v5); the forward's is unmeasured
+        bwd_stages=over.get("bwd_stages", 2),
+        fwd_stages=over.get("fwd_stages", 1),
     )
 
 
@@ -262,7 +266,7 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
     kernel = {"seq": _fwd_seq_kernel, "state_loop": _fwd_state_loop_kernel, "tile3d": _scan_fwd_kernel}
-    extra = {"PAIR": cfg.pair} if cfg.fwd_variant == "state_loop" else {}
+    extra = {"PAIR": cfg.pair, "STAGES": cfg.fwd_stages} if cfg.fwd_variant == "state_loop" else {}
     if cfg.maxnreg:
         extra["maxnreg"] = cfg.maxnreg
     kernel[cfg.fwd_variant][grid](

@@ -662,6 +662,7 @@ def _fwd_state_loop_kernel(
     VARLEN: tl.constexpr,
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PAIR: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1,
 ):
     """Forward one state index n at a time on (channels, CHUNK) tiles, y summed over n in registers
     (for large d_state, where a thread cannot hold all states of a channel)."""
@@ -706,7 +707,7 @@ def _fwd_state_loop_kernel(
         C_base = C_ptr + b * sC_b + group * sC_g + t * sC_l
         h_in = st_rows + c * ss_c
         is_final = c == n_chunks - 1
-        for n in range(0, N, PAIR):
+        for n in tl.range(0, N, PAIR, num_stages=STAGES):
             # PAIR independent state indices per iteration give the scheduler two dependency chains
             y += _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                                 A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,

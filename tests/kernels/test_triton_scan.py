@@ -306,7 +306,7 @@ def test_state_update_shape_errors():
 @pytest.mark.parametrize(
     "overrides",
     [{"fwd_variant": "seq"},
-     {"bwd_stages": 2, "block_d_bwd": 4, "warps_bwd": 2},
+     {"bwd_stages": 3, "fwd_stages": 2, "block_d_bwd": 4, "warps_bwd": 2},
      pytest.param({"fwd_variant": "tile3d", "bwd_variant": "two_pass"}, marks=pytest.mark.slow),
      pytest.param({"fwd_variant": "seq", "bwd_variant": "two_pass", "chunk": 32}, marks=pytest.mark.slow)],
     ids=["seq", "pipelined_bwd", "tile3d_two_pass", "seq_two_pass_chunk32"],
