@@ -45,17 +45,23 @@ class ResolveResult:
     dangling_encounters: int = 0
 
 
-def _read_folder(folder: Path) -> pl.DataFrame | None:
+def _read_folder(folder: Path, consume: bool = False) -> pl.DataFrame | None:
+    """All spill files of a folder as one frame; `consume` deletes them once read (in the worker that
+    read them, rather than all at once at the end: deleting gigabytes of spill takes seconds)."""
     files = sorted(folder.glob("*.arrow")) if folder.exists() else []
     if not files:
         return None
-    return pl.concat([pl.read_ipc(f) for f in files], how="vertical")
+    frame = pl.concat([pl.read_ipc(f) for f in files], how="vertical", rechunk=False)
+    if consume:
+        for f in files:
+            f.unlink()
+    return frame
 
 
 def _bucket_duplicates(args: tuple[Path, int, dict[int, str], dict[int, int]]) -> pl.DataFrame | None:
     """Copies of one resource id within one key bucket (every copy of an id meets in one bucket)."""
     spill, bucket, chunk_paths, line_offsets = args
-    keys = _read_folder(spill / "keys" / f"b{bucket:04d}")
+    keys = _read_folder(spill / "keys" / f"b{bucket:04d}", consume=True)
     if keys is None:
         return None
     dup = keys.filter(pl.len().over("identity") > 1).sort(["identity", *KEY])
@@ -144,7 +150,7 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
     """Resolve one subject bucket's rows and write them as one sorted shard."""
     spill, bucket, shard, strict = args
     lookups = spill / _LOOKUPS
-    rows = _read_folder(spill / "rows" / f"b{bucket:04d}")
+    rows = _read_folder(spill / "rows" / f"b{bucket:04d}", consume=True)
     # a resource's rows are adjacent in the spill: its first row marks it (for counting resources cheaply)
     first_row = (pl.col("line") != pl.col("line").shift()) | (pl.col("entry") != pl.col("entry").shift()) | (
         pl.col("chunk") != pl.col("chunk").shift())
