@@ -123,8 +123,13 @@ class _BucketResult:
     strict_problem: Problem | None = None
 
 
-def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, encounters, medications) -> None:
-    """The tables every bucket joins against, written once for the workers to read."""
+_ENCOUNTER_LOOKUP = {"encounter_id": pl.Int64, "encounter_subject_id": pl.Int64, "encounter_end": pl.Int64}
+
+
+def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, encounters, medications, subject_buckets: int) -> None:
+    """The tables every bucket joins against, written once for the workers to read. Encounters are also
+    split by their subject's bucket: a bucket's rows almost only point to its own subjects' encounters,
+    and joining every bucket against all encounters would make stage 2 grow faster than the export."""
     folder = spill / _LOOKUPS
     folder.mkdir(parents=True, exist_ok=True)
     dropped.select(KEY).write_ipc(folder / "dropped.arrow")
@@ -134,16 +139,42 @@ def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, encounters, med
         else pl.DataFrame(schema={schema.SUBJECT_ID: pl.Int64, "has_patient": pl.Boolean})
     )
     known_subjects.write_ipc(folder / "subjects.arrow")
-    (
-        encounters.select("encounter_id", "encounter_subject_id", "encounter_end")
+    table = (
+        encounters.select(*_ENCOUNTER_LOOKUP)
         if encounters is not None
-        else pl.DataFrame(schema={"encounter_id": pl.Int64, "encounter_subject_id": pl.Int64, "encounter_end": pl.Int64})
-    ).write_ipc(folder / "encounters.arrow")
+        else pl.DataFrame(schema=_ENCOUNTER_LOOKUP)
+    )
+    table.write_ipc(folder / "encounters.arrow")
+    (folder / "encounters").mkdir()
+    by_bucket = table.with_columns(_bucket=(pl.col("encounter_subject_id") & 0x7FFFFFFF) % subject_buckets)
+    for (bucket,), part in by_bucket.partition_by("_bucket", as_dict=True).items():
+        part.drop("_bucket").write_ipc(folder / "encounters" / f"b{bucket:04d}.arrow")
     (
         medications.select("medication_key", "medication_code")
         if medications is not None
         else pl.DataFrame(schema={"medication_key": pl.String, "medication_code": pl.String})
     ).write_ipc(folder / "medications.arrow")
+
+
+def _join_encounters(rows: pl.DataFrame, lookups: Path, bucket: int) -> pl.DataFrame:
+    """Rows with their encounter's subject and end: from the bucket's own encounters, then, for the
+    few references that point elsewhere, from all encounters."""
+    own = lookups / "encounters" / f"b{bucket:04d}.arrow"
+    table = pl.read_ipc(own) if own.exists() else pl.DataFrame(schema=_ENCOUNTER_LOOKUP)
+    rows = rows.join(table, on="encounter_id", how="left")
+    elsewhere = pl.col("encounter_id").is_not_null() & pl.col("encounter_subject_id").is_null()
+    wanted = rows.filter(elsewhere).select("encounter_id").unique()
+    if wanted.is_empty():
+        return rows
+    found = pl.scan_ipc(lookups / "encounters.arrow").join(wanted.lazy(), on="encounter_id", how="semi").collect()
+    if found.is_empty():
+        return rows
+    return rows.join(found, on="encounter_id", how="left", suffix="_elsewhere").with_columns(
+        encounter_subject_id=pl.coalesce("encounter_subject_id", "encounter_subject_id_elsewhere"),
+        encounter_end=pl.when(pl.col("encounter_subject_id").is_null())
+        .then(pl.col("encounter_end_elsewhere"))
+        .otherwise(pl.col("encounter_end")),
+    ).drop("encounter_subject_id_elsewhere", "encounter_end_elsewhere")
 
 
 def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
@@ -161,8 +192,8 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
     rows = (
         rows.join(pl.read_ipc(lookups / "subjects.arrow"), on=schema.SUBJECT_ID, how="left")
         .join(pl.read_ipc(lookups / "medications.arrow"), on="medication_key", how="left")
-        .join(pl.read_ipc(lookups / "encounters.arrow"), on="encounter_id", how="left")
     )
+    rows = _join_encounters(rows, lookups, bucket)
     reason = (
         pl.when(pl.col("has_patient").is_null())
         .then(pl.lit("subject Patient not found or rejected"))
@@ -237,7 +268,7 @@ def resolve_and_write(
     patients = _lookup(spill, "patients", dropped)
     encounters = _lookup(spill, "encounters", dropped)
     medications = _lookup(spill, "medications", dropped)
-    _write_lookups(spill, dropped, patients, encounters, medications)
+    _write_lookups(spill, dropped, patients, encounters, medications, subject_buckets)
 
     data_dir = out / schema.DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)

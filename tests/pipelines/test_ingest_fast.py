@@ -4,10 +4,12 @@ the parallel resolve stage writes the same shards whatever the number of process
 from __future__ import annotations
 
 import gzip
+import math
 import tempfile
 from pathlib import Path
 
 import orjson
+import polars as pl
 import pytest
 from fhir_builders import (
     condition,
@@ -23,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_ingest_properties import corruption
 
-from odyssey.pipelines.fhir_flatten import Context, Flattener, Rejected
+from odyssey.pipelines.fhir_flatten import Context, Flattener, Rejected, stable_id
 from odyssey.pipelines.ingest import StrictModeError, ingest_fhir, load_code_systems
 
 pytest.importorskip("msgspec")
@@ -186,12 +188,29 @@ def test_parallel_resolve_writes_the_same_shards_as_serial(tmp_path):
     write_ndjson(folder / "Patient.ndjson", patients)
     write_ndjson(folder / "Encounter.ndjson", encounters)
     write_ndjson(folder / "Observation.ndjson", labs)
+    buckets = math.ceil(sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
+    assert buckets >= 3  # several buckets, so the two processes really share the work
+
+    def bucket(pid: str) -> int:
+        return (stable_id("Patient", pid) & 0x7FFFFFFF) % buckets
+
+    # a lab that points to another patient's encounter, whose subject lies in another bucket
+    other = next(i for i in range(1, 60) if bucket(f"p{i}") != bucket("p0"))
+    labs[200] = lab("o-cross", "p0", f"e{other}", "2150-01-01T00:00:00Z")
+    # and one that points to its own patient's encounter: resolved from the bucket's own encounters
+    labs[201] = lab("o-own", "p0", "e60", "2150-01-01T00:00:00Z", 12345.0)
+    write_ndjson(folder / "Observation.ndjson", labs)
     one = ingest_fhir([folder], tmp_path / "one", workers=1, shard_mb=1, chunk_mb=1)
     two = ingest_fhir([folder], tmp_path / "two", workers=2, shard_mb=1, chunk_mb=1)
-    assert one.shards >= 3  # several buckets, so the two processes really share the work
+    assert one.shards == buckets
     assert _outputs(tmp_path / "one") == _outputs(tmp_path / "two")
     assert _counts(one) == _counts(two)
-    assert one.resource_types["Observation"].rejected == 1
+    assert one.resource_types["Observation"].rejected_reasons == {
+        "subject Patient not found or rejected": 1, "encounter belongs to another patient": 1}
+    data = pl.read_parquet(tmp_path / "one" / "data")
+    own = data.filter(pl.col("numeric_value") == 12345.0)
+    assert own["subject_id"].to_list() == [stable_id("Patient", "p0")]
+    assert own["encounter_id"].to_list() == [stable_id("Encounter", "e60")]
 
 
 @pytest.mark.parametrize(
