@@ -66,7 +66,7 @@ class ScanConfig:
     pair: int = 1
     maxnreg: int | None = None
     bwd_stages: int = 2
-    fwd_stages: int = 1
+    fwd_stages: int = 2
 
 
 def _largest_pow2_divisor(value: int, cap: int) -> int:
@@ -131,10 +131,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         block_d_carry=_largest_pow2_divisor(channels_per_group, max(1, FWD_TILE_ELEMENTS // (block_n * chunk))),
         pair=over.get("pair", 1),
         maxnreg=over.get("maxnreg"),
-        # software-pipelined state loops (the next state index's loads in flight): backward 10.1 -> 9.3 ms
-        # f+b at b32/L2048/N16 on an H100 (kernels/NOTES.md v5); the forward's is unmeasured
+        # software-pipelined state loops (the next state index's loads in flight), H100, b32/L2048/N16
+        # (kernels/NOTES.md v5, v6): backward 10.1 -> 9.3 ms f+b, forward 2.14 -> 1.91 ms
         bwd_stages=over.get("bwd_stages", 2),
-        fwd_stages=over.get("fwd_stages", 1),
+        fwd_stages=over.get("fwd_stages", 2),
     )
 
 
