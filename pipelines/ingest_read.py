@@ -370,13 +370,20 @@ def _checked_rows(rows: list[tuple]) -> pl.DataFrame:
         & (pl.col("entry").shift(-1) == pl.col("entry"))
     )
     frame = frame.with_columns(encounter_end_us=pl.when(next_is_my_end).then(pl.col("time_us").shift(-1)))
+    bad_time = pl.col("time").is_not_null() & pl.col("time_us").is_null()
+    bad_issued = pl.col("issued").is_not_null() & pl.col("issued_us").is_null()
+    ends_before = pl.col("encounter_end_us") < pl.col("time_us")
+    if not frame.select((bad_time | bad_issued | ends_before).any()).item():  # the usual batch: no message to build
+        frame = frame.with_columns(pl.lit(None, pl.String).alias("reason"), time=pl.col("time_us"),
+                                   issued=pl.col("issued_us"))
+        return frame.drop("time_us", "issued_us")
     issued_field = pl.when(pl.col("resource_type") == "Condition").then(pl.lit("recordedDate")).otherwise(pl.lit("issued"))
     reason = (
-        pl.when(pl.col("time").is_not_null() & pl.col("time_us").is_null())
+        pl.when(bad_time)
         .then(pl.format("{}: not a FHIR date/time: {}", pl.col("time_field"), pl.col("time")))
-        .when(pl.col("issued").is_not_null() & pl.col("issued_us").is_null())
+        .when(bad_issued)
         .then(pl.format("{}.{}: not a FHIR date/time: {}", pl.col("resource_type"), issued_field, pl.col("issued")))
-        .when(pl.col("encounter_end_us") < pl.col("time_us"))
+        .when(ends_before)
         .then(pl.lit("period ends before it starts"))
     )
     frame = frame.with_columns(reason=reason, time=pl.col("time_us"), issued=pl.col("issued_us"))
