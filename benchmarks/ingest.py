@@ -6,7 +6,9 @@
 2. parse floor: `orjson.loads` of every line, one core;
 3. R4B baseline: fhir.resources R4B validation of each resource, then flattening, one core (on a sample);
 4. `odyssey ingest` end to end with the default config: resources/s and peak memory (main + workers,
-   sampled from /proc), at the base size and at `--scale` times it (memory must stay flat).
+   sampled from /proc), at the base size and at `--scale` times it (memory must stay flat);
+5. `odyssey ingest` with one worker at the base size: the same single core as the parse floor, which
+   keeps its meaning when other processes share the machine (wall numbers do not).
 """
 
 from __future__ import annotations
@@ -147,6 +149,18 @@ def ours(folder: Path, workers: int | None) -> dict:
     }
 
 
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    found = {}
+    for name in ("orjson", "msgspec", "polars", "pyarrow"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # msgspec is optional: without it the fast path is off
+            found[name] = None
+    return found
+
+
 def _cpu() -> float:
     """CPU seconds of this process and its finished children (the workers)."""
     t = os.times()
@@ -168,6 +182,8 @@ def main() -> None:
     results = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "versions": _versions(),
+        "load_average_at_start": os.getloadavg(),
         "parse_floor": parse_floor(files),
         "r4b_validate_and_flatten": r4b_baseline(files, args.r4b_sample),
         "ours": ours(base, args.workers),
@@ -175,12 +191,14 @@ def main() -> None:
     if args.scale:
         big = cohort(args.cache, args.patients * args.scale)
         results["ours_scaled"] = ours(big, args.workers)
+    results["ours_one_worker"] = ours(base, 1)
     floor = results["parse_floor"]["resources_per_second"]
     rows = [("parse floor (orjson.loads, 1 core)", results["parse_floor"]),
             ("R4B validate + flatten (1 core)", results["r4b_validate_and_flatten"]),
             ("odyssey ingest", results["ours"])]
     if "ours_scaled" in results:
         rows.append((f"odyssey ingest x{args.scale}", results["ours_scaled"]))
+    rows.append(("odyssey ingest, 1 worker", results["ours_one_worker"]))
     print(f"{'':40}{'resources':>12}{'seconds':>9}{'res/s':>11}{'x floor':>9}{'res/cpu-s':>11}{'peak MB':>9}")
     for name, r in rows:
         print(f"{name:40}{r['resources']:>12,}{r['seconds']:>9.1f}{r['resources_per_second']:>11,.0f}"
