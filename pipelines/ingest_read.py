@@ -326,9 +326,9 @@ class ChunkReader:
                 *KEY_COLUMNS,
                 chunk,
             )
-            if encounters.height:
-                (spill / "encounters").mkdir(parents=True, exist_ok=True)
-                encounters.write_ipc(spill / "encounters" / tag)
+            if encounters.height:  # by their subject's bucket, the bucket that will join them
+                _write_buckets(encounters, "encounter_subject_id", self.settings.subject_buckets, spill / "encounters",
+                               tag)
         if self.keys:
             cols = list(zip(*self.keys, strict=True))
             keys = pl.from_arrow(pa.Table.from_arrays(

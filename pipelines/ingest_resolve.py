@@ -1,7 +1,7 @@
 """Stage 2 of ingestion: settle duplicates, resolve references, write sorted MEDS shards.
 
 Works one bucket at a time, so memory depends on the largest bucket, not on the export. Only the
-lookup tables (patients, encounters, medications: a few numbers per entry) are held whole.
+small lookup tables (patients, medications) are held whole; encounters are read per bucket.
 """
 
 from __future__ import annotations
@@ -126,10 +126,9 @@ class _BucketResult:
 _ENCOUNTER_LOOKUP = {"encounter_id": pl.Int64, "encounter_subject_id": pl.Int64, "encounter_end": pl.Int64}
 
 
-def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, encounters, medications, subject_buckets: int) -> None:
-    """The tables every bucket joins against, written once for the workers to read. Encounters are also
-    split by their subject's bucket: a bucket's rows almost only point to its own subjects' encounters,
-    and joining every bucket against all encounters would make stage 2 grow faster than the export."""
+def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, medications) -> None:
+    """The small tables every bucket joins against, written once for the workers to read. (Encounters
+    are not among them: the readers spill them by their subject's bucket, see `_join_encounters`.)"""
     folder = spill / _LOOKUPS
     folder.mkdir(parents=True, exist_ok=True)
     dropped.select(KEY).write_ipc(folder / "dropped.arrow")
@@ -139,16 +138,6 @@ def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, encounters, med
         else pl.DataFrame(schema={schema.SUBJECT_ID: pl.Int64, "has_patient": pl.Boolean})
     )
     known_subjects.write_ipc(folder / "subjects.arrow")
-    table = (
-        encounters.select(*_ENCOUNTER_LOOKUP)
-        if encounters is not None
-        else pl.DataFrame(schema=_ENCOUNTER_LOOKUP)
-    )
-    table.write_ipc(folder / "encounters.arrow")
-    (folder / "encounters").mkdir()
-    by_bucket = table.with_columns(_bucket=(pl.col("encounter_subject_id") & 0x7FFFFFFF) % subject_buckets)
-    for (bucket,), part in by_bucket.partition_by("_bucket", as_dict=True).items():
-        part.drop("_bucket").write_ipc(folder / "encounters" / f"b{bucket:04d}.arrow")
     (
         medications.select("medication_key", "medication_code")
         if medications is not None
@@ -156,17 +145,28 @@ def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, encounters, med
     ).write_ipc(folder / "medications.arrow")
 
 
-def _join_encounters(rows: pl.DataFrame, lookups: Path, bucket: int) -> pl.DataFrame:
-    """Rows with their encounter's subject and end: from the bucket's own encounters, then, for the
-    few references that point elsewhere, from all encounters."""
-    own = lookups / "encounters" / f"b{bucket:04d}.arrow"
-    table = pl.read_ipc(own) if own.exists() else pl.DataFrame(schema=_ENCOUNTER_LOOKUP)
-    rows = rows.join(table, on="encounter_id", how="left")
+def _encounter_table(files: list[Path], dropped: pl.DataFrame) -> pl.LazyFrame:
+    if not files:
+        return pl.LazyFrame(schema=_ENCOUNTER_LOOKUP)
+    table = pl.concat([pl.scan_ipc(f) for f in files])
+    if dropped.height:
+        table = table.join(dropped.lazy(), on=KEY, how="anti")
+    return table.select(*_ENCOUNTER_LOOKUP)
+
+
+def _join_encounters(rows: pl.DataFrame, spill: Path, bucket: int, dropped: pl.DataFrame) -> pl.DataFrame:
+    """Rows with their encounter's subject and end. A bucket's rows almost only point to encounters of
+    its own subjects, which the readers spilled to the same bucket; the few references that point
+    elsewhere are looked up among all encounters. So no process ever holds every encounter, and each
+    bucket's work does not grow with the export."""
+    own = sorted((spill / "encounters" / f"b{bucket:04d}").glob("*.arrow"))
+    rows = rows.join(_encounter_table(own, dropped).collect(), on="encounter_id", how="left")
     elsewhere = pl.col("encounter_id").is_not_null() & pl.col("encounter_subject_id").is_null()
     wanted = rows.filter(elsewhere).select("encounter_id").unique()
     if wanted.is_empty():
         return rows
-    found = pl.scan_ipc(lookups / "encounters.arrow").join(wanted.lazy(), on="encounter_id", how="semi").collect()
+    every = sorted((spill / "encounters").glob("b*/*.arrow"))
+    found = _encounter_table(every, dropped).join(wanted.lazy(), on="encounter_id", how="semi").collect()
     if found.is_empty():
         return rows
     return rows.join(found, on="encounter_id", how="left", suffix="_elsewhere").with_columns(
@@ -193,7 +193,7 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
         rows.join(pl.read_ipc(lookups / "subjects.arrow"), on=schema.SUBJECT_ID, how="left")
         .join(pl.read_ipc(lookups / "medications.arrow"), on="medication_key", how="left")
     )
-    rows = _join_encounters(rows, lookups, bucket)
+    rows = _join_encounters(rows, spill, bucket, dropped)
     reason = (
         pl.when(pl.col("has_patient").is_null())
         .then(pl.lit("subject Patient not found or rejected"))
@@ -266,9 +266,8 @@ def resolve_and_write(
         raise StrictStop(Problem(first["chunk"], first["line"], first["entry"], first["resource_type"],
                                  first["fhir_id"], first["reason"], None))
     patients = _lookup(spill, "patients", dropped)
-    encounters = _lookup(spill, "encounters", dropped)
     medications = _lookup(spill, "medications", dropped)
-    _write_lookups(spill, dropped, patients, encounters, medications, subject_buckets)
+    _write_lookups(spill, dropped, patients, medications)
 
     data_dir = out / schema.DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
