@@ -3,7 +3,8 @@
 Times `odyssey.interpretability.attribution.integrated_gradients` on a random-weight task model of a
 named size over a synthetic prompted history of `--tokens` tokens (event tokens of mixed types inside
 20-token visits, task prompt at both ends), for each `--steps` value; prints JSON with the median of
-`--repeats` runs (after one warm-up) and the completeness error.
+`--repeats` runs (after one warm-up) and the completeness error. Also times the risk-over-time panel
+`odyssey explain` draws: `EHRMambaScorer.trajectory` over the same history, one point per visit.
 
     python benchmarks/explain_cpu.py                               # tiny, 2,048 tokens, 16/32/64 steps, CPU
     python benchmarks/explain_cpu.py --size small --threads 2 --batch 8
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from odyssey.interpretability.attribution import integrated_gradients
-from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification
+from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification, EHRMambaScorer
 from odyssey.tokenizer import SpecialTokens, TokenType
 
 TASK_TOKEN, VOCAB, VISIT_TOKENS = 24, 2048, 20
@@ -56,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = EHRMambaConfig.from_size(args.size, vocab_size=VOCAB, task_names=["task"], task_outputs=[1],
-                                      task_prompt_ids=[[TASK_TOKEN]])
+                                      task_prompt_ids=[[TASK_TOKEN]], task_token_type=int(TokenType.TASK))
     model = EHRMambaForTaskClassification(config).to(args.device)
     inputs = prompted_history(args.tokens, seed=0)
     results = []
@@ -72,9 +73,19 @@ def main() -> None:
             error = abs(result.scores.sum() - (result.logit - result.baseline_logit))
         results.append({"n_steps": steps, "seconds_per_patient": round(statistics.median(seconds), 3),
                         "runs": [round(s, 3) for s in seconds], "completeness_error": error})
+    history = {name: values[:-1] for name, values in inputs.items()}  # without the trailing prompt
+    visits = history["visit_orders"]
+    trajectory_seconds = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        points = EHRMambaScorer(model, "task").trajectory(history, visits)
+        trajectory_seconds.append(time.perf_counter() - started)
     print(json.dumps({"size": args.size, "tokens": args.tokens, "batch": args.batch, "threads": args.threads,
                       "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
-                      "processor": platform.processor(), "results": results}, indent=1))
+                      "processor": platform.processor(), "results": results,
+                      "risk_over_time": {"points": len(points),
+                                         "seconds_per_patient": round(statistics.median(trajectory_seconds), 3)}},
+                     indent=1))
 
 
 if __name__ == "__main__":
