@@ -15,10 +15,10 @@ def lean(mixer, conv_backend="torch"):
     return mixer
 
 
-@pytest.mark.parametrize("length", [1, 37, 130])
-def test_lean_layout_matches_transformers(length):
+@pytest.mark.parametrize(("layout", "length"), [("lean", 1), ("lean", 37), ("lean", 130), ("unfused", 37)])
+def test_both_layouts_match_transformers(layout, length):
     ours, theirs = make_pair(seed=20 + length)
-    lean(ours)
+    ours.layout, ours.conv_backend = layout, "torch"
     x = torch.randn(2, length, 32)
     mask = torch.ones(2, length, dtype=torch.long)
     mask[1, : length // 3] = 0
@@ -53,8 +53,10 @@ def test_unknown_layout_is_refused():
         ours(torch.randn(1, 3, 32))
 
 
-def test_auto_layout_is_unfused_on_cpu():
+def test_auto_layout_is_lean_and_unfused_is_selectable():
     ours, _ = make_pair()
+    assert ours._lean(torch.randn(1, 3, 32))
+    ours.layout = "unfused"
     assert not ours._lean(torch.randn(1, 3, 32))
 
 
