@@ -39,10 +39,18 @@ class Rejected(Exception):
     """The resource cannot become MEDS rows; the message is the reason written to rejects/."""
 
 
+_TYPE_HASHERS: dict[str, object] = {}  # resource type -> BLAKE2b state after "Type/" (copying it is cheaper)
+
+
 def stable_id(resource_type: str, fhir_id: str) -> int:
-    """A 63-bit id that depends only on the resource's type and FHIR id (same on every run)."""
-    digest = hashlib.blake2b(f"{resource_type}/{fhir_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    """A 63-bit id that depends only on the resource's type and FHIR id (same on every run):
+    BLAKE2b-64 of `Type/id`, little-endian, shifted right by one bit."""
+    prefix = _TYPE_HASHERS.get(resource_type)
+    if prefix is None:
+        prefix = _TYPE_HASHERS[resource_type] = hashlib.blake2b(f"{resource_type}/".encode(), digest_size=8)
+    hasher = prefix.copy()
+    hasher.update(fhir_id.encode())
+    return int.from_bytes(hasher.digest(), "little") >> 1
 
 
 # A MEDS row before resolution, as the tuples the Flattener appends (field order = tuple order).

@@ -4,6 +4,7 @@ the parallel resolve stage writes the same shards whatever the number of process
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import tempfile
 from pathlib import Path
@@ -248,3 +249,11 @@ def test_problems_in_later_chunks_name_their_file_line(tmp_path):
     write_ndjson(folder / "Obs.ndjson", labs)  # only the broken line is left
     with pytest.raises(StrictModeError, match=r"Obs.ndjson:8500: malformed JSON"):
         ingest_fhir([folder], tmp_path / "strict", workers=2, chunk_mb=1, strict=True)
+
+
+def test_stable_ids_are_blake2b_of_type_and_id():
+    """Ids must not change between versions: BLAKE2b-64 of `Type/id`, little-endian, one bit dropped."""
+    assert stable_id("Patient", "p-1") == 3181575670982426361
+    for rtype, fhir_id in [("Encounter", "6d4987aa-92e4-44cd-af7b-4bdb812034c6"), ("Patient", "é/x"), ("Patient", "")]:
+        digest = hashlib.blake2b(f"{rtype}/{fhir_id}".encode(), digest_size=8).digest()
+        assert stable_id(rtype, fhir_id) == int.from_bytes(digest, "little") >> 1
