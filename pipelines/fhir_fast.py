@@ -45,6 +45,12 @@ if msgspec is not None:
         coding: list[Coding] | None = None
         text: str | None = None
 
+    class CategoryCoding(Struct, gc=False):  # only the code decides an Observation's event type
+        code: str | None = None
+
+    class Category(Struct, gc=False):
+        coding: list[CategoryCoding] | None = None
+
     class Reference(Struct, gc=False):
         reference: str | None = None
 
@@ -119,7 +125,7 @@ if msgspec is not None:
         code: Concept | None = None
 
     class Observation(_SubjectResource, tag="Observation"):
-        category: list[Concept] | None = None
+        category: list[Category] | None = None
         code: Concept | None = None
         effectiveDateTime: str | None = None  # noqa: N815
         effectivePeriod: Period | None = None  # noqa: N815
