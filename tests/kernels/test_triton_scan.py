@@ -12,6 +12,7 @@ import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from interpreter_guard import make_guard  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from odyssey.kernels import triton_scan, triton_scan_kernels  # noqa: E402
@@ -21,6 +22,9 @@ from odyssey.kernels.step import selective_state_update  # noqa: E402
 if not isinstance(triton_scan_kernels._scan_fwd_kernel, InterpretedFunction):
     importlib.reload(triton_scan_kernels)
     importlib.reload(triton_scan)
+
+# Triton imported compiled before this module (another test folder first): rerun this file in a child
+_interpreted_only, test_module_in_fresh_process = make_guard(__file__)
 
 FP32_TOL = 1e-5
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
