@@ -88,6 +88,17 @@ def _peak_memory_mb() -> float:
     return max(own, children) * scale
 
 
+_BUCKET_MULTIPLE = 4
+
+
+def subject_bucket_count(input_bytes: int, shard_bytes: int) -> int:
+    """Output shards (= stage-2 buckets): at most `shard_bytes` of input each, and when there are several,
+    a multiple of 4, so that 2 or 4 workers finish stage 2 together. It must not depend on the number of
+    workers: the shards, and so the bytes written, would."""
+    count = max(1, math.ceil(input_bytes / shard_bytes))
+    return count if count == 1 else math.ceil(count / _BUCKET_MULTIPLE) * _BUCKET_MULTIPLE
+
+
 def _estimated_bytes(chunks: list[Chunk]) -> int:
     return sum(c.size * (8 if c.compressed else 1) for c in chunks)
 
@@ -244,7 +255,7 @@ def ingest_fhir(
     files = discover(list(paths))
     chunks = plan_chunks(files, config.chunk_mb << 20)
     chunk_paths = {c.index: c.path for c in chunks}
-    subject_buckets = max(1, math.ceil(_estimated_bytes(chunks) / (config.shard_mb << 20)))
+    subject_buckets = subject_bucket_count(_estimated_bytes(chunks), config.shard_mb << 20)
     key_buckets = max(4, subject_buckets)
     workers = min(config.workers or os.cpu_count() or 1, max(len(chunks), subject_buckets))
     out = Path(out)

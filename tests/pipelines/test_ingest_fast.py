@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import math
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from hypothesis import strategies as st
 from test_ingest_properties import corruption
 
 from odyssey.pipelines.fhir_flatten import Context, Flattener, Rejected, stable_id
-from odyssey.pipelines.ingest import StrictModeError, ingest_fhir, load_code_systems
+from odyssey.pipelines.ingest import StrictModeError, ingest_fhir, load_code_systems, subject_bucket_count
 
 pytest.importorskip("msgspec")
 from odyssey.pipelines.fhir_fast import FastFlattener  # noqa: E402 - needs msgspec
@@ -189,8 +188,8 @@ def test_parallel_resolve_writes_the_same_shards_as_serial(tmp_path):
     write_ndjson(folder / "Patient.ndjson", patients)
     write_ndjson(folder / "Encounter.ndjson", encounters)
     write_ndjson(folder / "Observation.ndjson", labs)
-    buckets = math.ceil(sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
-    assert buckets >= 3  # several buckets, so the two processes really share the work
+    buckets = subject_bucket_count(sum(f.stat().st_size for f in folder.iterdir()), 2**20)
+    assert buckets == 4  # several buckets (3 MB at 1 MB per shard, rounded up to a multiple of 4)
 
     def bucket(pid: str) -> int:
         return (stable_id("Patient", pid) & 0x7FFFFFFF) % buckets
@@ -257,3 +256,9 @@ def test_stable_ids_are_blake2b_of_type_and_id():
     for rtype, fhir_id in [("Encounter", "6d4987aa-92e4-44cd-af7b-4bdb812034c6"), ("Patient", "é/x"), ("Patient", "")]:
         digest = hashlib.blake2b(f"{rtype}/{fhir_id}".encode(), digest_size=8).digest()
         assert stable_id(rtype, fhir_id) == int.from_bytes(digest, "little") >> 1
+
+
+def test_subject_bucket_count_is_one_or_a_multiple_of_four():
+    mb = 2**20
+    assert [subject_bucket_count(n * mb, 256 * mb) for n in (0, 1, 256, 257, 620, 1024, 1025, 3200)] == [
+        1, 1, 1, 4, 4, 4, 8, 16]
