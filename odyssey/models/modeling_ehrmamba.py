@@ -107,7 +107,11 @@ class EHRMambaPreTrainedModel(PreTrainedModel):
             nn.init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
             if module.conv1d.bias is not None:
                 nn.init.zeros_(module.conv1d.bias)
-            nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+            # PyTorch's default Linear init, as mamba_ssm keeps it: with the generic normal(0.02) the input
+            # and B/C projections start so small that the scan carries almost nothing from earlier tokens,
+            # and a task head spends hundreds of steps on a plateau before it can read the history.
+            for projection in (module.in_proj, module.x_proj, module.out_proj):
+                nn.init.kaiming_uniform_(projection.weight, a=math.sqrt(5))
             if self.config.rescale_prenorm_residual:
                 # GPT-2 style: shrink residual-branch outputs by 1/sqrt(depth).
                 module.out_proj.weight /= math.sqrt(self.config.num_hidden_layers)
