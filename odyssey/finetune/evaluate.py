@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from pydantic import Field, field_validator
 from tqdm import tqdm
 
@@ -71,6 +72,7 @@ class EvaluateConfig(StageConfig):
     baselines: list[str] = Field(default_factory=lambda: list(B.BASELINES))
     context_length: int | None = Field(None, ge=8, description="default: the finetuning run's")
     batch_size: int = Field(32, ge=1)
+    device: str = Field("auto", description="where models predict: auto (cuda when available), cpu, cuda, cuda:1")
     resamples: int = Field(1000, ge=10)
     seed: int = 0
     progress_bar: bool = True
@@ -222,10 +224,19 @@ def _context_length(config: EvaluateConfig, model_path: Path) -> int:
     return DEFAULT_CONTEXT_LENGTH
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
 def _model_probabilities(path: Path, config: EvaluateConfig, inputs, specs: Sequence[TaskSpec],
                          pad_id: int) -> dict[str, np.ndarray]:
     """Probabilities of a finetuned model for tuning and held_out, in the layout of `specs`."""
     model, own_specs = load_finetuned(path)
+    model.to(_device(config.device))
     check_tokenizer_match(Path(path) / MODEL if (Path(path) / MODEL).is_dir() else Path(path), config.data)
     own = {s.name: i for i, s in enumerate(own_specs)}
     width = max(len(s.outputs) for s in specs)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from odyssey.io import atomic_output_dir, read_json, write_json
 from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification, count_parameters
@@ -86,6 +87,9 @@ class FinetuneConfig(TrainerSettings):
         "ehrmamba", description="gpt: the transformer baseline (same embeddings and head, from scratch)")
     gpt_layers: int | None = Field(None, ge=1, description="gpt blocks; default half the Mamba layers")
     gpt_heads: int | None = Field(None, ge=1, description="attention heads; default hidden_size / 64")
+    group_by_length: bool = Field(
+        True, description="batch examples of similar length together (less padding; ignored with task_sampling)")
+    dataloader_workers: int = Field(0, ge=0, description="processes that build examples (cut, truncate, prompt)")
 
     @field_validator("task_loss_weights", "task_sampling")
     @classmethod
@@ -236,16 +240,26 @@ class KeepBestOnTuning(TrainerCallback):
 
 
 class TaskTrainer(Trainer):
-    """Trainer whose training order follows per-task sampling weights when given."""
+    """Trainer whose training order follows per-task sampling weights when given, else groups by length.
 
-    def __init__(self, *args, sample_weights: np.ndarray | None = None, **kwargs):
+    Length grouping (random mega-batches, each sorted by length) uses the dataset's precomputed lengths;
+    without it, a batch of short histories pads to its one long history (most of a GPU step at 2,048).
+    """
+
+    def __init__(self, *args, sample_weights: np.ndarray | None = None, group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.sample_weights = sample_weights
+        self.group_examples_by_length = group_by_length
 
     def _get_train_sampler(self, train_dataset=None):
-        if self.sample_weights is None:
-            return super()._get_train_sampler(train_dataset)
         generator = torch.Generator().manual_seed(self.args.seed)
+        if self.sample_weights is None:
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.group_examples_by_length and hasattr(dataset, "lengths"):
+                return LengthGroupedSampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                    lengths=list(dataset.lengths), generator=generator)
+            return super()._get_train_sampler(train_dataset)
         return torch.utils.data.WeightedRandomSampler(
             torch.as_tensor(self.sample_weights, dtype=torch.double), num_samples=len(self.sample_weights),
             replacement=True, generator=generator,
@@ -254,7 +268,8 @@ class TaskTrainer(Trainer):
 
 def _training_arguments(config: FinetuneConfig, out: Path, precision: str) -> TrainingArguments:
     return TrainingArguments(
-        **shared_training_arguments(config, out / CHECKPOINTS, precision), eval_strategy="no", save_strategy="no"
+        **shared_training_arguments(config, out / CHECKPOINTS, precision), eval_strategy="no", save_strategy="no",
+        dataloader_num_workers=config.dataloader_workers,
     )
 
 
@@ -329,6 +344,7 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
         data_collator=TaskCollator(vocabulary.pad_id, config.pad_to_multiple_of),
         callbacks=callbacks,
         sample_weights=sampling_weights(train, specs, config.task_sampling),
+        group_by_length=config.group_by_length,
     )
     keep_best = None
     if config.eval_steps is not None:

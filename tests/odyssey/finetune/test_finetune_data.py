@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from odyssey.finetune.data import (
     FinetuneDataError,
     SequenceStore,
+    TaskCollator,
     TaskDataset,
     build_examples,
     check_both_classes,
@@ -121,3 +124,45 @@ def test_task_sampling_weights_give_each_task_its_share(loaded):
     shares = np.bincount(examples.task_index, weights=weights) / weights.sum()
     assert shares == pytest.approx([0.5, 0.25, 0.25])
     assert sampling_weights(examples, specs, {}) is None
+
+
+def test_condition_label_column_j_is_the_group_of_prompt_token_j_in_every_batch(loaded):
+    """Suspect of issue 6: after batching and shuffling, output j of a conditions example must carry the
+    label of the group whose token is the j-th trailing prompt token ([C0] heart failure ... [C5] pneumonia)."""
+    tokenizer, specs, store, labels = loaded
+    conditions = specs[1]
+    examples, _ = build_examples(store, specs, labels, "train")
+    members = np.flatnonzero(examples.task_index == 1)
+    truth = labels[1].with_columns(pl.col("prediction_time").cast(pl.Datetime("us")))
+    keys = pl.DataFrame({"subject_id": examples.subject_id[members],
+                         "prediction_time": examples.prediction_time[members].astype("datetime64[us]")})
+    expected = keys.join(truth, on=["subject_id", "prediction_time"], how="left", maintain_order="left")
+    dataset = TaskDataset(store, examples, specs, 64)
+    order = np.random.default_rng(0).permutation(members)[:24]  # a shuffled batch mixing tasks
+    batch = TaskCollator(tokenizer.pad_token_id)([dataset[int(i)] for i in order])
+    lengths = batch["attention_mask"].sum(dim=1)
+    for row, example in enumerate(order):
+        position = int(np.searchsorted(members, example))
+        for j, token in enumerate(conditions.prompt_ids):
+            group = conditions.outputs[j]
+            assert tokenizer.token_to_id(f"[C{j}]") == token
+            assert int(batch["input_ids"][row, int(lengths[row]) - len(conditions.prompt_ids) + j]) == token
+            assert float(batch["labels"][row, j]) == float(expected[group][position])
+    assert conditions.outputs == ("heart_failure", "diabetes", "chronic_kidney_disease", "copd", "sepsis", "pneumonia")
+
+
+def test_length_grouped_batches_pad_less_and_cover_every_example(loaded):
+    _, specs, store, labels = loaded
+    examples, _ = build_examples(store, specs, labels, "train")
+    dataset = TaskDataset(store, examples, specs, 512)
+    sampler = LengthGroupedSampler(16, lengths=list(dataset.lengths), generator=torch.Generator().manual_seed(0))
+    order = np.fromiter(iter(sampler), dtype=np.int64)
+    assert sorted(order.tolist()) == list(range(len(dataset)))
+    lengths = np.asarray(dataset.lengths)
+
+    def padding(indices: np.ndarray) -> int:
+        batches = [lengths[indices[i:i + 16]] for i in range(0, len(indices), 16)]
+        return int(sum(b.max() * len(b) - b.sum() for b in batches))
+
+    shuffled = np.random.default_rng(0).permutation(len(dataset))
+    assert padding(order) < 0.5 * padding(shuffled)
