@@ -26,11 +26,10 @@ except ImportError:  # the general path alone still works, only slower
     msgspec = None
 
 _BIRTH, _DEATH, _DEMOGRAPHIC = EventType.BIRTH, EventType.DEATH, EventType.DEMOGRAPHIC
-_START, _END = EventType.ENCOUNTER_START, EventType.ENCOUNTER_END
+_START = EventType.ENCOUNTER_START
 _FLOAT_MAX = sys.float_info.max
 _GENDER = f"{schema.GENDER_PREFIX}{schema.CODE_SEPARATOR}"
 _START_PREFIX = f"{schema.ENCOUNTER_START_PREFIX}{schema.CODE_SEPARATOR}"
-_END_PREFIX = f"{schema.ENCOUNTER_END_PREFIX}{schema.CODE_SEPARATOR}"
 
 if msgspec is not None:
     Struct, Raw = msgspec.Struct, msgspec.Raw
@@ -283,12 +282,8 @@ class FastFlattener:
         code_start = _START_PREFIX + klass.code
         if klass.display is not None and code_start not in self.ctx.descriptions:
             self.ctx.descriptions[code_start] = f"start of {klass.display}"
-        rows = self.flat.rows
-        rows.append((sid, period.start, "Encounter.period.start", False, code_start, None, None, eid, None, None,
-                     _START, None, None, False, "Encounter", line, 0))
-        if period.end is not None:
-            rows.append((sid, period.end, "Encounter.period.end", False, _END_PREFIX + klass.code, None, disposition,
-                         eid, None, None, _END, None, None, False, "Encounter", line, 0))
+        self.flat.rows.append((sid, period.start, "Encounter.period.start", False, code_start, None, disposition, eid,
+                               None, None, _START, period.end, None, False, "Encounter", line, 0))  # see ROW_SCHEMA
         return True
 
     def _timed_event(self, r, line: int, rtype: str, event_type: str, code: str, time: str | None, field: str | None,

@@ -54,6 +54,9 @@ def stable_id(resource_type: str, fhir_id: str) -> int:
 
 
 # A MEDS row before resolution, as the tuples the Flattener appends (field order = tuple order).
+# An Encounter is ONE row until its shard is written (half the rows to convert, spill and join): its
+# ENCOUNTER_START row carries the period's end in `issued` and the discharge disposition in `text_value`,
+# and becomes the ENCOUNTER_START and ENCOUNTER_END rows in ingest_resolve.
 ROW_SCHEMA = pa.schema(
     [
         ("subject_id", pa.int64()),
@@ -67,7 +70,7 @@ ROW_SCHEMA = pa.schema(
         ("unit", pa.string()),
         ("comparator", pa.string()),
         ("event_type", pa.string()),
-        ("issued", pa.string()),  # the raw FHIR string
+        ("issued", pa.string()),  # the raw FHIR string (an Encounter's: its period.end)
         ("medication_key", pa.string()),  # "Medication/<id>" still to resolve into `code`, else None
         ("time_from_encounter", pa.bool_()),  # True: `time` is the encounter's end, filled in at resolution
         ("resource_type", pa.string()),
@@ -295,13 +298,9 @@ class Flattener:
         code_start = f"{schema.ENCOUNTER_START_PREFIX}{schema.CODE_SEPARATOR}{class_code}"
         if code_start not in self.ctx.descriptions and isinstance(klass.get("display"), str):
             self.ctx.descriptions[code_start] = f"start of {klass['display']}"
-        self.rows.append((sid, start, "Encounter.period.start", False, code_start, None, None, eid, None, None,
-                          EventType.ENCOUNTER_START, None, None, False, "Encounter", line, entry))
-        if end is not None:
-            self.rows.append((sid, end, "Encounter.period.end", False,
-                              f"{schema.ENCOUNTER_END_PREFIX}{schema.CODE_SEPARATOR}{class_code}", None,
-                              disposition, eid, None, None, EventType.ENCOUNTER_END, None, None, False, "Encounter",
-                              line, entry))
+        # one row for both events (see ROW_SCHEMA): the end row is made when the shard is written
+        self.rows.append((sid, start, "Encounter.period.start", False, code_start, None, disposition, eid, None,
+                          None, EventType.ENCOUNTER_START, end, None, False, "Encounter", line, entry))
 
     def _timed_event(self, r, line, entry, rtype, event_type, code, issued=None):
         """Condition / Procedure: without a time of their own they take their encounter's end."""

@@ -362,14 +362,9 @@ def _checked_rows(rows: list[tuple]) -> pl.DataFrame:
         frame = pl.from_arrow(ROW_SCHEMA.empty_table())
     frame = with_fhir_times(frame, "time", "time_us", birth="birth")
     frame = with_fhir_times(frame, "issued", "issued_us")
-    # an Encounter's end row directly follows its start row (see Flattener._encounter)
-    next_is_my_end = (
-        (pl.col("event_type") == EventType.ENCOUNTER_START)
-        & (pl.col("event_type").shift(-1) == EventType.ENCOUNTER_END)
-        & (pl.col("line").shift(-1) == pl.col("line"))
-        & (pl.col("entry").shift(-1) == pl.col("entry"))
-    )
-    frame = frame.with_columns(encounter_end_us=pl.when(next_is_my_end).then(pl.col("time_us").shift(-1)))
+    # an Encounter's row carries its period's end in `issued` (see ROW_SCHEMA)
+    is_encounter = pl.col("event_type") == EventType.ENCOUNTER_START
+    frame = frame.with_columns(encounter_end_us=pl.when(is_encounter).then(pl.col("issued_us")))
     bad_time = pl.col("time").is_not_null() & pl.col("time_us").is_null()
     bad_issued = pl.col("issued").is_not_null() & pl.col("issued_us").is_null()
     ends_before = pl.col("encounter_end_us") < pl.col("time_us")
@@ -377,7 +372,11 @@ def _checked_rows(rows: list[tuple]) -> pl.DataFrame:
         frame = frame.with_columns(pl.lit(None, pl.String).alias("reason"), time=pl.col("time_us"),
                                    issued=pl.col("issued_us"))
         return frame.drop("time_us", "issued_us")
-    issued_field = pl.when(pl.col("resource_type") == "Condition").then(pl.lit("recordedDate")).otherwise(pl.lit("issued"))
+    issued_field = (
+        pl.when(pl.col("resource_type") == "Condition").then(pl.lit("recordedDate"))
+        .when(pl.col("resource_type") == "Encounter").then(pl.lit("period.end"))
+        .otherwise(pl.lit("issued"))
+    )
     reason = (
         pl.when(bad_time)
         .then(pl.format("{}: not a FHIR date/time: {}", pl.col("time_field"), pl.col("time")))

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from odyssey.pipelines import schema
 from odyssey.pipelines.ingest_read import Problem
 from odyssey.pipelines.report import reason_category
+from odyssey.pipelines.schema import EventType
 
 KEY = ["chunk", "line", "entry"]
 _EMPTY_DROPPED = pl.DataFrame(
@@ -104,9 +105,6 @@ def _lookup(spill: Path, name: str, dropped: pl.DataFrame) -> pl.DataFrame | Non
     return table.join(dropped.select(KEY), on=KEY, how="anti")
 
 
-# Ties keep input order (`_seq`: files in path order, then line, then Bundle entry), so the order is total
-# and the same on every run, whatever the chunking or the number of workers.
-_SORT = [schema.SUBJECT_ID, schema.TIME, "_seq"]
 _LOOKUPS = "lookups"  # spill folder of the tables every bucket joins against
 
 
@@ -323,11 +321,40 @@ def resolve_and_write(
     return result
 
 
+_START_CODE_PREFIX = f"{schema.ENCOUNTER_START_PREFIX}{schema.CODE_SEPARATOR}"
+_END_CODE_PREFIX = f"{schema.ENCOUNTER_END_PREFIX}{schema.CODE_SEPARATOR}"
+
+
+def _with_encounter_ends(rows: pl.DataFrame) -> pl.DataFrame:
+    """An Encounter's single row -> its ENCOUNTER_START row and, when the period has an end, the
+    ENCOUNTER_END row (at the end, with the disposition), ordered right after it (`_order`)."""
+    start = pl.col(schema.EVENT_TYPE) == EventType.ENCOUNTER_START
+    order = pl.col("_seq").cast(pl.Int64) * 2
+    ends = rows.filter(start & pl.col(schema.ISSUED).is_not_null()).with_columns(
+        _order=order + 1,
+        time=pl.col(schema.ISSUED),
+        code=pl.lit(_END_CODE_PREFIX) + pl.col(schema.CODE).str.strip_prefix(_START_CODE_PREFIX),
+        event_type=pl.lit(EventType.ENCOUNTER_END.value),
+        issued=pl.lit(None, pl.Int64),
+    )
+    rows = rows.with_columns(
+        _order=order,
+        text_value=pl.when(start).then(None).otherwise(pl.col(schema.TEXT_VALUE)),
+        issued=pl.when(start).then(None).otherwise(pl.col(schema.ISSUED)),
+    )
+    return pl.concat([rows, ends.select(rows.columns)])
+
+
+# Ties keep input order (`_order`: files in path order, then line, then Bundle entry, an Encounter's end
+# right after its start), so the order is total and the same whatever the chunking or the workers.
+_SORT = [schema.SUBJECT_ID, schema.TIME, "_order"]
+
+
 def _to_meds(rows: pl.DataFrame) -> pa.Table:
     """Rows in Odyssey's MEDS schema, in a total order (so reruns write identical bytes)."""
     us = pl.Datetime("us")
-    frame = rows.select(
-        pl.col("_seq"),
+    frame = _with_encounter_ends(rows).select(
+        pl.col("_order"),
         pl.col(schema.SUBJECT_ID),
         pl.col(schema.TIME).cast(us),
         pl.col(schema.CODE),
@@ -338,7 +365,7 @@ def _to_meds(rows: pl.DataFrame) -> pa.Table:
         pl.col(schema.COMPARATOR),
         pl.col(schema.EVENT_TYPE),
         pl.col(schema.ISSUED).cast(us),
-    ).sort(_SORT, nulls_last=False).drop("_seq")
+    ).sort(_SORT, nulls_last=False).drop("_order")
     return frame.to_arrow().cast(schema.DATA_SCHEMA)
 
 
