@@ -19,7 +19,7 @@ DEFAULT_TASKS = Path(__file__).resolve().parents[2] / "configs" / "tasks.yaml"
 
 
 def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: int, tasks: Path = DEFAULT_TASKS,
-             finetune_steps: int = 400) -> dict:
+             finetune_steps: int = 800) -> dict:
     """Run every stage; returns {stage: {"dir": ..., "seconds": ...}} (also written as demo_report.json)."""
     from odyssey.finetune import evaluate, finetune
     from odyssey.interpretability.explain import explain
@@ -54,12 +54,12 @@ def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: i
     stage("labels", lambda: make_labels(dirs["meds"], tasks, dirs["labels"]).summary())
     config = PretrainConfig(data=dirs["sequences"], out=dirs["pretrain"], max_steps=pretrain_steps,
                             eval_steps=max(1, pretrain_steps // 2), save_steps=pretrain_steps,
-                            context_length=512, batch_size=8,
+                            context_length=512, batch_size=8, learning_rate=2e-3,
                             precision="auto" if device == "cuda" else "fp32")
     stage("pretrain", lambda: _describe_pretrain(pretrain(config)))
     stage("finetune", lambda: _describe_finetune(finetune(
         pretrained=dirs["pretrain"], data=dirs["sequences"], labels=dirs["labels"], out=dirs["finetune"],
-        max_steps=finetune_steps, context_length=512, batch_size=16, learning_rate=1e-3,
+        max_steps=finetune_steps, context_length=512, batch_size=16, learning_rate=2e-3,
         precision="auto" if device == "cuda" else "fp32")))
     stage("evaluate", lambda: _describe_evaluation(evaluate(
         model=dirs["finetune"], data=dirs["sequences"], labels=dirs["labels"], out=dirs["evaluate"],
@@ -114,9 +114,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="folder for every stage's output")] = Path("demo_out"),
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
-    pretrain_steps: Annotated[int, typer.Option("--pretrain-steps", help="optimizer steps of the tiny model")] = 200,
+    pretrain_steps: Annotated[int, typer.Option("--pretrain-steps", help="optimizer steps of the tiny model")] = 300,
     tasks: Annotated[Path, typer.Option("--tasks", help="task definitions")] = DEFAULT_TASKS,
-    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="optimizer steps of finetuning")] = 400,
+    finetune_steps: Annotated[int, typer.Option("--finetune-steps", help="optimizer steps of finetuning")] = 800,
 ) -> None:
     """Run the whole pipeline (synth ... evaluate) on a synthetic cohort; print the metrics and where results are."""
     if device not in ("cpu", "cuda"):

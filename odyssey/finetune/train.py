@@ -73,7 +73,7 @@ class FinetuneConfig(TrainerSettings):
     classifier_dropout: float = Field(0.1, ge=0, lt=1)
     context_length: int = Field(2048, ge=8)
     batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
     lr_scheduler: str = "linear"
     epochs: float = Field(3.0, gt=0)
     eval_steps: int | None = Field(
