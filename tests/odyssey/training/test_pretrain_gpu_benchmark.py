@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from odyssey.io import read_json
 
 SCRIPT = Path(__file__).parents[3] / "benchmarks" / "pretrain_gpu.py"
@@ -55,3 +57,21 @@ def test_gpt_baseline_is_causal():
         out = [model.blocks[0](h) for h in hidden]
     torch.testing.assert_close(out[0][:, :6], out[1][:, :6])
     assert not torch.allclose(out[0][:, 6:], out[1][:, 6:])
+
+
+def test_compared_variants_and_profile_are_reported(tmp_path):
+    benchmark = load_benchmark()
+    report = benchmark.main(["--smoke", "--compare", "unfused:torch", "--profile", "--out", str(tmp_path)])
+    assert {"ehrmamba", "gpt", "ehrmamba_unfused_torch"} <= report["models"].keys()
+    variant = report["models"]["ehrmamba_unfused_torch"]
+    # The same model in another layout: same parameters, timed at the same lengths.
+    assert variant["parameters"] == report["models"]["ehrmamba"]["parameters"]
+    assert all(row["tokens_per_second"] > 0 for row in variant["by_length"])
+    profile = (tmp_path / benchmark.PROFILE_NAME).read_text()
+    assert profile.count("=== ") == len(report["models"])
+
+
+def test_a_bad_compare_spec_is_refused(tmp_path):
+    benchmark = load_benchmark()
+    with pytest.raises(SystemExit, match="LAYOUT:SCAN"):
+        benchmark.main(["--smoke", "--compare", "sideways:torch", "--out", str(tmp_path)])
