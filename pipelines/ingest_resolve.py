@@ -121,6 +121,9 @@ class _BucketResult:
     strict_problem: Problem | None = None
 
 
+# Few distinct values: dictionary-encoded. Ids, times and values are not (a dictionary overflows there and
+# only costs time; without it the shards are ~30% smaller and written ~25% faster).
+_DICTIONARY_COLUMNS = [schema.CODE, schema.TEXT_VALUE, schema.UNIT, schema.COMPARATOR, schema.EVENT_TYPE]
 _ENCOUNTER_LOOKUP = {"encounter_id": pl.Int64, "encounter_subject_id": pl.Int64, "encounter_end": pl.Int64}
 
 
@@ -230,7 +233,7 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
     )
     written = dict(kept.filter("_first_row").group_by("resource_type").len().iter_rows())
     meds = _to_meds(kept)
-    pq.write_table(meds, shard, compression="zstd", write_statistics=True)
+    pq.write_table(meds, shard, compression="zstd", write_statistics=True, use_dictionary=_DICTIONARY_COLUMNS)
     frame = pl.from_arrow(meds)
     return _BucketResult(
         written=written,
