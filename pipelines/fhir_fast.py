@@ -149,6 +149,16 @@ else:  # pragma: no cover - exercised only where msgspec is absent
 AVAILABLE = _DECODER is not None
 
 
+def _category(categories) -> str:
+    """The event type of the first category coding Odyssey knows, else a generic observation."""
+    for category in categories or ():
+        for coding in category.coding or ():
+            found = OBSERVATION_CATEGORIES.get(coding.code)
+            if found is not None:
+                return found
+    return EventType.OBSERVATION
+
+
 class FastFlattener:
     """Flattens decoded structs into the general Flattener's rows, sharing its caches."""
 
@@ -425,16 +435,11 @@ class FastFlattener:
             code = self._code(concept)
             if code is None:
                 return False
-        event_type = EventType.OBSERVATION
-        for category in r.category or ():
-            found = None
-            for coding in category.coding or ():
-                found = OBSERVATION_CATEGORIES.get(coding.code)
-                if found is not None:
-                    break
-            if found is not None:
-                event_type = found
-                break
+        categories = r.category
+        first = categories[0].coding if categories else None
+        event_type = OBSERVATION_CATEGORIES.get(first[0].code) if first else None  # the usual case: decided here
+        if event_type is None:
+            event_type = _category(categories)
         flat.rows.append((sid, time, field, False, code, value, text, eid, unit, comparator, event_type, r.issued,
                           None, False, "Observation", line, 0))
         return True

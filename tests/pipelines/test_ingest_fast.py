@@ -87,6 +87,13 @@ def test_fast_path_rows_equal_general_rows_on_every_fixture_line():
         lab("o", "a", None, "2150-01-02T10:00:00Z", 3),
         medication("m"),
         med_request("r", "a", "m", "2150-01-02T00:00:00Z"),
+        # categories: none, an unknown one then vital signs, two codings of which the second is known
+        {k: v for k, v in lab("o", "a", None, "2150-01-02T10:00:00Z").items() if k != "category"},
+        lab("o", "a", None, "2150-01-02T10:00:00Z") | {"category": [
+            {"coding": [{"code": "survey"}]}, {"coding": [{"code": "vital-signs"}]}]},
+        lab("o", "a", None, "2150-01-02T10:00:00Z") | {"category": [
+            {"coding": [{"code": "x"}, {"code": "laboratory"}]}, {"text": "no coding"}]},
+        lab("o", "a", None, "2150-01-02T10:00:00Z") | {"category": []},
     ],
 )
 def test_fast_path_takes_common_shapes(resource):
@@ -96,6 +103,11 @@ def test_fast_path_takes_common_shapes(resource):
     general = _general(line, 7)
     assert fast.rows == general.rows and fast.patients == general.patients
     assert fast.medications == general.medications
+    if resource["resourceType"] == "Observation":  # the event type the category gives
+        categories = [c.get("code") for cat in resource.get("category", []) for c in cat.get("coding", [])]
+        known = [c for c in categories if c in ("laboratory", "vital-signs")]
+        expected = {"laboratory": "lab", "vital-signs": "vital"}[known[0]] if known else "observation"
+        assert fast.rows[0][10] == expected
 
 
 def _with(resource: dict, **changes) -> dict:
