@@ -290,6 +290,9 @@ def ingest_fhir(
         finally:
             bar.close()
         problems += _in_file_lines(result.problems, offsets)
+        if pool is not None:  # done with the workers: reaped now, their peak memory counts in the report
+            pool.close()
+            pool.join()
         splits = _metadata(tmp, result, config, _descriptions(read_results))
         counts = _count(read_results, result, problems)
         _write_rejects(tmp / "rejects", problems, chunk_paths)
