@@ -42,7 +42,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--model-size", default="small", help="EHRMamba size (tiny, small, base)")
     parser.add_argument("--context-length", type=int, default=2048)
     parser.add_argument("--pretrain-steps", type=int, default=500)
-    parser.add_argument("--finetune-steps", type=int, default=1200, help="MTF and each GPT baseline")
+    parser.add_argument("--finetune-steps", type=int, default=1200, help="the MTF model")
+    parser.add_argument("--gpt-steps", type=int, default=1000, help="each GPT baseline (512 and 2,048 tokens)")
     parser.add_argument("--single-task-steps", type=int, default=300, help="each single-task model")
     parser.add_argument("--batch-size", type=int, default=32, help="finetuning batch (pretraining uses half)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -56,7 +57,7 @@ def _parse() -> argparse.Namespace:
     args = parser.parse_args()
     if args.smoke:
         args.model_size, args.context_length = "tiny", 256
-        args.pretrain_steps, args.finetune_steps, args.single_task_steps = 20, 30, 10
+        args.pretrain_steps, args.finetune_steps, args.single_task_steps, args.gpt_steps = 20, 30, 10, 20
         args.batch_size, args.resamples = 8, 50
     return args
 
@@ -167,6 +168,7 @@ def main() -> None:
     settings = {"patients": args.patients, "device": device, "model_size": args.model_size,
                 "context_length": args.context_length, "pretrain_steps": steps(args.pretrain_steps),
                 "finetune_steps": steps(args.finetune_steps), "single_task_steps": steps(args.single_task_steps),
+                "gpt_steps": steps(args.gpt_steps),
                 "batch_size": args.batch_size, "learning_rate": args.learning_rate, "resamples": args.resamples,
                 "workers": workers}
     stage = Stages(args.fresh)
@@ -198,7 +200,7 @@ def main() -> None:
         context = min(gpt_context, args.context_length) if args.smoke else gpt_context
         compare[f"gpt_{gpt_context}"] = tune(
             f"ft_gpt_{gpt_context}", f"finetune GPT ({gpt_context} tokens)", architecture="gpt", tasks=TASKS,
-            model_size=args.model_size, context_length=context, max_steps=steps(args.finetune_steps))
+            model_size=args.model_size, context_length=context, max_steps=steps(args.gpt_steps))
     if args.scratch:
         compare["ehrmamba_mtf_scratch"] = tune("ft_scratch", "finetune MTF from scratch", tasks=TASKS,
                                                model_size=args.model_size, max_steps=steps(args.finetune_steps))

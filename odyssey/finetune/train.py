@@ -88,7 +88,8 @@ class FinetuneConfig(TrainerSettings):
     gpt_layers: int | None = Field(None, ge=1, description="gpt blocks; default half the Mamba layers")
     gpt_heads: int | None = Field(None, ge=1, description="attention heads; default hidden_size / 64")
     group_by_length: bool = Field(
-        True, description="batch examples of similar length together (less padding; ignored with task_sampling)")
+        False, description="batch examples of similar length together: less padding, but one admission's tasks "
+        "then share batches (worse heads in the demo); ignored with task_sampling")
     dataloader_workers: int = Field(0, ge=0, description="processes that build examples (cut, truncate, prompt)")
 
     @field_validator("task_loss_weights", "task_sampling")
