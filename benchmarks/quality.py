@@ -164,7 +164,7 @@ def main() -> None:
     on_gpu = device == "cuda"
     common = dict(batch_size=args.batch_size, learning_rate=args.learning_rate, context_length=args.context_length,
                   precision="auto" if on_gpu else "fp32", progress_bar=True, logging_steps=50,
-                  dataloader_workers=min(6, max(0, cpu_count - 2)) if on_gpu else 0, warmup_steps=0.05)
+                  warmup_steps=0.05)  # examples built in the main process: no fork after polars and CUDA
     settings = {"patients": args.patients, "device": device, "model_size": args.model_size,
                 "context_length": args.context_length, "pretrain_steps": steps(args.pretrain_steps),
                 "finetune_steps": steps(args.finetune_steps), "single_task_steps": steps(args.single_task_steps),
