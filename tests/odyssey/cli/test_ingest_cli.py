@@ -23,6 +23,16 @@ def test_ingest_cli_writes_dataset_and_summary(tmp_path):
     assert (out / "data" / "0.parquet").exists()
 
 
+def test_fast_path_flag_changes_speed_not_output(tmp_path):
+    outputs = {}
+    for flag in ("--fast-path", "--no-fast-path"):
+        out = tmp_path / flag.strip("-")
+        result = runner.invoke(app, ["ingest", "--fhir", str(FIXTURES / "r4"), "--out", str(out), "--workers", "1", flag])
+        assert result.exit_code == 0, result.output
+        outputs[flag] = sorted((p.relative_to(out), p.read_bytes()) for p in (out / "data").glob("*.parquet"))
+    assert outputs["--fast-path"] == outputs["--no-fast-path"]
+
+
 def test_missing_input_exits_2_with_message(tmp_path):
     result = runner.invoke(app, ["ingest", "--fhir", str(tmp_path / "absent.ndjson"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
