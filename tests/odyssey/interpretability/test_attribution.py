@@ -124,14 +124,14 @@ def test_a_planted_token_gets_the_largest_attribution(planted_model):
     result = integrated_gradients(planted_model, inputs, task_index=0, n_steps=32)
     assert result.probability > 0.8
     assert int(np.argmax(result.scores)) == int(np.flatnonzero(inputs["input_ids"] == PLANTED)[0])
-    # This model's logit jumps from about -8 to +8 within a few percent of the path: 32 quadrature nodes
-    # miss most of the jump (the completeness error says so), 1,024 recover it (float32 model).
+    # This model's logit jumps within a small part of the path: 32 quadrature nodes miss much of the jump
+    # (the completeness error says so); doubling the steps until the error is within 1% recovers it.
     difference = result.logit - result.baseline_logit
     assert difference > 1.0
     assert abs(result.scores.sum() - difference) > 0.1 * difference
     fine = integrated_gradients(planted_model, inputs, task_index=0, n_steps=32, internal_batch_size=256,
                                 tolerance=1e-2, max_steps=2048)
-    assert 256 <= fine.n_steps <= 2048
+    assert 64 <= fine.n_steps <= 2048  # at least one doubling was needed
     assert fine.scores.sum() == pytest.approx(difference, rel=1e-2)
     assert int(np.argmax(fine.scores)) == int(np.argmax(result.scores))
     # Without room to double, it stops at max_steps and the error shows.
