@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from .configuration_ehrmamba import EHRMambaConfig
 from .modeling_ehrmamba import EHRMambaModel, EHRMambaPreTrainedModel
 
 TASK_FIELDS = ("task_names", "task_outputs", "task_prompt_ids")
+NEW_HEAD_PREFIX = "classifier."  # the task head a backbone checkpoint does not have
 
 
 @dataclass
@@ -76,7 +78,18 @@ class EHRMambaForTaskClassification(EHRMambaPreTrainedModel):
         config.task_names, config.task_outputs = list(task_names), list(task_outputs)
         config.task_prompt_ids = [list(map(int, p)) for p in task_prompt_ids]
         config.task_loss_weights = list(task_loss_weights) if task_loss_weights is not None else None
-        return cls.from_pretrained(path, config=config, **kwargs)
+        # The new head is the only thing a backbone checkpoint lacks: check that rather than print transformers'
+        # load report (a table of "MISSING" keys) at every finetuning run.
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(previous)
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith(NEW_HEAD_PREFIX))
+        if missing:
+            raise ValueError(f"{path}: the checkpoint lacks backbone weights {missing[:5]}; is it an EHRMamba model?")
+        return model
 
     def __init__(self, config: EHRMambaConfig):
         super().__init__(config)

@@ -95,6 +95,23 @@ def test_from_backbone_loads_pretrained_weights_and_round_trips(tmp_path):
                                    model(ids, task_index=torch.zeros(2, dtype=torch.long)).logits)
 
 
+def test_from_backbone_refuses_a_checkpoint_missing_backbone_weights(tmp_path, capfd):
+    from safetensors.torch import load_file, save_file
+
+    config = EHRMambaConfig(**{k: v for k, v in _config().to_dict().items() if not k.startswith("task_")})
+    EHRMambaForPretraining(config).save_pretrained(tmp_path / "run")
+    layout = dict(task_names=["mortality"], task_outputs=[1], task_prompt_ids=[[BINARY_TOKEN]])
+    EHRMambaForTaskClassification.from_backbone(tmp_path / "run", **layout)
+    # The head is expected to be new: no load report full of "MISSING" is printed for it.
+    captured = capfd.readouterr()
+    assert "MISSING" not in captured.out + captured.err
+    weights = tmp_path / "run" / "model.safetensors"
+    kept = {k: v for k, v in load_file(weights).items() if ".layers.1." not in k}
+    save_file(kept, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks backbone weights"):
+        EHRMambaForTaskClassification.from_backbone(tmp_path / "run", **layout)
+
+
 def test_inconsistent_task_layout_is_rejected():
     with pytest.raises(ValueError, match="outputs need as many prompt tokens"):
         EHRMambaForTaskClassification(_config(task_outputs=[1, 2]))
