@@ -127,6 +127,8 @@ def demo(
     for name, info in stages.items():
         typer.echo(f"  {name:<10} {info['seconds']:>7.1f} s   {info['dir']}")
     typer.echo(f"  report: {out / 'demo_report.json'}")
+    typer.echo(f"  metrics: {out / 'evaluate' / 'report.md'}; reliability plots: {out / 'evaluate' / 'plots'}/")
+    typer.echo(f"  explained patient: {out / 'explain' / 'top_events.md'}, {out / 'explain' / 'timeline.png'} (.svg)")
 
 
 def register(app: typer.Typer) -> None:

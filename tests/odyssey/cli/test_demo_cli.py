@@ -21,3 +21,8 @@ def test_demo_runs_every_stage_and_prints_the_auroc_table(tmp_path):
         assert f"| {task} |" in result.output
     assert (out / "evaluate" / "report.md").exists() and (out / "meds" / "data").is_dir()
     assert (out / "explain" / "explanation.json").exists() and (out / "explain" / "top_events.md").exists()
+    # The last lines say where the report and the images are, and those files exist.
+    tail = result.output.split("== done ==")[-1]
+    for path in (out / "evaluate" / "report.md", out / "explain" / "timeline.png", out / "explain" / "top_events.md"):
+        assert str(path) in tail and path.is_file()
+    assert any((out / "evaluate" / "plots").glob("*.png"))
