@@ -45,32 +45,5 @@ def cohort(tmp_path_factory) -> Cohort:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription (100x faster)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "time_embedding_size": 8}
-
-
-def shuffle_labels(source: Path, target: Path, seed: int) -> Path:
-    """A copy of a labels folder whose label values are permuted within each task (rows keep their keys)."""
-    import shutil
-
-    import numpy as np
-    import polars as pl
-
-    shutil.copytree(source, target)
-    rng = np.random.default_rng(seed)
-    for path in sorted(target.glob("*/labels.parquet")):
-        frame = pl.read_parquet(path)
-        values = [c for c in frame.columns if c not in ("subject_id", "prediction_time")]
-        order = rng.permutation(len(frame))
-        frame = frame.with_columns([frame[c].gather(order) for c in values])
-        frame.write_parquet(path)
-    return target
+def _every_module_on_one_thread(one_torch_thread):
+    """Every test module in this folder runs its tiny models on one torch thread (tests/odyssey/conftest.py)."""

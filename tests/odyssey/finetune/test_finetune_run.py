@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import typer
 import yaml
-from conftest import TINY_MODEL, shuffle_labels
+from finetune_helpers import TINY_MODEL, shuffle_labels
 from typer.testing import CliRunner
 
 from odyssey.cli import evaluate as evaluate_cli

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from finetune_helpers import TINY_MODEL
 
 from odyssey.finetune import evaluate, finetune, load_finetuned
 from odyssey.finetune.transformer import EHRGPTForTaskClassification

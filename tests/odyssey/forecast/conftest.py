@@ -35,12 +35,8 @@ WORDS = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _every_module_on_one_thread(one_torch_thread):
+    """Every test module in this folder runs its tiny models on one torch thread (tests/odyssey/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -32,13 +32,7 @@ PROMPT = 7  # a token id standing for the task prompt in the hand-made models
 FIRST_EVENT_ID = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def task_model(seed: int = 0, outputs: int = 1) -> EHRMambaForTaskClassification:
