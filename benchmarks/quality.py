@@ -8,6 +8,7 @@ One command runs the whole pipeline on a synthetic cohort and writes OUT/report.
 
     python3 -P benchmarks/quality.py --out /tmp/quality --device cuda                 # 20,000 patients, one H100
     python3 -P benchmarks/quality.py --out /tmp/q --patients 300 --smoke --device cpu  # the script itself, on a CPU
+    python3 -P benchmarks/quality.py --out /tmp/q --device cuda --skip single gpt        # MTF vs sklearn + oracle only
 
 The default settings are sized for about 9 minutes on one H100 with 16 CPU cores (the data stages run on the
 CPU; `--steps-scale 0.5` halves every training run when short of time). Stages whose output exists in
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 ORACLE_MARGIN = 0.02  # issue 6: within this AUROC of the oracle
 PRIMARY = "ehrmamba_mtf"
 SMOKE_SPLITS = {"train": 0.5, "tuning": 0.25, "held_out": 0.25, "seed": 0}
+SKIPPABLE = ("single", "gpt")
 
 
 def _parse() -> argparse.Namespace:
@@ -54,6 +56,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--scratch", action="store_true", help="also MTF from scratch (what pretraining buys)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: checks the script")
     parser.add_argument("--fresh", action="store_true", help="redo stages whose output exists")
+    parser.add_argument("--skip", nargs="*", default=[], choices=SKIPPABLE,
+                        help="leave out the single-task models and/or the GPT baselines (a first, shorter run)")
     args = parser.parse_args()
     if args.smoke:
         args.model_size, args.context_length = "tiny", 256
@@ -170,7 +174,7 @@ def main() -> None:
                 "finetune_steps": steps(args.finetune_steps), "single_task_steps": steps(args.single_task_steps),
                 "gpt_steps": steps(args.gpt_steps),
                 "batch_size": args.batch_size, "learning_rate": args.learning_rate, "resamples": args.resamples,
-                "workers": workers}
+                "workers": workers, "skipped": list(args.skip)}
     stage = Stages(args.fresh)
     stage.run("synth", fhir / "truth.parquet", lambda: synthesize(args.patients, fhir, seed=0, workers=workers))
     # A few hundred patients leave too few positives of the rarer condition groups in a 10% tuning split.
@@ -193,10 +197,10 @@ def main() -> None:
         return target
 
     mtf = tune("ft_mtf", "finetune MTF", pretrained=run, tasks=TASKS, max_steps=steps(args.finetune_steps))
-    for task in TASKS:
+    for task in TASKS if "single" not in args.skip else ():
         compare[f"ehrmamba_single_{task}"] = tune(f"ft_single_{task}", f"finetune {task} only", pretrained=run,
                                                   tasks=[task], max_steps=steps(args.single_task_steps))
-    for gpt_context in (512, 2048):  # the transformer baseline at two context lengths, from scratch
+    for gpt_context in (512, 2048) if "gpt" not in args.skip else ():  # the transformer, two contexts, scratch
         context = min(gpt_context, args.context_length) if args.smoke else gpt_context
         compare[f"gpt_{gpt_context}"] = tune(
             f"ft_gpt_{gpt_context}", f"finetune GPT ({gpt_context} tokens)", architecture="gpt", tasks=TASKS,
