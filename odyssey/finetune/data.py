@@ -32,7 +32,7 @@ from odyssey.tokenizer import (
     cut_at,
     truncate,
 )
-from odyssey.training.data import SPLITS, TOKEN_COLUMNS
+from odyssey.training.data import SPLITS, TOKEN_COLUMNS, SequenceCollator
 
 LABELS_FILE = "labels.parquet"
 MANIFEST_FILE = "tasks.json"
@@ -296,26 +296,11 @@ class TaskDataset(torch.utils.data.Dataset):
         return item
 
 
-class TaskCollator:
+class TaskCollator(SequenceCollator):
     """Right-pads token columns (to a multiple of `pad_to_multiple_of`) and stacks task indices and labels."""
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8):
-        self.pad_id = pad_id
-        self.pad_to_multiple_of = max(1, pad_to_multiple_of)
-
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(item["input_ids"]) for item in items)
-        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch: dict[str, torch.Tensor] = {}
-        for name, dtype in TOKEN_COLUMNS.items():
-            out = np.full((len(items), width), self.pad_id if name == "input_ids" else 0, dtype=dtype)
-            for i, item in enumerate(items):
-                out[i, : len(item[name])] = item[name]
-            batch[name] = torch.from_numpy(out)
-        mask = np.zeros((len(items), width), dtype=np.int64)
-        for i, item in enumerate(items):
-            mask[i, : len(item["input_ids"])] = 1
-        batch["attention_mask"] = torch.from_numpy(mask)
+        batch = self.pad(items)
         batch["task_index"] = torch.tensor([item["task_index"] for item in items], dtype=torch.long)
         batch["labels"] = torch.from_numpy(np.stack([item["labels"] for item in items]))
         batch["label_mask"] = torch.from_numpy(np.stack([item["label_mask"] for item in items]))

@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -245,7 +245,8 @@ class SequenceCollator:
         self.pad_id = pad_id
         self.pad_to_multiple_of = max(1, pad_to_multiple_of)
 
-    def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def pad(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The token columns right-padded to a common width, and their attention mask."""
         longest = max(len(item["input_ids"]) for item in items)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch: dict[str, torch.Tensor] = {}
@@ -259,6 +260,10 @@ class SequenceCollator:
         for i, item in enumerate(items):
             mask[i, : len(item["input_ids"])] = 1
         batch["attention_mask"] = torch.from_numpy(mask)
+        return batch
+
+    def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(items)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         labels[:, 0] = IGNORE_INDEX
         batch["labels"] = labels
