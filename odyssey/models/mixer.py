@@ -120,26 +120,26 @@ class EHRMambaMixer(nn.Module):
         if mask is not None:
             x = x * mask
         delta, B, C = self._ssm_inputs(x)
-        A = -torch.exp(self.A_log.float())
-        result = selective_scan(
-            x.transpose(1, 2),
-            delta,
-            A,
-            B,
-            C,
-            D=self.D.float(),
-            z=gate,
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-            return_last_state=return_state,
-            backend=self.scan_backend,
-        )
+        result = self._scan(x.transpose(1, 2), delta, B, C, gate, return_state)
         if not return_state:
             return self.out_proj(result.transpose(1, 2).to(hidden_states.dtype))
         y, ssm_state = result
-        window = F.pad(conv_input, (max(self.conv_kernel_size - length, 0), 0))[..., -self.conv_kernel_size :]
         out = self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
-        return out, MixerState(conv_state=window.contiguous(), ssm_state=ssm_state.float())
+        return out, self._state_after(conv_input, ssm_state)
+
+    def _scan(self, u, delta, B, C, gate, return_state: bool):
+        """The selective scan with this mixer's A, D, dt bias (softplus inside the scan) and backend."""
+        return selective_scan(
+            u, delta, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=gate,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=return_state,
+            backend=self.scan_backend,
+        )
+
+    def _state_after(self, conv_input: torch.Tensor, ssm_state: torch.Tensor) -> MixerState:
+        """The recurrent state after a sequence: the last `conv_kernel` conv inputs (zero-padded) and the SSM state."""
+        length = conv_input.shape[-1]
+        window = F.pad(conv_input, (max(self.conv_kernel_size - length, 0), 0))[..., -self.conv_kernel_size :]
+        return MixerState(conv_state=window.contiguous(), ssm_state=ssm_state.float())
 
     def _lean(self, hidden_states: torch.Tensor) -> bool:
         if self.layout not in ("auto", "lean", "unfused"):
@@ -170,26 +170,13 @@ class EHRMambaMixer(nn.Module):
         x_rows = as_rows(x_conv)
         time_step, B, C = torch.split(torch.mm(self.x_proj.weight, x_rows), [rank, n_state, n_state], dim=0)
         delta = torch.mm(self.dt_proj.weight, time_step)
-        result = selective_scan(
-            x_conv,
-            per_channel(delta),
-            -torch.exp(self.A_log.float()),
-            per_channel(B),
-            per_channel(C),
-            D=self.D.float(),
-            z=gate,
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-            return_last_state=return_state,
-            backend=self.scan_backend,
-        )
+        result = self._scan(x_conv, per_channel(delta), per_channel(B), per_channel(C), gate, return_state)
         y = result[0] if return_state else result
         out = F.linear(as_rows(y).t(), self.out_proj.weight, self.out_proj.bias)
         out = out.view(batch, length, self.hidden_size)
         if not return_state:
             return out
-        window = F.pad(x, (max(self.conv_kernel_size - length, 0), 0))[..., -self.conv_kernel_size :]
-        return out, MixerState(conv_state=window.contiguous(), ssm_state=result[1].float())
+        return out, self._state_after(x, result[1])
 
     def empty_state(self, batch_size: int, device=None, dtype=None) -> MixerState:
         """The state before any token (zeros), for decoding from scratch."""
