@@ -251,8 +251,12 @@ def _model_probabilities(path: Path, config: EvaluateConfig, inputs, specs: Sequ
             subset = examples.subset(members)
             subset.task_index = np.full(len(members), own[spec.name], dtype=np.int64)
             dataset = TaskDataset(inputs.store, subset, own_specs, _context_length(config, path))
-            probabilities[members, : len(spec.outputs)] = predict(model, dataset, pad_id, config.batch_size)[
-                :, : len(spec.outputs)]
+            predicted = predict(model, dataset, pad_id, config.batch_size)[:, : len(spec.outputs)]
+            if not np.isfinite(predicted).all():
+                raise ValueError(f"{path}: {int((~np.isfinite(predicted)).any(axis=1).sum())} of {len(members)} "
+                                 f"{split} examples of {spec.name} get a non-finite probability; the model's "
+                                 "weights are not finite (a diverged training run?)")
+            probabilities[members, : len(spec.outputs)] = predicted
         out[split] = probabilities
     return out
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field, field_validator
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from odyssey.io import atomic_output_dir, read_json, write_json
@@ -31,6 +31,7 @@ from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification, count_
 from odyssey.tokenizer import EHRTokenizer, TokenType, load_sequences
 from odyssey.training.data import read_vocabulary
 from odyssey.training.pretrain import (
+    PickleFreeTrainer,
     TrainerSettings,
     resolve_precision,
     shared_training_arguments,
@@ -240,7 +241,7 @@ class KeepBestOnTuning(TrainerCallback):
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-class TaskTrainer(Trainer):
+class TaskTrainer(PickleFreeTrainer):
     """Trainer whose training order follows per-task sampling weights when given, else groups by length.
 
     Length grouping (random mega-batches, each sorted by length) uses the dataset's precomputed lengths;

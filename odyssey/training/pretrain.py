@@ -144,12 +144,28 @@ class PretrainResult:
         return asdict(self)
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss: the weights after that step would be garbage."""
+
+
 class PickleFreeTrainer(Trainer):
-    """A Trainer whose saved folders hold no pickle: the training arguments go to our JSON reports instead.
+    """A Trainer whose saved folders hold no pickle and that stops at the first non-finite loss.
 
     transformers writes `training_args.bin` with `torch.save` (a pickle, readable only with
     `weights_only=False`); nothing here reads it, and a model folder users share should not carry one.
+    transformers also hides NaN losses from its logs (`logging_nan_inf_filter`) and keeps training, so a
+    diverged run would otherwise save NaN weights and end "successfully".
     """
+
+    def training_step(self, *args, **kwargs) -> torch.Tensor:
+        loss = super().training_step(*args, **kwargs)
+        # transformers already reads the loss back every step for its NaN filter; this adds no extra sync.
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"step {self.state.global_step + 1}: the training loss is {loss.float().item()}; the run stopped "
+                f"before saving. Try a lower learning_rate (now {self.args.learning_rate}), more warmup_steps or "
+                "precision fp32")
+        return loss
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)

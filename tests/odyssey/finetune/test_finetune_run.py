@@ -10,16 +10,19 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+import torch
 import typer
 import yaml
 from finetune_helpers import TINY_MODEL, shuffle_labels
+from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 from odyssey.cli import evaluate as evaluate_cli
 from odyssey.cli import finetune as finetune_cli
-from odyssey.finetune import FinetuneDataError, evaluate, finetune, load_finetuned
+from odyssey.finetune import FinetuneConfig, FinetuneDataError, evaluate, finetune, load_finetuned
 from odyssey.finetune.evaluate import PRIMARY
 from odyssey.models import EHRMambaConfig, EHRMambaForPretraining
+from odyssey.training.pretrain import NonFiniteLossError
 
 TASKS = "mortality_30d,los_7d,readmission_30d,conditions"
 OUTPUTS = 9  # three binary tasks and six condition groups
@@ -219,3 +222,36 @@ def test_eval_steps_keep_the_best_model_on_tuning(cohort, tmp_path):
     assert report["model_selection"]["best_step"] == best["step"]
     # The returned (and saved) model is the best one: its tuning AUROC is the best seen.
     assert np.mean(list(result.tuning_auroc.values())) == pytest.approx(best["tuning_mean_auroc"], abs=1e-9)
+
+
+class _PoisonClassifierAfter(TrainerCallback):
+    """Sets the head's bias to NaN after `step` optimizer steps: the next loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.classifier.bias.fill_(float("nan"))
+
+
+def test_a_nan_loss_stops_training_before_anything_is_saved(cohort, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"step 4: the training loss is nan"):
+        finetune(FinetuneConfig(data=cohort.seq, labels=cohort.labels, out=tmp_path / "ft", tasks=["los_7d"],
+                                **{**TRAINING, "max_steps": 8}), callbacks=[_PoisonClassifierAfter(3)])
+    assert not (tmp_path / "ft" / "model").exists()
+
+
+def test_a_model_with_nan_weights_stops_evaluation(evaluated, cohort, tmp_path):
+    root, _, _ = evaluated
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "ft", broken)
+    model, specs = load_finetuned(broken)
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    model.save_pretrained(broken / "model")
+    with pytest.raises(ValueError, match=r"broken: \d+ of \d+ tuning examples of mortality_30d get a non-finite"):
+        evaluate(model=root / "ft", data=cohort.seq, labels=cohort.labels, out=tmp_path / "eval",
+                 compare={"broken": broken}, baselines=[], progress_bar=False, resamples=10)
+    assert not (tmp_path / "eval").exists()
