@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 ORACLE_MARGIN = 0.02  # issue 6: within this AUROC of the oracle
 PRIMARY = "ehrmamba_mtf"
 SMOKE_SPLITS = {"train": 0.5, "tuning": 0.25, "held_out": 0.25, "seed": 0}
-SKIPPABLE = ("single", "gpt")
+SKIPPABLE = ("single", "gpt", "evaluate")
 
 
 def _parse() -> argparse.Namespace:
@@ -51,13 +51,17 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (time budget)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of subjects")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                        help="finetuning batches of similar length (a random batch pads to its one long history)")
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="every finetuned model: tuning AUROC every this many steps, the best one kept")
     parser.add_argument("--workers", type=int, default=None, help="CPU workers for data stages (default: all)")
     parser.add_argument("--few-shot", default="", help="label-efficiency: comma-separated k, e.g. 16,64,256")
     parser.add_argument("--scratch", action="store_true", help="also MTF from scratch (what pretraining buys)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: checks the script")
     parser.add_argument("--fresh", action="store_true", help="redo stages whose output exists")
     parser.add_argument("--skip", nargs="*", default=[], choices=SKIPPABLE,
-                        help="leave out the single-task models and/or the GPT baselines (a first, shorter run)")
+                        help="leave out the single-task models, the GPT baselines and/or the evaluation")
     args = parser.parse_args()
     if args.smoke:
         args.model_size, args.context_length = "tiny", 256
@@ -140,6 +144,24 @@ def _markdown(summary: dict, evaluation_md: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_training_summary(out: Path, settings: dict, seconds: dict, models: dict[str, Path]) -> None:
+    """Without the evaluation: each model's tuning AUROC (and its history with --eval-steps) and the stage times."""
+    from odyssey.io import write_json
+
+    reports = {name: json.loads((path / "finetune_report.json").read_text()) for name, path in models.items()}
+    summary = {"settings": settings, "seconds": seconds,
+               "models": {name: {key: r.get(key) for key in ("steps", "train_seconds", "train_loss", "tuning_auroc",
+                                                            "model_selection")}
+                          for name, r in reports.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "training_summary.json", summary)
+    for name, entry in summary["models"].items():
+        aurocs = [v for v in entry["tuning_auroc"].values() if v is not None]
+        print(f"{name}: {entry['steps']} steps in {entry['train_seconds']:.0f} s, mean tuning AUROC "
+              f"{sum(aurocs) / max(1, len(aurocs)):.3f}; " + ", ".join(
+                  f"{k} {v:.3f}" for k, v in entry["tuning_auroc"].items() if v is not None), flush=True)
+
+
 def main() -> None:
     args = _parse()
     device = _select_device(args.device)
@@ -168,13 +190,16 @@ def main() -> None:
     on_gpu = device == "cuda"
     common = dict(batch_size=args.batch_size, learning_rate=args.learning_rate, context_length=args.context_length,
                   precision="auto" if on_gpu else "fp32", progress_bar=True, logging_steps=50,
-                  warmup_steps=0.05)  # examples built in the main process: no fork after polars and CUDA
+                  warmup_steps=0.05,  # examples built in the main process: no fork after polars and CUDA
+                  group_by_length=args.group_by_length,
+                  eval_steps=None if args.eval_steps is None else steps(args.eval_steps))
     settings = {"patients": args.patients, "device": device, "model_size": args.model_size,
                 "context_length": args.context_length, "pretrain_steps": steps(args.pretrain_steps),
                 "finetune_steps": steps(args.finetune_steps), "single_task_steps": steps(args.single_task_steps),
                 "gpt_steps": steps(args.gpt_steps),
                 "batch_size": args.batch_size, "learning_rate": args.learning_rate, "resamples": args.resamples,
-                "workers": workers, "skipped": list(args.skip)}
+                "workers": workers, "skipped": list(args.skip), "group_by_length": args.group_by_length,
+                "eval_steps": common["eval_steps"]}
     stage = Stages(args.fresh)
     stage.run("synth", fhir / "truth.parquet", lambda: synthesize(args.patients, fhir, seed=0, workers=workers))
     # A few hundred patients leave too few positives of the rarer condition groups in a 10% tuning split.
@@ -214,6 +239,9 @@ def main() -> None:
                 f"ft_k{k}_{origin}", f"finetune k={k} ({origin})", pretrained=pretrained, tasks=TASKS,
                 model_size=args.model_size, few_shot_k=k, max_steps=steps(args.single_task_steps))
 
+    if "evaluate" in args.skip:
+        _write_training_summary(out, settings, stage.seconds, {"ehrmamba_mtf": mtf, **compare})
+        return
     started = time.perf_counter()
     report = evaluate(model=mtf, data=seq, labels=labels, out=out / "eval", truth=fhir / "truth.parquet", meds=meds,
                       compare=compare, resamples=args.resamples, batch_size=128 if on_gpu else 32,
