@@ -239,11 +239,21 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 
 
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
-    # v6: the default prefetches the backward's state loop (bwd_stages 2); the forward's loop likewise,
-    # and a third backward stage
-    "b32_L2048_N16": [{}, {"fwd_stages": 2}, {"bwd_stages": 3}],
-    "b8_L16384_N16": [{}, {"fwd_stages": 2}],
-    "b32_L2048_N64": [{}, {"block_d_bwd": 8, "warps_bwd": 1}],
+    # v7 (second run): 4-channel backward programs under a register cap (12 or 16 resident warps per
+    # SM), with the adjoint read back to front (3: chunk tiles and C flipped in registers, 4: C from a
+    # time-reversed copy), and dB/dC added per channel row without the cross-lane sum (reduce_dbc)
+    "b32_L2048_N16": [{}, {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 168},
+                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 128},
+                      {"adjoint": 3, "block_d_bwd": 4, "bwd_maxnreg": 168},
+                      {"adjoint": 3, "block_d_bwd": 4, "bwd_maxnreg": 128},
+                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 168, "reduce_dbc": False},
+                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 128, "reduce_dbc": False},
+                      {"reduce_dbc": False}],
+    "b8_L16384_N16": [{}, {"block_d_bwd": 4, "bwd_maxnreg": 168},
+                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 168},
+                      {"adjoint": 3, "block_d_bwd": 4, "bwd_maxnreg": 168},
+                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 168, "reduce_dbc": False}],
+    "b32_L2048_N64": [],
 }
 
 

@@ -67,6 +67,11 @@ class ScanConfig:
     maxnreg: int | None = None
     bwd_stages: int = 2
     fwd_stages: int = 2
+    adjoint: int = 0
+    one_exp: bool = False
+    column_store: int = 1
+    bwd_maxnreg: int | None = None
+    reduce_dbc: bool = True
 
 
 def _largest_pow2_divisor(value: int, cap: int) -> int:
@@ -129,12 +134,21 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         warps_bwd=warps_bwd,
         warps_carry=over.get("warps_carry", 4),
         block_d_carry=_largest_pow2_divisor(channels_per_group, max(1, FWD_TILE_ELEMENTS // (block_n * chunk))),
-        pair=over.get("pair", 1),
+        # two state indices per forward iteration: two independent scans in flight (v7: 1.91 -> 1.81 ms)
+        pair=over.get("pair", 2),
         maxnreg=over.get("maxnreg"),
         # software-pipelined state loops (the next state index's loads in flight), H100, b32/L2048/N16
         # (kernels/NOTES.md v5, v6): backward 10.1 -> 9.3 ms f+b, forward 2.14 -> 1.91 ms
         bwd_stages=over.get("bwd_stages", 2),
         fwd_stages=over.get("fwd_stages", 2),
+        # the adjoint scan as a forward scan between explicit flips along time: Triton 3.6 lowers
+        # reverse=True to whole-warp lane reversals (5 shuffles per element and flip), tl.flip along
+        # time needs 3 (H200, b32/L2048/N16: f+b 8.83 -> 8.02 ms, kernels/NOTES.md v7)
+        adjoint=over.get("adjoint", 1),
+        one_exp=over.get("one_exp", False),
+        column_store=over.get("column_store", 1),
+        bwd_maxnreg=over.get("bwd_maxnreg"),
+        reduce_dbc=over.get("reduce_dbc", True),
     )
 
 
@@ -266,7 +280,8 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
     kernel = {"seq": _fwd_seq_kernel, "state_loop": _fwd_state_loop_kernel, "tile3d": _scan_fwd_kernel}
-    extra = {"PAIR": cfg.pair, "STAGES": cfg.fwd_stages} if cfg.fwd_variant == "state_loop" else {}
+    extra = ({"PAIR": cfg.pair, "STAGES": cfg.fwd_stages, "COLUMN_STORE": cfg.column_store}
+             if cfg.fwd_variant == "state_loop" else {})
     if cfg.maxnreg:
         extra["maxnreg"] = cfg.maxnreg
     kernel[cfg.fwd_variant][grid](
@@ -313,6 +328,7 @@ def _backward(ctx, dout, dlast):
     dummy = dA
     if cfg.bwd_variant == "state_loop":
         carry = torch.empty(seqs.count, 2, dim, d_state, device=u.device, dtype=torch.float32)
+        C_rev = C4.flip(-1).contiguous() if cfg.adjoint == 4 else C4
         _bwd_state_loop_kernel[(triton.cdiv(dim, cfg.block_d_bwd), seqs.count)](
             u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else u,
             delta_bias if delta_bias is not None else dummy, dout, states,
@@ -325,10 +341,12 @@ def _backward(ctx, dout, dlast):
             *_strides3(z), *dout.stride(), *states.stride(),
             *(dlast.stride() if dlast is not None else (0, 0, 0)), *carry.stride(),
             *du.stride(), *ddelta.stride(), *_strides3(dz), *dB.stride(), *dC.stride(),
+            C_rev, *C_rev.stride(), length,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
             HAS_DLAST=dlast is not None, STAGES=cfg.bwd_stages,
+            ADJOINT=cfg.adjoint, ONE_EXP=cfg.one_exp, COLUMN_STORE=cfg.column_store, REDUCE_DBC=cfg.reduce_dbc,
             BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
-            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+            **({"maxnreg": cfg.bwd_maxnreg or cfg.maxnreg} if (cfg.bwd_maxnreg or cfg.maxnreg) else {}),
         )
         return du, ddelta, dA, dB, dC, dD, dz, dbias
 

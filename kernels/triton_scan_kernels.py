@@ -35,6 +35,37 @@ def _linear_combine(a_prev, b_prev, a_next, b_next):
 
 
 @triton.jit
+def _adjoint_combine(first_r, q_r, g_r, first_l, q_l, g_l):
+    """Reverse-scan combine for the adjoint g_t = src_t + a_{t+1} g_{t+1} on *unshifted* decays a_t.
+
+    A segment [i..j] is (first = a_i, q = a_{i+1} ... a_j, g = the adjoint at i from the segment's own
+    sources); joining it (on the left) to the accumulated segment on its right multiplies the right part
+    by q_l * first_r. Elements start as (a_t, 1, src_t), so one exp per element-state serves both the
+    forward and the adjoint scan instead of a second exp of the next step's delta."""
+    w = q_l * first_r
+    return first_l, w * q_r, g_l + w * g_r
+
+
+@triton.jit
+def _store_column(row_ptrs, tile, offs_k, column, mask_rows, MODE: tl.constexpr):
+    """Store tile[:, column] at row_ptrs (one value per row).
+
+    MODE 0: extract the column with a masked sum along time (shuffles among the lanes along time);
+    1: a pointer tile constant along time (v6), for which the compiler may move the whole tile to
+    another register layout through shared memory first; 2: pointers that run along time, masked off
+    everywhere but `column`, so the store keeps the tile's layout."""
+    if MODE == 0:
+        values = tl.sum(tl.where((offs_k == column)[None, :], tile, 0.0), axis=1)
+        tl.store(row_ptrs, values, mask=mask_rows)
+    else:
+        mask = mask_rows[:, None] & (offs_k == column)[None, :]
+        if MODE == 1:
+            tl.store(row_ptrs[:, None] + offs_k[None, :] * 0, tile, mask=mask)
+        else:
+            tl.store(row_ptrs[:, None] + (offs_k - column)[None, :], tile, mask=mask)
+
+
+@triton.jit
 def _softplus(x):
     return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(x)))
 
@@ -482,9 +513,12 @@ def _bwd_state_loop_kernel(
     ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n, sg_s, sg_c, sg_d, sg_n,
     sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l,
     sdB_b, sdB_g, sdB_n, sdB_l, sdC_b, sdC_g, sdC_n, sdC_l,
+    Crev_ptr, sCr_b, sCr_g, sCr_n, sCr_l, total_length,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 1,
+    ONE_EXP: tl.constexpr = False, COLUMN_STORE: tl.constexpr = 1, ADJOINT: tl.constexpr = 0,
+    REDUCE_DBC: tl.constexpr = True,
 ):
     """Backward over chunks from last to first, one state index n at a time on (channels, CHUNK) tiles:
     the forward scan restarts from the saved chunk-start state, the adjoint scan from the carry of
@@ -540,11 +574,38 @@ def _bwd_state_loop_kernel(
         do_ptrs = dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l
         z_ptrs = z_ptr + b * sz_b + offs_d[:, None] * sz_d + t[None, :] * sz_l
         dt, _ = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
-        dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
+        if ADJOINT == 2:
+            # the adjoint scan runs forward over the chunk read back to front (index k is step
+            # CHUNK - 1 - k): its inputs come time-reversed from memory and only its output is flipped
+            t_local_rev = c * CHUNK + (CHUNK - 1 - offs_k)
+            t_rev = t_first + t_local_rev
+            mask_t_rev = t_local_rev < length
+            dt_next, _ = _load_delta(dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + (t_rev + 1)[None, :] * sdt_l,
+                                     mask_d[:, None] & (t_local_rev + 1 < length)[None, :], bias, HAS_BIAS,
+                                     SOFTPLUS)
+            mask_dt_rev = mask_d[:, None] & mask_t_rev[None, :]
+            dy_rev = tl.load(dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t_rev[None, :] * sdo_l,
+                             mask=mask_dt_rev, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z_rev = tl.load(z_ptr + b * sz_b + offs_d[:, None] * sz_d + t_rev[None, :] * sz_l,
+                                mask=mask_dt_rev, other=0.0).to(tl.float32)
+                dy_rev = dy_rev * z_rev * tl.sigmoid(z_rev)
+            C_base_rev = C_ptr + b * sC_b + group * sC_g + t_rev * sC_l
+        elif not ONE_EXP or ADJOINT >= 3:  # one exp per element-state goes with the reverse scan only
+            dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
         dy = tl.load(do_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_Z:
             zv = tl.load(z_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
             dy = dy * zv * tl.sigmoid(zv)
+        if ADJOINT >= 3:
+            # as 2, with the chunk's tiles flipped in registers once per chunk instead of re-read
+            mask_t_rev = (c * CHUNK + (CHUNK - 1 - offs_k)) < length
+            dt_next = tl.flip(dt_next, 1)
+            dy_rev = tl.flip(dy, 1)
+            # 4: C read back to front from a time-reversed copy (Crev[..., j] = C[..., L - 1 - j]),
+            # so the per-state row needs no flip and is read with the same wide loads as B
+            Crev_base = (Crev_ptr + b * sCr_b + group * sCr_g
+                         + (total_length - CHUNK - t_first - c * CHUNK + offs_k) * sCr_l)
         dtu = dt * tl.load(u_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
         gB_acc = tl.zeros([BLOCK_D, CHUNK], tl.float32)
         gA_acc = tl.zeros([BLOCK_D, CHUNK], tl.float32)
@@ -568,20 +629,57 @@ def _bwd_state_loop_kernel(
             _, hs = tl.associative_scan((decay, seeded), axis=1, combine_fn=_linear_combine)
             if HAS_Z:
                 y_acc += hs * Cn[None, :]
-            decay_next = tl.exp2(dt_next * A2n)
-            src = Cn[None, :] * dy
-            src = tl.where(last, src + decay_next * g_end[:, None], src)
-            _, gs = tl.associative_scan((decay_next, src), axis=1, combine_fn=_linear_combine, reverse=True)
-            # the adjoint entering this chunk is what the chunk to the left continues from
-            tl.store(g_out[:, None] + n * sg_n + offs_k[None, :] * 0, gs, mask=mask_d[:, None] & first)
+            if ADJOINT >= 2:
+                decay_next = tl.exp2(dt_next * A2n)
+                if ADJOINT == 2:
+                    Cn_rev = tl.load(C_base_rev + n * sC_n, mask=mask_t_rev, other=0.0).to(tl.float32)
+                elif ADJOINT == 3:
+                    Cn_rev = tl.flip(Cn, 0)
+                else:
+                    Cn_rev = tl.load(Crev_base + n * sCr_n, mask=mask_t_rev, other=0.0).to(tl.float32)
+                src = Cn_rev[None, :] * dy_rev
+                src = tl.where(first, src + decay_next * g_end[:, None], src)
+                _, gs_rev = tl.associative_scan((decay_next, src), axis=1, combine_fn=_linear_combine)
+                _store_column(g_out + n * sg_n, gs_rev, offs_k, CHUNK - 1, mask_d, COLUMN_STORE)
+                gs = tl.flip(gs_rev, 1)
+            elif ONE_EXP:
+                src = Cn[None, :] * dy
+                # the carry is a_0 g_0 of the chunk to the right (or dlast): added to the last source
+                src = tl.where(last, src + g_end[:, None], src)
+                ones = tl.full([BLOCK_D, CHUNK], 1.0, tl.float32)
+                _, _, gs = tl.associative_scan((decay, ones, src), axis=1, combine_fn=_adjoint_combine,
+                                               reverse=True)
+                carry_out = decay * gs
+            else:
+                src = Cn[None, :] * dy
+                decay_next = tl.exp2(dt_next * A2n)
+                src = tl.where(last, src + decay_next * g_end[:, None], src)
+                if ADJOINT == 1:  # the reverse scan spelled out: flips along time around a forward scan
+                    _, gs = tl.associative_scan((tl.flip(decay_next, 1), tl.flip(src, 1)), axis=1,
+                                                combine_fn=_linear_combine)
+                    gs = tl.flip(gs, 1)
+                else:
+                    _, gs = tl.associative_scan((decay_next, src), axis=1, combine_fn=_linear_combine,
+                                                reverse=True)
+                carry_out = gs
+            if ADJOINT < 2:
+                # the adjoint entering this chunk is what the chunk to the left continues from
+                _store_column(g_out + n * sg_n, carry_out, offs_k, 0, mask_d, COLUMN_STORE)
             gB_acc += gs * Bn[None, :]
             g_hprev = gs * (hs - drive)
             gA_acc += g_hprev * An[:, None]
             dA_acc += tl.where(offs_n[None, :] == n, tl.sum(g_hprev * dt, axis=1)[:, None], 0.0)
-            tl.atomic_add(dB_ptr + b * sdB_b + group * sdB_g + n * sdB_n + t * sdB_l,
-                          tl.sum(gs * dtu, axis=0), mask=mask_t, sem="relaxed")
-            tl.atomic_add(dC_ptr + b * sdC_b + group * sdC_g + n * sdC_n + t * sdC_l,
-                          tl.sum(hs * dy, axis=0), mask=mask_t, sem="relaxed")
+            dB_row = dB_ptr + b * sdB_b + group * sdB_g + n * sdB_n + t * sdB_l
+            dC_row = dC_ptr + b * sdC_b + group * sdC_g + n * sdC_n + t * sdC_l
+            if REDUCE_DBC:
+                tl.atomic_add(dB_row, tl.sum(gs * dtu, axis=0), mask=mask_t, sem="relaxed")
+                tl.atomic_add(dC_row, tl.sum(hs * dy, axis=0), mask=mask_t, sem="relaxed")
+            else:
+                # every channel row adds its own product: no shuffles across the channel lanes, and
+                # the atomics keep the tile's layout (more, smaller contributions per address)
+                rows0 = offs_d[:, None] * 0
+                tl.atomic_add(dB_row[None, :] + rows0, gs * dtu, mask=mask_dt, sem="relaxed")
+                tl.atomic_add(dC_row[None, :] + rows0, hs * dy, mask=mask_dt, sem="relaxed")
         tl.debug_barrier()
 
         # pointers rebuilt rather than kept live through the loop (64-bit each, per element)
@@ -626,7 +724,7 @@ def _bwd_state_loop_kernel(
 @triton.jit
 def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                    A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
-                   STORE_LAST: tl.constexpr):
+                   STORE_LAST: tl.constexpr, COLUMN_STORE: tl.constexpr):
     """State index n of one chunk: scan from the chunk-start state, store the state after the chunk,
     return its contribution C_n h_n to y. Indices n >= N contribute nothing."""
     md = mask_d & ((offs_d * 0 + n) < N)
@@ -640,12 +738,12 @@ def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d,
     drive = tl.where(first, drive + decay * h0[:, None], drive)
     _, hs = tl.associative_scan((decay, drive), axis=1, combine_fn=_linear_combine)
     # the state after the chunk: the next chunk's start, or the sequence's last state
-    keep = md[:, None] & last
+    column = offs_k.shape[0] - 1
     if is_final:
         if STORE_LAST:
-            tl.store(last_rows[:, None] + n * sl_n + offs_k[None, :] * 0, hs, mask=keep)
+            _store_column(last_rows + n * sl_n, hs, offs_k, column, md, COLUMN_STORE)
     else:
-        tl.store(h_in[:, None] + ss_c + n * ss_n + offs_k[None, :] * 0, hs, mask=keep)
+        _store_column(h_in + ss_c + n * ss_n, hs, offs_k, column, md, COLUMN_STORE)
     return hs * Cn[None, :]
 
 
@@ -662,7 +760,7 @@ def _fwd_state_loop_kernel(
     VARLEN: tl.constexpr,
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PAIR: tl.constexpr = 1,
-    STAGES: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1, COLUMN_STORE: tl.constexpr = 1,
 ):
     """Forward one state index n at a time on (channels, CHUNK) tiles, y summed over n in registers
     (for large d_state, where a thread cannot hold all states of a channel)."""
@@ -711,11 +809,11 @@ def _fwd_state_loop_kernel(
             # PAIR independent state indices per iteration give the scheduler two dependency chains
             y += _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                                 A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
-                                STORE_LAST)
+                                STORE_LAST, COLUMN_STORE)
             if PAIR == 2:
                 y += _fwd_one_state(n + 1, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                                     A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows,
-                                    sl_n, STORE_LAST)
+                                    sl_n, STORE_LAST, COLUMN_STORE)
         tl.debug_barrier()
         if HAS_D:
             y += Dv[:, None] * u
