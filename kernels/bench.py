@@ -239,20 +239,10 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 
 
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
-    # v7 (second run): 4-channel backward programs under a register cap (12 or 16 resident warps per
-    # SM), with the adjoint read back to front (3: chunk tiles and C flipped in registers, 4: C from a
-    # time-reversed copy), and dB/dC added per channel row without the cross-lane sum (reduce_dbc)
-    "b32_L2048_N16": [{}, {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 168},
-                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 128},
-                      {"adjoint": 3, "block_d_bwd": 4, "bwd_maxnreg": 168},
-                      {"adjoint": 3, "block_d_bwd": 4, "bwd_maxnreg": 128},
-                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 168, "reduce_dbc": False},
-                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 128, "reduce_dbc": False},
-                      {"reduce_dbc": False}],
-    "b8_L16384_N16": [{}, {"block_d_bwd": 4, "bwd_maxnreg": 168},
-                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 168},
-                      {"adjoint": 3, "block_d_bwd": 4, "bwd_maxnreg": 168},
-                      {"adjoint": 4, "block_d_bwd": 4, "bwd_maxnreg": 168, "reduce_dbc": False}],
+    # v7 final: v6's configuration and v7's first step (8-channel programs, explicit-flip adjoint)
+    # against the default (4-channel register-capped programs, adjoint read back to front)
+    "b32_L2048_N16": [{}, {"adjoint": 0, "pair": 1, "block_d_bwd": 8}, {"adjoint": 1, "block_d_bwd": 8}],
+    "b8_L16384_N16": [{}, {"adjoint": 0, "pair": 1, "block_d_bwd": 8}],
     "b32_L2048_N64": [],
 }
 

@@ -15,6 +15,7 @@ float32 whatever the input dtype. Kernels are in `triton_scan_kernels`; the desi
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -41,7 +42,11 @@ BWD_TARGET_PROGRAMS = 1024
 SEQ_MAX_STATES = 16
 CHUNK = 64  # steps between saved states; the backward's time tile
 SMALL_STATE_BWD = 16  # d_state (padded) up to which the backward runs 1-warp programs of
-SMALL_STATE_BWD_CHANNELS = 8  # this many channels
+SMALL_STATE_BWD_CHANNELS = 4  # this many channels, under one of these register caps per thread:
+SMALL_STATE_BWD_REGISTER_CAPS = (128, 168)  # 16 or 12 resident 1-warp programs per multiprocessor
+REGISTERS_PER_MULTIPROCESSOR = 65536
+# the second cap is taken when the first leaves the last wave of programs this empty or emptier
+MIN_LAST_WAVE_FILL = 0.85
 THREADS_PER_WARP = 32
 
 FWD_VARIANTS = ("seq", "state_loop", "tile3d")
@@ -96,6 +101,24 @@ def _seq_warps(rows: int, multiprocessors: int) -> int:
     return warps
 
 
+def _wave_fill(programs: int, slots: int) -> float:
+    """Mean occupancy of the waves `programs` equal programs take on `slots` concurrent slots."""
+    waves = programs / slots
+    return waves / math.ceil(waves) if programs else 1.0
+
+
+def _bwd_register_cap(programs: int, multiprocessors: int) -> int:
+    """Register cap of the 1-warp backward programs: the tighter cap (more resident warps, measured
+    faster at b32/L2048) unless its last wave runs mostly empty (b8/L16384: 3,072 programs on 132
+    multiprocessors fill 1.45 waves of 16 and 1.94 waves of 12; kernels/NOTES.md v7)."""
+    tight, loose = SMALL_STATE_BWD_REGISTER_CAPS
+
+    def fill(cap: int) -> float:
+        return _wave_fill(programs, multiprocessors * (REGISTERS_PER_MULTIPROCESSOR // (cap * THREADS_PER_WARP)))
+
+    return loose if fill(tight) < MIN_LAST_WAVE_FILL and fill(loose) > fill(tight) else tight
+
+
 def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiprocessors: int = 1) -> ScanConfig:
     """Kernel variants and tile sizes for a problem of `rows` = sequences x channels; a channel tile
     never straddles two groups of B/C."""
@@ -110,9 +133,9 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     chunk = over.get("chunk", CHUNK)
     default_fwd_warps = _seq_warps(rows, multiprocessors) if fwd_variant == "seq" else 4
     warps_fwd = over.get("warps_fwd", default_fwd_warps)
-    # 1-warp backward programs of 8 channels for small d_state: dB/dC sums stay inside a warp (no
-    # cross-warp reduction or barrier per state index); 9% faster than 32 channels x 4 warps at
-    # d_state 16 (H200, kernels/NOTES.md v4). Larger d_state keeps the measured 4-warp tiles.
+    # 1-warp backward programs for small d_state: dB/dC sums stay inside a warp (no cross-warp
+    # reduction or barrier per state index; v4: 8 channels x 1 warp 9% faster than 32 x 4). Since v7
+    # 4 channels under a register cap (more resident warps). Larger d_state keeps 4-warp tiles.
     small_state = block_n <= SMALL_STATE_BWD and bwd_variant == "state_loop"
     warps_bwd = over.get("warps_bwd", 1 if small_state else 4)
     state_loop_cap = SMALL_STATE_BWD_CHANNELS if small_state else max(1, min(32, BWD_TILE_ELEMENTS // block_n))
@@ -123,13 +146,17 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     else:
         fwd_cap = max(1, FWD_TILE_ELEMENTS // (block_n * chunk))
     bwd_cap = state_loop_cap if bwd_variant == "state_loop" else max(1, BWD_TILE_ELEMENTS // (block_n * chunk))
+    block_d_bwd = _largest_pow2_divisor(channels_per_group, over.get("block_d_bwd", bwd_cap))
+    capped = small_state and block_d_bwd == SMALL_STATE_BWD_CHANNELS
+    bwd_maxnreg = over.get("bwd_maxnreg", _bwd_register_cap(max(rows, 1) // block_d_bwd, multiprocessors)
+                           if capped else None)
     return ScanConfig(
         block_n=block_n,
         chunk=chunk,
         fwd_variant=fwd_variant,
         bwd_variant=bwd_variant,
         block_d_fwd=_largest_pow2_divisor(channels_per_group, over.get("block_d_fwd", fwd_cap)),
-        block_d_bwd=_largest_pow2_divisor(channels_per_group, over.get("block_d_bwd", bwd_cap)),
+        block_d_bwd=block_d_bwd,
         warps_fwd=warps_fwd,
         warps_bwd=warps_bwd,
         warps_carry=over.get("warps_carry", 4),
@@ -143,11 +170,13 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         fwd_stages=over.get("fwd_stages", 2),
         # the adjoint scan as a forward scan between explicit flips along time: Triton 3.6 lowers
         # reverse=True to whole-warp lane reversals (5 shuffles per element and flip), tl.flip along
-        # time needs 3 (H200, b32/L2048/N16: f+b 8.83 -> 8.02 ms, kernels/NOTES.md v7)
-        adjoint=over.get("adjoint", 1),
+        # time needs 3 (H200, b32/L2048/N16: f+b 8.83 -> 8.02 ms); with 4-channel programs, the
+        # chunk's tiles flipped once per chunk and only C and the result per state index (adjoint 3:
+        # 7.83 ms, and 17.0 vs 20.2 ms at b8/L16384; kernels/NOTES.md v7)
+        adjoint=over.get("adjoint", 3 if capped else 1),
         one_exp=over.get("one_exp", False),
         column_store=over.get("column_store", 1),
-        bwd_maxnreg=over.get("bwd_maxnreg"),
+        bwd_maxnreg=bwd_maxnreg,
         reduce_dbc=over.get("reduce_dbc", True),
     )
 

@@ -311,10 +311,27 @@ def test_state_update_shape_errors():
     "overrides",
     [{"fwd_variant": "seq"},
      {"bwd_stages": 3, "fwd_stages": 2, "block_d_bwd": 4, "warps_bwd": 2},
+     {"adjoint": 0, "pair": 1, "block_d_bwd": 8},
+     pytest.param({"adjoint": 1, "one_exp": True}, marks=pytest.mark.slow),
+     {"adjoint": 4, "reduce_dbc": False, "column_store": 2},
+     pytest.param({"adjoint": 2, "column_store": 0}, marks=pytest.mark.slow),
      pytest.param({"fwd_variant": "tile3d", "bwd_variant": "two_pass"}, marks=pytest.mark.slow),
      pytest.param({"fwd_variant": "seq", "bwd_variant": "two_pass", "chunk": 32}, marks=pytest.mark.slow)],
-    ids=["seq", "pipelined_bwd", "tile3d_two_pass", "seq_two_pass_chunk32"],
+    ids=["seq", "pipelined_bwd", "v6_reverse_scan_adjoint", "one_exp_adjoint",
+         "reversed_C_copy_per_row_dbc", "reversed_loads", "tile3d_two_pass", "seq_two_pass_chunk32"],
 )
 def test_every_kernel_variant_matches_reference(overrides, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", dict(overrides))
     compare(make_inputs(dim=8, d_state=5, length=130, groups=2, seed=11))
+
+
+def test_backward_register_cap_keeps_the_last_wave_full():
+    """4-channel backward programs: 16 resident per multiprocessor (cap 128) unless that leaves the
+    last wave mostly empty; then 12 (cap 168). 132 multiprocessors, dim 1536, d_state 16."""
+    config = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132)
+    assert (config.block_d_bwd, config.warps_bwd, config.bwd_maxnreg, config.adjoint) == (4, 1, 128, 3)
+    # batch 8: 3,072 programs fill 1.45 waves of 2,112 slots but 1.94 waves of 1,584
+    assert triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132).bwd_maxnreg == 168
+    assert triton_scan._wave_fill(3072, 1584) == pytest.approx(3072 / 3168)
+    # larger states keep 4-warp programs and no cap; an explicit tile overrides the cap
+    assert triton_scan.scan_config(64, 1536, rows=32 * 1536, multiprocessors=132).bwd_maxnreg is None
