@@ -240,11 +240,9 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
     # v7 final: v6's configuration and v7's first step (8-channel programs, explicit-flip adjoint)
-    # against the default (4-channel register-capped programs, adjoint read back to front); the
-    # forward under a register cap (96: 20 resident warps per SM instead of 16; 80: 24)
-    "b32_L2048_N16": [{}, {"adjoint": 0, "pair": 1, "block_d_bwd": 8}, {"adjoint": 1, "block_d_bwd": 8},
-                      {"maxnreg": 96}, {"maxnreg": 80}],
-    "b8_L16384_N16": [{}, {"adjoint": 0, "pair": 1, "block_d_bwd": 8}, {"maxnreg": 96}, {"maxnreg": 80}],
+    # against the default (4-channel register-capped programs, adjoint read back to front)
+    "b32_L2048_N16": [{}, {"adjoint": 0, "pair": 1, "block_d_bwd": 8}, {"adjoint": 1, "block_d_bwd": 8}],
+    "b8_L16384_N16": [{}, {"adjoint": 0, "pair": 1, "block_d_bwd": 8}],
     "b32_L2048_N64": [],
 }
 
