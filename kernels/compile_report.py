@@ -1,21 +1,25 @@
 """Compile the scan kernels for sm_90 on a machine without a GPU and report what the hardware will run.
 
-Prints, per kernel configuration: registers, spill/stack bytes (ptxas), and counts of the instructions
-that bound the scan (ex2 on the special-function unit, warp shuffles, reductions/atomics to global
-memory and their widths, barriers). This is how kernels/NOTES.md reads layouts and register use
-before spending GPU time:
+For each kernel configuration: registers and stack (spill) bytes from the cubin, and SASS instruction
+counts for the whole kernel and for its innermost loop that holds exp2 (the backward's and forward's
+loop over the state index): shuffles, MUFU (exp2, reciprocals), FP32 arithmetic, shared-memory and
+local-memory (spill) traffic. This is how kernels/NOTES.md reads layouts and register use before
+spending GPU time:
 
-    python -m odyssey.kernels.compile_report                       # the backward and forward, defaults
-    python -m odyssey.kernels.compile_report --bwd-variant onexp   # one variant
-    python -m odyssey.kernels.compile_report --ptx-out /tmp/bwd.ptx
+    python -m odyssey.kernels.compile_report                          # backward and forward, defaults
+    python -m odyssey.kernels.compile_report --kernel bwd --set ADJOINT=0 --set BLOCK_D=8
+    python -m odyssey.kernels.compile_report --kernel fwd --maxnreg 96 --dump /tmp/fwd.sass
 
-Strides along time are specialized to 1 and the other integers declared divisible by 16, as they are
-for the dense, time-contiguous calls the model makes.
+The code Triton generates depends on its version: the GPU machine runs Triton 3.6, so to see what it
+runs, install that version beside the venv (`pip install --no-deps --target DIR triton==3.6.0`) and
+put DIR first on PYTHONPATH. Strides along time are specialized to 1 and the other integers declared
+divisible by 16, as they are for the dense, time-contiguous calls the model makes.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import subprocess
 import tempfile
@@ -35,16 +39,15 @@ UNIT_STRIDES = ("su_l", "sdt_l", "sz_l", "sdo_l", "so_l", "sdu_l", "sddt_l", "sd
 FLOAT32_POINTERS = ("A_ptr", "D_ptr", "bias_ptr", "states_ptr", "last_ptr", "dlast_ptr", "carry_ptr",
                     "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr", "gstates_ptr")
 INT32_POINTERS = ("seq_batch_ptr", "seq_start_ptr", "seq_len_ptr")
-PTX_PATTERNS = {
-    "ex2": r"\bex2\.approx",
-    "shfl": r"\bshfl\.sync",
-    "red.global": r"\bred\.(?:relaxed\.)?(?:gpu\.)?global",
-    "atom.global": r"\batom\.(?:\w+\.)*global",
-    "bar.sync": r"\bbar\.sync|\bbarrier\.sync",
-    "ld.global": r"\bld\.global",
-    "st.global": r"\bst\.global",
-    "cp.async": r"\bcp\.async\.(?:ca|cg)",
+COMMON = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "VARLEN": False,
+          "BLOCK_N": 16, "CHUNK": 64, "STAGES": 2}
+KERNELS = {  # name: (kernel, default constexprs, warps) as triton_scan launches them at d_state 16
+    "bwd": (kernels._bwd_state_loop_kernel, {**COMMON, "HAS_DLAST": False, "BLOCK_D": 4, "ADJOINT": 3}, 1),
+    "fwd": (kernels._fwd_state_loop_kernel,
+            {**COMMON, "STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 16, "PAIR": 2}, 4),
 }
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+((?:@!?U?P[T\d]\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")
+REPORTED = ("SHFL", "MUFU", "FFMA", "FMUL", "FADD", "LDS", "LDSM", "STS", "LDL", "STL", "BAR", "REDG")
 
 
 def _signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
@@ -68,75 +71,91 @@ def _signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
     return signature, attrs, consts
 
 
-def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int = 3):
+def compile_sm90(fn, constexprs: dict, num_warps: int, maxnreg: int | None = None):
     signature, attrs, consts = _signature(fn, constexprs)
-    source = ASTSource(fn, signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=SM90, options=options)
 
 
-def ptxas_usage(ptx: str) -> str:
-    """ptxas' own resource line (registers, stack, spills) for the PTX Triton produced."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+def _cuda_tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def cubin_report(cubin: bytes) -> tuple[str, str]:
+    """(cuobjdump's resource line, the SASS listing) of a cubin."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.ptx"
-        path.write_text(ptx)
-        result = subprocess.run([str(ptxas), "-arch=sm_90", "-v", str(path), "-o", str(Path(tmp) / "k.cubin")],
-                                capture_output=True, text=True)
-    lines = [line.split("info    : ")[-1] for line in result.stderr.splitlines() if "Used" in line or "spill" in line]
-    return "; ".join(lines)
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([_cuda_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_cuda_tool("cuobjdump"), "-sass", str(path)], capture_output=True,
+                              text=True, check=True).stdout
+    resources = next((line.strip() for line in usage.splitlines() if "REG:" in line), "")
+    return resources.split(" SHARED")[0], sass
 
 
-def count_instructions(ptx: str) -> Counter:
-    counts = Counter()
-    for name, pattern in PTX_PATTERNS.items():
-        counts[name] = len(re.findall(pattern, ptx))
-    for width in re.findall(r"\bred\.[\w.]*?(v\d)\.f32", ptx):
-        counts[f"red {width}"] += 1
-    return counts
+def count_sass(sass: str) -> tuple[Counter, Counter]:
+    """Opcode counts of the whole kernel and of its smallest loop that contains MUFU (exp2)."""
+    lines = [(int(addr, 16), op.split(".")[0], rest) for addr, _, op, rest in SASS_LINE.findall(sass)]
+    loops = []
+    for addr, op, rest in lines:
+        target = re.search(r"0x[0-9a-f]+", rest) if op == "BRA" else None
+        if target and int(target.group(0), 16) < addr:
+            loops.append((int(target.group(0), 16), addr))
+    inner: list[str] | None = None
+    for low, high in loops:
+        body = [op for addr, op, _ in lines if low <= addr <= high]
+        if "MUFU" in body and (inner is None or len(body) < len(inner)):
+            inner = body
+    return Counter(op for _, op, _ in lines), Counter(inner or [])
 
 
-def report(label: str, fn, constexprs: dict, num_warps: int, ptx_out: str | None = None) -> dict:
-    compiled = compile_sm90(fn, constexprs, num_warps)
-    ptx = compiled.asm["ptx"]
-    if ptx_out:
-        Path(ptx_out).write_text(ptx)
-    counts = count_instructions(ptx)
-    usage = ptxas_usage(ptx)
-    print(f"{label}: {usage}")
-    print("   static PTX counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v))
-    return {"label": label, "usage": usage, "counts": dict(counts)}
+def _summary(counts: Counter) -> str:
+    return f"{sum(counts.values())} instr, " + ", ".join(f"{op} {counts[op]}" for op in REPORTED if counts[op])
 
 
-COMMON = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "VARLEN": False}
+def report(kernel: str, overrides: dict, maxnreg: int | None = None, dump: str | None = None) -> dict:
+    fn, defaults, warps = KERNELS[kernel]
+    constexprs = {**defaults, **overrides}
+    warps = constexprs.pop("num_warps", warps)
+    compiled = compile_sm90(fn, constexprs, warps, maxnreg)
+    resources, sass = cubin_report(compiled.asm["cubin"])
+    if dump:
+        Path(dump).write_text(sass)
+    total, loop = count_sass(sass)
+    print(f"{kernel} {overrides or 'defaults'} warps {warps} maxnreg {maxnreg} (Triton {triton.__version__}): "
+          f"{resources}")
+    print(f"   inner loop: {_summary(loop)}")
+    print(f"   kernel:     {_summary(total)}")
+    return {"kernel": kernel, "overrides": overrides, "resources": resources, "loop": dict(loop),
+            "total": dict(total)}
+
+
+def _parse_set(items: list[str]) -> dict:
+    values = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            values[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise SystemExit(f"--set {item!r}: the value must be a Python literal ({exc})") from exc
+    return values
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--block-n", type=int, default=16)
-    parser.add_argument("--bwd-variant", default=None, help="state_loop, onexp, ... (default: all)")
-    parser.add_argument("--bwd-channels", type=int, default=8)
-    parser.add_argument("--bwd-warps", type=int, default=1)
-    parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--pair", type=int, default=1)
-    parser.add_argument("--ptx-out", default=None)
+    parser.add_argument("--kernel", choices=sorted(KERNELS), action="append",
+                        help="bwd and/or fwd (default: both)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a kernel constexpr (e.g. BLOCK_D=8, ADJOINT=0) or num_warps")
+    parser.add_argument("--maxnreg", type=int, default=None)
+    parser.add_argument("--dump", default=None, help="write the SASS listing here (one kernel)")
     args = parser.parse_args(argv)
-    bwd = {**COMMON, "HAS_DLAST": False, "BLOCK_D": args.bwd_channels, "BLOCK_N": args.block_n, "CHUNK": 64,
-           "STAGES": args.stages}
-    variants = {"state_loop": (kernels._bwd_state_loop_kernel, {})}
-    for name, (fn, extra) in getattr(kernels, "BWD_STATE_LOOP_VARIANTS", {}).items():
-        variants[name] = (fn, extra)
-    for name, (fn, extra) in variants.items():
-        if args.bwd_variant and name != args.bwd_variant:
-            continue
-        constexprs = {**bwd, **{k: v for k, v in extra.items() if k in fn.arg_names}}
-        if "PAIR" in fn.arg_names:
-            constexprs["PAIR"] = args.pair
-        report(f"bwd {name} {args.bwd_channels}ch x {args.bwd_warps}w N{args.block_n}", fn, constexprs,
-               args.bwd_warps, args.ptx_out)
-    if args.bwd_variant is None:
-        fwd = {**COMMON, "STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 16, "BLOCK_N": args.block_n,
-               "CHUNK": 64, "PAIR": 1, "STAGES": args.stages}
-        report(f"fwd state_loop 16ch x 4w N{args.block_n}", kernels._fwd_state_loop_kernel, fwd, 4)
+    overrides = _parse_set(args.set)
+    for kernel in args.kernel or sorted(KERNELS):
+        report(kernel, overrides, args.maxnreg, args.dump)
     return 0
 
 
