@@ -74,7 +74,6 @@ class ScanConfig:
     fwd_stages: int = 2
     adjoint: int = 0
     one_exp: bool = False
-    column_store: int = 1
     bwd_maxnreg: int | None = None
     reduce_dbc: bool = True
 
@@ -175,7 +174,6 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # 7.83 ms, and 17.0 vs 20.2 ms at b8/L16384; kernels/NOTES.md v7)
         adjoint=over.get("adjoint", 3 if capped else 1),
         one_exp=over.get("one_exp", False),
-        column_store=over.get("column_store", 1),
         bwd_maxnreg=bwd_maxnreg,
         reduce_dbc=over.get("reduce_dbc", True),
     )
@@ -309,8 +307,7 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
     kernel = {"seq": _fwd_seq_kernel, "state_loop": _fwd_state_loop_kernel, "tile3d": _scan_fwd_kernel}
-    extra = ({"PAIR": cfg.pair, "STAGES": cfg.fwd_stages, "COLUMN_STORE": cfg.column_store}
-             if cfg.fwd_variant == "state_loop" else {})
+    extra = {"PAIR": cfg.pair, "STAGES": cfg.fwd_stages} if cfg.fwd_variant == "state_loop" else {}
     if cfg.maxnreg:
         extra["maxnreg"] = cfg.maxnreg
     kernel[cfg.fwd_variant][grid](
@@ -373,7 +370,7 @@ def _backward(ctx, dout, dlast):
             C_rev, *C_rev.stride(), length,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
             HAS_DLAST=dlast is not None, STAGES=cfg.bwd_stages,
-            ADJOINT=cfg.adjoint, ONE_EXP=cfg.one_exp, COLUMN_STORE=cfg.column_store, REDUCE_DBC=cfg.reduce_dbc,
+            ADJOINT=cfg.adjoint, ONE_EXP=cfg.one_exp, REDUCE_DBC=cfg.reduce_dbc,
             BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
             **({"maxnreg": cfg.bwd_maxnreg or cfg.maxnreg} if (cfg.bwd_maxnreg or cfg.maxnreg) else {}),
         )

@@ -47,22 +47,11 @@ def _adjoint_combine(first_r, q_r, g_r, first_l, q_l, g_l):
 
 
 @triton.jit
-def _store_column(row_ptrs, tile, offs_k, column, mask_rows, MODE: tl.constexpr):
-    """Store tile[:, column] at row_ptrs (one value per row).
-
-    MODE 0: extract the column with a masked sum along time (shuffles among the lanes along time);
-    1: a pointer tile constant along time (v6), for which the compiler may move the whole tile to
-    another register layout through shared memory first; 2: pointers that run along time, masked off
-    everywhere but `column`, so the store keeps the tile's layout."""
-    if MODE == 0:
-        values = tl.sum(tl.where((offs_k == column)[None, :], tile, 0.0), axis=1)
-        tl.store(row_ptrs, values, mask=mask_rows)
-    else:
-        mask = mask_rows[:, None] & (offs_k == column)[None, :]
-        if MODE == 1:
-            tl.store(row_ptrs[:, None] + offs_k[None, :] * 0, tile, mask=mask)
-        else:
-            tl.store(row_ptrs[:, None] + (offs_k - column)[None, :], tile, mask=mask)
+def _store_column(row_ptrs, tile, offs_k, column, mask_rows):
+    """Store tile[:, column] at row_ptrs (one value per row), masked to that column. (A pointer tile
+    constant along time; with Triton 3.6 this compiles to one predicated store per row.)"""
+    mask = mask_rows[:, None] & (offs_k == column)[None, :]
+    tl.store(row_ptrs[:, None] + offs_k[None, :] * 0, tile, mask=mask)
 
 
 @triton.jit
@@ -517,7 +506,7 @@ def _bwd_state_loop_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 1,
-    ONE_EXP: tl.constexpr = False, COLUMN_STORE: tl.constexpr = 1, ADJOINT: tl.constexpr = 0,
+    ONE_EXP: tl.constexpr = False, ADJOINT: tl.constexpr = 0,
     REDUCE_DBC: tl.constexpr = True,
 ):
     """Backward over chunks from last to first, one state index n at a time on (channels, CHUNK) tiles:
@@ -574,31 +563,15 @@ def _bwd_state_loop_kernel(
         do_ptrs = dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l
         z_ptrs = z_ptr + b * sz_b + offs_d[:, None] * sz_d + t[None, :] * sz_l
         dt, _ = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
-        if ADJOINT == 2:
-            # the adjoint scan runs forward over the chunk read back to front (index k is step
-            # CHUNK - 1 - k): its inputs come time-reversed from memory and only its output is flipped
-            t_local_rev = c * CHUNK + (CHUNK - 1 - offs_k)
-            t_rev = t_first + t_local_rev
-            mask_t_rev = t_local_rev < length
-            dt_next, _ = _load_delta(dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + (t_rev + 1)[None, :] * sdt_l,
-                                     mask_d[:, None] & (t_local_rev + 1 < length)[None, :], bias, HAS_BIAS,
-                                     SOFTPLUS)
-            mask_dt_rev = mask_d[:, None] & mask_t_rev[None, :]
-            dy_rev = tl.load(dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t_rev[None, :] * sdo_l,
-                             mask=mask_dt_rev, other=0.0).to(tl.float32)
-            if HAS_Z:
-                z_rev = tl.load(z_ptr + b * sz_b + offs_d[:, None] * sz_d + t_rev[None, :] * sz_l,
-                                mask=mask_dt_rev, other=0.0).to(tl.float32)
-                dy_rev = dy_rev * z_rev * tl.sigmoid(z_rev)
-            C_base_rev = C_ptr + b * sC_b + group * sC_g + t_rev * sC_l
-        elif not ONE_EXP or ADJOINT >= 3:  # one exp per element-state goes with the reverse scan only
+        if not ONE_EXP or ADJOINT >= 3:  # one exp per element-state goes with the reverse scan only
             dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
         dy = tl.load(do_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_Z:
             zv = tl.load(z_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
             dy = dy * zv * tl.sigmoid(zv)
         if ADJOINT >= 3:
-            # as 2, with the chunk's tiles flipped in registers once per chunk instead of re-read
+            # the adjoint scan runs forward over the chunk read back to front (index k is step
+            # CHUNK - 1 - k): the chunk's tiles are flipped once here, C_n and the result per n
             mask_t_rev = (c * CHUNK + (CHUNK - 1 - offs_k)) < length
             dt_next = tl.flip(dt_next, 1)
             dy_rev = tl.flip(dy, 1)
@@ -629,18 +602,16 @@ def _bwd_state_loop_kernel(
             _, hs = tl.associative_scan((decay, seeded), axis=1, combine_fn=_linear_combine)
             if HAS_Z:
                 y_acc += hs * Cn[None, :]
-            if ADJOINT >= 2:
+            if ADJOINT >= 3:
                 decay_next = tl.exp2(dt_next * A2n)
-                if ADJOINT == 2:
-                    Cn_rev = tl.load(C_base_rev + n * sC_n, mask=mask_t_rev, other=0.0).to(tl.float32)
-                elif ADJOINT == 3:
+                if ADJOINT == 3:
                     Cn_rev = tl.flip(Cn, 0)
                 else:
                     Cn_rev = tl.load(Crev_base + n * sCr_n, mask=mask_t_rev, other=0.0).to(tl.float32)
                 src = Cn_rev[None, :] * dy_rev
                 src = tl.where(first, src + decay_next * g_end[:, None], src)
                 _, gs_rev = tl.associative_scan((decay_next, src), axis=1, combine_fn=_linear_combine)
-                _store_column(g_out + n * sg_n, gs_rev, offs_k, CHUNK - 1, mask_d, COLUMN_STORE)
+                _store_column(g_out + n * sg_n, gs_rev, offs_k, CHUNK - 1, mask_d)
                 gs = tl.flip(gs_rev, 1)
             elif ONE_EXP:
                 src = Cn[None, :] * dy
@@ -662,9 +633,9 @@ def _bwd_state_loop_kernel(
                     _, gs = tl.associative_scan((decay_next, src), axis=1, combine_fn=_linear_combine,
                                                 reverse=True)
                 carry_out = gs
-            if ADJOINT < 2:
+            if ADJOINT < 3:
                 # the adjoint entering this chunk is what the chunk to the left continues from
-                _store_column(g_out + n * sg_n, carry_out, offs_k, 0, mask_d, COLUMN_STORE)
+                _store_column(g_out + n * sg_n, carry_out, offs_k, 0, mask_d)
             gB_acc += gs * Bn[None, :]
             g_hprev = gs * (hs - drive)
             gA_acc += g_hprev * An[:, None]
@@ -724,7 +695,7 @@ def _bwd_state_loop_kernel(
 @triton.jit
 def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                    A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
-                   STORE_LAST: tl.constexpr, COLUMN_STORE: tl.constexpr):
+                   STORE_LAST: tl.constexpr):
     """State index n of one chunk: scan from the chunk-start state, store the state after the chunk,
     return its contribution C_n h_n to y. Indices n >= N contribute nothing."""
     md = mask_d & ((offs_d * 0 + n) < N)
@@ -741,9 +712,9 @@ def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d,
     column = offs_k.shape[0] - 1
     if is_final:
         if STORE_LAST:
-            _store_column(last_rows + n * sl_n, hs, offs_k, column, md, COLUMN_STORE)
+            _store_column(last_rows + n * sl_n, hs, offs_k, column, md)
     else:
-        _store_column(h_in + ss_c + n * ss_n, hs, offs_k, column, md, COLUMN_STORE)
+        _store_column(h_in + ss_c + n * ss_n, hs, offs_k, column, md)
     return hs * Cn[None, :]
 
 
@@ -760,7 +731,7 @@ def _fwd_state_loop_kernel(
     VARLEN: tl.constexpr,
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PAIR: tl.constexpr = 1,
-    STAGES: tl.constexpr = 1, COLUMN_STORE: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1,
 ):
     """Forward one state index n at a time on (channels, CHUNK) tiles, y summed over n in registers
     (for large d_state, where a thread cannot hold all states of a channel)."""
@@ -809,11 +780,11 @@ def _fwd_state_loop_kernel(
             # PAIR independent state indices per iteration give the scheduler two dependency chains
             y += _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                                 A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
-                                STORE_LAST, COLUMN_STORE)
+                                STORE_LAST)
             if PAIR == 2:
                 y += _fwd_one_state(n + 1, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                                     A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows,
-                                    sl_n, STORE_LAST, COLUMN_STORE)
+                                    sl_n, STORE_LAST)
         tl.debug_barrier()
         if HAS_D:
             y += Dv[:, None] * u

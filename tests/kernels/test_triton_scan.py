@@ -313,12 +313,11 @@ def test_state_update_shape_errors():
      {"bwd_stages": 3, "fwd_stages": 2, "block_d_bwd": 4, "warps_bwd": 2},
      {"adjoint": 0, "pair": 1, "block_d_bwd": 8},
      pytest.param({"adjoint": 1, "one_exp": True}, marks=pytest.mark.slow),
-     {"adjoint": 4, "reduce_dbc": False, "column_store": 2},
-     pytest.param({"adjoint": 2, "column_store": 0}, marks=pytest.mark.slow),
+     {"adjoint": 4, "reduce_dbc": False},
      pytest.param({"fwd_variant": "tile3d", "bwd_variant": "two_pass"}, marks=pytest.mark.slow),
      pytest.param({"fwd_variant": "seq", "bwd_variant": "two_pass", "chunk": 32}, marks=pytest.mark.slow)],
     ids=["seq", "pipelined_bwd", "v6_reverse_scan_adjoint", "one_exp_adjoint",
-         "reversed_C_copy_per_row_dbc", "reversed_loads", "tile3d_two_pass", "seq_two_pass_chunk32"],
+         "reversed_C_copy_per_row_dbc", "tile3d_two_pass", "seq_two_pass_chunk32"],
 )
 def test_every_kernel_variant_matches_reference(overrides, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", dict(overrides))
