@@ -32,6 +32,8 @@ def evaluate(
     compare: Annotated[list[str] | None, typer.Option("--compare", help="NAME=FT_DIR, another finetuned model (repeatable)")] = None,
     baselines: Annotated[str | None, typer.Option("--baselines", help="comma-separated; 'none' for no baseline")] = None,
     resamples: Annotated[int | None, typer.Option("--resamples", help="bootstrap resamples (default 1000)")] = None,
+    long_history_tokens: Annotated[int | None, typer.Option(
+        "--long-history-tokens", help="also score every model on examples with more history than this (2048)")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config with the same fields")] = None,
     progress_bar: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
 ) -> None:
@@ -47,6 +49,7 @@ def evaluate(
         cfg = EvaluateConfig.load(
             config, model=model, data=data, labels=labels, out=out, truth=truth, meds=meds,
             compare=_compare(compare), baselines=chosen, resamples=resamples, progress_bar=progress_bar,
+            long_history_tokens=long_history_tokens,
         )
         report = run_evaluate(cfg)
     typer.echo("\n".join(comparison_table(report)))

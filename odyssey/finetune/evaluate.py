@@ -47,6 +47,7 @@ from .train import (
 
 PRIMARY = "ehrmamba_mtf"
 AGE_BANDS = ((0, 40, "<40"), (40, 65, "40-64"), (65, 80, "65-79"), (80, 200, "80+"))
+HISTORY_BANDS = ((0, 512, "<=512"), (512, 2048, "513-2048"), (2048, 16384, "2049-16384"), (16384, np.inf, ">16384"))
 GENDER_PREFIX = "GENDER//"
 SUBJECT_MAP_FILE = "metadata/subject_map.parquet"
 DEFAULT_CONTEXT_LENGTH = 2048
@@ -74,6 +75,9 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(32, ge=1)
     device: str = Field("auto", description="where models predict: auto (cuda when available), cpu, cuda, cuda:1")
     resamples: int = Field(1000, ge=10)
+    long_history_tokens: int = Field(
+        2048, ge=1, description="every model is also scored on examples with more tokens than this before the "
+        "prediction time (issue 6: signal beyond a 2,048-token window)")
     seed: int = 0
     progress_bar: bool = True
 
@@ -96,6 +100,7 @@ class OutputSet:
     prediction_time: np.ndarray
     age: np.ndarray
     sex: np.ndarray
+    history_tokens: np.ndarray  # tokens known at the prediction time, before any truncation
     tuning_labels: np.ndarray
     probabilities: dict[str, np.ndarray]
     tuning_probabilities: dict[str, np.ndarray]
@@ -140,10 +145,18 @@ def age_band(age: np.ndarray) -> np.ndarray:
     return bands
 
 
+def history_band(tokens: np.ndarray) -> np.ndarray:
+    bands = np.full(len(tokens), "unknown", dtype=object)
+    for low, high, name in HISTORY_BANDS:
+        bands[(tokens > low) & (tokens <= high)] = name
+    return bands
+
+
 def subgroup_metrics(output: OutputSet, model: str, threshold: float, resamples: int, seed: int) -> dict[str, Any]:
-    """Per sex and per age band: counts and the metrics (with intervals) of `model`."""
+    """Per sex, age band and history length: counts and the metrics (with intervals) of `model`."""
     groups: dict[str, Any] = {}
-    for kind, values in (("sex", output.sex), ("age_band", age_band(output.age))):
+    for kind, values in (("sex", output.sex), ("age_band", age_band(output.age)),
+                         ("history_tokens", history_band(output.history_tokens))):
         groups[kind] = {}
         for value in sorted(set(values.tolist())):
             keep = values == value
@@ -154,6 +167,23 @@ def subgroup_metrics(output: OutputSet, model: str, threshold: float, resamples:
                 entry.update(metric_table(y, p, weights, threshold))
             groups[kind][value] = entry
     return groups
+
+
+def long_history_metrics(output: OutputSet, min_tokens: int, resamples: int, seed: int,
+                         oracle: np.ndarray | None) -> dict[str, Any]:
+    """AUROC of every model (and the oracle) on the examples with more than `min_tokens` tokens of history."""
+    keep = output.history_tokens > min_tokens
+    y = output.labels[keep]
+    entry: dict[str, Any] = {"min_tokens": int(min_tokens), "n": int(keep.sum()), "positives": int(y.sum()),
+                             "models": {}}
+    if not 0 < y.sum() < len(y):
+        return entry
+    weights = M.bootstrap_weights(output.subject_id[keep], resamples, seed)
+    for model, p in output.probabilities.items():
+        entry["models"][model] = M.with_interval(M.auroc, y, p[keep], weights)
+    if oracle is not None and np.isfinite(oracle[keep]).all():
+        entry["oracle"] = M.with_interval(M.auroc, y, oracle[keep], weights)
+    return entry
 
 
 def oracle_probabilities(truth: Path, meds: Path | None, spec: TaskSpec, examples: TaskExamples,
@@ -303,6 +333,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                     name=output_name, labels=held.labels[keep, j].astype(np.float64),
                     subject_id=held.subject_id[keep], prediction_time=held.prediction_time[keep], age=ages[keep],
                     sex=np.array([sex_of[int(s)] for s in held.subject_id[keep]], dtype=object),
+                    history_tokens=held.known_tokens[keep],
                     tuning_labels=tuning.labels[tune, j].astype(np.float64),
                     probabilities={m: p["held_out"][keep, j] for m, p in probabilities.items()
                                    if np.isfinite(p["held_out"][keep, j]).all()},
@@ -321,6 +352,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                 primary_threshold = entry["models"][PRIMARY]["threshold"]
                 entry["subgroups"] = subgroup_metrics(output, PRIMARY, primary_threshold, config.resamples,
                                                       config.seed)
+                oracle = None
                 if config.truth is not None:
                     oracle = oracle_probabilities(config.truth, config.meds,
                                                   spec, held.subset(np.flatnonzero(keep)), j)
@@ -331,6 +363,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                             "auroc": M.with_interval(M.auroc, output.labels[matched], oracle[matched],
                                                      weights[:, matched]),
                         }
+                entry["long_history"] = long_history_metrics(output, config.long_history_tokens, config.resamples,
+                                                             config.seed, oracle)
                 reliability_plot(output, staging / "plots" / f"{output_name}_reliability.png")
                 entry["plot"] = f"plots/{output_name}_reliability.png"
                 results[output_name] = entry

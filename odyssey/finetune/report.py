@@ -35,6 +35,26 @@ def comparison_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def long_history_table(report: dict[str, Any]) -> list[str]:
+    """Every model's AUROC on the examples with a long history before the prediction time."""
+    entries = {name: e["long_history"] for name, e in report["outputs"].items() if "long_history" in e}
+    if not entries:
+        return []
+    models = report["models"]
+    with_oracle = any("oracle" in e for e in entries.values())
+    tokens = next(iter(entries.values()))["min_tokens"]
+    header = ["output", "n", "positives", *models, *(["oracle"] if with_oracle else [])]
+    lines = [f"## Long histories (more than {tokens:,} tokens before the prediction time, AUROC)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in entries.items():
+        cells = [name, str(entry["n"]), str(entry["positives"])]
+        cells += [_interval(entry["models"].get(m)) for m in models]
+        if with_oracle:
+            cells.append(_interval(entry.get("oracle")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Evaluation report",
@@ -46,6 +66,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *comparison_table(report),
         "",
+        *long_history_table(report),
         f"## Details ({report['primary']})",
         "",
         "| output | " + " | ".join(DETAIL_METRICS) + " | threshold |",

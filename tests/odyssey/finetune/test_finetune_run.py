@@ -84,7 +84,7 @@ def test_evaluate_report_has_every_metric_with_intervals(evaluated):
                 m = metrics[metric]
                 assert m["low"] <= m["value"] <= m["high"], (name, model, metric)
             assert 0 < metrics["threshold"] < 1
-        assert set(entry["subgroups"]) == {"sex", "age_band"}
+        assert set(entry["subgroups"]) == {"sex", "age_band", "history_tokens"}
         assert sum(g["n"] for g in entry["subgroups"]["sex"].values()) == entry["n"]
         # Every held-out admission of a synthetic cohort has a truth row; the oracle beats chance.
         assert entry["oracle"]["matched"] == entry["n"]
@@ -255,3 +255,34 @@ def test_a_model_with_nan_weights_stops_evaluation(evaluated, cohort, tmp_path):
         evaluate(model=root / "ft", data=cohort.seq, labels=cohort.labels, out=tmp_path / "eval",
                  compare={"broken": broken}, baselines=[], progress_bar=False, resamples=10)
     assert not (tmp_path / "eval").exists()
+
+
+def test_every_model_is_scored_on_long_histories(evaluated, cohort, tmp_path):
+    """The long-history table scores each model on the examples with more than N tokens known at the
+    prediction time; recomputed here from the written predictions and the examples' history lengths."""
+    from odyssey.finetune import metrics as M
+    from odyssey.finetune.train import load_inputs
+
+    root, _, _ = evaluated
+    min_tokens = 64
+    report = evaluate(model=root / "ft", data=cohort.seq, labels=cohort.labels, out=tmp_path / "eval",
+                      baselines=["logistic_regression"], progress_bar=False, resamples=20,
+                      long_history_tokens=min_tokens)
+    entry = report["outputs"]["mortality_30d"]["long_history"]
+    held = load_inputs(cohort.seq, cohort.labels, ["mortality_30d"], ("held_out",)).examples["held_out"]
+    long = pl.DataFrame({"subject_id": held.subject_id, "prediction_time": held.prediction_time,
+                         "tokens": held.known_tokens}).filter(pl.col("tokens") > min_tokens)
+    assert entry["min_tokens"] == min_tokens and entry["n"] == long.height
+    assert 0 < long.height < report["outputs"]["mortality_30d"]["n"]
+    assert set(entry["models"]) == {PRIMARY, "logistic_regression"}
+    for model in entry["models"]:
+        predictions = pl.read_parquet(tmp_path / "eval" / "predictions" / model / "mortality_30d.parquet")
+        scored = predictions.join(long, on=["subject_id", "prediction_time"], how="inner")
+        assert scored.height == entry["n"]
+        expected = M.auroc(scored["boolean_value"].to_numpy().astype(float),
+                           scored["predicted_boolean_probability"].to_numpy(), np.ones((1, scored.height)))[0]
+        assert entry["models"][model]["value"] == pytest.approx(expected, abs=1e-9)
+    assert "## Long histories (more than 64 tokens before the prediction time, AUROC)" in (
+        tmp_path / "eval" / "report.md").read_text()
+    bands = report["outputs"]["mortality_30d"]["subgroups"]["history_tokens"]
+    assert sum(g["n"] for g in bands.values()) == report["outputs"]["mortality_30d"]["n"]
