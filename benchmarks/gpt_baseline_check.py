@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ["mortality_30d", "los_7d", "readmission_30d", "conditions"]
+TASKS = ["mortality_30d", "los_7d", "readmission_30d", "conditions"]  # as benchmarks/quality.py
 
 
 def main() -> None:
@@ -52,15 +52,15 @@ def main() -> None:
         attention, precision, learning_rate = variant.split(":")
         gpt_module.GPT2Config = lambda **kw: original(**kw, attn_implementation=attention)  # noqa: B023
         started = time.perf_counter()
+        run = w / f"ft_{attention}_{precision}_{learning_rate}"
         entry: dict = {}
         try:
-            result = finetune(data=seq, labels=labels, out=w / f"ft_{attention}_{precision}_{learning_rate}", architecture="gpt",
+            result = finetune(data=seq, labels=labels, out=run, architecture="gpt",
                               tasks=TASKS, model_size="small", context_length=2048, max_steps=args.steps,
                               batch_size=args.batch_size, precision=precision, logging_steps=50,
                               progress_bar=False, warmup_steps=0.05, learning_rate=float(learning_rate),
                               eval_steps=args.eval_steps, group_by_length=args.group_by_length)
-            history = json.loads((w / f"ft_{attention}_{precision}_{learning_rate}" / "finetune_report.json")
-                                 .read_text())["model_selection"]
+            history = json.loads((run / "finetune_report.json").read_text())["model_selection"]
             entry = {"steps": result.steps, "train_loss": result.train_loss, "selection": history,
                      "tuning_auroc": result.tuning_auroc,
                      "tuning_auroc_mean": float(np.mean([v for v in result.tuning_auroc.values() if v is not None]))}

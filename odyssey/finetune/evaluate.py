@@ -47,7 +47,7 @@ from .train import (
 
 PRIMARY = "ehrmamba_mtf"
 AGE_BANDS = ((0, 40, "<40"), (40, 65, "40-64"), (65, 80, "65-79"), (80, 200, "80+"))
-HISTORY_BANDS = ((0, 512, "<=512"), (512, 2048, "513-2048"), (2048, 16384, "2049-16384"), (16384, np.inf, ">16384"))
+HISTORY_BANDS = ((1, 513, "<=512"), (513, 2049, "513-2048"), (2049, 16385, "2049-16384"), (16385, np.inf, ">16384"))
 GENDER_PREFIX = "GENDER//"
 SUBJECT_MAP_FILE = "metadata/subject_map.parquet"
 DEFAULT_CONTEXT_LENGTH = 2048
@@ -138,25 +138,19 @@ def ages_at_prediction(store, examples: TaskExamples) -> np.ndarray:
     return ages
 
 
-def age_band(age: np.ndarray) -> np.ndarray:
-    bands = np.full(len(age), "unknown", dtype=object)
-    for low, high, name in AGE_BANDS:
-        bands[(age >= low) & (age < high)] = name
-    return bands
-
-
-def history_band(tokens: np.ndarray) -> np.ndarray:
-    bands = np.full(len(tokens), "unknown", dtype=object)
-    for low, high, name in HISTORY_BANDS:
-        bands[(tokens > low) & (tokens <= high)] = name
-    return bands
+def band(values: np.ndarray, bands) -> np.ndarray:
+    """Each value's band name from (low, high, name) rows, low <= value < high; "unknown" outside all."""
+    names = np.full(len(values), "unknown", dtype=object)
+    for low, high, name in bands:
+        names[(values >= low) & (values < high)] = name
+    return names
 
 
 def subgroup_metrics(output: OutputSet, model: str, threshold: float, resamples: int, seed: int) -> dict[str, Any]:
     """Per sex, age band and history length: counts and the metrics (with intervals) of `model`."""
     groups: dict[str, Any] = {}
-    for kind, values in (("sex", output.sex), ("age_band", age_band(output.age)),
-                         ("history_tokens", history_band(output.history_tokens))):
+    for kind, values in (("sex", output.sex), ("age_band", band(output.age, AGE_BANDS)),
+                         ("history_tokens", band(output.history_tokens, HISTORY_BANDS))):
         groups[kind] = {}
         for value in sorted(set(values.tolist())):
             keep = values == value

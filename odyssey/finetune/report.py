@@ -20,19 +20,23 @@ def _interval(metric: dict[str, Any] | None) -> str:
     return f"{metric['value']:.3f} [{metric['low']:.3f}, {metric['high']:.3f}]"
 
 
-def comparison_table(report: dict[str, Any]) -> list[str]:
-    """Held-out AUROC (95% CI) of every model per task output, with the oracle when known."""
-    models = report["models"]
-    with_oracle = any("oracle" in entry for entry in report["outputs"].values())
+def _auroc_table(models: list[str], rows: list[tuple], with_oracle: bool) -> list[str]:
+    """Rows of (output, n, positives, {model: AUROC interval}, oracle interval or None) as a markdown table."""
     header = ["output", "n", "positives", *models, *(["oracle"] if with_oracle else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, entry in report["outputs"].items():
-        cells = [name, str(entry["n"]), str(entry["positives"])]
-        cells += [_interval(entry["models"].get(m, {}).get("auroc")) for m in models]
+    for name, n, positives, aurocs, oracle in rows:
+        cells = [name, str(n), str(positives), *(_interval(aurocs.get(m)) for m in models)]
         if with_oracle:
-            cells.append(_interval(entry.get("oracle", {}).get("auroc")))
+            cells.append(_interval(oracle))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def comparison_table(report: dict[str, Any]) -> list[str]:
+    """Held-out AUROC (95% CI) of every model per task output, with the oracle when known."""
+    rows = [(name, e["n"], e["positives"], {m: v.get("auroc") for m, v in e["models"].items()},
+             e.get("oracle", {}).get("auroc")) for name, e in report["outputs"].items()]
+    return _auroc_table(report["models"], rows, any("oracle" in e for e in report["outputs"].values()))
 
 
 def long_history_table(report: dict[str, Any]) -> list[str]:
@@ -40,19 +44,10 @@ def long_history_table(report: dict[str, Any]) -> list[str]:
     entries = {name: e["long_history"] for name, e in report["outputs"].items() if "long_history" in e}
     if not entries:
         return []
-    models = report["models"]
-    with_oracle = any("oracle" in e for e in entries.values())
     tokens = next(iter(entries.values()))["min_tokens"]
-    header = ["output", "n", "positives", *models, *(["oracle"] if with_oracle else [])]
-    lines = [f"## Long histories (more than {tokens:,} tokens before the prediction time, AUROC)", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, entry in entries.items():
-        cells = [name, str(entry["n"]), str(entry["positives"])]
-        cells += [_interval(entry["models"].get(m)) for m in models]
-        if with_oracle:
-            cells.append(_interval(entry.get("oracle")))
-        lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    rows = [(name, e["n"], e["positives"], e["models"], e.get("oracle")) for name, e in entries.items()]
+    return [f"## Long histories (more than {tokens:,} tokens before the prediction time, AUROC)", "",
+            *_auroc_table(report["models"], rows, any("oracle" in e for e in entries.values())), ""]
 
 
 def markdown(report: dict[str, Any]) -> str:
