@@ -34,6 +34,7 @@ from torch import nn
 
 from odyssey.kernels import selective_scan, selective_state_update
 from odyssey.kernels.causal_conv import causal_conv1d
+from odyssey.kernels.step import conv_chunk, selective_chunk
 
 from .configuration_ehrmamba import EHRMambaConfig
 
@@ -224,4 +225,29 @@ class EHRMambaMixer(nn.Module):
             keep = active.bool()[:, None, None]
             state.conv_state.copy_(torch.where(keep, window, state.conv_state))
             state.ssm_state.copy_(torch.where(keep, ssm_state, state.ssm_state))
+        return self.out_proj(y.to(hidden_states.dtype))
+
+    def step_tokens(
+        self,
+        hidden_states: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        slots: torch.Tensor,
+        active: torch.Tensor,
+        save_after: int,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        """A few tokens of many pooled rows: (rows, count, hidden) -> (rows, count, hidden).
+
+        Row r continues the state in row `slots[r]` of `conv_states` (slots, inter, conv_kernel) and
+        `ssm_states` (slots, inter, N); the state after the first `save_after` tokens is written back there
+        and the rest (a trailing prompt) continues unsaved. Inactive tokens (`active` 0) are padding. The
+        same arithmetic as `count` calls of `step`, in one launch per operation (`odyssey.kernels.step`).
+        """
+        x, gate = self.in_proj(hidden_states).split(self.intermediate_size, dim=-1)
+        x = conv_chunk(x, conv_states, slots, active, self.conv1d.weight, self.conv1d.bias, save_after, backend)
+        time_step, B, C = self.x_proj(x).split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size],
+                                               dim=-1)
+        y = selective_chunk(ssm_states, slots, x, time_step, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
+                            B, C, self.D, gate, active, save_after, backend)
         return self.out_proj(y.to(hidden_states.dtype))

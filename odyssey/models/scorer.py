@@ -1,13 +1,18 @@
 """`EHRMambaScorer`: a task's risk, updated as new events arrive, at a cost that does not grow with history.
 
 The scorer keeps each patient's recurrent state (per layer, the conv window and the SSM state) after the
-events seen so far. New events advance that state one recurrent step per token. To score, the task's
-trailing prompt is stepped on a copy of the state, so the prompt never enters the patient's history; the
+events seen so far. New events advance that state; to score, the task's trailing prompt continues from
+the advanced state without being written back, so the prompt never enters the patient's history. The
 result equals running the whole prompted sequence through the parallel model
 (`EHRMambaForTaskClassification`) up to float rounding.
 
-States live in one pool of rows on the model's device (a row per patient), so a ward of patients is
-gathered, stepped and scattered back in a few batched operations rather than one per patient.
+States live in one pool per layer on the model's device (a row per patient). An update is one pass
+over the layers for a chunk of tokens per patient, the new events and then the prompt
+(`EHRMambaBlock.step_tokens`): each layer runs a handful of launches (norm, in_proj, a conv kernel,
+x_proj, a scan kernel that folds dt_proj in, out_proj, residual) that read and write the pooled rows in
+place, whatever the number of patients or tokens. On CUDA that pass is captured in a CUDA graph per
+(patients, tokens) shape once the shape repeats, so a single patient's update is one host-to-device
+copy, one graph replay and one device-to-host copy. Everywhere else it runs eagerly.
 
 The first events of a patient must begin like a finetuning input: the task prompt in place of `[CLS]`
 (`odyssey.finetune.data.prompt_input` builds one; drop its trailing prompt, which the scorer adds).
@@ -15,15 +20,22 @@ The first events of a patient must begin like a finetuning input: the task promp
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from odyssey.kernels import resolve_backend
+from odyssey.kernels.step import triton_chunk_available
+
 from .mixer import MixerState
 from .modeling_ehrmamba import EHRMambaCache
 from .modeling_ehrmamba_tasks import EHRMambaForTaskClassification
+
+logger = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("input_ids", "token_type_ids", "ages", "times", "visit_orders", "visit_segments")
 _FLOAT_COLUMNS = {"ages", "times"}
@@ -31,12 +43,30 @@ _SEGMENT_OF_PROMPT = 0
 # The trailing prompt repeats the last event's age, time and visit.
 _PROMPT_CONTEXT = ("ages", "times", "visit_orders")
 _FIRST_CAPACITY = 8
+# One update travels to the device as one float64 array (rows, FIELDS * tokens + 2): per token the token
+# columns and an active flag (integers up to 2**53 and float32 values are exact in float64), then per
+# row its pool slot and the time of its last event.
+_FIELDS = (*TOKEN_COLUMNS, "active")
+_ACTIVE = _FIELDS.index("active")
+_ROW_EXTRAS = 2
+# CUDA graphs: shapes are rounded up to powers of two (padding rows and tokens are inactive), captured
+# the second time a shape is seen (a one-off shape, e.g. a trajectory's odd group, stays eager), and
+# kept for the most recent few shapes.
+_CAPTURE_AFTER_USES = 2
+_MAX_GRAPHS = 8
+_MAX_GRAPH_EVENTS = 64
+_MAX_GRAPH_TOKENS = 1 << 16  # rows x tokens of one captured shape
 
 
 class EHRMambaScorer:
-    """Per-patient recurrent state and incremental risk of one task of a finetuned model."""
+    """Per-patient recurrent state and incremental risk of one task of a finetuned model.
 
-    def __init__(self, model: EHRMambaForTaskClassification, task: str, task_token_type: int | None = None):
+    `cuda_graphs`: None (default) captures on CUDA when the Triton step kernels are available; False
+    always runs eagerly (same results up to float rounding).
+    """
+
+    def __init__(self, model: EHRMambaForTaskClassification, task: str, task_token_type: int | None = None,
+                 cuda_graphs: bool | None = None):
         names = list(model.config.task_names)
         if task not in names:
             raise ValueError(f"unknown task {task!r}; the model serves {names}")
@@ -49,11 +79,24 @@ class EHRMambaScorer:
         self.prompt = [int(t) for t in model.config.task_prompt_ids[self.task_index]]
         self.task_token_type = int(token_type)
         self.device = next(model.parameters()).device
+        self.step_backend = _step_backend(model.config.scan_backend, self.device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs the model on a CUDA device, not {self.device}")
+        if cuda_graphs and self.step_backend != "triton":
+            raise ValueError("cuda_graphs needs the Triton step kernels (Triton is unavailable or the scan backend "
+                             "is forced to torch)")
+        self.cuda_graphs = self.step_backend == "triton" if cuda_graphs is None else bool(cuda_graphs)
         self.seen_tokens: dict[Hashable, int] = {}
         self._slots: dict[Hashable, int] = {}
         self._free: list[int] = []
-        self._pool: EHRMambaCache | None = None  # one row per slot
-        self._context: dict[str, torch.Tensor] = {}  # per slot: the last event's age, time and visit order
+        self._conv: torch.Tensor | None = None  # (layers, slots, intermediate, conv_kernel)
+        self._ssm: torch.Tensor | None = None  # (layers, slots, intermediate, state_size), float32
+        # Host mirrors per slot: the last event's time (for the next time delta) and the prompt's context.
+        self._last_time = np.empty(0, dtype=np.float32)
+        self._context: dict[str, np.ndarray] = {}
+        self._graphs: OrderedDict[tuple[int, int], _GraphedForward | None] = OrderedDict()
+        self._shape_uses: dict[tuple[int, int], int] = {}
+        self._pad_to_buckets = self.cuda_graphs  # tests turn it on to check padding on CPU
 
     def __contains__(self, patient: Hashable) -> bool:
         return patient in self._slots
@@ -69,100 +112,61 @@ class EHRMambaScorer:
 
     def state(self, patient: Hashable) -> EHRMambaCache:
         """A copy of the patient's recurrent state."""
-        cache = self._gather(self._index([patient]))
-        cache.seen_tokens = self.seen_tokens[patient]
-        return cache
+        slot = self._slot(patient)
+        return EHRMambaCache(
+            layers=[MixerState(conv[slot: slot + 1].clone(), ssm[slot: slot + 1].clone())
+                    for conv, ssm in zip(self._conv, self._ssm, strict=True)],
+            last_times=torch.tensor([self._last_time[slot]], device=self.device),
+            seen_tokens=self.seen_tokens[patient],
+        )
 
     def copy_patient(self, source: Hashable, target: Hashable) -> None:
         """Start `target` from a copy of `source`'s state (a what-if branch; `target` is replaced)."""
-        index = self._index([source])
+        old = self._slot(source)
         self.forget(target)
-        self._store(target, self._gather(index), {c: self._context[c][index] for c in _PROMPT_CONTEXT},
-                    self.seen_tokens[source])
+        new = self._take_slot()
+        self._conv[:, new] = self._conv[:, old]
+        self._ssm[:, new] = self._ssm[:, old]
+        self._last_time[new] = self._last_time[old]
+        for values in self._context.values():
+            values[new] = values[old]
+        self._slots[target] = new
+        self.seen_tokens[target] = self.seen_tokens[source]
 
     @torch.no_grad()
     def update(self, patient: Hashable, events: Mapping[str, np.ndarray]) -> np.ndarray:
         """Advance `patient`'s state over `events` (token columns as 1-D arrays); return the task's risk.
 
         A patient seen for the first time is prefilled with the parallel scan (its first events must start
-        with the task prompt); later events take one recurrent step per token.
+        with the task prompt); later events continue the carried state, one recurrence step per token.
         """
         return self.update_many({patient: events})[patient]
 
     @torch.no_grad()
     def update_many(self, events_by_patient: Mapping[Hashable, Mapping[str, np.ndarray]]) -> dict[Hashable, np.ndarray]:
-        """`update` for many patients at once: the known ones advance together in one batch of recurrent steps.
+        """`update` for many patients at once: the known ones advance together in one pass.
 
         Rows with fewer new events are padded (padding leaves a row's state unchanged), so a ward of patients
-        costs about one patient's steps on a GPU. Returns each patient's risk.
+        costs about one patient's pass on a GPU. Returns each patient's risk.
         """
-        known, arrays = [], []
+        new_events = {}
         for patient, events in events_by_patient.items():
             columns = _columns(events)
-            count = len(columns["input_ids"])
             if patient not in self._slots:
                 self._prefill(patient, columns)
-            elif count:
-                known.append(patient)
-                arrays.append(columns)
-        if known:
-            self._step_together(known, arrays)
-        return self.score_many(list(events_by_patient))
-
-    def _prefill(self, patient: Hashable, columns: dict[str, np.ndarray]) -> None:
-        if len(columns["input_ids"]) == 0:
-            raise ValueError("a new patient needs at least one event")
-        if columns["input_ids"][: len(self.prompt)].tolist() != self.prompt:
-            raise ValueError(f"a new patient's events must start with the task prompt {self.prompt}")
-        batch = {c: self._tensor(c, v[None]) for c, v in columns.items()}
-        cache = self.model.backbone(**batch, use_cache=True).cache
-        self._store(patient, cache, {c: batch[c][:, -1] for c in _PROMPT_CONTEXT}, len(columns["input_ids"]))
-
-    def _step_together(self, patients: list[Hashable], arrays: list[dict[str, np.ndarray]]) -> None:
-        lengths = np.array([len(a["input_ids"]) for a in arrays])
-        width = int(lengths.max())
-        padded = {}
-        for name in TOKEN_COLUMNS:
-            values = np.zeros((len(arrays), width), dtype=np.float32 if name in _FLOAT_COLUMNS else np.int64)
-            for row, columns in enumerate(arrays):
-                values[row, : lengths[row]] = columns[name]
-            padded[name] = self._tensor(name, values)
-        mask = torch.as_tensor(np.arange(width)[None] < lengths[:, None], device=self.device).long()
-        index = self._index(patients)
-        cache = self._gather(index)
-        self.model.backbone(**padded, attention_mask=mask, cache=cache)
-        self._scatter(index, cache)
-        rows, last = torch.arange(len(patients), device=self.device), torch.as_tensor(lengths - 1, device=self.device)
-        for name in _PROMPT_CONTEXT:
-            self._context[name].index_copy_(0, index, padded[name][rows, last].to(self._context[name].dtype))
-        for patient, count in zip(patients, lengths.tolist(), strict=True):
-            self.seen_tokens[patient] += count
+            elif len(columns["input_ids"]):
+                new_events[patient] = columns
+        return self._advance_and_score(list(events_by_patient), new_events)
 
     @torch.no_grad()
     def score(self, patient: Hashable) -> np.ndarray:
-        """The task's probabilities now (one per task output), from a copy of the patient's state."""
+        """The task's probabilities now (one per task output); the patient's state is left untouched."""
         return self.score_many([patient])[patient]
 
     @torch.no_grad()
     def score_many(self, patients: Sequence[Hashable]) -> dict[Hashable, np.ndarray]:
-        """`score` for many patients in one batch; each one's state is left untouched."""
-        patients = list(patients)
-        index = self._index(patients)
-        count, rows = len(self.prompt), len(patients)
-        prompt = {
-            "input_ids": torch.tensor([self.prompt], device=self.device).expand(rows, count),
-            "token_type_ids": torch.full((rows, count), self.task_token_type, device=self.device),
-            "visit_segments": torch.full((rows, count), _SEGMENT_OF_PROMPT, device=self.device),
-            **{c: self._context[c][index][:, None].expand(rows, count) for c in _PROMPT_CONTEXT},
-        }
-        state = self._gather(index)  # a copy: the prompt must not enter the patients' histories
-        hidden = self.model.backbone(**prompt, cache=state).last_hidden_state  # (rows, count, hidden)
-        offset = sum(self.model.config.task_outputs[: self.task_index])
-        weight = self.model.classifier.weight[offset: offset + count]
-        bias = self.model.classifier.bias[offset: offset + count]
-        logits = (hidden.to(weight.dtype) * weight).sum(-1) + bias
-        probabilities = torch.sigmoid(logits.float()).cpu().numpy()
-        return {patient: probabilities[row] for row, patient in enumerate(patients)}
+        """`score` for many patients in one pass; each one's state is left untouched."""
+        return self._advance_and_score(list(patients), {})
 
     @torch.no_grad()
     def trajectory(self, events: Mapping[str, np.ndarray], event_times: Sequence[Any]) -> list[tuple[Any, np.ndarray]]:
@@ -190,58 +194,201 @@ class EHRMambaScorer:
         self.forget(patient)
         return points
 
-    # The pool: one row per patient slot, gathered and scattered by index.
+    # One pass: the new events of each row, then the trailing prompt, through every layer.
+
+    def _advance_and_score(self, patients: list[Hashable], events: dict[Hashable, dict[str, np.ndarray]]
+                           ) -> dict[Hashable, np.ndarray]:
+        if not patients:
+            return {}
+        slots = np.array([self._slot(p) for p in patients], dtype=np.int64)
+        counts = np.array([len(events[p]["input_ids"]) if p in events else 0 for p in patients], dtype=np.int64)
+        rows, width = len(patients), int(counts.max())
+        if self._pad_to_buckets:
+            rows, width = _bucket(rows), _bucket(width)
+        packed = self._pack(patients, events, slots, counts, rows, width)
+        probabilities = self._run(packed, width)
+        for patient, count in zip(patients, counts.tolist(), strict=True):
+            self.seen_tokens[patient] += count
+        return {patient: probabilities[row] for row, patient in enumerate(patients)}
+
+    def _pack(self, patients, events, slots: np.ndarray, counts: np.ndarray, rows: int, width: int) -> np.ndarray:
+        """The update's device input (see `_FIELDS`); also moves the host mirrors past the new events."""
+        real, prompt = len(patients), len(self.prompt)
+        tokens = width + prompt
+        fields = np.zeros((rows, len(_FIELDS), tokens))
+        extras = np.zeros((rows, _ROW_EXTRAS))
+        extras[:real, 0] = slots
+        extras[:real, 1] = self._last_time[slots]
+        has = counts > 0
+        if has.any():
+            order = [p for p in patients if p in events]
+            row_of = np.repeat(np.arange(real), counts)
+            starts = np.cumsum(counts) - counts
+            column_of = np.arange(int(counts.sum())) - np.repeat(starts, counts)
+            last = (starts + counts - 1)[has]
+            for field, name in enumerate(TOKEN_COLUMNS):
+                values = np.concatenate([events[p][name] for p in order])
+                fields[row_of, field, column_of] = values
+                if name in _PROMPT_CONTEXT:
+                    self._context[name][slots[has]] = values[last]
+                if name == "times":
+                    self._last_time[slots[has]] = values[last]
+            fields[row_of, _ACTIVE, column_of] = 1
+        prompt_part = fields[:, :, width:]
+        prompt_part[:, TOKEN_COLUMNS.index("input_ids")] = self.prompt
+        prompt_part[:, TOKEN_COLUMNS.index("token_type_ids")] = self.task_token_type
+        prompt_part[:, TOKEN_COLUMNS.index("visit_segments")] = _SEGMENT_OF_PROMPT
+        for name in _PROMPT_CONTEXT:
+            prompt_part[:real, TOKEN_COLUMNS.index(name)] = self._context[name][slots][:, None]
+        prompt_part[:real, _ACTIVE] = 1
+        return np.concatenate([fields.reshape(rows, -1), extras], axis=1)
+
+    def _run(self, packed: np.ndarray, width: int) -> np.ndarray:
+        key = (packed.shape[0], width)
+        graph = self._graph(key) if self.cuda_graphs else None
+        if graph is not None:
+            return graph(packed)
+        return self._forward(torch.from_numpy(packed).to(self.device), width).cpu().numpy()
+
+    def _forward(self, packed: torch.Tensor, width: int) -> torch.Tensor:
+        """(rows, FIELDS * tokens + 2) float64 on the device -> probabilities (rows, prompt length)."""
+        tokens = width + len(self.prompt)
+        fields = packed[:, : len(_FIELDS) * tokens].unflatten(1, (len(_FIELDS), tokens))
+
+        def column(name: str) -> torch.Tensor:
+            values = fields[:, _FIELDS.index(name)]
+            return values.float() if name in _FLOAT_COLUMNS else values.long()
+
+        slots, previous_times = packed[:, -2].long(), packed[:, -1].float()
+        active = fields[:, _ACTIVE].to(torch.int32)
+        backbone = self.model.backbone
+        hidden = backbone.embeddings(*(column(name) for name in TOKEN_COLUMNS), attention_mask=active,
+                                     previous_times=previous_times)
+        for layer, conv, ssm in zip(backbone.layers, self._conv, self._ssm, strict=True):
+            hidden = layer.step_tokens(hidden, conv, ssm, slots, active, width, self.step_backend)
+        hidden = backbone.norm_f(hidden[:, width:])
+        offset = sum(self.model.config.task_outputs[: self.task_index])
+        weight = self.model.classifier.weight[offset: offset + len(self.prompt)]
+        bias = self.model.classifier.bias[offset: offset + len(self.prompt)]
+        logits = (hidden.to(weight.dtype) * weight).sum(-1) + bias
+        return torch.sigmoid(logits.float())
+
+    def _graph(self, key: tuple[int, int]) -> _GraphedForward | None:
+        """The captured pass for this (rows, event width), or None to run it eagerly this time."""
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        rows, width = key
+        if width > _MAX_GRAPH_EVENTS or rows * (width + len(self.prompt)) > _MAX_GRAPH_TOKENS:
+            return None
+        self._shape_uses[key] = self._shape_uses.get(key, 0) + 1
+        if self._shape_uses[key] < _CAPTURE_AFTER_USES:
+            return None
+        try:
+            graph = _GraphedForward(lambda packed: self._forward(packed, width), rows,
+                                    len(_FIELDS) * (width + len(self.prompt)) + _ROW_EXTRAS, self.device)
+        except RuntimeError as error:  # capture is not possible here: stay eager for this shape
+            logger.warning("CUDA graph capture failed for %s rows x %s events (%s); running eagerly", rows, width,
+                           error)
+            graph = None
+        self._graphs[key] = graph
+        while len(self._graphs) > _MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return graph
+
+    # The pool: one row per patient slot.
+
+    def _slot(self, patient: Hashable) -> int:
+        if patient not in self._slots:
+            raise KeyError(f"no events seen for patient {patient!r}")
+        return self._slots[patient]
+
+    def _prefill(self, patient: Hashable, columns: dict[str, np.ndarray]) -> None:
+        if len(columns["input_ids"]) == 0:
+            raise ValueError("a new patient needs at least one event")
+        if columns["input_ids"][: len(self.prompt)].tolist() != self.prompt:
+            raise ValueError(f"a new patient's events must start with the task prompt {self.prompt}")
+        batch = {c: self._tensor(c, v[None]) for c, v in columns.items()}
+        cache = self.model.backbone(**batch, use_cache=True).cache
+        if self._conv is None:
+            self._allocate(cache)
+        slot = self._take_slot()
+        for layer, state in enumerate(cache.layers):
+            self._conv[layer, slot] = state.conv_state[0]
+            self._ssm[layer, slot] = state.ssm_state[0]
+        self._last_time[slot] = columns["times"][-1]
+        for name in _PROMPT_CONTEXT:
+            self._context[name][slot] = columns[name][-1]
+        self._slots[patient] = slot
+        self.seen_tokens[patient] = len(columns["input_ids"])
 
     def _tensor(self, name: str, values: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.float32 if name in _FLOAT_COLUMNS else torch.long, device=self.device)
 
-    def _index(self, patients: Sequence[Hashable]) -> torch.Tensor:
-        missing = [p for p in patients if p not in self._slots]
-        if missing:
-            raise KeyError(f"no events seen for patient {missing[0]!r}")
-        return torch.as_tensor([self._slots[p] for p in patients], device=self.device)
+    def _allocate(self, cache: EHRMambaCache) -> None:
+        conv, ssm = cache.layers[0].conv_state, cache.layers[0].ssm_state
+        layers = len(cache.layers)
+        self._conv = torch.zeros((layers, _FIRST_CAPACITY, *conv.shape[1:]), dtype=conv.dtype, device=self.device)
+        self._ssm = torch.zeros((layers, _FIRST_CAPACITY, *ssm.shape[1:]), dtype=torch.float32, device=self.device)
+        self._last_time = np.full(_FIRST_CAPACITY, np.nan, dtype=np.float32)
+        self._context = {"ages": np.zeros(_FIRST_CAPACITY, dtype=np.float32),
+                         "times": np.zeros(_FIRST_CAPACITY, dtype=np.float32),
+                         "visit_orders": np.zeros(_FIRST_CAPACITY, dtype=np.int64)}
+        self._free = list(range(_FIRST_CAPACITY - 1, -1, -1))
 
-    def _gather(self, index: torch.Tensor) -> EHRMambaCache:
-        pool = self._pool
-        return EHRMambaCache(
-            layers=[MixerState(s.conv_state.index_select(0, index), s.ssm_state.index_select(0, index))
-                    for s in pool.layers],
-            last_times=pool.last_times.index_select(0, index),
-        )
-
-    def _scatter(self, index: torch.Tensor, cache: EHRMambaCache) -> None:
-        for row, new in zip(self._pool.layers, cache.layers, strict=True):
-            row.conv_state.index_copy_(0, index, new.conv_state.to(row.conv_state.dtype))
-            row.ssm_state.index_copy_(0, index, new.ssm_state.to(row.ssm_state.dtype))
-        self._pool.last_times.index_copy_(0, index, cache.last_times.float())
-
-    def _store(self, patient: Hashable, cache: EHRMambaCache, context: dict[str, torch.Tensor], seen: int) -> None:
-        if self._pool is None:
-            self._pool = _empty_like(cache, _FIRST_CAPACITY)
-            self._context = {c: torch.zeros(_FIRST_CAPACITY, dtype=context[c].dtype, device=self.device)
-                             for c in _PROMPT_CONTEXT}
-            self._free = list(range(_FIRST_CAPACITY - 1, -1, -1))
+    def _take_slot(self) -> int:
         if not self._free:
             self._grow()
-        slot = self._free.pop()
-        index = torch.tensor([slot], device=self.device)
-        self._scatter(index, cache)
-        for name in _PROMPT_CONTEXT:
-            self._context[name].index_copy_(0, index, context[name].reshape(1).to(self._context[name].dtype))
-        self._slots[patient] = slot
-        self.seen_tokens[patient] = seen
+        return self._free.pop()
 
     def _grow(self) -> None:
-        """Double the pool's rows (amortised O(1) per new patient)."""
-        capacity = self._pool.last_times.shape[0]
-        bigger = _empty_like(self._pool, 2 * capacity)
-        for row, old in zip(bigger.layers, self._pool.layers, strict=True):
-            row.conv_state[:capacity] = old.conv_state
-            row.ssm_state[:capacity] = old.ssm_state
-        bigger.last_times[:capacity] = self._pool.last_times
-        self._pool = bigger
-        self._context = {c: torch.cat([v, torch.zeros_like(v)]) for c, v in self._context.items()}
+        """Double the pool's rows (amortised O(1) per new patient); captured graphs point at the old pool."""
+        capacity = self._conv.shape[1]
+        self._conv = torch.cat([self._conv, torch.zeros_like(self._conv)], dim=1)
+        self._ssm = torch.cat([self._ssm, torch.zeros_like(self._ssm)], dim=1)
+        self._last_time = np.concatenate([self._last_time, np.full(capacity, np.nan, dtype=np.float32)])
+        self._context = {c: np.concatenate([v, np.zeros_like(v)]) for c, v in self._context.items()}
         self._free = list(range(2 * capacity - 1, capacity - 1, -1))
+        self._graphs.clear()
+
+
+class _GraphedForward:
+    """One shape of the scorer's pass captured in a CUDA graph, with static input and output buffers."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], rows: int, columns: int,
+                 device: torch.device):
+        self.host = torch.zeros((rows, columns), dtype=torch.float64, pin_memory=True)
+        self.input = torch.zeros((rows, columns), dtype=torch.float64, device=device)
+        # Warm up (Triton compiles, cuBLAS picks its kernels) on a side stream, as capture requires. The
+        # all-zero input has every token inactive, so nothing is written to the pool.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward(self.input)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = forward(self.input)
+
+    def __call__(self, packed: np.ndarray) -> np.ndarray:
+        self.host.numpy()[...] = packed
+        self.input.copy_(self.host, non_blocking=True)
+        self.graph.replay()
+        return self.output.cpu().numpy()  # waits for the replay; the pinned buffer is free again after it
+
+
+def _step_backend(scan_backend: str, device: torch.device) -> str:
+    """The chunk kernels' backend: Triton where the model's scans would run on a GPU kernel, else torch."""
+    if device.type == "cuda" and resolve_backend(scan_backend, device) in ("triton", "mamba_ssm") \
+            and triton_chunk_available():
+        return "triton"
+    return "torch"
+
+
+def _bucket(count: int) -> int:
+    """Round up to a power of two (0 stays 0), so a few captured shapes serve every batch."""
+    return 0 if count == 0 else 1 << (count - 1).bit_length()
 
 
 def _columns(events: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -250,14 +397,6 @@ def _columns(events: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if len(lengths) != 1:
         raise ValueError(f"event columns differ in length: {sorted(lengths)}")
     return columns
-
-
-def _empty_like(cache: EHRMambaCache, rows: int) -> EHRMambaCache:
-    def empty(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-
-    return EHRMambaCache(layers=[MixerState(empty(s.conv_state), empty(s.ssm_state)) for s in cache.layers],
-                         last_times=torch.full((rows,), float("nan"), device=cache.last_times.device))
 
 
 __all__ = ["EHRMambaScorer"]

@@ -141,3 +141,45 @@ def test_trajectory_reads_the_risk_after_each_moment(model):
         np.testing.assert_allclose(risk, _full_run(model, history, end, 0, [24]), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="event times decrease"):
         EHRMambaScorer(model, "mortality").trajectory(history, moments[::-1])
+
+
+def test_padded_shapes_give_the_same_risks_and_states(model):
+    """The CUDA-graph path rounds rows and event counts up to powers of two with inactive padding."""
+    histories = {name: _history(40, [27, 28, 29], seed=10 + seed) for seed, name in enumerate("abc")}
+    exact, padded = EHRMambaScorer(model, "conditions"), EHRMambaScorer(model, "conditions")
+    padded._pad_to_buckets = True
+    for scorer in (exact, padded):
+        scorer.update_many({name: {k: v[:20] for k, v in h.items()} for name, h in histories.items()})
+    ends = {"a": 23, "b": 21, "c": 20}  # 3 rows -> 4, widest 3 events -> 4; "c" has none
+    chunk = {name: {k: v[20: ends[name]] for k, v in h.items()} for name, h in histories.items()}
+    want, got = exact.update_many(chunk), padded.update_many(chunk)
+    for name, history in histories.items():
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(got[name], _full_run(model, history, ends[name], 1, [27, 28, 29]),
+                                   rtol=1e-5, atol=1e-7)
+        for mine, theirs in zip(padded.state(name).layers, exact.state(name).layers, strict=True):
+            torch.testing.assert_close(mine.ssm_state, theirs.ssm_state, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(mine.conv_state, theirs.conv_state, rtol=1e-6, atol=1e-7)
+
+
+def test_carried_state_equals_the_parallel_prefill(model):
+    """After streamed updates the pooled state is what one parallel pass over the whole history leaves."""
+    history = _history(90, [24], seed=5)
+    scorer = EHRMambaScorer(model, "mortality")
+    for start, end in ((0, 30), (30, 31), (31, 60), (60, 91)):
+        scorer.update("a", {k: v[start:end] for k, v in history.items()})
+    batch = {k: torch.as_tensor(v)[None].to(torch.float32 if k in ("ages", "times") else torch.long)
+             for k, v in history.items()}
+    with torch.no_grad():
+        reference = model.backbone(**batch, use_cache=True).cache
+    carried = scorer.state("a")
+    assert carried.seen_tokens == 91 and float(carried.last_times[0]) == float(history["times"][-1])
+    for mine, theirs in zip(carried.layers, reference.layers, strict=True):
+        torch.testing.assert_close(mine.ssm_state, theirs.ssm_state, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.conv_state, theirs.conv_state, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graphs_need_a_cuda_model(model):
+    with pytest.raises(ValueError, match="CUDA device"):
+        EHRMambaScorer(model, "mortality", cuda_graphs=True)
+    assert not EHRMambaScorer(model, "mortality").cuda_graphs  # CPU: eager by default
