@@ -4,11 +4,12 @@ Runs `odyssey pretrain` on a small synthetic sequences folder once on one GPU (b
 `torchrun --nproc_per_node N` (batch B/N per GPU), for each precision asked, and reports the per-step
 training losses of both, the tuning losses and the largest weight difference. `--launcher accelerate`
 starts the several-GPU run with `accelerate launch --multi_gpu` instead of torchrun. `--scaling` then
-trains a `small` model (hidden 256, 8 layers) on ~2,000-token sequences at a fixed batch per GPU on one
-GPU and on N, and reports tokens/s and the scaling efficiency. JSON to $OUT/ddp_check.json.
+trains a model of `--scaling-size` on ~2,000-token sequences at a fixed batch per GPU on one GPU and on N,
+and reports steady-state tokens/s (two run lengths, so start-up, compilation and the final save cancel)
+and the scaling efficiency. JSON to $OUT/ddp_check.json.
 
     python -P benchmarks/ddp_check.py --gpus 2 --steps 30 --precision fp32 bf16
-    python -P benchmarks/ddp_check.py --gpus 2 --steps 30 --precision fp32 --launcher torchrun accelerate --scaling
+    python -P benchmarks/ddp_check.py --gpus 2 --steps 30 --precision fp32 --launcher torchrun accelerate --scaling --scaling-size base
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ CONFIG = (
     "learning_rate: 0.003\nwarmup_steps: 0\neval_steps: 10\nsave_steps: 1000\nlogging_steps: 1\n"
 )
 SCALING_CONFIG = (
-    "model_size: small\ncontext_length: 2048\nlearning_rate: 0.001\nwarmup_steps: 0\neval_steps: 100000\nsave_steps: 100000\n"
-    "logging_steps: 10\nprecision: bf16\n"
+    "model_size: {size}\ncontext_length: 2048\nlearning_rate: 0.001\nwarmup_steps: 0\neval_steps: 100000\nsave_steps: 100000\n"
+    "logging_steps: 10\nprecision: auto\n"
 )
+SHORT_RUN = 20
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -71,7 +73,8 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--launcher", nargs="+", default=["torchrun"], choices=["torchrun", "accelerate"])
     parser.add_argument("--scaling", action="store_true", help="also measure tokens/s on 1 and N GPUs")
-    parser.add_argument("--scaling-steps", type=int, default=60)
+    parser.add_argument("--scaling-steps", type=int, default=120, help="the longer of the two timed runs")
+    parser.add_argument("--scaling-size", default="small", choices=["tiny", "small", "base"])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
 
@@ -124,28 +127,41 @@ def compare(one: Path, many: Path, gpus: int, load_file) -> dict:
 
 
 def scaling(work: Path, args, env: dict) -> dict:
-    """Tokens/s of a small model at a fixed batch per GPU: one GPU against `args.gpus` (weak scaling)."""
+    """Steady-state tokens/s at a fixed batch per GPU: one GPU against `args.gpus` (weak scaling).
+
+    Each setting trains twice, for `SHORT_RUN` steps and for `args.scaling_steps`; the difference in tokens
+    over the difference in seconds leaves out what both runs pay once (start-up, first steps, the save).
+    """
     data = write_sequences(work / "long", subjects=1024, max_visits=450)
-    (work / "scaling.yaml").write_text(SCALING_CONFIG)
+    (work / "scaling.yaml").write_text(SCALING_CONFIG.format(size=args.scaling_size))
     per_gpu_batch = 8
     common = ["pretrain", "--config", str(work / "scaling.yaml"), "--data", str(data), "--no-progress",
               "--seed", "11", "--batch-size", str(per_gpu_batch)]
-    # A short run first, so Triton's compiled kernels are cached before either timed run.
+    one_gpu = {**env, "CUDA_VISIBLE_DEVICES": "0"}
+    # A short run first, so Triton's compiled kernels are cached before any timed run.
     subprocess.run([sys.executable, "-m", "odyssey.cli", *common, "--max-steps", "2", "--out", str(work / "warm")],
-                   env={**env, "CUDA_VISIBLE_DEVICES": "0"}, check=True)
-    timed = ["--max-steps", str(args.scaling_steps)]
-    subprocess.run([sys.executable, "-m", "odyssey.cli", *common, *timed, "--out", str(work / "s1")],
-                   env={**env, "CUDA_VISIBLE_DEVICES": "0"}, check=True)
-    subprocess.run([*launch_many("torchrun", args.gpus, "bf16"), "odyssey.cli", *common, *timed,
-                    "--out", str(work / "sN")], env=env, check=True)
-    one, many = (json.loads((work / run / "pretrain_report.json").read_text()) for run in ("s1", "sN"))
+                   env=one_gpu, check=True)
+    launchers = {"one": ([sys.executable, "-m"], one_gpu), "many": (launch_many("torchrun", args.gpus, "bf16"), env)}
+    reports = {}
+    for name, (prefix, run_env) in launchers.items():
+        for steps in (SHORT_RUN, args.scaling_steps):
+            out = work / f"scale-{name}-{steps}"
+            subprocess.run([*prefix, "odyssey.cli", *common, "--max-steps", str(steps), "--out", str(out)],
+                           env=run_env, check=True)
+            reports[name, steps] = json.loads((out / "pretrain_report.json").read_text())
+
+    def steady(name: str) -> float:
+        short, long = reports[name, SHORT_RUN], reports[name, args.scaling_steps]
+        return (long["train_tokens"] - short["train_tokens"]) / (long["train_seconds"] - short["train_seconds"])
+
+    one, many = steady("one"), steady("many")
     return {
-        "model": "small (hidden 256, 8 layers)", "context_length": 2048, "batch_per_gpu": per_gpu_batch,
-        "steps": args.scaling_steps, "one_gpu_tokens_per_second": one["tokens_per_second"],
-        f"{args.gpus}_gpus_tokens_per_second": many["tokens_per_second"],
-        "speedup": round(many["tokens_per_second"] / one["tokens_per_second"], 2),
-        "efficiency": round(many["tokens_per_second"] / one["tokens_per_second"] / args.gpus, 2),
-        "note": "tokens/s over the whole train() call (start-up, the first steps and the final save included)",
+        "model_size": args.scaling_size, "parameters": reports["one", SHORT_RUN]["parameters"],
+        "context_length": 2048, "batch_per_gpu": per_gpu_batch, "steps": [SHORT_RUN, args.scaling_steps],
+        "one_gpu_tokens_per_second": round(one, 1), f"{args.gpus}_gpus_tokens_per_second": round(many, 1),
+        "speedup": round(many / one, 3), "efficiency": round(many / one / args.gpus, 3),
+        "whole_run_tokens_per_second": {name: reports[name, args.scaling_steps]["tokens_per_second"]
+                                        for name in launchers},
     }
 
 
