@@ -324,7 +324,7 @@ def _build_triton_kernels() -> dict[str, object]:
         bias = zero
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
-        seen = 0
+        seen = tl.program_id(0) * 0  # an int32 scalar: events seen so far (loop-carried)
         for t in range(0, count):
             on = tl.load(active_ptr + r * sa_r + t * sa_t) != 0
             xt = tl.load(x_ptr + r * sx_r + t * sx_t + offs * sx_d, mask=dmask, other=0.0).to(tl.float32)
@@ -379,7 +379,7 @@ def _build_triton_kernels() -> dict[str, object]:
         skip = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_D:
             skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        seen = 0
+        seen = tl.program_id(0) * 0  # an int32 scalar: events seen so far (loop-carried)
         for t in range(0, count):
             on = tl.load(active_ptr + r * sa_r + t * sa_t) != 0
             low = tl.load(low_ptr + r * sl_r + t * sl_t + offs_k * sl_k, mask=mask_k, other=0.0)
