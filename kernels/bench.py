@@ -238,12 +238,16 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
             "exps_fwd": shape.elements * shape.d_state}
 
 
+_V7_BWD = {"bc_f32": False, "unmasked_bwd": False, "bwd_stages": 2}  # v7's backward (v8 default below)
+_FWD_1WARP = {"warps_fwd": 1, "block_d_fwd": 4}
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
-    # v7 final: v6's configuration and v7's first step (8-channel programs, explicit-flip adjoint)
-    # against the default (4-channel register-capped programs, adjoint read back to front)
-    "b32_L2048_N16": [{}, {"adjoint": 0, "pair": 1, "block_d_bwd": 8}, {"adjoint": 1, "block_d_bwd": 8}],
-    "b8_L16384_N16": [{}, {"adjoint": 0, "pair": 1, "block_d_bwd": 8}],
-    "b32_L2048_N64": [],
+    # v8: the default (backward on float32 B/C, unmasked, unpipelined) against v7's backward, the
+    # lane-shuffle flip, 1-warp forward programs, a forward register cap, an unmasked forward
+    "b32_L2048_N16": [{}, _V7_BWD, {"lane_flip": True}, _FWD_1WARP, {**_FWD_1WARP, "maxnreg": 96},
+                      {"maxnreg": 96}, {"unmasked_fwd": True}, {"bc_f32": False}],
+    "b8_L16384_N16": [{}, _V7_BWD, {"lane_flip": True}, _FWD_1WARP, {"maxnreg": 96}],
+    # d_state 64: v7's 32-channel 4-warp backward against the 4-channel capped one (default since v8)
+    "b32_L2048_N64": [{}, {"block_d_bwd": 32, "warps_bwd": 4}, {"lane_flip": True}],
 }
 
 
@@ -368,6 +372,7 @@ def main(argv=None) -> int:
         report["sweep"] = {}
         for shape in shapes:
             report["sweep"][shape.name] = sweep_shape(triton_scan, shape, device, SWEEP.get(shape.name, []))
+            write_report(report, args.out)
 
     path = write_report(report, args.out)
 

@@ -50,7 +50,7 @@ SASS_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+((?:@!?U?P[T\d]\s+)?)([A-Z][A-Z
 REPORTED = ("SHFL", "MUFU", "FFMA", "FMUL", "FADD", "LDS", "LDSM", "STS", "LDL", "STL", "BAR", "REDG")
 
 
-def _signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
+def _signature(fn, constexprs: dict, fp32_pointers: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
     signature, attrs, consts = {}, {}, dict(constexprs)
     for param in fn.params:  # constexpr parameters left out take their defaults
         if param.is_constexpr and param.name not in consts and param.has_default:
@@ -62,7 +62,7 @@ def _signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
             consts[name] = 1
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            element = "fp32" if name in FLOAT32_POINTERS else "i32" if name in INT32_POINTERS else "bf16"
+            element = "fp32" if name in FLOAT32_POINTERS + fp32_pointers else "i32" if name in INT32_POINTERS else "bf16"
             signature[name] = "*" + element
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
@@ -71,8 +71,9 @@ def _signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
     return signature, attrs, consts
 
 
-def compile_sm90(fn, constexprs: dict, num_warps: int, maxnreg: int | None = None):
-    signature, attrs, consts = _signature(fn, constexprs)
+def compile_sm90(fn, constexprs: dict, num_warps: int, maxnreg: int | None = None,
+                 fp32_pointers: tuple[str, ...] = ()):
+    signature, attrs, consts = _signature(fn, constexprs, fp32_pointers)
     options = {"num_warps": num_warps}
     if maxnreg:
         options["maxnreg"] = maxnreg
@@ -116,16 +117,18 @@ def _summary(counts: Counter) -> str:
     return f"{sum(counts.values())} instr, " + ", ".join(f"{op} {counts[op]}" for op in REPORTED if counts[op])
 
 
-def report(kernel: str, overrides: dict, maxnreg: int | None = None, dump: str | None = None) -> dict:
+def report(kernel: str, overrides: dict, maxnreg: int | None = None, dump: str | None = None,
+           fp32_pointers: tuple[str, ...] = ()) -> dict:
     fn, defaults, warps = KERNELS[kernel]
     constexprs = {**defaults, **overrides}
     warps = constexprs.pop("num_warps", warps)
-    compiled = compile_sm90(fn, constexprs, warps, maxnreg)
+    compiled = compile_sm90(fn, constexprs, warps, maxnreg, fp32_pointers)
     resources, sass = cubin_report(compiled.asm["cubin"])
     if dump:
         Path(dump).write_text(sass)
     total, loop = count_sass(sass)
-    print(f"{kernel} {overrides or 'defaults'} warps {warps} maxnreg {maxnreg} (Triton {triton.__version__}): "
+    fp32 = f" fp32 {','.join(fp32_pointers)}" if fp32_pointers else ""
+    print(f"{kernel} {overrides or 'defaults'} warps {warps} maxnreg {maxnreg}{fp32} (Triton {triton.__version__}): "
           f"{resources}")
     print(f"   inner loop: {_summary(loop)}")
     print(f"   kernel:     {_summary(total)}")
@@ -152,10 +155,12 @@ def main(argv=None) -> int:
                         help="a kernel constexpr (e.g. BLOCK_D=8, ADJOINT=0) or num_warps")
     parser.add_argument("--maxnreg", type=int, default=None)
     parser.add_argument("--dump", default=None, help="write the SASS listing here (one kernel)")
+    parser.add_argument("--fp32", default="", metavar="B_ptr,C_ptr",
+                        help="pointer arguments compiled as float32 instead of bf16 (e.g. B and C converted once)")
     args = parser.parse_args(argv)
     overrides = _parse_set(args.set)
     for kernel in args.kernel or sorted(KERNELS):
-        report(kernel, overrides, args.maxnreg, args.dump)
+        report(kernel, overrides, args.maxnreg, args.dump, tuple(filter(None, args.fp32.split(","))))
     return 0
 
 

@@ -41,7 +41,7 @@ BWD_TARGET_PROGRAMS = 1024
 # The sequential forward holds all states of a channel in one thread: up to this many.
 SEQ_MAX_STATES = 16
 CHUNK = 64  # steps between saved states; the backward's time tile
-SMALL_STATE_BWD = 16  # d_state (padded) up to which the backward runs 1-warp programs of
+SMALL_STATE_BWD = 64  # d_state (padded) up to which the backward runs 1-warp programs of
 SMALL_STATE_BWD_CHANNELS = 4  # this many channels, under one of these register caps per thread:
 SMALL_STATE_BWD_REGISTER_CAPS = (128, 168)  # 16 or 12 resident 1-warp programs per multiprocessor
 REGISTERS_PER_MULTIPROCESSOR = 65536
@@ -76,6 +76,10 @@ class ScanConfig:
     one_exp: bool = False
     bwd_maxnreg: int | None = None
     reduce_dbc: bool = True
+    bc_f32: bool = False
+    unmasked_fwd: bool = False
+    unmasked_bwd: bool = False
+    lane_flip: bool = False
 
 
 def _largest_pow2_divisor(value: int, cap: int) -> int:
@@ -134,7 +138,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     warps_fwd = over.get("warps_fwd", default_fwd_warps)
     # 1-warp backward programs for small d_state: dB/dC sums stay inside a warp (no cross-warp
     # reduction or barrier per state index; v4: 8 channels x 1 warp 9% faster than 32 x 4). Since v7
-    # 4 channels under a register cap (more resident warps). Larger d_state keeps 4-warp tiles.
+    # 4 channels under a register cap (more resident warps); since v8 up to d_state 64 (at 64: backward
+    # 38.8 -> 24.0 ms, H200, b32/L2048, against 32 channels x 4 warps). Larger d_state keeps 4-warp tiles.
     small_state = block_n <= SMALL_STATE_BWD and bwd_variant == "state_loop"
     warps_bwd = over.get("warps_bwd", 1 if small_state else 4)
     state_loop_cap = SMALL_STATE_BWD_CHANNELS if small_state else max(1, min(32, BWD_TILE_ELEMENTS // block_n))
@@ -165,7 +170,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         maxnreg=over.get("maxnreg"),
         # software-pipelined state loops (the next state index's loads in flight), H100, b32/L2048/N16
         # (kernels/NOTES.md v5, v6): backward 10.1 -> 9.3 ms f+b, forward 2.14 -> 1.91 ms
-        bwd_stages=over.get("bwd_stages", 2),
+        # (the capped 4-channel backward since v8 without: its loop keeps fewer tiles live, v8 below)
+        bwd_stages=over.get("bwd_stages", 1 if capped else 2),
         fwd_stages=over.get("fwd_stages", 2),
         # the adjoint scan as a forward scan between explicit flips along time: Triton 3.6 lowers
         # reverse=True to whole-warp lane reversals (5 shuffles per element and flip), tl.flip along
@@ -176,6 +182,17 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         one_exp=over.get("one_exp", False),
         bwd_maxnreg=bwd_maxnreg,
         reduce_dbc=over.get("reduce_dbc", True),
+        # the backward reads B and C converted to float32 once per call (bf16 costs ~1.5 conversion
+        # instructions a value per state index); the forward keeps them as they come: its pipelined
+        # loads of float32 rows went through shared memory as scalars (v8: 1.80 -> 2.16 ms at S1)
+        bc_f32=over.get("bc_f32", True),
+        # per-state loads without masks (and their zero fill) where every (channel, step) is in range;
+        # with bc_f32 and an unpipelined backward state loop (v8, H200: S1 backward 6.03 -> 5.89 ms,
+        # S2 12.93 -> 12.52)
+        unmasked_fwd=over.get("unmasked_fwd", False),
+        unmasked_bwd=over.get("unmasked_bwd", True),
+        # flips along time as one lane shuffle (inline PTX, GPU only; see _lane_flip_safe)
+        lane_flip=over.get("lane_flip", False),
     )
 
 
@@ -290,6 +307,29 @@ def _varlen_sequences(batch, length, device, seq_lens, cu_seqlens, max_seqlen) -
     return _Sequences(rows, starts, lengths, max_len, False)
 
 
+def _full_tiles(seqs: _Sequences, dim: int, block_d: int, chunk: int, d_state: int, pair: int = 1) -> bool:
+    """Every tile a program loads in its state loop lies inside the tensors: a dense batch whose
+    length fills whole chunks, channel tiles that divide dim, state indices that fill whole pairs."""
+    return seqs.dense and seqs.max_len % chunk == 0 and dim % block_d == 0 and d_state % pair == 0
+
+
+def _lane_flip_safe(cfg: ScanConfig, *tiles: torch.Tensor | None) -> bool:
+    """The lane-shuffle flip assumes the layout Triton gives 1-warp (4, 64) tiles read with 16-byte
+    loads: 8 steps per thread on lanes 0-7 of each channel's group. That needs time-contiguous,
+    16-byte aligned rows (and compiled code: the interpreter has no inline assembly)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or cfg.warps_bwd != 1 or cfg.chunk != 64:
+        return False
+    if cfg.block_d_bwd != SMALL_STATE_BWD_CHANNELS or cfg.adjoint != 3:
+        return False
+    for t in tiles:
+        if t is None:
+            continue
+        row_bytes = t.stride(1) * t.element_size()
+        if t.stride(2) != 1 or t.data_ptr() % 16 or row_bytes % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    return True
+
+
 def _strides3(t: torch.Tensor | None):
     return (0, 0, 0) if t is None else tuple(t.stride())
 
@@ -307,7 +347,10 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
     kernel = {"seq": _fwd_seq_kernel, "state_loop": _fwd_state_loop_kernel, "tile3d": _scan_fwd_kernel}
-    extra = {"PAIR": cfg.pair, "STAGES": cfg.fwd_stages} if cfg.fwd_variant == "state_loop" else {}
+    extra = {}
+    if cfg.fwd_variant == "state_loop":
+        full = cfg.unmasked_fwd and _full_tiles(seqs, dim, cfg.block_d_fwd, cfg.chunk, d_state, cfg.pair)
+        extra = {"PAIR": cfg.pair, "STAGES": cfg.fwd_stages, "FULL": full}
     if cfg.maxnreg:
         extra["maxnreg"] = cfg.maxnreg
     kernel[cfg.fwd_variant][grid](
@@ -353,6 +396,8 @@ def _backward(ctx, dout, dlast):
     dbias = torch.zeros(dim, device=u.device, dtype=torch.float32) if delta_bias is not None else None
     dummy = dA
     if cfg.bwd_variant == "state_loop":
+        if cfg.bc_f32:  # no copy when they already are float32; dB, dC are float32 either way
+            B4, C4 = B4.float(), C4.float()
         carry = torch.empty(seqs.count, 2, dim, d_state, device=u.device, dtype=torch.float32)
         C_rev = C4.flip(-1).contiguous() if cfg.adjoint == 4 else C4
         _bwd_state_loop_kernel[(triton.cdiv(dim, cfg.block_d_bwd), seqs.count)](
@@ -371,6 +416,8 @@ def _backward(ctx, dout, dlast):
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
             HAS_DLAST=dlast is not None, STAGES=cfg.bwd_stages,
             ADJOINT=cfg.adjoint, ONE_EXP=cfg.one_exp, REDUCE_DBC=cfg.reduce_dbc,
+            LANE_FLIP=cfg.lane_flip and _lane_flip_safe(cfg, u, delta, z, dout, du, ddelta, dz),
+            FULL=cfg.unmasked_bwd and _full_tiles(seqs, dim, cfg.block_d_bwd, cfg.chunk, d_state),
             BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
             **({"maxnreg": cfg.bwd_maxnreg or cfg.maxnreg} if (cfg.bwd_maxnreg or cfg.maxnreg) else {}),
         )

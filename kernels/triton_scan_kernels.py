@@ -55,6 +55,37 @@ def _store_column(row_ptrs, tile, offs_k, column, mask_rows):
 
 
 @triton.jit
+def _load_f32(ptrs, mask, FULL: tl.constexpr):
+    """A float32 load that drops its mask when every element is known in range (FULL): masked loads
+    zero their registers first and predicate the load, two extra instructions per value."""
+    if FULL:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _flip_time(x, LANE_FLIP: tl.constexpr):
+    """x reversed along its last axis (64 steps). LANE_FLIP: with 8 steps per thread on 8 lanes (the
+    layout Triton gives the aligned (channels, 64) tiles of a 1-warp program), one `shfl.bfly` with
+    lane mask 7 and an in-thread register reversal, instead of tl.flip's three butterfly rounds
+    (Triton 3.6). GPU only: the interpreter has no inline assembly, and another layout would make
+    it wrong, so the bench checks it against tl.flip before timing it."""
+    rank: tl.constexpr = len(x.shape)
+    steps: tl.constexpr = x.shape[rank - 1]
+    if not LANE_FLIP:
+        flipped = tl.flip(x, rank - 1)
+    else:
+        swapped = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 0x7, 0x1f, 0xffffffff;", "=r,r", [x],
+                                            dtype=tl.float32, is_pure=True, pack=1)
+        if rank == 1:
+            flipped = tl.reshape(tl.flip(tl.reshape(swapped, [steps // 8, 8]), 1), [steps])
+        else:
+            rows: tl.constexpr = x.shape[0]
+            flipped = tl.reshape(tl.flip(tl.reshape(swapped, [rows, steps // 8, 8]), 2), [rows, steps])
+    return flipped
+
+
+@triton.jit
 def _softplus(x):
     return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(x)))
 
@@ -507,7 +538,7 @@ def _bwd_state_loop_kernel(
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 1,
     ONE_EXP: tl.constexpr = False, ADJOINT: tl.constexpr = 0,
-    REDUCE_DBC: tl.constexpr = True,
+    REDUCE_DBC: tl.constexpr = True, FULL: tl.constexpr = False, LANE_FLIP: tl.constexpr = False,
 ):
     """Backward over chunks from last to first, one state index n at a time on (channels, CHUNK) tiles:
     the forward scan restarts from the saved chunk-start state, the adjoint scan from the carry of
@@ -573,8 +604,8 @@ def _bwd_state_loop_kernel(
             # the adjoint scan runs forward over the chunk read back to front (index k is step
             # CHUNK - 1 - k): the chunk's tiles are flipped once here, C_n and the result per n
             mask_t_rev = (c * CHUNK + (CHUNK - 1 - offs_k)) < length
-            dt_next = tl.flip(dt_next, 1)
-            dy_rev = tl.flip(dy, 1)
+            dt_next = _flip_time(dt_next, LANE_FLIP)
+            dy_rev = _flip_time(dy, LANE_FLIP)
             # 4: C read back to front from a time-reversed copy (Crev[..., j] = C[..., L - 1 - j]),
             # so the per-state row needs no flip and is read with the same wide loads as B
             Crev_base = (Crev_ptr + b * sCr_b + group * sCr_g
@@ -590,11 +621,11 @@ def _bwd_state_loop_kernel(
         g_out = carry_rows + ((c + 1) % 2) * sg_c
         # STAGES > 1 lets the compiler prefetch the next state index's A, B, C and carries
         for n in tl.range(0, N, num_stages=STAGES):
-            An = tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=mask_d, other=0.0).to(tl.float32)
-            Bn = tl.load(B_base + n * sB_n, mask=mask_t, other=0.0).to(tl.float32)
-            Cn = tl.load(C_base + n * sC_n, mask=mask_t, other=0.0).to(tl.float32)
-            h0 = tl.load(h0_rows + n * ss_n, mask=mask_d, other=0.0)
-            g_end = tl.load(g_in + n * sg_n, mask=mask_d, other=0.0)
+            An = _load_f32(A_ptr + offs_d * sA_d + n * sA_n, mask_d, FULL)
+            Bn = _load_f32(B_base + n * sB_n, mask_t, FULL)
+            Cn = _load_f32(C_base + n * sC_n, mask_t, FULL)
+            h0 = _load_f32(h0_rows + n * ss_n, mask_d, FULL)
+            g_end = _load_f32(g_in + n * sg_n, mask_d, FULL)
             A2n = (An * LOG2E)[:, None]
             decay = tl.exp2(dt * A2n)
             drive = dtu * Bn[None, :]
@@ -605,14 +636,14 @@ def _bwd_state_loop_kernel(
             if ADJOINT >= 3:
                 decay_next = tl.exp2(dt_next * A2n)
                 if ADJOINT == 3:
-                    Cn_rev = tl.flip(Cn, 0)
+                    Cn_rev = _flip_time(Cn, LANE_FLIP)
                 else:
-                    Cn_rev = tl.load(Crev_base + n * sCr_n, mask=mask_t_rev, other=0.0).to(tl.float32)
+                    Cn_rev = _load_f32(Crev_base + n * sCr_n, mask_t_rev, FULL)
                 src = Cn_rev[None, :] * dy_rev
                 src = tl.where(first, src + decay_next * g_end[:, None], src)
                 _, gs_rev = tl.associative_scan((decay_next, src), axis=1, combine_fn=_linear_combine)
                 _store_column(g_out + n * sg_n, gs_rev, offs_k, CHUNK - 1, mask_d)
-                gs = tl.flip(gs_rev, 1)
+                gs = _flip_time(gs_rev, LANE_FLIP)
             elif ONE_EXP:
                 src = Cn[None, :] * dy
                 # the carry is a_0 g_0 of the chunk to the right (or dlast): added to the last source
@@ -695,15 +726,15 @@ def _bwd_state_loop_kernel(
 @triton.jit
 def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                    A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
-                   STORE_LAST: tl.constexpr):
+                   STORE_LAST: tl.constexpr, FULL: tl.constexpr = False):
     """State index n of one chunk: scan from the chunk-start state, store the state after the chunk,
     return its contribution C_n h_n to y. Indices n >= N contribute nothing."""
     md = mask_d & ((offs_d * 0 + n) < N)
     mt = mask_t & ((offs_k * 0 + n) < N)
-    An = tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=md, other=0.0).to(tl.float32)
-    Bn = tl.load(B_base + n * sB_n, mask=mt, other=0.0).to(tl.float32)
-    Cn = tl.load(C_base + n * sC_n, mask=mt, other=0.0).to(tl.float32)
-    h0 = tl.load(h_in + n * ss_n, mask=md, other=0.0)
+    An = _load_f32(A_ptr + offs_d * sA_d + n * sA_n, md, FULL)
+    Bn = _load_f32(B_base + n * sB_n, mt, FULL)
+    Cn = _load_f32(C_base + n * sC_n, mt, FULL)
+    h0 = _load_f32(h_in + n * ss_n, md, FULL)
     decay = tl.exp2(dt * (An * LOG2E)[:, None])
     drive = dtu * Bn[None, :]
     drive = tl.where(first, drive + decay * h0[:, None], drive)
@@ -731,7 +762,7 @@ def _fwd_state_loop_kernel(
     VARLEN: tl.constexpr,
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PAIR: tl.constexpr = 1,
-    STAGES: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1, FULL: tl.constexpr = False,
 ):
     """Forward one state index n at a time on (channels, CHUNK) tiles, y summed over n in registers
     (for large d_state, where a thread cannot hold all states of a channel)."""
@@ -780,11 +811,11 @@ def _fwd_state_loop_kernel(
             # PAIR independent state indices per iteration give the scheduler two dependency chains
             y += _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                                 A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
-                                STORE_LAST)
+                                STORE_LAST, FULL)
             if PAIR == 2:
                 y += _fwd_one_state(n + 1, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                                     A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows,
-                                    sl_n, STORE_LAST)
+                                    sl_n, STORE_LAST, FULL)
         tl.debug_barrier()
         if HAS_D:
             y += Dv[:, None] * u

@@ -314,14 +314,46 @@ def test_state_update_shape_errors():
      {"adjoint": 0, "pair": 1, "block_d_bwd": 8},
      pytest.param({"adjoint": 1, "one_exp": True}, marks=pytest.mark.slow),
      {"adjoint": 4, "reduce_dbc": False},
+     {"bc_f32": False, "unmasked_bwd": False, "bwd_stages": 2},
      pytest.param({"fwd_variant": "tile3d", "bwd_variant": "two_pass"}, marks=pytest.mark.slow),
      pytest.param({"fwd_variant": "seq", "bwd_variant": "two_pass", "chunk": 32}, marks=pytest.mark.slow)],
     ids=["seq", "pipelined_bwd", "v6_reverse_scan_adjoint", "one_exp_adjoint",
-         "reversed_C_copy_per_row_dbc", "tile3d_two_pass", "seq_two_pass_chunk32"],
+         "reversed_C_copy_per_row_dbc", "v7_backward", "tile3d_two_pass", "seq_two_pass_chunk32"],
 )
 def test_every_kernel_variant_matches_reference(overrides, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", dict(overrides))
     compare(make_inputs(dim=8, d_state=5, length=130, groups=2, seed=11))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, 5e-3)])
+def test_full_tiles_without_masks_and_float32_B_C(dtype, tol, monkeypatch):
+    """Length a whole number of chunks, channel tiles dividing dim, an even d_state: the state loops
+    load without masks (`unmasked`), from B and C converted to float32 once (`bc_f32`)."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES",
+                        {"bc_f32": True, "unmasked_fwd": True, "unmasked_bwd": True, "block_d_fwd": 4})
+    assert triton_scan._full_tiles(triton_scan._dense_sequences(2, 128, "cpu"), 8, 4, 64, 4, 2)
+    inputs = make_inputs(dim=8, d_state=4, length=128, groups=2, dtype=dtype, seed=21)
+    compare(inputs, tol=tol)
+    B_grad = grads_of([triton_scan.selective_scan_triton(*[inputs[k] for k in NAMES], delta_softplus=True)],
+                      inputs)["B"]
+    assert B_grad.dtype == dtype  # dB comes back in B's dtype, not the float32 copy's
+
+
+def test_capped_four_channel_backward_at_a_larger_state():
+    """d_state 20 (padded to 32) takes the 4-channel 1-warp backward since v8: padded state rows
+    must stay out of dA."""
+    config = triton_scan.scan_config(20, 8)
+    assert (config.block_d_bwd, config.warps_bwd, config.adjoint) == (4, 1, 3)
+    compare(make_inputs(dim=8, d_state=20, length=65, seed=20))
+
+
+def test_full_tiles_needs_whole_chunks_tiles_and_pairs():
+    dense = triton_scan._dense_sequences(2, 128, "cpu")
+    assert not triton_scan._full_tiles(triton_scan._dense_sequences(2, 130, "cpu"), 8, 4, 64, 4, 2)
+    assert not triton_scan._full_tiles(dense, 6, 4, 64, 4, 2)  # a channel tile past dim
+    assert not triton_scan._full_tiles(dense, 8, 4, 64, 5, 2)  # an odd d_state in pairs
+    varlen = triton_scan._varlen_sequences(2, 128, "cpu", torch.tensor([128, 128]), None, None)
+    assert not triton_scan._full_tiles(varlen, 8, 4, 64, 4, 2)
 
 
 def test_backward_register_cap_keeps_the_last_wave_full():
@@ -332,5 +364,8 @@ def test_backward_register_cap_keeps_the_last_wave_full():
     # batch 8: 3,072 programs fill 1.45 waves of 2,112 slots but 1.94 waves of 1,584
     assert triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132).bwd_maxnreg == 168
     assert triton_scan._wave_fill(3072, 1584) == pytest.approx(3072 / 3168)
-    # larger states keep 4-warp programs and no cap; an explicit tile overrides the cap
-    assert triton_scan.scan_config(64, 1536, rows=32 * 1536, multiprocessors=132).bwd_maxnreg is None
+    # since v8 d_state 64 too; larger states keep 4-warp programs and no cap
+    config64 = triton_scan.scan_config(64, 1536, rows=32 * 1536, multiprocessors=132)
+    assert (config64.block_d_bwd, config64.warps_bwd, config64.bwd_maxnreg, config64.bwd_stages) == (4, 1, 128, 1)
+    config128 = triton_scan.scan_config(128, 1536, rows=32 * 1536, multiprocessors=132)
+    assert (config128.warps_bwd, config128.bwd_maxnreg, config128.bwd_stages) == (4, None, 2)
