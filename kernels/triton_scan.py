@@ -15,6 +15,7 @@ float32 whatever the input dtype. Kernels are in `triton_scan_kernels`; the desi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -52,8 +53,6 @@ THREADS_PER_WARP = 32
 FWD_VARIANTS = ("seq", "state_loop", "tile3d")
 BWD_VARIANTS = ("state_loop", "two_pass")
 
-# Bench/tuning hook, e.g. {"fwd_variant": "state_loop", "warps_fwd": 2}; keys are ScanConfig fields.
-CONFIG_OVERRIDES: dict = {}
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,30 @@ class ScanConfig:
     unmasked_fwd: bool = False
     unmasked_bwd: bool = False
     lane_flip: bool = False
+
+
+OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
+
+
+def overrides_from_env(environ=os.environ) -> dict:
+    """ScanConfig fields from a JSON object in $ODYSSEY_SCAN_OVERRIDES (empty: none), so that a whole-model
+    benchmark can run a configuration picked by the kernel sweep without code changes."""
+    text = environ.get(OVERRIDES_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"${OVERRIDES_ENV} is not valid JSON ({exc}): {text!r}") from exc
+    known = set(ScanConfig.__dataclass_fields__) | {"ranges"}
+    if not isinstance(value, dict) or set(value) - known:
+        raise ValueError(f"${OVERRIDES_ENV} must be a JSON object of ScanConfig fields "
+                         f"({', '.join(sorted(known))}), got {text!r}")
+    return value
+
+
+# Bench/tuning hook, e.g. {"fwd_variant": "state_loop", "warps_fwd": 2}; keys are ScanConfig fields.
+CONFIG_OVERRIDES: dict = overrides_from_env()
 
 
 def _largest_pow2_divisor(value: int, cap: int) -> int:

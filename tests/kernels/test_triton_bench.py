@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from odyssey.kernels.bench import GRAD_NAMES, Shape, floors, make_inputs, reference_fwd_bwd
+from odyssey.kernels.bench import GRAD_NAMES, Shape, floors, make_inputs, pick_overrides, reference_fwd_bwd
 from odyssey.kernels.reference import selective_scan_reference
 
 
@@ -28,3 +28,20 @@ def test_floors_count_every_tensor_once():
     # forward: u, delta, z read and out written (2 bytes each) plus B and C
     assert result["fwd_bytes"] == 4 * 80 * 2 + 2 * 2 * 3 * 10 * 2
     assert result["fwd_floor_ms"] == pytest.approx(result["fwd_bytes"] / 1e12 * 1e3)
+
+
+def _row(overrides, fwd_bwd_ms, agreement=3e-5):
+    return {"overrides": overrides, "agreement": agreement, "fwd_ms": 1.0, "fwd_bwd_ms": fwd_bwd_ms}
+
+
+def test_pick_overrides_takes_the_fastest_row_that_agrees_and_loses_nowhere():
+    fast_everywhere, fast_at_s1_only, wrong = {"a": 1}, {"b": 2}, {"c": 3}
+    report = {"sweep": {
+        "s1": [_row({}, 8.0), _row(fast_at_s1_only, 6.0), _row(fast_everywhere, 7.0), _row(wrong, 5.0, agreement=0.1),
+               {"overrides": {"d": 4}, "error": "CompilationError"}],
+        "s2": [_row({}, 17.0), _row(fast_at_s1_only, 18.0), _row(fast_everywhere, 17.1)],
+    }}
+    assert pick_overrides(report) == fast_everywhere  # 17.1 is within 1% of 17.0; 18.0 is not
+    report["sweep"]["s2"][2]["fwd_bwd_ms"] = 17.5
+    assert pick_overrides(report) == {}
+    assert pick_overrides({"timings": {}}) == {}

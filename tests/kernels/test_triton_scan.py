@@ -356,6 +356,17 @@ def test_full_tiles_needs_whole_chunks_tiles_and_pairs():
     assert not triton_scan._full_tiles(varlen, 8, 4, 64, 4, 2)
 
 
+def test_overrides_from_the_environment():
+    env = triton_scan.OVERRIDES_ENV
+    assert triton_scan.overrides_from_env({}) == {}
+    assert triton_scan.overrides_from_env({env: '{"lane_flip": true, "maxnreg": 96}'}) == {"lane_flip": True,
+                                                                                          "maxnreg": 96}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        triton_scan.overrides_from_env({env: "{lane_flip: 1}"})
+    with pytest.raises(ValueError, match="ScanConfig fields"):
+        triton_scan.overrides_from_env({env: '{"no_such_field": 1}'})
+
+
 def test_backward_register_cap_keeps_the_last_wave_full():
     """4-channel backward programs: 16 resident per multiprocessor (cap 128) unless that leaves the
     last wave mostly empty; then 12 (cap 168). 132 multiprocessors, dim 1536, d_state 16."""
