@@ -15,8 +15,14 @@ Parsing happens on whole columns (polars), not string by string, because it is o
 from __future__ import annotations
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 _DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%:z"
+# The form exports almost always use, to the second with an offset or Z. Arrow's ISO-8601 parser reads it
+# ~15x faster than polars' strptime with an offset; other forms keep the polars path.
+_SECONDS_WITH_OFFSET = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:Z|[+-][0-9]{2}:[0-9]{2})$"
+_UTC_US = pa.timestamp("us", tz="UTC")
 _MICROSECOND = pl.duration(microseconds=1)
 
 
@@ -66,17 +72,42 @@ def fhir_time_us(raw: pl.Expr, birth: pl.Expr | bool = False) -> pl.Expr:
     return _epoch_us(value)
 
 
+def _seconds_with_offset_us(values: pl.Series) -> pl.Series | None:
+    """Microseconds of the values of the exact form `YYYY-MM-DDThh:mm:ss(Z|+hh:mm)`, null for the others;
+    None when Arrow refuses a value of that form (a leap second, an impossible date): the caller then
+    parses the whole column the polars way. Where both parse a value, they agree (tested)."""
+    if values.null_count() == len(values):
+        return values.cast(pl.Int64)
+    text = values.to_arrow()
+    shaped = values.str.contains(_SECONDS_WITH_OFFSET)
+    if not shaped.all():
+        text = pc.if_else(shaped.to_arrow(), text, pa.scalar(None, text.type))
+    try:
+        parsed = pc.cast(text, _UTC_US)
+    except pa.ArrowInvalid:
+        return None
+    return pl.from_arrow(parsed.cast(pa.int64()))
+
+
 def with_fhir_times(frame: pl.DataFrame, raw: str, out: str, birth: str | None = None) -> pl.DataFrame:
-    """Add column `out` = fhir_time_us(`raw`), trying the common full-offset form on its own first."""
-    fast = (
-        pl.col(raw).str.to_datetime(_DATETIME_FORMAT, strict=False, time_unit="us", time_zone="UTC")
-        .dt.replace_time_zone(None).dt.epoch("us")
-    )
-    frame = frame.with_columns(fast.alias(out))
+    """Add column `out` = fhir_time_us(`raw`), trying the common full-offset forms on their own first."""
+    fast = _seconds_with_offset_us(frame.get_column(raw))
+    if fast is None:
+        frame = frame.with_columns(_offset_form_us(pl.col(raw)).alias(out))
+    else:
+        frame = frame.with_columns(fast.alias(out))
     if frame.select((pl.col(raw).is_not_null() & pl.col(out).is_null()).any()).item():
         general = fhir_time_us(pl.col(raw), pl.col(birth) if birth else False)
-        frame = frame.with_columns(pl.coalesce(out, general).alias(out))
+        frame = frame.with_columns(pl.coalesce(out, _offset_form_us(pl.col(raw)), general).alias(out))
     return frame
+
+
+def _offset_form_us(raw: pl.Expr) -> pl.Expr:
+    """`YYYY-MM-DDThh:mm:ss[.f]+hh:mm` by polars' strptime (null for other forms)."""
+    return (
+        raw.str.to_datetime(_DATETIME_FORMAT, strict=False, time_unit="us", time_zone="UTC")
+        .dt.replace_time_zone(None).dt.epoch("us")
+    )
 
 
 def parse_fhir_times(values: list[str | None], birth: bool = False) -> list[int | None]:
