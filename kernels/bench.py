@@ -238,16 +238,14 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
             "exps_fwd": shape.elements * shape.d_state}
 
 
-_V7_BWD = {"bc_f32": False, "unmasked_bwd": False, "bwd_stages": 2}  # v7's backward (v8 default below)
-_FWD_1WARP = {"warps_fwd": 1, "block_d_fwd": 4}
 _FLIP = {"lane_flip": True}
+_V8_CALL2 = {"adjoint": 3}  # the configuration of the second v8 run's pretraining (adjoint 5 since)
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
-    # v8: the default (backward on float32 B/C, unmasked, unpipelined) against v7's backward; the
-    # lane-shuffle flip; 1-warp forward programs (and under a register cap); the combination
-    "b32_L2048_N16": [{}, _V7_BWD, _FLIP, _FWD_1WARP, {**_FWD_1WARP, "maxnreg": 96}, {**_FLIP, **_FWD_1WARP}],
-    "b8_L16384_N16": [{}, _V7_BWD, _FLIP, _FWD_1WARP, {**_FLIP, **_FWD_1WARP}],
-    # d_state 64: v7's 32-channel 4-warp backward was timed in the v8 exploration run (45.1 ms f+b)
-    "b32_L2048_N64": [],
+    # v8 final: the default (1-warp forward, backward on float32 B/C, unmasked, unpipelined, adjoint 5)
+    # against adjoint 3 and the lane-shuffle flip; at d_state 64 also the 1-warp forward
+    "b32_L2048_N16": [{}, _V8_CALL2, _FLIP],
+    "b8_L16384_N16": [{}, _V8_CALL2, _FLIP],
+    "b32_L2048_N64": [{}, {"warps_fwd": 1, "block_d_fwd": 4}, _FLIP],
 }
 
 

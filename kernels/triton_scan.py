@@ -42,6 +42,8 @@ BWD_TARGET_PROGRAMS = 1024
 # The sequential forward holds all states of a channel in one thread: up to this many.
 SEQ_MAX_STATES = 16
 CHUNK = 64  # steps between saved states; the backward's time tile
+SMALL_STATE_FWD = 16  # d_state (padded) up to which the forward runs 1-warp programs of
+SMALL_STATE_FWD_CHANNELS = 4  # this many channels
 SMALL_STATE_BWD = 64  # d_state (padded) up to which the backward runs 1-warp programs of
 SMALL_STATE_BWD_CHANNELS = 4  # this many channels, under one of these register caps per thread:
 SMALL_STATE_BWD_REGISTER_CAPS = (128, 168)  # 16 or 12 resident 1-warp programs per multiprocessor
@@ -157,7 +159,14 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     if fwd_variant not in FWD_VARIANTS or bwd_variant not in BWD_VARIANTS:
         raise ValueError(f"unknown scan variants {fwd_variant!r}, {bwd_variant!r}")
     chunk = over.get("chunk", CHUNK)
-    default_fwd_warps = _seq_warps(rows, multiprocessors) if fwd_variant == "seq" else 4
+    # 1-warp forward programs of 4 channels for small d_state since v8: the per-state chunk-end
+    # store no longer synchronizes 4 warps twice per state index (H200: S1 1.80 -> 1.68 ms, S2 4.10 ->
+    # 3.74); measured at d_state 16 only, so larger states keep 16 channels x 4 warps
+    small_state_fwd = fwd_variant == "state_loop" and block_n <= SMALL_STATE_FWD
+    if fwd_variant == "seq":
+        default_fwd_warps = _seq_warps(rows, multiprocessors)
+    else:
+        default_fwd_warps = 1 if small_state_fwd else 4
     warps_fwd = over.get("warps_fwd", default_fwd_warps)
     # 1-warp backward programs for small d_state: dB/dC sums stay inside a warp (no cross-warp
     # reduction or barrier per state index; v4: 8 channels x 1 warp 9% faster than 32 x 4). Since v7
@@ -169,7 +178,7 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     if fwd_variant == "seq":
         fwd_cap = THREADS_PER_WARP * warps_fwd
     elif fwd_variant == "state_loop":
-        fwd_cap = max(1, min(16, BWD_TILE_ELEMENTS // block_n))
+        fwd_cap = SMALL_STATE_FWD_CHANNELS if small_state_fwd else max(1, min(16, BWD_TILE_ELEMENTS // block_n))
     else:
         fwd_cap = max(1, FWD_TILE_ELEMENTS // (block_n * chunk))
     bwd_cap = state_loop_cap if bwd_variant == "state_loop" else max(1, BWD_TILE_ELEMENTS // (block_n * chunk))
@@ -201,7 +210,9 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # time needs 3 (H200, b32/L2048/N16: f+b 8.83 -> 8.02 ms); with 4-channel programs, the
         # chunk's tiles flipped once per chunk and only C and the result per state index (adjoint 3:
         # 7.83 ms, and 17.0 vs 20.2 ms at b8/L16384; kernels/NOTES.md v7)
-        adjoint=over.get("adjoint", 3 if capped else 1),
+        # (v8: adjoint 5, the same with the source flipped as one tile, C_n dy: no reversed dy tile
+        # live through the state loop, 8 -> 1 spill loads per state index at cap 128)
+        adjoint=over.get("adjoint", 5 if capped else 1),
         one_exp=over.get("one_exp", False),
         bwd_maxnreg=bwd_maxnreg,
         reduce_dbc=over.get("reduce_dbc", True),
@@ -342,7 +353,7 @@ def _lane_flip_safe(cfg: ScanConfig, *tiles: torch.Tensor | None) -> bool:
     16-byte aligned rows (and compiled code: the interpreter has no inline assembly)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or cfg.warps_bwd != 1 or cfg.chunk != 64:
         return False
-    if cfg.block_d_bwd != SMALL_STATE_BWD_CHANNELS or cfg.adjoint != 3:
+    if cfg.block_d_bwd != SMALL_STATE_BWD_CHANNELS or cfg.adjoint not in (3, 5):
         return False
     for t in tiles:
         if t is None:

@@ -65,23 +65,21 @@ def _load_f32(ptrs, mask, FULL: tl.constexpr):
 
 @triton.jit
 def _flip_time(x, LANE_FLIP: tl.constexpr):
-    """x reversed along its last axis (64 steps). LANE_FLIP: with 8 steps per thread on 8 lanes (the
-    layout Triton gives the aligned (channels, 64) tiles of a 1-warp program), one `shfl.bfly` with
-    lane mask 7 and an in-thread register reversal, instead of tl.flip's three butterfly rounds
-    (Triton 3.6). GPU only: the interpreter has no inline assembly, and another layout would make
-    it wrong, so the bench checks it against tl.flip before timing it."""
+    """x reversed along its last axis (64 steps). LANE_FLIP, for 2-D tiles only: with 8 steps per
+    thread on lanes 0-7 of each row's group (the layout Triton 3.6 gives the aligned (4, 64) tiles of
+    a 1-warp program), one `shfl.bfly` with lane mask 7 and an in-thread register reversal, instead
+    of tl.flip's three butterfly rounds. GPU only (the interpreter has no inline assembly); a 1-D row
+    loaded on its own gets another layout (v8: a float32 C row came 2 per lane on 32 lanes, and the
+    lane flip of it was wrong), so rows go through tl.flip."""
     rank: tl.constexpr = len(x.shape)
     steps: tl.constexpr = x.shape[rank - 1]
-    if not LANE_FLIP:
+    if not LANE_FLIP or rank == 1:
         flipped = tl.flip(x, rank - 1)
     else:
         swapped = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 0x7, 0x1f, 0xffffffff;", "=r,r", [x],
                                             dtype=tl.float32, is_pure=True, pack=1)
-        if rank == 1:
-            flipped = tl.reshape(tl.flip(tl.reshape(swapped, [steps // 8, 8]), 1), [steps])
-        else:
-            rows: tl.constexpr = x.shape[0]
-            flipped = tl.reshape(tl.flip(tl.reshape(swapped, [rows, steps // 8, 8]), 2), [rows, steps])
+        rows: tl.constexpr = x.shape[0]
+        flipped = tl.reshape(tl.flip(tl.reshape(swapped, [rows, steps // 8, 8]), 2), [rows, steps])
     return flipped
 
 
@@ -605,7 +603,8 @@ def _bwd_state_loop_kernel(
             # CHUNK - 1 - k): the chunk's tiles are flipped once here, C_n and the result per n
             mask_t_rev = (c * CHUNK + (CHUNK - 1 - offs_k)) < length
             dt_next = _flip_time(dt_next, LANE_FLIP)
-            dy_rev = _flip_time(dy, LANE_FLIP)
+            if ADJOINT == 3 or ADJOINT == 4:
+                dy_rev = _flip_time(dy, LANE_FLIP)
             # 4: C read back to front from a time-reversed copy (Crev[..., j] = C[..., L - 1 - j]),
             # so the per-state row needs no flip and is read with the same wide loads as B
             Crev_base = (Crev_ptr + b * sCr_b + group * sCr_g
@@ -635,11 +634,16 @@ def _bwd_state_loop_kernel(
                 y_acc += hs * Cn[None, :]
             if ADJOINT >= 3:
                 decay_next = tl.exp2(dt_next * A2n)
-                if ADJOINT == 3:
-                    Cn_rev = _flip_time(Cn, LANE_FLIP)
+                if ADJOINT == 5:
+                    # the source flipped as one (channels, CHUNK) tile: no reversed dy kept live
+                    # through the loop, and the flip works on the tiles' own layout
+                    src = _flip_time(Cn[None, :] * dy, LANE_FLIP)
                 else:
-                    Cn_rev = _load_f32(Crev_base + n * sCr_n, mask_t_rev, FULL)
-                src = Cn_rev[None, :] * dy_rev
+                    if ADJOINT == 3:
+                        Cn_rev = _flip_time(Cn, False)
+                    else:
+                        Cn_rev = _load_f32(Crev_base + n * sCr_n, mask_t_rev, FULL)
+                    src = Cn_rev[None, :] * dy_rev
                 src = tl.where(first, src + decay_next * g_end[:, None], src)
                 _, gs_rev = tl.associative_scan((decay_next, src), axis=1, combine_fn=_linear_combine)
                 _store_column(g_out + n * sg_n, gs_rev, offs_k, CHUNK - 1, mask_d)
