@@ -1,6 +1,6 @@
-"""Stage 1 of ingestion, run by each worker on one chunk: parse, check, flatten, spill to parquet.
+"""Stage 1 of ingestion, run by each worker on one chunk: parse, check, flatten, spill.
 
-Rows are spilled by subject bucket (so stage 2 sees each subject whole) and resource keys by id bucket
+Rows are spilled (Arrow IPC, see ingest_spill) by subject bucket (so stage 2 sees each subject whole) and resource keys by id bucket
 (so duplicate ids are found without holding every id in memory).
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pyarrow as pa
-import pyarrow.ipc as pa_ipc
 
 from odyssey.pipelines.fhir_fast import AVAILABLE as FAST_PATH_AVAILABLE
 from odyssey.pipelines.fhir_fast import FastFlattener
@@ -28,6 +27,7 @@ from odyssey.pipelines.fhir_flatten import (
 )
 from odyssey.pipelines.fhir_sources import Chunk, read_lines, read_whole
 from odyssey.pipelines.fhir_times import with_fhir_times
+from odyssey.pipelines.ingest_spill import write_buckets, write_table
 from odyssey.pipelines.schema import EventType
 
 INVALID = "<invalid>"  # resource type under which unparseable lines are counted
@@ -322,7 +322,7 @@ class ChunkReader:
         tag = f"c{self.chunk.index:06d}-{self.part:04d}.arrow"  # Arrow IPC: spills are written once, read once
         chunk = pl.lit(self.chunk.index, pl.Int32).alias("chunk")
         if rows.height:
-            _write_buckets(rows.drop("encounter_end_us").with_columns(chunk), "subject_id",
+            write_buckets(rows.drop("encounter_end_us").with_columns(chunk), "subject_id",
                            self.settings.subject_buckets, spill / "rows", tag)
             encounters = rows.filter(pl.col("event_type") == EventType.ENCOUNTER_START).select(
                 "encounter_id",
@@ -333,14 +333,14 @@ class ChunkReader:
                 chunk,
             )
             if encounters.height:  # by their subject's bucket, the bucket that will join them
-                _write_buckets(encounters, "encounter_subject_id", self.settings.subject_buckets, spill / "encounters",
+                write_buckets(encounters, "encounter_subject_id", self.settings.subject_buckets, spill / "encounters",
                                tag)
         if self.keys:
             keys = pl.from_arrow(pa.Table.from_struct_array(pa.array(self.keys, type=_KEY_STRUCT)))
             # identity: every copy of one type/id meets in one bucket (polars' hash is stable within a run)
             identity = ((pl.col("fhir_id").hash(seed=0) ^ pl.col("resource_type").hash(seed=1)) // 2).cast(pl.Int64)
             keys = keys.with_columns(chunk, identity=identity)
-            _write_buckets(keys, "identity", self.settings.key_buckets, spill / "keys", tag)
+            write_buckets(keys, "identity", self.settings.key_buckets, spill / "keys", tag)
         for name, struct, items in (
             ("patients", _PATIENT_STRUCT, self.flattener.patients),
             ("medications", _MEDICATION_STRUCT, self.flattener.medications),
@@ -349,7 +349,7 @@ class ChunkReader:
                 table = pa.Table.from_struct_array(pa.array(items, type=struct))
                 table = table.append_column("chunk", pa.array([self.chunk.index] * len(table), pa.int32()))
                 (spill / name).mkdir(parents=True, exist_ok=True)
-                write_ipc(table, spill / name / tag)
+                write_table(table, spill / name / tag)
 
 
 KEY_COLUMNS = ["line", "entry"]
@@ -395,22 +395,6 @@ def _checked_rows(rows: list[tuple]) -> pl.DataFrame:
 
 class _StrictStop(Exception):
     pass
-
-
-def _write_buckets(frame: pl.DataFrame, column: str, buckets: int, folder: Path, tag: str) -> None:
-    """Write the rows of each bucket (`column` modulo `buckets`) to folder/bNNNN/tag."""
-    frame = frame.with_columns(_bucket=(pl.col(column) & 0x7FFFFFFF) % buckets)
-    for (bucket,), part in frame.partition_by("_bucket", as_dict=True, maintain_order=True).items():
-        target = folder / f"b{bucket:04d}"
-        target.mkdir(parents=True, exist_ok=True)
-        write_ipc(part.drop("_bucket").to_arrow(), target / tag)
-
-
-def write_ipc(table: pa.Table, path: Path) -> None:
-    """An uncompressed Arrow IPC file. (pyarrow's writer: polars' `write_ipc` runs a streaming sink per
-    call, ~1 ms of CPU per file, which is most of the cost of a spill.)"""
-    with pa.OSFile(str(path), "wb") as sink, pa_ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
 
 
 def read_chunk(args: tuple[Chunk, ReadSettings]) -> ChunkResult:

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from odyssey.pipelines import schema
 from odyssey.pipelines.ingest_read import Problem
+from odyssey.pipelines.ingest_spill import read_folder, read_frame, write_frame
 from odyssey.pipelines.report import reason_category
 from odyssey.pipelines.schema import EventType
 
@@ -46,26 +48,13 @@ class ResolveResult:
     dangling_encounters: int = 0
 
 
-def _read_folder(folder: Path, consume: bool = False) -> pl.DataFrame | None:
-    """All spill files of a folder as one frame; `consume` deletes them once read (in the worker that
-    read them, rather than all at once at the end: deleting gigabytes of spill takes seconds)."""
-    files = sorted(folder.glob("*.arrow")) if folder.exists() else []
-    if not files:
-        return None
-    frame = pl.concat([pl.read_ipc(f) for f in files], how="vertical", rechunk=False)
-    if consume:
-        for f in files:
-            f.unlink()
-    return frame
-
-
 def _bucket_duplicates(args: tuple[Path, int, dict[int, str], dict[int, int]]) -> pl.DataFrame | None:
     """Copies of one resource id within one key bucket (every copy of an id meets in one bucket)."""
     spill, bucket, chunk_paths, line_offsets = args
-    keys = _read_folder(spill / "keys" / f"b{bucket:04d}", consume=True)
+    keys = read_folder(spill / "keys" / f"b{bucket:04d}", consume=True)
     if keys is None:
         return None
-    dup = keys.filter(pl.len().over("identity") > 1).sort(["identity", *KEY])
+    dup = keys.filter(pl.col("identity").is_duplicated()).sort(["identity", *KEY])
     if dup.is_empty():
         return None
     dup = dup.with_columns(
@@ -99,7 +88,7 @@ def find_duplicates(spill: Path, key_buckets: int, chunk_paths: dict[int, str], 
 
 
 def _lookup(spill: Path, name: str, dropped: pl.DataFrame) -> pl.DataFrame | None:
-    table = _read_folder(spill / name)
+    table = read_folder(spill / name)
     if table is None:
         return None
     return table.join(dropped.select(KEY), on=KEY, how="anti")
@@ -132,18 +121,19 @@ def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, medications) ->
     are not among them: the readers spill them by their subject's bucket, see `_join_encounters`.)"""
     folder = spill / _LOOKUPS
     folder.mkdir(parents=True, exist_ok=True)
-    dropped.select(KEY).write_ipc(folder / "dropped.arrow")
+    write_frame(dropped.select(KEY), folder / "dropped.arrow")
     known_subjects = (
         patients.select(schema.SUBJECT_ID).with_columns(has_patient=pl.lit(True))
         if patients is not None
         else pl.DataFrame(schema={schema.SUBJECT_ID: pl.Int64, "has_patient": pl.Boolean})
     )
-    known_subjects.write_ipc(folder / "subjects.arrow")
-    (
+    write_frame(known_subjects, folder / "subjects.arrow")
+    write_frame(
         medications.select("medication_key", "medication_code")
         if medications is not None
-        else pl.DataFrame(schema={"medication_key": pl.String, "medication_code": pl.String})
-    ).write_ipc(folder / "medications.arrow")
+        else pl.DataFrame(schema={"medication_key": pl.String, "medication_code": pl.String}),
+        folder / "medications.arrow",
+    )
 
 
 def _encounter_table(files: list[Path], dropped: pl.DataFrame) -> pl.LazyFrame:
@@ -182,17 +172,17 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
     """Resolve one subject bucket's rows and write them as one sorted shard."""
     spill, bucket, shard, strict = args
     lookups = spill / _LOOKUPS
-    rows = _read_folder(spill / "rows" / f"b{bucket:04d}", consume=True)
+    rows = read_folder(spill / "rows" / f"b{bucket:04d}", consume=True)
     # a resource's rows are adjacent in the spill: its first row marks it (for counting resources cheaply)
     first_row = (pl.col("line") != pl.col("line").shift()) | (pl.col("entry") != pl.col("entry").shift()) | (
         pl.col("chunk") != pl.col("chunk").shift())
     rows = rows.with_row_index("_seq").with_columns(_first_row=first_row.fill_null(True))
-    dropped = pl.read_ipc(lookups / "dropped.arrow")
+    dropped = read_frame(lookups / "dropped.arrow")
     if dropped.height:
         rows = rows.join(dropped, on=KEY, how="anti")
     rows = (
-        rows.join(pl.read_ipc(lookups / "subjects.arrow"), on=schema.SUBJECT_ID, how="left")
-        .join(pl.read_ipc(lookups / "medications.arrow"), on="medication_key", how="left")
+        rows.join(read_frame(lookups / "subjects.arrow"), on=schema.SUBJECT_ID, how="left")
+        .join(read_frame(lookups / "medications.arrow"), on="medication_key", how="left")
     )
     rows = _join_encounters(rows, spill, bucket, dropped)
     reason = (
@@ -368,8 +358,19 @@ def _to_meds(rows: pl.DataFrame) -> pa.Table:
         pl.col(schema.COMPARATOR),
         pl.col(schema.EVENT_TYPE),
         pl.col(schema.ISSUED).cast(us),
-    ).sort(_SORT, nulls_last=False).drop("_order")
-    return frame.to_arrow().cast(schema.DATA_SCHEMA)
+    )
+    return frame[_sorting_order(frame)].drop("_order").to_arrow().cast(schema.DATA_SCHEMA)
+
+
+_BEFORE_ANY_TIME = np.iinfo(np.int64).min  # static rows (time null) first; no FHIR time comes near it
+
+
+def _sorting_order(frame: pl.DataFrame) -> np.ndarray:
+    """Row positions in `_SORT` order. `_order` is unique, so the order is total and any correct sort gives
+    the same rows; numpy's lexsort on three int64 keys costs about half of polars' multi-column sort."""
+    keys = [frame.get_column(name) for name in reversed(_SORT)]  # lexsort: the last key is the primary one
+    arrays = [k.dt.epoch("us").fill_null(_BEFORE_ANY_TIME) if k.dtype.is_temporal() else k for k in keys]
+    return np.lexsort([a.to_numpy() for a in arrays])
 
 
 __all__ = ["ResolveResult", "StrictStop", "resolve_and_write"]
