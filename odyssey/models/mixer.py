@@ -236,6 +236,7 @@ class EHRMambaMixer(nn.Module):
         active: torch.Tensor,
         save_after: int,
         backend: str = "auto",
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A few tokens of many pooled rows: (rows, count, hidden) -> (rows, count, hidden).
 
@@ -243,6 +244,8 @@ class EHRMambaMixer(nn.Module):
         `ssm_states` (slots, inter, N); the state after the first `save_after` tokens is written back there
         and the rest (a trailing prompt) continues unsaved. Inactive tokens (`active` 0) are padding. The
         same arithmetic as `count` calls of `step`, in one launch per operation (`odyssey.kernels.step`).
+        With `residual` (same shape, float32), returns residual + the mixer's output, added in out_proj's
+        matrix product where the dtypes allow.
         """
         x, gate = self.in_proj(hidden_states).split(self.intermediate_size, dim=-1)
         x = conv_chunk(x, conv_states, slots, active, self.conv1d.weight, self.conv1d.bias, save_after, backend)
@@ -250,4 +253,10 @@ class EHRMambaMixer(nn.Module):
                                                dim=-1)
         y = selective_chunk(ssm_states, slots, x, time_step, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
                             B, C, self.D, gate, active, save_after, backend)
-        return self.out_proj(y.to(hidden_states.dtype))
+        y = y.to(hidden_states.dtype)
+        if residual is None:
+            return self.out_proj(y)
+        if self.out_proj.bias is None and residual.dtype == y.dtype == self.out_proj.weight.dtype:
+            return torch.addmm(residual.reshape(-1, residual.shape[-1]), y.reshape(-1, y.shape[-1]),
+                               self.out_proj.weight.t()).view(residual.shape)
+        return residual + self.out_proj(y)

@@ -94,8 +94,8 @@ class EHRMambaBlock(GradientCheckpointingLayer):
         """`EHRMambaMixer.step_tokens` inside the residual block: (rows, count, hidden) over pooled states."""
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
         mixed = self.mixer.step_tokens(self.norm(hidden_states.to(self.norm.weight.dtype)), conv_states, ssm_states,
-                                       slots, active, save_after, backend)
-        return (residual + mixed).to(hidden_states.dtype)
+                                       slots, active, save_after, backend, residual=residual)
+        return mixed.to(hidden_states.dtype)
 
 
 class EHRMambaPreTrainedModel(PreTrainedModel):

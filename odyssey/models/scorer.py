@@ -43,12 +43,12 @@ _SEGMENT_OF_PROMPT = 0
 # The trailing prompt repeats the last event's age, time and visit.
 _PROMPT_CONTEXT = ("ages", "times", "visit_orders")
 _FIRST_CAPACITY = 8
-# One update travels to the device as one float64 array (rows, FIELDS * tokens + 2): per token the token
-# columns and an active flag (integers up to 2**53 and float32 values are exact in float64), then per
-# row its pool slot and the time of its last event.
-_FIELDS = (*TOKEN_COLUMNS, "active")
-_ACTIVE = _FIELDS.index("active")
-_ROW_EXTRAS = 2
+# One update travels to the device as one byte buffer (`_Layout`): integer fields (rows, tokens) one
+# after another, then each row's pool slot, as int64; then the float fields and each row's last event
+# time, as float32. The device reads every field as a contiguous view of that buffer: no conversion.
+_INT_FIELDS = ("input_ids", "token_type_ids", "visit_orders", "visit_segments", "active")
+_FLOAT_FIELDS = ("ages", "times")
+_FEW_ROWS = 8  # up to this many patients, an update is packed row by row (fewer numpy calls)
 # CUDA graphs: shapes are rounded up to powers of two (padding rows and tokens are inactive), captured
 # the second time a shape is seen (a one-off shape, e.g. a trajectory's odd group, stays eager), and
 # kept for the most recent few shapes.
@@ -205,91 +205,101 @@ class EHRMambaScorer:
         rows, width = len(patients), int(counts.max())
         if self._pad_to_buckets:
             rows, width = _bucket(rows), _bucket(width)
-        packed = self._pack(patients, events, slots, counts, rows, width)
-        probabilities = self._run(packed, width)
+        layout = _Layout(rows, width + len(self.prompt))
+        graph = self._graph(layout, width) if self.cuda_graphs else None
+        buffer = graph.host_input if graph is not None else np.empty(layout.nbytes, dtype=np.uint8)
+        self._pack(layout, buffer, patients, events, slots, counts, width)
+        if graph is not None:
+            probabilities = graph()
+        else:
+            packed = torch.from_numpy(buffer).to(self.device)
+            probabilities = self._forward(layout, packed, width).cpu().numpy()
         for patient, count in zip(patients, counts.tolist(), strict=True):
             self.seen_tokens[patient] += count
         return {patient: probabilities[row] for row, patient in enumerate(patients)}
 
-    def _pack(self, patients, events, slots: np.ndarray, counts: np.ndarray, rows: int, width: int) -> np.ndarray:
-        """The update's device input (see `_FIELDS`); also moves the host mirrors past the new events."""
-        real, prompt = len(patients), len(self.prompt)
-        tokens = width + prompt
-        fields = np.zeros((rows, len(_FIELDS), tokens))
-        extras = np.zeros((rows, _ROW_EXTRAS))
-        extras[:real, 0] = slots
-        extras[:real, 1] = self._last_time[slots]
+    def _pack(self, layout: _Layout, buffer: np.ndarray, patients, events, slots: np.ndarray, counts: np.ndarray,
+              width: int) -> None:
+        """Write the update's device input into `buffer`; also move the host mirrors past the new events."""
+        buffer[:] = 0
+        ints, row_slots, floats, previous = layout.views(buffer)
+        real = len(patients)
+        row_slots[:real] = slots
+        previous[:real] = self._last_time[slots]
         has = counts > 0
-        if has.any():
+        if real <= _FEW_ROWS:
+            for row, patient in enumerate(patients):
+                if patient in events:
+                    self._pack_row(ints, floats, row, slots[row], events[patient])
+        elif has.any():
             order = [p for p in patients if p in events]
             row_of = np.repeat(np.arange(real), counts)
-            starts = np.cumsum(counts) - counts
-            column_of = np.arange(int(counts.sum())) - np.repeat(starts, counts)
-            last = (starts + counts - 1)[has]
-            for field, name in enumerate(TOKEN_COLUMNS):
+            column_of = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            last = (np.cumsum(counts) - 1)[has]
+            for name in TOKEN_COLUMNS:
                 values = np.concatenate([events[p][name] for p in order])
-                fields[row_of, field, column_of] = values
+                target = floats[_FLOAT_FIELDS.index(name)] if name in _FLOAT_COLUMNS else ints[_INT_FIELDS.index(name)]
+                target[row_of, column_of] = values
                 if name in _PROMPT_CONTEXT:
                     self._context[name][slots[has]] = values[last]
                 if name == "times":
                     self._last_time[slots[has]] = values[last]
-            fields[row_of, _ACTIVE, column_of] = 1
-        prompt_part = fields[:, :, width:]
-        prompt_part[:, TOKEN_COLUMNS.index("input_ids")] = self.prompt
-        prompt_part[:, TOKEN_COLUMNS.index("token_type_ids")] = self.task_token_type
-        prompt_part[:, TOKEN_COLUMNS.index("visit_segments")] = _SEGMENT_OF_PROMPT
-        for name in _PROMPT_CONTEXT:
-            prompt_part[:real, TOKEN_COLUMNS.index(name)] = self._context[name][slots][:, None]
-        prompt_part[:real, _ACTIVE] = 1
-        return np.concatenate([fields.reshape(rows, -1), extras], axis=1)
+            ints[_INT_FIELDS.index("active"), row_of, column_of] = 1
+        ints[_INT_FIELDS.index("input_ids"), :, width:] = self.prompt
+        ints[_INT_FIELDS.index("token_type_ids"), :, width:] = self.task_token_type
+        ints[_INT_FIELDS.index("visit_segments"), :, width:] = _SEGMENT_OF_PROMPT
+        ints[_INT_FIELDS.index("visit_orders"), :real, width:] = self._context["visit_orders"][slots][:, None]
+        for name in _FLOAT_FIELDS:
+            floats[_FLOAT_FIELDS.index(name), :real, width:] = self._context[name][slots][:, None]
+        ints[_INT_FIELDS.index("active"), :real, width:] = 1
 
-    def _run(self, packed: np.ndarray, width: int) -> np.ndarray:
-        key = (packed.shape[0], width)
-        graph = self._graph(key) if self.cuda_graphs else None
-        if graph is not None:
-            return graph(packed)
-        return self._forward(torch.from_numpy(packed).to(self.device), width).cpu().numpy()
+    def _pack_row(self, ints: np.ndarray, floats: np.ndarray, row: int, slot: int, columns: dict[str, np.ndarray]
+                  ) -> None:
+        count = len(columns["input_ids"])
+        for name in TOKEN_COLUMNS:
+            target = floats[_FLOAT_FIELDS.index(name)] if name in _FLOAT_COLUMNS else ints[_INT_FIELDS.index(name)]
+            target[row, :count] = columns[name]
+            if name in _PROMPT_CONTEXT:
+                self._context[name][slot] = columns[name][-1]
+        self._last_time[slot] = columns["times"][-1]
+        ints[_INT_FIELDS.index("active"), row, :count] = 1
 
-    def _forward(self, packed: torch.Tensor, width: int) -> torch.Tensor:
-        """(rows, FIELDS * tokens + 2) float64 on the device -> probabilities (rows, prompt length)."""
-        tokens = width + len(self.prompt)
-        fields = packed[:, : len(_FIELDS) * tokens].unflatten(1, (len(_FIELDS), tokens))
-
-        def column(name: str) -> torch.Tensor:
-            values = fields[:, _FIELDS.index(name)]
-            return values.float() if name in _FLOAT_COLUMNS else values.long()
-
-        slots, previous_times = packed[:, -2].long(), packed[:, -1].float()
-        active = fields[:, _ACTIVE].to(torch.int32)
+    def _forward(self, layout: _Layout, packed: torch.Tensor, width: int) -> torch.Tensor:
+        """The packed update (a uint8 buffer on the device) -> probabilities (rows, prompt length)."""
+        ints, slots, floats, previous_times = layout.views(packed)
+        columns = {name: ints[i] for i, name in enumerate(_INT_FIELDS)} | {
+            name: floats[i] for i, name in enumerate(_FLOAT_FIELDS)}
+        active = columns["active"]
         backbone = self.model.backbone
-        hidden = backbone.embeddings(*(column(name) for name in TOKEN_COLUMNS), attention_mask=active,
+        hidden = backbone.embeddings(*(columns[name] for name in TOKEN_COLUMNS), attention_mask=active,
                                      previous_times=previous_times)
         for layer, conv, ssm in zip(backbone.layers, self._conv, self._ssm, strict=True):
             hidden = layer.step_tokens(hidden, conv, ssm, slots, active, width, self.step_backend)
-        hidden = backbone.norm_f(hidden[:, width:])
+        hidden = backbone.norm_f(hidden[:, width:])  # (rows, prompt, hidden)
         offset = sum(self.model.config.task_outputs[: self.task_index])
         weight = self.model.classifier.weight[offset: offset + len(self.prompt)]
         bias = self.model.classifier.bias[offset: offset + len(self.prompt)]
-        logits = (hidden.to(weight.dtype) * weight).sum(-1) + bias
-        return torch.sigmoid(logits.float())
+        # output j reads prompt position j through its own classifier row: one batched product over j
+        logits = torch.baddbmm(bias[:, None, None], hidden.to(weight.dtype).transpose(0, 1), weight[:, :, None])
+        return torch.sigmoid(logits[..., 0].t().float())
 
-    def _graph(self, key: tuple[int, int]) -> _GraphedForward | None:
-        """The captured pass for this (rows, event width), or None to run it eagerly this time."""
+    def _graph(self, layout: _Layout, width: int) -> _GraphedForward | None:
+        """The captured pass for this shape, or None to run it eagerly this time."""
+        key = (layout.rows, width)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
-        rows, width = key
-        if width > _MAX_GRAPH_EVENTS or rows * (width + len(self.prompt)) > _MAX_GRAPH_TOKENS:
+        if width > _MAX_GRAPH_EVENTS or layout.rows * layout.tokens > _MAX_GRAPH_TOKENS:
             return None
         self._shape_uses[key] = self._shape_uses.get(key, 0) + 1
         if self._shape_uses[key] < _CAPTURE_AFTER_USES:
             return None
         try:
-            graph = _GraphedForward(lambda packed: self._forward(packed, width), rows,
-                                    len(_FIELDS) * (width + len(self.prompt)) + _ROW_EXTRAS, self.device)
+            graph = _GraphedForward(lambda packed: self._forward(layout, packed, width), layout,
+                                    len(self.prompt), self.device)
         except RuntimeError as error:  # capture is not possible here: stay eager for this shape
-            logger.warning("CUDA graph capture failed for %s rows x %s events (%s); running eagerly", rows, width,
-                           error)
+            logger.warning("CUDA graph capture failed for %s rows x %s events (%s); running eagerly", *key, error)
+            torch.cuda.synchronize(self.device)
             graph = None
         self._graphs[key] = graph
         while len(self._graphs) > _MAX_GRAPHS:
@@ -352,13 +362,44 @@ class EHRMambaScorer:
         self._graphs.clear()
 
 
-class _GraphedForward:
-    """One shape of the scorer's pass captured in a CUDA graph, with static input and output buffers."""
+class _Layout:
+    """Where each field of one update sits in its byte buffer (see `_INT_FIELDS`)."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], rows: int, columns: int,
+    def __init__(self, rows: int, tokens: int):
+        self.rows, self.tokens = rows, tokens
+        self.int_count = (len(_INT_FIELDS) * tokens + 1) * rows
+        self.float_count = (len(_FLOAT_FIELDS) * tokens + 1) * rows
+        self.nbytes = 8 * self.int_count + 4 * self.float_count
+
+    def views(self, buffer):
+        """(int fields (F, rows, tokens), slots (rows,), float fields (F, rows, tokens), last times (rows,)).
+
+        `buffer` is a uint8 numpy array or torch tensor; the views share its memory.
+        """
+        as_int64, as_float32 = ((np.int64, np.float32) if isinstance(buffer, np.ndarray)
+                                else (torch.int64, torch.float32))
+        ints = buffer[: 8 * self.int_count].view(as_int64)
+        floats = buffer[8 * self.int_count:].view(as_float32)
+        int_fields, float_fields = len(_INT_FIELDS) * self.rows * self.tokens, len(_FLOAT_FIELDS) * self.rows * self.tokens
+        return (ints[:int_fields].reshape(len(_INT_FIELDS), self.rows, self.tokens), ints[int_fields:],
+                floats[:float_fields].reshape(len(_FLOAT_FIELDS), self.rows, self.tokens), floats[float_fields:])
+
+
+class _GraphedForward:
+    """One shape of the scorer's pass captured in a CUDA graph, with static input and output buffers.
+
+    The caller writes the packed update into `host_input` (pinned memory) and calls the object. Where
+    the copies to and from pinned memory can be captured too, one replay is the whole update; otherwise
+    they run around the replay.
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], layout: _Layout, outputs: int,
                  device: torch.device):
-        self.host = torch.zeros((rows, columns), dtype=torch.float64, pin_memory=True)
-        self.input = torch.zeros((rows, columns), dtype=torch.float64, device=device)
+        self._host_input = torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=True)
+        self.host_input = self._host_input.numpy()
+        self._host_output = torch.zeros((layout.rows, outputs), dtype=torch.float32, pin_memory=True)
+        self.input = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
+        self.device = device
         # Warm up (Triton compiles, cuBLAS picks its kernels) on a side stream, as capture requires. The
         # all-zero input has every token inactive, so nothing is written to the pool.
         stream = torch.cuda.Stream(device)
@@ -367,15 +408,30 @@ class _GraphedForward:
             for _ in range(2):
                 forward(self.input)
         torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = forward(self.input)
+        try:
+            self.graph, self.copies_inside = self._capture(forward, copies_inside=True), True
+        except RuntimeError:
+            torch.cuda.synchronize(device)
+            self.graph, self.copies_inside = self._capture(forward, copies_inside=False), False
 
-    def __call__(self, packed: np.ndarray) -> np.ndarray:
-        self.host.numpy()[...] = packed
-        self.input.copy_(self.host, non_blocking=True)
+    def _capture(self, forward, copies_inside: bool) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            if copies_inside:
+                self.input.copy_(self._host_input, non_blocking=True)
+            self.output = forward(self.input)
+            if copies_inside:
+                self._host_output.copy_(self.output, non_blocking=True)
+        return graph
+
+    def __call__(self) -> np.ndarray:
+        if self.copies_inside:
+            self.graph.replay()
+            torch.cuda.current_stream(self.device).synchronize()
+            return self._host_output.numpy().copy()
+        self.input.copy_(self._host_input, non_blocking=True)
         self.graph.replay()
-        return self.output.cpu().numpy()  # waits for the replay; the pinned buffer is free again after it
+        return self.output.cpu().numpy()  # waits for the replay; the pinned input is free again after it
 
 
 def _step_backend(scan_backend: str, device: torch.device) -> str:
