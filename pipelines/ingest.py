@@ -128,7 +128,7 @@ def _worker_pool(workers: int):
     # spawn, not fork: polars' thread pool does not survive a fork (children deadlock). (Asking polars'
     # allocator to return freed memory sooner, `_RJEM_MALLOC_CONF=dirty_decay_ms:100`, saved ~200 MB at 5M
     # resources but cost ~10% CPU; memory is well within bounds without it.)
-    with _polars_threads_in_children(max(1, (os.cpu_count() or 1) // workers)):
+    with _worker_environment(workers):
         pool = multiprocessing.get_context("spawn").Pool(workers)
     try:
         yield pool
@@ -138,19 +138,19 @@ def _worker_pool(workers: int):
 
 
 @contextlib.contextmanager
-def _polars_threads_in_children(threads: int):
-    """Workers spawned inside this block start polars with `threads` threads (the workers together
-    fill the cores; more threads each only spin and contend: ~3% of the CPU at 2 workers on 2 cores).
-    A value the user set is kept."""
-    name = "POLARS_MAX_THREADS"
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = str(threads)
+def _worker_environment(workers: int):
+    """Workers spawned inside this block start with thread pools sized for them. The workers together
+    fill the cores, so polars gets cores/workers threads (more only spin and contend: ~3% of the CPU at
+    2 workers on 2 cores), and OpenBLAS, which ingestion never calls, one (its threads cost ~0.1 s of
+    CPU at import, per worker). Values the user set are kept."""
+    wanted = {"POLARS_MAX_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), "OPENBLAS_NUM_THREADS": "1"}
+    added = [name for name in wanted if name not in os.environ]
+    os.environ.update({name: wanted[name] for name in added})
     try:
         yield
     finally:
-        os.environ.pop(name, None)
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _in_file_lines(problems: list[Problem], offsets: dict[int, int]) -> list[Problem]:

@@ -1,7 +1,7 @@
 """Stage 1 of ingestion, run by each worker on one chunk: parse, check, flatten, spill.
 
-Rows are spilled (Arrow IPC, see ingest_spill) by subject bucket (so stage 2 sees each subject whole) and resource keys by id bucket
-(so duplicate ids are found without holding every id in memory).
+Rows are spilled (Arrow IPC, ingest_spill) by subject bucket (so stage 2 sees each subject whole) and
+resource keys by id bucket (so duplicate ids are found without holding every id in memory).
 """
 
 from __future__ import annotations
