@@ -23,6 +23,7 @@ import json
 import platform
 import statistics
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -75,8 +76,8 @@ def _step_path(model, cache: EHRMambaCache, event: dict[str, torch.Tensor], prom
     return float(torch.sigmoid(hidden @ model.classifier.weight[0] + model.classifier.bias[0]))
 
 
-def _kernels(device: torch.device, work) -> int | None:
-    """GPU kernels and copies one call of `work()` launches (torch.profiler), or None off CUDA."""
+def _kernels(device: torch.device, work) -> dict | None:
+    """GPU kernels and copies one call of `work()` launches (torch.profiler), by name; None off CUDA."""
     if device.type != "cuda":
         return None
     try:
@@ -85,14 +86,16 @@ def _kernels(device: torch.device, work) -> int | None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             work()
             torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return {"count": len(names), "by_name": dict(Counter(name[:70] for name in names).most_common())}
     except Exception as error:  # the profiler is optional here; the timings stand without it
         print(f"kernel count unavailable: {error}")
         return None
 
 
-def _replay_ms(scorer: EHRMambaScorer, device: torch.device, replays: int = 50) -> float | None:
-    """GPU time of one replay of the single-patient, single-event graph, back to back (no host work).
+def _replay_ms(scorer: EHRMambaScorer, device: torch.device, replays: int = 50) -> dict | None:
+    """The single-patient, single-event graph alone: GPU time of a replay (back to back, no host work) and
+    the wall time of one call (replay, synchronise, read the risk), without the packing in Python.
 
     Each replay re-applies the last event to the patient's state, so this runs after the equality checks.
     """
@@ -106,7 +109,13 @@ def _replay_ms(scorer: EHRMambaScorer, device: torch.device, replays: int = 50) 
         graph.graph.replay()
     stop.record()
     torch.cuda.synchronize()
-    return round(start.elapsed_time(stop) / replays, 4)
+    calls = []
+    for _ in range(replays):  # one update's device round trip: replay, wait, read the risk
+        started = time.perf_counter()
+        graph()
+        calls.append(time.perf_counter() - started)
+    return {"replay_gpu_ms": round(start.elapsed_time(stop) / replays, 4),
+            "call_ms": round(1000 * statistics.median(calls), 4), "copies_in_graph": graph.copies_inside}
 
 
 def _relative(value: float, reference: float) -> float:
@@ -198,7 +207,7 @@ def main() -> None:
             device, lambda: _step_path(model, probe_cache, _batch(probe, device), _batch(prompt_token, device))),
         "raw_ms": {name: [round(1000 * v, 4) for v in values] for name, values in times.items()},
     }
-    result["graph_replay_ms"] = _replay_ms(scorer, device)
+    result["graph"] = _replay_ms(scorer, device)
     if args.ward:
         result |= _ward(model, scorer, eager, tokens, args, device)
     result["checks"] = _equality_checks(device)

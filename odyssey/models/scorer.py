@@ -44,10 +44,13 @@ _SEGMENT_OF_PROMPT = 0
 _PROMPT_CONTEXT = ("ages", "times", "visit_orders")
 _FIRST_CAPACITY = 8
 # One update travels to the device as one byte buffer (`_Layout`): integer fields (rows, tokens) one
-# after another, then each row's pool slot, as int64; then the float fields and each row's last event
-# time, as float32. The device reads every field as a contiguous view of that buffer: no conversion.
+# after another, then each row's pool slot, as int64; then the float fields, as float32. The device reads
+# every field as a contiguous view of that buffer: no conversion. The host computes what the embeddings
+# would derive elementwise (each token's time since the previous one, the clamped visit order) with the
+# same float32 operations, so those ten-odd small kernels leave the pass.
 _INT_FIELDS = ("input_ids", "token_type_ids", "visit_orders", "visit_segments", "active")
-_FLOAT_FIELDS = ("ages", "times")
+_FLOAT_FIELDS = ("ages", "time_deltas")
+_FIELD_OF_COLUMN = {"ages": "ages", "times": "time_deltas"}  # times are packed, then turned into deltas
 _FEW_ROWS = 8  # up to this many patients, an update is packed row by row (fewer numpy calls)
 # CUDA graphs: shapes are rounded up to powers of two (padding rows and tokens are inactive), captured
 # the second time a shape is seen (a one-off shape, e.g. a trajectory's odd group, stays eager), and
@@ -222,9 +225,10 @@ class EHRMambaScorer:
               width: int) -> None:
         """Write the update's device input into `buffer`; also move the host mirrors past the new events."""
         buffer[:] = 0
-        ints, row_slots, floats, previous = layout.views(buffer)
+        ints, row_slots, floats = layout.views(buffer)
         real = len(patients)
         row_slots[:real] = slots
+        previous = np.zeros(layout.rows, dtype=np.float32)
         previous[:real] = self._last_time[slots]
         has = counts > 0
         if real <= _FEW_ROWS:
@@ -238,7 +242,7 @@ class EHRMambaScorer:
             last = (np.cumsum(counts) - 1)[has]
             for name in TOKEN_COLUMNS:
                 values = np.concatenate([events[p][name] for p in order])
-                target = floats[_FLOAT_FIELDS.index(name)] if name in _FLOAT_COLUMNS else ints[_INT_FIELDS.index(name)]
+                target = _field(ints, floats, name)
                 target[row_of, column_of] = values
                 if name in _PROMPT_CONTEXT:
                     self._context[name][slots[has]] = values[last]
@@ -249,15 +253,20 @@ class EHRMambaScorer:
         ints[_INT_FIELDS.index("token_type_ids"), :, width:] = self.task_token_type
         ints[_INT_FIELDS.index("visit_segments"), :, width:] = _SEGMENT_OF_PROMPT
         ints[_INT_FIELDS.index("visit_orders"), :real, width:] = self._context["visit_orders"][slots][:, None]
-        for name in _FLOAT_FIELDS:
-            floats[_FLOAT_FIELDS.index(name), :real, width:] = self._context[name][slots][:, None]
-        ints[_INT_FIELDS.index("active"), :real, width:] = 1
+        for name in _FIELD_OF_COLUMN:
+            _field(ints, floats, name)[:real, width:] = self._context[name][slots][:, None]
+        active = ints[_INT_FIELDS.index("active")]
+        active[:real, width:] = 1
+        times = _field(ints, floats, "times")
+        times[:] = _time_deltas(times, active, previous)
+        orders = ints[_INT_FIELDS.index("visit_orders")]
+        np.clip(orders, 0, self.model.config.max_visit_order - 1, out=orders)
 
     def _pack_row(self, ints: np.ndarray, floats: np.ndarray, row: int, slot: int, columns: dict[str, np.ndarray]
                   ) -> None:
         count = len(columns["input_ids"])
         for name in TOKEN_COLUMNS:
-            target = floats[_FLOAT_FIELDS.index(name)] if name in _FLOAT_COLUMNS else ints[_INT_FIELDS.index(name)]
+            target = _field(ints, floats, name)
             target[row, :count] = columns[name]
             if name in _PROMPT_CONTEXT:
                 self._context[name][slot] = columns[name][-1]
@@ -266,13 +275,12 @@ class EHRMambaScorer:
 
     def _forward(self, layout: _Layout, packed: torch.Tensor, width: int) -> torch.Tensor:
         """The packed update (a uint8 buffer on the device) -> probabilities (rows, prompt length)."""
-        ints, slots, floats, previous_times = layout.views(packed)
+        ints, slots, floats = layout.views(packed)
         columns = {name: ints[i] for i, name in enumerate(_INT_FIELDS)} | {
             name: floats[i] for i, name in enumerate(_FLOAT_FIELDS)}
         active = columns["active"]
         backbone = self.model.backbone
-        hidden = backbone.embeddings(*(columns[name] for name in TOKEN_COLUMNS), attention_mask=active,
-                                     previous_times=previous_times)
+        hidden = _embed(backbone.embeddings, columns)
         for layer, conv, ssm in zip(backbone.layers, self._conv, self._ssm, strict=True):
             hidden = layer.step_tokens(hidden, conv, ssm, slots, active, width, self.step_backend)
         hidden = backbone.norm_f(hidden[:, width:])  # (rows, prompt, hidden)
@@ -368,11 +376,11 @@ class _Layout:
     def __init__(self, rows: int, tokens: int):
         self.rows, self.tokens = rows, tokens
         self.int_count = (len(_INT_FIELDS) * tokens + 1) * rows
-        self.float_count = (len(_FLOAT_FIELDS) * tokens + 1) * rows
+        self.float_count = len(_FLOAT_FIELDS) * tokens * rows
         self.nbytes = 8 * self.int_count + 4 * self.float_count
 
     def views(self, buffer):
-        """(int fields (F, rows, tokens), slots (rows,), float fields (F, rows, tokens), last times (rows,)).
+        """(int fields (F, rows, tokens), slots (rows,), float fields (F, rows, tokens)).
 
         `buffer` is a uint8 numpy array or torch tensor; the views share its memory.
         """
@@ -380,9 +388,9 @@ class _Layout:
                                 else (torch.int64, torch.float32))
         ints = buffer[: 8 * self.int_count].view(as_int64)
         floats = buffer[8 * self.int_count:].view(as_float32)
-        int_fields, float_fields = len(_INT_FIELDS) * self.rows * self.tokens, len(_FLOAT_FIELDS) * self.rows * self.tokens
+        int_fields = len(_INT_FIELDS) * self.rows * self.tokens
         return (ints[:int_fields].reshape(len(_INT_FIELDS), self.rows, self.tokens), ints[int_fields:],
-                floats[:float_fields].reshape(len(_FLOAT_FIELDS), self.rows, self.tokens), floats[float_fields:])
+                floats.reshape(len(_FLOAT_FIELDS), self.rows, self.tokens))
 
 
 class _GraphedForward:
@@ -432,6 +440,39 @@ class _GraphedForward:
         self.input.copy_(self._host_input, non_blocking=True)
         self.graph.replay()
         return self.output.cpu().numpy()  # waits for the replay; the pinned input is free again after it
+
+
+def _field(ints: np.ndarray, floats: np.ndarray, column: str) -> np.ndarray:
+    """The (rows, tokens) slot of a token column in the packed views."""
+    if column in _FIELD_OF_COLUMN:
+        return floats[_FLOAT_FIELDS.index(_FIELD_OF_COLUMN[column])]
+    return ints[_INT_FIELDS.index(column)]
+
+
+def _time_deltas(times: np.ndarray, active: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """`odyssey.models.embeddings.time_deltas` with a mask and previous times, in the same float32 steps."""
+    before = np.empty_like(times)
+    before[:, 0] = np.where(np.isnan(previous), times[:, 0], previous)
+    before[:, 1:] = times[:, :-1]
+    mask = active.astype(np.float32)
+    before_mask = np.ones_like(mask)
+    before_mask[:, 1:] = mask[:, :-1]
+    return (times - before) * before_mask * mask
+
+
+def _embed(embeddings, columns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`EHRMambaEmbeddings.forward` from precomputed time deltas and clamped visit orders (`_pack`)."""
+    concept = embeddings.word_embeddings(columns["input_ids"])
+    time_part = embeddings.time_embeddings(columns["time_deltas"]).to(concept.dtype)
+    age_part = embeddings.age_embeddings(columns["ages"]).to(concept.dtype)
+    mixed = torch.tanh(embeddings.scale_back_concat_layer(torch.cat([concept, time_part, age_part], dim=-1)))
+    summed = (
+        mixed
+        + embeddings.token_type_embeddings(columns["token_type_ids"])
+        + embeddings.visit_order_embeddings(columns["visit_orders"])
+        + embeddings.visit_segment_embeddings(columns["visit_segments"])
+    )
+    return embeddings.dropout(embeddings.layer_norm(summed))
 
 
 def _step_backend(scan_backend: str, device: torch.device) -> str:

@@ -203,3 +203,26 @@ def test_a_ward_packs_like_single_patients(model, padded):
     scores = ward.score_many(list(range(12)))
     for p in range(12):
         np.testing.assert_allclose(scores[p], risks[p], rtol=1e-6)
+
+
+def test_packed_embedding_equals_the_embedding_layer(model):
+    """The scorer's pass embeds from host-computed time deltas and clamped visit orders: same numbers."""
+    from odyssey.models.scorer import _embed, _time_deltas
+
+    rng = np.random.default_rng(4)
+    rows, tokens = 3, 5
+    times = np.cumsum(rng.exponential(2.0, (rows, tokens)), axis=1).astype(np.float32)
+    active = np.array([[1, 1, 0, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    previous = np.array([0.5, np.nan, 1.25], dtype=np.float32)
+    orders = rng.integers(0, 3 * model.config.max_visit_order, (rows, tokens))
+    columns = {"input_ids": rng.integers(0, VOCAB, (rows, tokens)), "token_type_ids": rng.integers(0, 8, (rows, tokens)),
+               "ages": (50 + times / 365.25).astype(np.float32), "visit_segments": rng.integers(0, 3, (rows, tokens))}
+    tensors = {k: torch.as_tensor(v) for k, v in columns.items()}
+    with torch.no_grad():
+        expected = model.backbone.embeddings(**tensors, times=torch.as_tensor(times),
+                                             visit_orders=torch.as_tensor(orders), attention_mask=torch.as_tensor(active),
+                                             previous_times=torch.as_tensor(previous))
+        packed = _embed(model.backbone.embeddings, tensors | {
+            "time_deltas": torch.as_tensor(_time_deltas(times, active, previous)),
+            "visit_orders": torch.as_tensor(np.clip(orders, 0, model.config.max_visit_order - 1))})
+    assert torch.equal(packed, expected)
