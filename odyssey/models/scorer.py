@@ -303,8 +303,7 @@ class EHRMambaScorer:
         if self._shape_uses[key] < _CAPTURE_AFTER_USES:
             return None
         try:
-            graph = _GraphedForward(lambda packed: self._forward(layout, packed, width), layout,
-                                    len(self.prompt), self.device)
+            graph = _GraphedForward(lambda packed: self._forward(layout, packed, width), layout, self.device)
         except RuntimeError as error:  # capture is not possible here: stay eager for this shape
             logger.warning("CUDA graph capture failed for %s rows x %s events (%s); running eagerly", *key, error)
             torch.cuda.synchronize(self.device)
@@ -396,18 +395,14 @@ class _Layout:
 class _GraphedForward:
     """One shape of the scorer's pass captured in a CUDA graph, with static input and output buffers.
 
-    The caller writes the packed update into `host_input` (pinned memory) and calls the object. Where
-    the copies to and from pinned memory can be captured too, one replay is the whole update; otherwise
-    they run around the replay.
+    The caller writes the packed update into `host_input` (pinned memory) and calls the object: one
+    host-to-device copy, one replay, one device-to-host copy of the risks.
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], layout: _Layout, outputs: int,
-                 device: torch.device):
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], layout: _Layout, device: torch.device):
         self._host_input = torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=True)
         self.host_input = self._host_input.numpy()
-        self._host_output = torch.zeros((layout.rows, outputs), dtype=torch.float32, pin_memory=True)
         self.input = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
-        self.device = device
         # Warm up (Triton compiles, cuBLAS picks its kernels) on a side stream, as capture requires. The
         # all-zero input has every token inactive, so nothing is written to the pool.
         stream = torch.cuda.Stream(device)
@@ -416,27 +411,11 @@ class _GraphedForward:
             for _ in range(2):
                 forward(self.input)
         torch.cuda.current_stream(device).wait_stream(stream)
-        try:
-            self.graph, self.copies_inside = self._capture(forward, copies_inside=True), True
-        except RuntimeError:
-            torch.cuda.synchronize(device)
-            self.graph, self.copies_inside = self._capture(forward, copies_inside=False), False
-
-    def _capture(self, forward, copies_inside: bool) -> torch.cuda.CUDAGraph:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            if copies_inside:
-                self.input.copy_(self._host_input, non_blocking=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
             self.output = forward(self.input)
-            if copies_inside:
-                self._host_output.copy_(self.output, non_blocking=True)
-        return graph
 
     def __call__(self) -> np.ndarray:
-        if self.copies_inside:
-            self.graph.replay()
-            torch.cuda.current_stream(self.device).synchronize()
-            return self._host_output.numpy().copy()
         self.input.copy_(self._host_input, non_blocking=True)
         self.graph.replay()
         return self.output.cpu().numpy()  # waits for the replay; the pinned input is free again after it
