@@ -160,11 +160,28 @@ def _write_training_summary(out: Path, settings: dict, seconds: dict, models: di
                           for name, r in reports.items()}}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "training_summary.json", summary)
-    for name, entry in summary["models"].items():
-        aurocs = [v for v in entry["tuning_auroc"].values() if v is not None]
-        print(f"{name}: {entry['steps']} steps in {entry['train_seconds']:.0f} s, mean tuning AUROC "
-              f"{sum(aurocs) / max(1, len(aurocs)):.3f}; " + ", ".join(
-                  f"{k} {v:.3f}" for k, v in entry["tuning_auroc"].items() if v is not None), flush=True)
+    for name, report in reports.items():
+        print(_tuning_line(name, report), flush=True)
+
+
+def _tuning_line(name: str, report: dict) -> str:
+    """One line: a finetuned model's steps, seconds and tuning AUROC per output."""
+    aurocs = {k: v for k, v in report["tuning_auroc"].items() if v is not None}
+    mean = sum(aurocs.values()) / max(1, len(aurocs))
+    return (f"{name}: {report['steps']} steps in {report['train_seconds']:.0f} s, mean tuning AUROC {mean:.3f}; "
+            + ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items()))
+
+
+def _keep_finetune_report(out: Path, name: str, run: Path) -> None:
+    """Copy a finished model's report to OUT at once, so a run cut short still leaves its tuning numbers."""
+    report_path = run / "finetune_report.json"
+    if not report_path.exists():
+        return
+    report = json.loads(report_path.read_text())
+    kept = out / "finetune_reports"
+    kept.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(report_path, kept / f"{name}.json")
+    print(_tuning_line(name, report), flush=True)
 
 
 def main() -> None:
@@ -225,6 +242,7 @@ def main() -> None:
     def tune(name: str, label: str, **fields) -> Path:
         target = work / name
         stage.run(label, target / "model", lambda: finetune(data=seq, labels=labels, out=target, **{**common, **fields}))
+        _keep_finetune_report(out, name, target)
         return target
 
     mtf = tune("ft_mtf", "finetune MTF", pretrained=run, tasks=TASKS, max_steps=steps(args.finetune_steps))
