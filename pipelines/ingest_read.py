@@ -323,7 +323,7 @@ class ChunkReader:
         chunk = pl.lit(self.chunk.index, pl.Int32).alias("chunk")
         if rows.height:
             write_buckets(rows.drop("encounter_end_us").with_columns(chunk), "subject_id",
-                           self.settings.subject_buckets, spill / "rows", tag)
+                          self.settings.subject_buckets, spill / "rows" / tag)
             encounters = rows.filter(pl.col("event_type") == EventType.ENCOUNTER_START).select(
                 "encounter_id",
                 pl.col("subject_id").alias("encounter_subject_id"),
@@ -333,14 +333,14 @@ class ChunkReader:
                 chunk,
             )
             if encounters.height:  # by their subject's bucket, the bucket that will join them
-                write_buckets(encounters, "encounter_subject_id", self.settings.subject_buckets, spill / "encounters",
-                               tag)
+                write_buckets(encounters, "encounter_subject_id", self.settings.subject_buckets,
+                              spill / "encounters" / tag)
         if self.keys:
             keys = pl.from_arrow(pa.Table.from_struct_array(pa.array(self.keys, type=_KEY_STRUCT)))
             # identity: every copy of one type/id meets in one bucket (polars' hash is stable within a run)
             identity = ((pl.col("fhir_id").hash(seed=0) ^ pl.col("resource_type").hash(seed=1)) // 2).cast(pl.Int64)
             keys = keys.with_columns(chunk, identity=identity)
-            write_buckets(keys, "identity", self.settings.key_buckets, spill / "keys", tag)
+            write_buckets(keys, "identity", self.settings.key_buckets, spill / "keys" / tag)
         for name, struct, items in (
             ("patients", _PATIENT_STRUCT, self.flattener.patients),
             ("medications", _MEDICATION_STRUCT, self.flattener.medications),

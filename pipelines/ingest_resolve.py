@@ -6,6 +6,7 @@ small lookup tables (patients, medications) are held whole; encounters are read 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 
 from odyssey.pipelines import schema
 from odyssey.pipelines.ingest_read import Problem
-from odyssey.pipelines.ingest_spill import read_folder, read_frame, write_frame
+from odyssey.pipelines.ingest_spill import read_bucket, read_folder, read_frame, write_frame
 from odyssey.pipelines.report import reason_category
 from odyssey.pipelines.schema import EventType
 
@@ -51,7 +52,7 @@ class ResolveResult:
 def _bucket_duplicates(args: tuple[Path, int, dict[int, str], dict[int, int]]) -> pl.DataFrame | None:
     """Copies of one resource id within one key bucket (every copy of an id meets in one bucket)."""
     spill, bucket, chunk_paths, line_offsets = args
-    keys = read_folder(spill / "keys" / f"b{bucket:04d}", consume=True)
+    keys = read_bucket(spill / "keys", bucket)
     if keys is None:
         return None
     dup = keys.filter(pl.col("identity").is_duplicated()).sort(["identity", *KEY])
@@ -136,10 +137,9 @@ def _write_lookups(spill: Path, dropped: pl.DataFrame, patients, medications) ->
     )
 
 
-def _encounter_table(files: list[Path], dropped: pl.DataFrame) -> pl.LazyFrame:
-    if not files:
+def _encounter_table(table: pl.LazyFrame | None, dropped: pl.DataFrame) -> pl.LazyFrame:
+    if table is None:
         return pl.LazyFrame(schema=_ENCOUNTER_LOOKUP)
-    table = pl.concat([pl.scan_ipc(f) for f in files])
     if dropped.height:
         table = table.join(dropped.lazy(), on=KEY, how="anti")
     return table.select(*_ENCOUNTER_LOOKUP)
@@ -150,13 +150,15 @@ def _join_encounters(rows: pl.DataFrame, spill: Path, bucket: int, dropped: pl.D
     its own subjects, which the readers spilled to the same bucket; the few references that point
     elsewhere are looked up among all encounters. So no process ever holds every encounter, and each
     bucket's work does not grow with the export."""
-    own = sorted((spill / "encounters" / f"b{bucket:04d}").glob("*.arrow"))
-    rows = rows.join(_encounter_table(own, dropped).collect(), on="encounter_id", how="left")
+    own = read_bucket(spill / "encounters", bucket)
+    own = _encounter_table(own.lazy() if own is not None else None, dropped).collect()
+    rows = rows.join(own, on="encounter_id", how="left")
     elsewhere = pl.col("encounter_id").is_not_null() & pl.col("encounter_subject_id").is_null()
     wanted = rows.filter(elsewhere).select("encounter_id").unique()
     if wanted.is_empty():
         return rows
-    every = sorted((spill / "encounters").glob("b*/*.arrow"))
+    every = sorted((spill / "encounters").glob("*.arrow"))
+    every = pl.concat([pl.scan_ipc(f) for f in every]) if every else None
     found = _encounter_table(every, dropped).join(wanted.lazy(), on="encounter_id", how="semi").collect()
     if found.is_empty():
         return rows
@@ -168,11 +170,13 @@ def _join_encounters(rows: pl.DataFrame, spill: Path, bucket: int, dropped: pl.D
     ).drop("encounter_subject_id_elsewhere", "encounter_end_elsewhere")
 
 
-def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult:
-    """Resolve one subject bucket's rows and write them as one sorted shard."""
+def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult | None:
+    """Resolve one subject bucket's rows and write them as one sorted shard (None: the bucket is empty)."""
     spill, bucket, shard, strict = args
     lookups = spill / _LOOKUPS
-    rows = read_folder(spill / "rows" / f"b{bucket:04d}", consume=True)
+    rows = read_bucket(spill / "rows", bucket)
+    if rows is None:  # no subject fell in this bucket: no shard
+        return None
     # a resource's rows are adjacent in the spill: its first row marks it (for counting resources cheaply)
     first_row = (pl.col("line") != pl.col("line").shift()) | (pl.col("entry") != pl.col("entry").shift()) | (
         pl.col("chunk") != pl.col("chunk").shift())
@@ -252,6 +256,7 @@ def resolve_and_write(
     how many processes resolve them.
     """
     dropped = find_duplicates(spill, key_buckets, chunk_paths, mapper, line_offsets)
+    shutil.rmtree(spill / "keys", ignore_errors=True)
     if strict and not dropped.filter(pl.col("kind") == "rejected").is_empty():
         first = dropped.filter(pl.col("kind") == "rejected").sort(KEY).row(0, named=True)
         raise StrictStop(Problem(first["chunk"], first["line"], first["entry"], first["resource_type"],
@@ -262,19 +267,19 @@ def resolve_and_write(
 
     data_dir = out / schema.DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
-    filled = [b for b in range(subject_buckets) if any((spill / "rows" / f"b{b:04d}").glob("*.arrow"))]
-    shards = [data_dir / f"{i}.parquet" for i in range(len(filled))]
-    if progress is not None and len(filled) < subject_buckets:
-        progress.update(subject_buckets - len(filled))
-    result = ResolveResult(shards=shards, written={})
+    result = ResolveResult(shards=[], written={})
     written: dict[str, int] = {}
     code_counts: list[pl.DataFrame] = []
     subject_frames: list[pl.DataFrame] = []
     cascades: list[pl.DataFrame] = []
-    jobs = [(spill, bucket, shard, strict) for bucket, shard in zip(filled, shards, strict=True)]
-    for bucket_result in mapper(resolve_bucket, jobs):  # in bucket order: strict stops where a serial run would
-        if progress is not None:
+    # each bucket writes a provisional shard, numbered here in bucket order once the empty ones are known
+    provisional = [data_dir / f".bucket{bucket:04d}.parquet" for bucket in range(subject_buckets)]
+    jobs = [(spill, bucket, shard, strict) for bucket, shard in enumerate(provisional)]
+    for shard, bucket_result in zip(provisional, mapper(resolve_bucket, jobs), strict=True):  # in bucket order:
+        if progress is not None:  # strict mode stops where a serial run would
             progress.update(1)
+        if bucket_result is None:
+            continue
         if bucket_result.strict_problem is not None:
             raise StrictStop(bucket_result.strict_problem)
         for rtype, n in bucket_result.written.items():
@@ -285,6 +290,9 @@ def resolve_and_write(
         subject_frames.append(bucket_result.subjects)
         if bucket_result.failed is not None:
             cascades.append(bucket_result.failed)
+        result.shards.append(shard.rename(data_dir / f"{len(result.shards)}.parquet"))
+    for name in ("rows", "encounters"):
+        shutil.rmtree(spill / name, ignore_errors=True)
 
     if patients is not None:
         written["Patient"] = patients.height
