@@ -1,7 +1,11 @@
-"""One recurrent step of the selective scan: the `selective_state_update` role for decoding and scoring.
+"""Recurrent steps of the selective scan, for decoding and incremental scoring.
 
-Feeding a sequence token by token through `selective_state_update`, starting from a zero state (or
-from the `last_state` a scan returned), gives the same outputs as scanning the whole sequence.
+- `selective_state_update`: one token of a batch of states (the mamba-ssm function's role). Feeding a
+  sequence token by token, starting from a zero state (or from the `last_state` a scan returned), gives
+  the same outputs as scanning the whole sequence.
+- `conv_chunk` and `selective_chunk`: a few tokens of many rows of a state pool per launch, the conv and
+  the scan halves of a Mamba layer's step (see the section comment below); Triton kernels on CUDA, torch
+  loops elsewhere. Triton is imported only when a kernel is first needed.
 """
 
 from __future__ import annotations
