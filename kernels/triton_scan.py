@@ -210,9 +210,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # time needs 3 (H200, b32/L2048/N16: f+b 8.83 -> 8.02 ms); with 4-channel programs, the
         # chunk's tiles flipped once per chunk and only C and the result per state index (adjoint 3:
         # 7.83 ms, and 17.0 vs 20.2 ms at b8/L16384; kernels/NOTES.md v7)
-        # (v8: adjoint 5, the same with the source flipped as one tile, C_n dy: no reversed dy tile
-        # live through the state loop, 8 -> 1 spill loads per state index at cap 128)
-        adjoint=over.get("adjoint", 5 if capped else 1),
+        # (adjoint 5, the same with the source C_n dy flipped as one tile: no reversed dy tile live
+        # through the state loop, 8 -> 1 spill loads per state index at cap 128 in a local compile;
+        # not yet timed on a GPU, kernels/NOTES.md v8)
+        adjoint=over.get("adjoint", 3 if capped else 1),
         one_exp=over.get("one_exp", False),
         bwd_maxnreg=bwd_maxnreg,
         reduce_dbc=over.get("reduce_dbc", True),

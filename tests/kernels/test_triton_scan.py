@@ -314,11 +314,13 @@ def test_state_update_shape_errors():
      {"adjoint": 0, "pair": 1, "block_d_bwd": 8},
      pytest.param({"adjoint": 1, "one_exp": True}, marks=pytest.mark.slow),
      {"adjoint": 4, "reduce_dbc": False},
-     {"bc_f32": False, "unmasked_bwd": False, "bwd_stages": 2, "adjoint": 3, "warps_fwd": 4, "block_d_fwd": 8},
+     {"bc_f32": False, "unmasked_bwd": False, "bwd_stages": 2, "warps_fwd": 4, "block_d_fwd": 8},
+     {"adjoint": 5},
      pytest.param({"fwd_variant": "tile3d", "bwd_variant": "two_pass"}, marks=pytest.mark.slow),
      pytest.param({"fwd_variant": "seq", "bwd_variant": "two_pass", "chunk": 32}, marks=pytest.mark.slow)],
     ids=["seq", "pipelined_bwd", "v6_reverse_scan_adjoint", "one_exp_adjoint",
-         "reversed_C_copy_per_row_dbc", "v7_backward", "tile3d_two_pass", "seq_two_pass_chunk32"],
+         "reversed_C_copy_per_row_dbc", "v7_backward", "source_flipped_as_a_tile", "tile3d_two_pass",
+         "seq_two_pass_chunk32"],
 )
 def test_every_kernel_variant_matches_reference(overrides, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", dict(overrides))
@@ -343,7 +345,7 @@ def test_capped_four_channel_backward_at_a_larger_state():
     """d_state 20 (padded to 32) takes the 4-channel 1-warp backward since v8: padded state rows
     must stay out of dA."""
     config = triton_scan.scan_config(20, 8)
-    assert (config.block_d_bwd, config.warps_bwd, config.adjoint) == (4, 1, 5)
+    assert (config.block_d_bwd, config.warps_bwd, config.adjoint) == (4, 1, 3)
     compare(make_inputs(dim=8, d_state=20, length=65, seed=20))
 
 
@@ -371,7 +373,7 @@ def test_backward_register_cap_keeps_the_last_wave_full():
     """4-channel backward programs: 16 resident per multiprocessor (cap 128) unless that leaves the
     last wave mostly empty; then 12 (cap 168). 132 multiprocessors, dim 1536, d_state 16."""
     config = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132)
-    assert (config.block_d_bwd, config.warps_bwd, config.bwd_maxnreg, config.adjoint) == (4, 1, 128, 5)
+    assert (config.block_d_bwd, config.warps_bwd, config.bwd_maxnreg, config.adjoint) == (4, 1, 128, 3)
     assert (config.block_d_fwd, config.warps_fwd) == (4, 1)  # 1-warp forward programs since v8
     # batch 8: 3,072 programs fill 1.45 waves of 2,112 slots but 1.94 waves of 1,584
     assert triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132).bwd_maxnreg == 168
