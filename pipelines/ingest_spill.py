@@ -25,8 +25,13 @@ def write_table(table: pa.Table | pa.RecordBatch, path: Path) -> None:
         writer.write(table)
 
 
+def _arrow(frame: pl.DataFrame) -> pa.Table:
+    # polars' own string layout (string views): no conversion either way, ~3x cheaper to read back
+    return frame.to_arrow(compat_level=pl.CompatLevel.newest())
+
+
 def write_frame(frame: pl.DataFrame, path: Path) -> None:
-    write_table(frame.to_arrow(), path)
+    write_table(_arrow(frame), path)
 
 
 def write_buckets(frame: pl.DataFrame, column: str, buckets: int, path: Path) -> None:
@@ -38,7 +43,7 @@ def write_buckets(frame: pl.DataFrame, column: str, buckets: int, path: Path) ->
     ordered = frame.with_columns(bucket).sort("_bucket", maintain_order=True)
     counts = np.bincount(ordered.get_column("_bucket").to_numpy(), minlength=buckets)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    (batch,) = ordered.drop("_bucket").to_arrow().combine_chunks().to_batches()  # one chunk: one batch
+    (batch,) = _arrow(ordered.drop("_bucket")).combine_chunks().to_batches()  # one chunk: one batch
     path.parent.mkdir(parents=True, exist_ok=True)
     with pa.OSFile(str(path), "wb") as sink, pa_ipc.new_file(sink, batch.schema) as writer:
         for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
