@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from odyssey.pipelines import schema
@@ -189,25 +188,28 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult | None:
         .join(read_frame(lookups / "medications.arrow"), on="medication_key", how="left")
     )
     rows = _join_encounters(rows, spill, bucket, dropped)
-    reason = (
-        pl.when(pl.col("has_patient").is_null())
-        .then(pl.lit("subject Patient not found or rejected"))
-        .when(pl.col("medication_key").is_not_null() & pl.col("medication_code").is_null())
-        .then(pl.lit("medicationReference not found or rejected: ") + pl.col("medication_key"))
-        .when(
-            pl.col("encounter_subject_id").is_not_null()
-            & (pl.col("encounter_subject_id") != pl.col(schema.SUBJECT_ID))
-        )
-        .then(pl.lit("encounter belongs to another patient"))
-        .when(pl.col("time_from_encounter") & pl.col("encounter_end").is_null())
-        .then(pl.lit("no time of its own and its encounter is missing, rejected or has no end"))
-    )
-    rows = rows.with_columns(reason=reason)
-    if rows["reason"].null_count() < rows.height:  # spread a row's reason to its whole resource
-        rows = rows.with_columns(reason=pl.col("reason").drop_nulls().first().over(KEY))
-    failed = rows.filter(pl.col("reason").is_not_null())
+    no_patient = pl.col("has_patient").is_null()
+    no_medication = pl.col("medication_key").is_not_null() & pl.col("medication_code").is_null()
+    other_patient = pl.col("encounter_subject_id").is_not_null() & (
+        pl.col("encounter_subject_id") != pl.col(schema.SUBJECT_ID))
+    no_time = pl.col("time_from_encounter") & pl.col("encounter_end").is_null()
     per_resource = None
-    if not failed.is_empty():
+    kept = rows
+    if rows.select((no_patient | no_medication | other_patient | no_time).any()).item():  # else: no message to build
+        reason = (
+            pl.when(no_patient)
+            .then(pl.lit("subject Patient not found or rejected"))
+            .when(no_medication)
+            .then(pl.lit("medicationReference not found or rejected: ") + pl.col("medication_key"))
+            .when(other_patient)
+            .then(pl.lit("encounter belongs to another patient"))
+            .when(no_time)
+            .then(pl.lit("no time of its own and its encounter is missing, rejected or has no end"))
+        )
+        # a row's reason spreads to its whole resource
+        rows = rows.with_columns(reason=reason).with_columns(reason=pl.col("reason").drop_nulls().first().over(KEY))
+        failed = rows.filter(pl.col("reason").is_not_null())
+        kept = rows.filter(pl.col("reason").is_null()).drop("reason")
         per_resource = failed.group_by(KEY).agg(pl.col("resource_type").first(), pl.col("reason").first()).sort(KEY)
         if strict:
             first = per_resource.row(0, named=True)
@@ -215,8 +217,7 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult | None:
                               first["reason"], None)
             empty = pl.DataFrame()
             return _BucketResult({}, 0, 0, empty, empty, None, strict_problem=problem)
-    kept = rows.filter(pl.col("reason").is_null())
-    dangling = kept.filter(pl.col("encounter_id").is_not_null() & pl.col("encounter_subject_id").is_null())
+    dangling = kept.lazy().filter(pl.col("encounter_id").is_not_null() & pl.col("encounter_subject_id").is_null())
     kept = kept.with_columns(
         code=pl.coalesce(schema.CODE, "medication_code"),
         time=pl.when(pl.col("time_from_encounter")).then(pl.col("encounter_end")).otherwise(pl.col(schema.TIME)),
@@ -226,13 +227,13 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult | None:
         .otherwise(pl.col("encounter_id")),
     )
     written = dict(kept.filter("_first_row").group_by("resource_type").len().iter_rows())
-    meds = _to_meds(kept)
+    frame = _to_meds(kept)
+    meds = frame.to_arrow().cast(schema.DATA_SCHEMA)
     pq.write_table(meds, shard, compression="zstd", write_statistics=True, use_dictionary=_DICTIONARY_COLUMNS)
-    frame = pl.from_arrow(meds)
     return _BucketResult(
         written=written,
         events=meds.num_rows,
-        dangling_encounters=dangling.select(KEY).unique().height,
+        dangling_encounters=dangling.select(KEY).unique().collect().height,
         codes=frame.group_by(schema.CODE).len(),
         subjects=frame.select(schema.SUBJECT_ID).unique(),
         failed=per_resource,
@@ -351,8 +352,8 @@ def _with_encounter_ends(rows: pl.DataFrame) -> pl.DataFrame:
 _SORT = [schema.SUBJECT_ID, schema.TIME, "_order"]
 
 
-def _to_meds(rows: pl.DataFrame) -> pa.Table:
-    """Rows in Odyssey's MEDS schema, in a total order (so reruns write identical bytes)."""
+def _to_meds(rows: pl.DataFrame) -> pl.DataFrame:
+    """Rows with Odyssey's MEDS columns, in a total order (so reruns write identical bytes)."""
     us = pl.Datetime("us")
     frame = _with_encounter_ends(rows).select(
         pl.col("_order"),
@@ -367,7 +368,7 @@ def _to_meds(rows: pl.DataFrame) -> pa.Table:
         pl.col(schema.EVENT_TYPE),
         pl.col(schema.ISSUED).cast(us),
     )
-    return frame[_sorting_order(frame)].drop("_order").to_arrow().cast(schema.DATA_SCHEMA)
+    return frame[_sorting_order(frame)].drop("_order")
 
 
 _BEFORE_ANY_TIME = np.iinfo(np.int64).min  # static rows (time null) first; no FHIR time comes near it
