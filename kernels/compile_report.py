@@ -6,8 +6,9 @@ loop over the state index): shuffles, MUFU (exp2, reciprocals), FP32 arithmetic,
 local-memory (spill) traffic. This is how kernels/NOTES.md reads layouts and register use before
 spending GPU time:
 
-    python -m odyssey.kernels.compile_report                          # backward and forward, defaults
-    python -m odyssey.kernels.compile_report --kernel bwd --set ADJOINT=0 --set BLOCK_D=8
+    python -m odyssey.kernels.compile_report                          # backward and forward, as launched
+    python -m odyssey.kernels.compile_report --kernel bwd --set ADJOINT=0 --set BLOCK_D=8 --maxnreg 0
+    python -m odyssey.kernels.compile_report --kernel bwd --set ADJOINT=5 --set LANE_FLIP=True
     python -m odyssey.kernels.compile_report --kernel fwd --maxnreg 96 --dump /tmp/fwd.sass
 
 The code Triton generates depends on its version: the GPU machine runs Triton 3.6, so to see what it
@@ -41,10 +42,14 @@ FLOAT32_POINTERS = ("A_ptr", "D_ptr", "bias_ptr", "states_ptr", "last_ptr", "dla
 INT32_POINTERS = ("seq_batch_ptr", "seq_start_ptr", "seq_len_ptr")
 COMMON = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "VARLEN": False,
           "BLOCK_N": 16, "CHUNK": 64, "STAGES": 2}
-KERNELS = {  # name: (kernel, default constexprs, warps) as triton_scan launches them at d_state 16
-    "bwd": (kernels._bwd_state_loop_kernel, {**COMMON, "HAS_DLAST": False, "BLOCK_D": 4, "ADJOINT": 3}, 1),
+KERNELS = {  # name: (kernel, constexprs, warps, register cap, float32 pointers) as triton_scan (v8)
+    # launches them at b32/L2048/d_state 16: the backward capped at 128 registers, unpipelined,
+    # unmasked, on float32 copies of B and C; the forward in 1-warp programs of 4 channels
+    "bwd": (kernels._bwd_state_loop_kernel,
+            {**COMMON, "HAS_DLAST": False, "BLOCK_D": 4, "ADJOINT": 3, "STAGES": 1, "FULL": True}, 1, 128,
+            ("B_ptr", "C_ptr")),
     "fwd": (kernels._fwd_state_loop_kernel,
-            {**COMMON, "STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 16, "PAIR": 2}, 4),
+            {**COMMON, "STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 4, "PAIR": 2}, 1, None, ()),
 }
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+((?:@!?U?P[T\d]\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")
 REPORTED = ("SHFL", "MUFU", "FFMA", "FMUL", "FADD", "LDS", "LDSM", "STS", "LDL", "STL", "BAR", "REDG")
@@ -118,8 +123,11 @@ def _summary(counts: Counter) -> str:
 
 
 def report(kernel: str, overrides: dict, maxnreg: int | None = None, dump: str | None = None,
-           fp32_pointers: tuple[str, ...] = ()) -> dict:
-    fn, defaults, warps = KERNELS[kernel]
+           fp32_pointers: tuple[str, ...] | None = None) -> dict:
+    """maxnreg / fp32_pointers None: as the kernel is launched (KERNELS); 0 / (): no cap, all bf16."""
+    fn, defaults, warps, default_cap, default_fp32 = KERNELS[kernel]
+    maxnreg = default_cap if maxnreg is None else (maxnreg or None)
+    fp32_pointers = default_fp32 if fp32_pointers is None else fp32_pointers
     constexprs = {**defaults, **overrides}
     warps = constexprs.pop("num_warps", warps)
     compiled = compile_sm90(fn, constexprs, warps, maxnreg, fp32_pointers)
@@ -153,14 +161,16 @@ def main(argv=None) -> int:
                         help="bwd and/or fwd (default: both)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a kernel constexpr (e.g. BLOCK_D=8, ADJOINT=0) or num_warps")
-    parser.add_argument("--maxnreg", type=int, default=None)
+    parser.add_argument("--maxnreg", type=int, default=None, help="register cap (0: none; default: as launched)")
     parser.add_argument("--dump", default=None, help="write the SASS listing here (one kernel)")
-    parser.add_argument("--fp32", default="", metavar="B_ptr,C_ptr",
-                        help="pointer arguments compiled as float32 instead of bf16 (e.g. B and C converted once)")
+    parser.add_argument("--fp32", default=None, metavar="B_ptr,C_ptr",
+                        help="pointer arguments compiled as float32 instead of bf16 ('' for none; default: as "
+                             "launched, i.e. B and C for the backward)")
     args = parser.parse_args(argv)
     overrides = _parse_set(args.set)
     for kernel in args.kernel or sorted(KERNELS):
-        report(kernel, overrides, args.maxnreg, args.dump, tuple(filter(None, args.fp32.split(","))))
+        fp32 = None if args.fp32 is None else tuple(filter(None, args.fp32.split(",")))
+        report(kernel, overrides, args.maxnreg, args.dump, fp32)
     return 0
 
 

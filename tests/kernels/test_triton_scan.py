@@ -314,7 +314,8 @@ def test_state_update_shape_errors():
      {"adjoint": 0, "pair": 1, "block_d_bwd": 8},
      pytest.param({"adjoint": 1, "one_exp": True}, marks=pytest.mark.slow),
      {"adjoint": 4, "reduce_dbc": False},
-     {"bc_f32": False, "unmasked_bwd": False, "bwd_stages": 2, "warps_fwd": 4, "block_d_fwd": 8},
+     pytest.param({"bc_f32": False, "unmasked_bwd": False, "bwd_stages": 2, "warps_fwd": 4, "block_d_fwd": 8},
+                  marks=pytest.mark.slow),
      {"adjoint": 5},
      pytest.param({"fwd_variant": "tile3d", "bwd_variant": "two_pass"}, marks=pytest.mark.slow),
      pytest.param({"fwd_variant": "seq", "bwd_variant": "two_pass", "chunk": 32}, marks=pytest.mark.slow)],
@@ -334,7 +335,7 @@ def test_full_tiles_without_masks_and_float32_B_C(dtype, tol, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES",
                         {"bc_f32": True, "unmasked_fwd": True, "unmasked_bwd": True, "block_d_fwd": 4})
     assert triton_scan._full_tiles(triton_scan._dense_sequences(2, 128, "cpu"), 8, 4, 64, 4, 2)
-    inputs = make_inputs(dim=8, d_state=4, length=128, groups=2, dtype=dtype, seed=21)
+    inputs = make_inputs(batch=1, dim=8, d_state=4, length=128, groups=2, dtype=dtype, seed=21)
     compare(inputs, tol=tol)
     B_grad = grads_of([triton_scan.selective_scan_triton(*[inputs[k] for k in NAMES], delta_softplus=True)],
                       inputs)["B"]
@@ -344,9 +345,9 @@ def test_full_tiles_without_masks_and_float32_B_C(dtype, tol, monkeypatch):
 def test_capped_four_channel_backward_at_a_larger_state():
     """d_state 20 (padded to 32) takes the 4-channel 1-warp backward since v8: padded state rows
     must stay out of dA."""
-    config = triton_scan.scan_config(20, 8)
+    config = triton_scan.scan_config(20, 4)
     assert (config.block_d_bwd, config.warps_bwd, config.adjoint) == (4, 1, 3)
-    compare(make_inputs(dim=8, d_state=20, length=65, seed=20))
+    compare(make_inputs(batch=1, dim=4, d_state=20, length=65, seed=20))
 
 
 def test_full_tiles_needs_whole_chunks_tiles_and_pairs():
@@ -356,6 +357,22 @@ def test_full_tiles_needs_whole_chunks_tiles_and_pairs():
     assert not triton_scan._full_tiles(dense, 8, 4, 64, 5, 2)  # an odd d_state in pairs
     varlen = triton_scan._varlen_sequences(2, 128, "cpu", torch.tensor([128, 128]), None, None)
     assert not triton_scan._full_tiles(varlen, 8, 4, 64, 4, 2)
+
+
+def test_lane_flip_only_where_the_tile_layout_is_known(monkeypatch):
+    """The inline-PTX flip needs compiled code, the 1-warp 4-channel tiles and 16-byte aligned,
+    time-contiguous rows; anything else falls back to tl.flip."""
+    flip = {"lane_flip": True}
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", flip)
+    config = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132)
+    u = torch.zeros(2, 16, 128, dtype=torch.bfloat16)
+    assert not triton_scan._lane_flip_safe(config, u)  # the interpreter is on in this module
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert triton_scan._lane_flip_safe(config, u, None)
+    assert not triton_scan._lane_flip_safe(config, u.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not triton_scan._lane_flip_safe(config, torch.zeros(2, 16, 129, dtype=torch.bfloat16)[..., 1:])
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**flip, "adjoint": 1})
+    assert not triton_scan._lane_flip_safe(triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132), u)
 
 
 def test_overrides_from_the_environment():
