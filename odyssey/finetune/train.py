@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 from transformers import TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from odyssey.io import atomic_output_dir, read_json, write_json
 from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification, count_parameters
 from odyssey.tokenizer import EHRTokenizer, TokenType, load_sequences
-from odyssey.training.data import read_vocabulary
+from odyssey.training.data import LengthBucketSampler, read_vocabulary
 from odyssey.training.pretrain import (
     PickleFreeTrainer,
     TrainerSettings,
@@ -244,8 +243,9 @@ class KeepBestOnTuning(TrainerCallback):
 class TaskTrainer(PickleFreeTrainer):
     """Trainer whose training order follows per-task sampling weights when given, else groups by length.
 
-    Length grouping (random mega-batches, each sorted by length) uses the dataset's precomputed lengths;
-    without it, a batch of short histories pads to its one long history (most of a GPU step at 2,048).
+    Length grouping (`LengthBucketSampler`: batches of similar length in random order) uses the dataset's
+    precomputed lengths; without it, a batch of short histories pads to its one long history (most of a
+    GPU step at 2,048).
     """
 
     def __init__(self, *args, sample_weights: np.ndarray | None = None, group_by_length: bool = False, **kwargs):
@@ -254,17 +254,15 @@ class TaskTrainer(PickleFreeTrainer):
         self.group_examples_by_length = group_by_length
 
     def _get_train_sampler(self, train_dataset=None):
-        generator = torch.Generator().manual_seed(self.args.seed)
         if self.sample_weights is None:
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             if self.group_examples_by_length and hasattr(dataset, "lengths"):
-                return LengthGroupedSampler(
-                    self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                    lengths=list(dataset.lengths), generator=generator)
+                return LengthBucketSampler(list(dataset.lengths), self.args.train_batch_size
+                                           * self.args.gradient_accumulation_steps, seed=self.args.seed)
             return super()._get_train_sampler(train_dataset)
         return torch.utils.data.WeightedRandomSampler(
             torch.as_tensor(self.sample_weights, dtype=torch.double), num_samples=len(self.sample_weights),
-            replacement=True, generator=generator,
+            replacement=True, generator=torch.Generator().manual_seed(self.args.seed),
         )
 
 

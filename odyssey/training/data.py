@@ -212,9 +212,13 @@ class SequenceDataset(torch.utils.data.Dataset):
 
 
 class LengthBucketSampler(torch.utils.data.Sampler[int]):
-    """Random order in which neighbouring batches hold windows of similar length.
+    """Batches of similar length, the batches themselves in random order.
 
-    Deterministic per (seed, epoch), so a resumed run replays the same order.
+    Random mega-batches are sorted by length and cut into batches (as transformers' length grouping does),
+    then the batches are shuffled. Without that shuffle, training walks each mega-batch from its longest
+    batch to its shortest: a 50-step cycle in length, and so in label rates, which kept the heads near
+    chance at 1,000 patients (docs/finetune.md). The longest batch still comes first, so a batch that does
+    not fit in memory fails at once. Deterministic per (seed, epoch), so a resumed run replays the order.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0):
@@ -231,7 +235,14 @@ class LengthBucketSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        grouped = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+        batches = [grouped[i : i + self.batch_size] for i in range(0, len(grouped), self.batch_size)]
+        # The first batch holds the longest item; a short last batch stays last (drop_last sees it there).
+        short_tail = 1 if batches and len(batches[-1]) < self.batch_size else 0
+        middle = batches[1 : len(batches) - short_tail]
+        order = torch.randperm(len(middle), generator=generator).tolist()
+        batches = batches[:1] + [middle[i] for i in order] + batches[1 + len(middle):]
+        return iter([index for batch in batches for index in batch])
 
 
 class SequenceCollator:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from odyssey.finetune.data import (
     FinetuneDataError,
@@ -22,6 +20,7 @@ from odyssey.finetune.data import (
 )
 from odyssey.finetune.train import sampling_weights
 from odyssey.tokenizer import EHRTokenizer, SpecialTokens, TokenType, load_sequences
+from odyssey.training.data import LengthBucketSampler
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +154,7 @@ def test_length_grouped_batches_pad_less_and_cover_every_example(loaded):
     _, specs, store, labels = loaded
     examples, _ = build_examples(store, specs, labels, "train")
     dataset = TaskDataset(store, examples, specs, 512)
-    sampler = LengthGroupedSampler(16, lengths=list(dataset.lengths), generator=torch.Generator().manual_seed(0))
+    sampler = LengthBucketSampler(list(dataset.lengths), 16, seed=0)
     order = np.fromiter(iter(sampler), dtype=np.int64)
     assert sorted(order.tolist()) == list(range(len(dataset)))
     lengths = np.asarray(dataset.lengths)

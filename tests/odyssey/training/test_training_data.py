@@ -121,6 +121,17 @@ def test_length_buckets_are_deterministic_and_homogeneous():
     assert spread < random_spread / 5
 
 
+def test_length_buckets_come_in_random_order_longest_first():
+    # transformers' grouping walks each mega-batch from its longest batch to its shortest; that 50-step
+    # cycle in length (and label rates) kept the finetuning heads near chance (docs/finetune.md).
+    lengths = list(np.random.default_rng(2).integers(1, 5000, size=16 * 400))
+    order = list(LengthBucketSampler(lengths, batch_size=16, seed=0))
+    maxima = [max(lengths[j] for j in order[i : i + 16]) for i in range(0, len(order), 16)]
+    assert maxima[0] == max(lengths)
+    descents = np.mean(np.diff(maxima) < 0)
+    assert 0.35 < descents < 0.65, descents
+
+
 def test_eval_order_is_longest_first(sequences_dir):
     vocab = read_vocabulary(sequences_dir)
     dataset = sort_by_length(SequenceDataset(read_sequences(sequences_dir, "tuning"), vocab, 100))
