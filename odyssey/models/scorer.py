@@ -289,7 +289,7 @@ class EHRMambaScorer:
         bias = self.model.classifier.bias[offset: offset + len(self.prompt)]
         # output j reads prompt position j through its own classifier row: one batched product over j
         logits = torch.baddbmm(bias[:, None, None], hidden.to(weight.dtype).transpose(0, 1), weight[:, :, None])
-        return torch.sigmoid(logits[..., 0].t().float())
+        return torch.sigmoid(logits[..., 0].float()).t().contiguous()  # (rows, prompt); one plain copy out
 
     def _graph(self, layout: _Layout, width: int) -> _GraphedForward | None:
         """The captured pass for this shape, or None to run it eagerly this time."""
