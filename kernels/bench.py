@@ -242,9 +242,10 @@ _FLIP = {"lane_flip": True}
 _ADJ5 = {"adjoint": 5}
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
     # after v8 (not yet run): the source flipped as one tile (adjoint 5) and with the lane-shuffle flip
-    # (fixed after the v8 run: 2-D tiles only), against the v8 default; at d_state 64 the 1-warp forward
-    "b32_L2048_N16": [{}, _ADJ5, {**_ADJ5, **_FLIP}],
-    "b8_L16384_N16": [{}, _ADJ5, {**_ADJ5, **_FLIP}],
+    # (fixed after the v8 run: 2-D tiles only), the forward's chunk-end states stored once per chunk,
+    # against the v8 default; at d_state 64 the 1-warp forward
+    "b32_L2048_N16": [{}, _ADJ5, {**_ADJ5, **_FLIP}, {"fwd_end_tile": True}],
+    "b8_L16384_N16": [{}, _ADJ5, {**_ADJ5, **_FLIP}, {"fwd_end_tile": True}],
     "b32_L2048_N64": [{}, {"warps_fwd": 1, "block_d_fwd": 4}, _ADJ5, {**_ADJ5, **_FLIP}],
 }
 

@@ -56,7 +56,6 @@ FWD_VARIANTS = ("seq", "state_loop", "tile3d")
 BWD_VARIANTS = ("state_loop", "two_pass")
 
 
-
 @dataclass(frozen=True)
 class ScanConfig:
     block_n: int
@@ -81,6 +80,7 @@ class ScanConfig:
     unmasked_fwd: bool = False
     unmasked_bwd: bool = False
     lane_flip: bool = False
+    fwd_end_tile: bool = False
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -202,7 +202,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         maxnreg=over.get("maxnreg"),
         # software-pipelined state loops (the next state index's loads in flight), H100, b32/L2048/N16
         # (kernels/NOTES.md v5, v6): backward 10.1 -> 9.3 ms f+b, forward 2.14 -> 1.91 ms
-        # (the capped 4-channel backward since v8 without: its loop keeps fewer tiles live, v8 below)
+        # (the capped 4-channel backward since v8 without: its buffers cost spills under the cap;
+        # S1 backward 6.68 -> 5.89 ms, kernels/NOTES.md v8)
         bwd_stages=over.get("bwd_stages", 1 if capped else 2),
         fwd_stages=over.get("fwd_stages", 2),
         # the adjoint scan as a forward scan between explicit flips along time: Triton 3.6 lowers
@@ -228,6 +229,9 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         unmasked_bwd=over.get("unmasked_bwd", True),
         # flips along time as one lane shuffle (inline PTX, GPU only; see _lane_flip_safe)
         lane_flip=over.get("lane_flip", False),
+        # the forward's chunk-end states gathered in a register tile and stored once per chunk
+        # instead of once per state index through a shared-memory layout conversion (untimed)
+        fwd_end_tile=over.get("fwd_end_tile", False),
     )
 
 
@@ -385,7 +389,7 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     extra = {}
     if cfg.fwd_variant == "state_loop":
         full = cfg.unmasked_fwd and _full_tiles(seqs, dim, cfg.block_d_fwd, cfg.chunk, d_state, cfg.pair)
-        extra = {"PAIR": cfg.pair, "STAGES": cfg.fwd_stages, "FULL": full}
+        extra = {"PAIR": cfg.pair, "STAGES": cfg.fwd_stages, "FULL": full, "END_TILE": cfg.fwd_end_tile}
     if cfg.maxnreg:
         extra["maxnreg"] = cfg.maxnreg
     kernel[cfg.fwd_variant][grid](

@@ -730,9 +730,10 @@ def _bwd_state_loop_kernel(
 @triton.jit
 def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
                    A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
-                   STORE_LAST: tl.constexpr, FULL: tl.constexpr = False):
-    """State index n of one chunk: scan from the chunk-start state, store the state after the chunk,
-    return its contribution C_n h_n to y. Indices n >= N contribute nothing."""
+                   STORE_LAST: tl.constexpr, FULL: tl.constexpr = False, END_TILE: tl.constexpr = False):
+    """State index n of one chunk: scan from the chunk-start state, store the state after the chunk
+    (END_TILE: return it instead, for one store per chunk), return its contribution C_n h_n to y.
+    Indices n >= N contribute nothing."""
     md = mask_d & ((offs_d * 0 + n) < N)
     mt = mask_t & ((offs_k * 0 + n) < N)
     An = _load_f32(A_ptr + offs_d * sA_d + n * sA_n, md, FULL)
@@ -745,12 +746,18 @@ def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d,
     _, hs = tl.associative_scan((decay, drive), axis=1, combine_fn=_linear_combine)
     # the state after the chunk: the next chunk's start, or the sequence's last state
     column = offs_k.shape[0] - 1
-    if is_final:
-        if STORE_LAST:
-            _store_column(last_rows + n * sl_n, hs, offs_k, column, md)
+    if END_TILE:
+        # the state after the chunk as a per-channel vector: one lane's register, summed out of the
+        # tile (the other terms are zeros) without the whole-tile layout conversion a store needs
+        end = tl.sum(tl.where((offs_k == column)[None, :], hs, 0.0), axis=1)
     else:
-        _store_column(h_in + ss_c + n * ss_n, hs, offs_k, column, md)
-    return hs * Cn[None, :]
+        end = tl.zeros_like(An)
+        if is_final:
+            if STORE_LAST:
+                _store_column(last_rows + n * sl_n, hs, offs_k, column, md)
+        else:
+            _store_column(h_in + ss_c + n * ss_n, hs, offs_k, column, md)
+    return hs * Cn[None, :], end
 
 
 @triton.jit
@@ -766,7 +773,7 @@ def _fwd_state_loop_kernel(
     VARLEN: tl.constexpr,
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PAIR: tl.constexpr = 1,
-    STAGES: tl.constexpr = 1, FULL: tl.constexpr = False,
+    STAGES: tl.constexpr = 1, FULL: tl.constexpr = False, END_TILE: tl.constexpr = False,
 ):
     """Forward one state index n at a time on (channels, CHUNK) tiles, y summed over n in registers
     (for large d_state, where a thread cannot hold all states of a channel)."""
@@ -811,15 +818,28 @@ def _fwd_state_loop_kernel(
         C_base = C_ptr + b * sC_b + group * sC_g + t * sC_l
         h_in = st_rows + c * ss_c
         is_final = c == n_chunks - 1
+        h_end = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
         for n in tl.range(0, N, PAIR, num_stages=STAGES):
             # PAIR independent state indices per iteration give the scheduler two dependency chains
-            y += _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
-                                A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
-                                STORE_LAST, FULL)
+            part, end = _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
+                                       A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows,
+                                       sl_n, STORE_LAST, FULL, END_TILE)
+            y += part
+            if END_TILE:
+                h_end = tl.where(offs_n[None, :] == n, end[:, None], h_end)
             if PAIR == 2:
-                y += _fwd_one_state(n + 1, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
-                                    A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows,
-                                    sl_n, STORE_LAST, FULL)
+                part, end = _fwd_one_state(n + 1, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d,
+                                           offs_k, A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n,
+                                           last_rows, sl_n, STORE_LAST, FULL, END_TILE)
+                y += part
+                if END_TILE:
+                    h_end = tl.where(offs_n[None, :] == n + 1, end[:, None], h_end)
+        if END_TILE:  # the chunk's end states, one store per chunk
+            if is_final:
+                if STORE_LAST:
+                    tl.store(last_rows[:, None] + offs_n[None, :] * sl_n, h_end, mask=mask_dn)
+            else:
+                tl.store(st_tile + (c + 1) * ss_c, h_end, mask=mask_dn)
         tl.debug_barrier()
         if HAS_D:
             y += Dv[:, None] * u

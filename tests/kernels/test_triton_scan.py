@@ -317,10 +317,12 @@ def test_state_update_shape_errors():
      pytest.param({"bc_f32": False, "unmasked_bwd": False, "bwd_stages": 2, "warps_fwd": 4, "block_d_fwd": 8},
                   marks=pytest.mark.slow),
      {"adjoint": 5},
+     {"fwd_end_tile": True},
      pytest.param({"fwd_variant": "tile3d", "bwd_variant": "two_pass"}, marks=pytest.mark.slow),
      pytest.param({"fwd_variant": "seq", "bwd_variant": "two_pass", "chunk": 32}, marks=pytest.mark.slow)],
     ids=["seq", "pipelined_bwd", "v6_reverse_scan_adjoint", "one_exp_adjoint",
-         "reversed_C_copy_per_row_dbc", "v7_backward", "source_flipped_as_a_tile", "tile3d_two_pass",
+         "reversed_C_copy_per_row_dbc", "v7_backward", "source_flipped_as_a_tile", "forward_end_states_per_chunk",
+         "tile3d_two_pass",
          "seq_two_pass_chunk32"],
 )
 def test_every_kernel_variant_matches_reference(overrides, monkeypatch):
