@@ -51,6 +51,8 @@ REGISTERS_PER_MULTIPROCESSOR = 65536
 # the second cap is taken when the first leaves the last wave of programs this empty or emptier
 MIN_LAST_WAVE_FILL = 0.85
 THREADS_PER_WARP = 32
+# Triton versions whose TTGIR was read to check the lane flip's tile layout ([1, 8] x [4, 8] lanes)
+LANE_FLIP_TRITON = ("3.6.",)
 
 FWD_VARIANTS = ("seq", "state_loop", "tile3d")
 BWD_VARIANTS = ("state_loop", "two_pass")
@@ -355,8 +357,11 @@ def _full_tiles(seqs: _Sequences, dim: int, block_d: int, chunk: int, d_state: i
 def _lane_flip_safe(cfg: ScanConfig, *tiles: torch.Tensor | None) -> bool:
     """The lane-shuffle flip assumes the layout Triton gives 1-warp (4, 64) tiles read with 16-byte
     loads: 8 steps per thread on lanes 0-7 of each channel's group. That needs time-contiguous,
-    16-byte aligned rows (and compiled code: the interpreter has no inline assembly)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or cfg.warps_bwd != 1 or cfg.chunk != 64:
+    16-byte aligned rows, compiled code (the interpreter has no inline assembly) and a Triton whose
+    layouts were read (LANE_FLIP_TRITON; kernels/NOTES.md v8)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not triton.__version__.startswith(LANE_FLIP_TRITON):
+        return False
+    if cfg.warps_bwd != 1 or cfg.chunk != 64:
         return False
     if cfg.block_d_bwd != SMALL_STATE_BWD_CHANNELS or cfg.adjoint not in (3, 5):
         return False

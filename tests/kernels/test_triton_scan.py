@@ -370,11 +370,14 @@ def test_lane_flip_only_where_the_tile_layout_is_known(monkeypatch):
     u = torch.zeros(2, 16, 128, dtype=torch.bfloat16)
     assert not triton_scan._lane_flip_safe(config, u)  # the interpreter is on in this module
     monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(triton_scan, "LANE_FLIP_TRITON", (triton_scan.triton.__version__,))
     assert triton_scan._lane_flip_safe(config, u, None)
     assert not triton_scan._lane_flip_safe(config, u.transpose(1, 2).contiguous().transpose(1, 2))
     assert not triton_scan._lane_flip_safe(config, torch.zeros(2, 16, 129, dtype=torch.bfloat16)[..., 1:])
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**flip, "adjoint": 1})
     assert not triton_scan._lane_flip_safe(triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132), u)
+    monkeypatch.setattr(triton_scan, "LANE_FLIP_TRITON", ("0.0.",))  # layouts not read for this version
+    assert not triton_scan._lane_flip_safe(config, u)
 
 
 def test_overrides_from_the_environment():
