@@ -227,17 +227,21 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult | None:
         .otherwise(pl.col("encounter_id")),
     )
     written = dict(kept.filter("_first_row").group_by("resource_type").len().iter_rows())
+    dangling_resources = dangling.select(KEY).unique().collect().height
+    del dangling
     frame = _to_meds(kept)
-    meds = frame.to_arrow().cast(schema.DATA_SCHEMA)
-    pq.write_table(meds, shard, compression="zstd", write_statistics=True, use_dictionary=_DICTIONARY_COLUMNS)
-    return _BucketResult(
+    result = _BucketResult(
         written=written,
-        events=meds.num_rows,
-        dangling_encounters=dangling.select(KEY).unique().collect().height,
+        events=frame.height,
+        dangling_encounters=dangling_resources,
         codes=frame.group_by(schema.CODE).len(),
         subjects=frame.select(schema.SUBJECT_ID).unique(),
         failed=per_resource,
     )
+    meds = frame.to_arrow().cast(schema.DATA_SCHEMA)
+    del rows, kept, frame  # only the Arrow table is needed from here: the bucket's peak memory is here
+    pq.write_table(meds, shard, compression="zstd", write_statistics=True, use_dictionary=_DICTIONARY_COLUMNS)
+    return result
 
 
 def resolve_and_write(
