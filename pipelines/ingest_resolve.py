@@ -218,18 +218,30 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult | None:
             empty = pl.DataFrame()
             return _BucketResult({}, 0, 0, empty, empty, None, strict_problem=problem)
     dangling = kept.lazy().filter(pl.col("encounter_id").is_not_null() & pl.col("encounter_subject_id").is_null())
-    kept = kept.with_columns(
-        code=pl.coalesce(schema.CODE, "medication_code"),
-        time=pl.when(pl.col("time_from_encounter")).then(pl.col("encounter_end")).otherwise(pl.col(schema.TIME)),
-        encounter_id=pl.when(pl.col("encounter_subject_id").is_null() & (pl.col(schema.EVENT_TYPE) != "encounter_start")
-                             & (pl.col(schema.EVENT_TYPE) != "encounter_end"))
-        .then(None)
-        .otherwise(pl.col("encounter_id")),
-    )
-    written = dict(kept.filter("_first_row").group_by("resource_type").len().iter_rows())
     dangling_resources = dangling.select(KEY).unique().collect().height
-    del dangling
+    written = dict(kept.lazy().filter("_first_row").group_by("resource_type").len().collect().iter_rows())
+    kept = kept.select(
+        "_seq",
+        schema.SUBJECT_ID,
+        pl.when(pl.col("time_from_encounter")).then(pl.col("encounter_end")).otherwise(pl.col(schema.TIME))
+        .alias(schema.TIME),
+        pl.coalesce(schema.CODE, "medication_code").alias(schema.CODE),
+        schema.NUMERIC_VALUE,
+        schema.TEXT_VALUE,
+        pl.when(pl.col("encounter_subject_id").is_null() & (pl.col(schema.EVENT_TYPE) != "encounter_start")
+                & (pl.col(schema.EVENT_TYPE) != "encounter_end"))
+        .then(None)
+        .otherwise(pl.col("encounter_id"))
+        .alias(schema.ENCOUNTER_ID),
+        schema.UNIT,
+        schema.COMPARATOR,
+        schema.EVENT_TYPE,
+        schema.ISSUED,
+    )
+    # the bucket's peak memory comes next (sorting, then Arrow): hold only the columns written from here
+    del rows, dangling
     frame = _to_meds(kept)
+    del kept
     result = _BucketResult(
         written=written,
         events=frame.height,
@@ -239,7 +251,7 @@ def resolve_bucket(args: tuple[Path, int, Path, bool]) -> _BucketResult | None:
         failed=per_resource,
     )
     meds = frame.to_arrow().cast(schema.DATA_SCHEMA)
-    del rows, kept, frame  # only the Arrow table is needed from here: the bucket's peak memory is here
+    del frame
     pq.write_table(meds, shard, compression="zstd", write_statistics=True, use_dictionary=_DICTIONARY_COLUMNS)
     return result
 
