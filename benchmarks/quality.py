@@ -54,10 +54,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--gpt-learning-rate", type=float, default=3e-4)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (time budget)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of subjects")
-    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                        help="finetuning batches of similar length (a random batch pads to its one long history); "
-                             "on for the 20,000-patient GPU run, but at 1,000 patients it kept the heads near chance "
-                             "(docs/finetune.md): pass --no-group-by-length for small cohorts")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
+                        help="finetuning batches of similar length; off by default: each random batch runs as "
+                             "sub-batches of similar length instead (same gradient, little padding), since "
+                             "length-homogeneous batches kept the heads near chance at 1,000 patients (docs/finetune.md)")
     parser.add_argument("--eval-steps", type=int, default=500,
                         help="every finetuned model: tuning AUROC every this many steps, the best one kept")
     parser.add_argument("--workers", type=int, default=None, help="CPU workers for data stages (default: all)")

@@ -28,6 +28,10 @@ def finetune(
     model_size: Annotated[str | None, typer.Option("--model-size", help="from scratch: tiny | small | base")] = None,
     scan_backend: Annotated[str | None, typer.Option("--scan-backend")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
+    group_by_length: Annotated[bool | None, typer.Option(
+        "--group-by-length/--no-group-by-length", help="batches of similar length (less padding, worse heads)")] = None,
+    split_batches_by_length: Annotated[bool | None, typer.Option(
+        "--split-by-length/--no-split-by-length", help="each batch as sub-batches of similar length")] = None,
     progress_bar: Annotated[bool | None, typer.Option("--progress/--no-progress", help="show the progress bar")] = None,
 ) -> None:
     """Finetune one EHRMamba on several tasks, each prompted by its task token."""
@@ -40,7 +44,7 @@ def finetune(
             tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, few_shot_k=few_shot_k,
             context_length=context_length, batch_size=batch_size, learning_rate=learning_rate, epochs=epochs,
             max_steps=max_steps, eval_steps=eval_steps, architecture=architecture, model_size=model_size, scan_backend=scan_backend, seed=seed,
-            progress_bar=progress_bar,
+            progress_bar=progress_bar, group_by_length=group_by_length, split_batches_by_length=split_batches_by_length,
         )
         result = run_finetune(cfg)
     origin = "pretrained" if result.from_pretrained else "from scratch"

@@ -12,6 +12,7 @@ Output folder (`out`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -49,6 +50,7 @@ from .data import (
     read_task_labels,
     read_task_specs,
 )
+from .length_split import plan_sub_batches, take_rows
 from .metrics import auroc
 from .transformer import GPT, EHRGPTForTaskClassification, task_model_class
 
@@ -90,6 +92,10 @@ class FinetuneConfig(TrainerSettings):
     group_by_length: bool = Field(
         False, description="batch examples of similar length together: less padding, but one admission's tasks "
         "then share batches (worse heads in the demo); ignored with task_sampling")
+    split_batches_by_length: bool = Field(
+        True, description="run each batch as sub-batches of similar length: the same gradient, less padding")
+    split_overhead_tokens: int = Field(
+        2048, ge=0, description="the fixed cost of one sub-batch in padded tokens: higher gives fewer, wider ones")
     dataloader_workers: int = Field(0, ge=0, description="processes that build examples (cut, truncate, prompt)")
 
     @field_validator("task_loss_weights", "task_sampling")
@@ -245,13 +251,60 @@ class TaskTrainer(PickleFreeTrainer):
 
     Length grouping (`LengthBucketSampler`: batches of similar length in random order) uses the dataset's
     precomputed lengths; without it, a batch of short histories pads to its one long history (most of a
-    GPU step at 2,048).
+    GPU step at 2,048). With `split_overhead_tokens`, each batch instead runs as sub-batches of similar
+    length (`length_split`), whose weighted losses and gradients add up to the whole batch's.
     """
 
-    def __init__(self, *args, sample_weights: np.ndarray | None = None, group_by_length: bool = False, **kwargs):
+    def __init__(self, *args, sample_weights: np.ndarray | None = None, group_by_length: bool = False,
+                 split_overhead_tokens: int | None = None, pad_to_multiple_of: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.sample_weights = sample_weights
         self.group_examples_by_length = group_by_length
+        self.split_overhead_tokens = split_overhead_tokens  # None: each batch runs whole
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self._loss_share: float | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The batch's step, run as sub-batches of similar length when that saves padded tokens."""
+        if self.split_overhead_tokens is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        lengths = inputs["attention_mask"].sum(dim=1).cpu().numpy()
+        groups = plan_sub_batches(lengths, self.split_overhead_tokens, self.pad_to_multiple_of)
+        shares = self._loss_shares(model, inputs, groups)
+        if shares is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        total = None
+        for number, (rows, share) in enumerate(zip(groups, shares, strict=True)):
+            self._loss_share = share
+            # Gradients synchronise across devices once, after the last sub-batch (devices may split differently).
+            last = number == len(groups) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = super().training_step(model, take_rows(inputs, rows, self.pad_to_multiple_of),
+                                             num_items_in_batch)
+            total = loss if total is None else total + loss
+        self._loss_share = None
+        return total
+
+    def _loss_shares(self, model, inputs, groups: list[np.ndarray]) -> list[float] | None:
+        """Each group's share of the batch loss's weight (the task weights of examples with a label)."""
+        if len(groups) == 1:
+            return None
+        task_weights = torch.tensor(self.accelerator.unwrap_model(model)._weights, dtype=torch.float64)
+        weights = task_weights[inputs["task_index"].cpu()] * inputs["label_mask"].cpu().any(dim=1)
+        total = float(weights.sum())
+        if total <= 0:
+            return None
+        return [float(weights[torch.as_tensor(rows)].sum()) / total for rows in groups]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if self._loss_share is None:
+            return result
+        if return_outputs:
+            loss, outputs = result
+            return loss * self._loss_share, outputs
+        return result * self._loss_share
 
     def _get_train_sampler(self, train_dataset=None):
         if self.sample_weights is None:
@@ -345,6 +398,8 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
         callbacks=callbacks,
         sample_weights=sampling_weights(train, specs, config.task_sampling),
         group_by_length=config.group_by_length,
+        split_overhead_tokens=config.split_overhead_tokens if config.split_batches_by_length else None,
+        pad_to_multiple_of=config.pad_to_multiple_of,
     )
     keep_best = None
     if config.eval_steps is not None:
