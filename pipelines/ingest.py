@@ -99,14 +99,24 @@ def subject_bucket_count(input_bytes: int, shard_bytes: int) -> int:
     return count if count == 1 else math.ceil(count / _BUCKET_MULTIPLE) * _BUCKET_MULTIPLE
 
 
+def _uncompressed_size(chunk: Chunk) -> int:
+    """Bytes of text in a chunk (gzip is counted at a typical 8x ratio)."""
+    return chunk.size * (8 if chunk.compressed else 1)
+
+
 def _estimated_bytes(chunks: list[Chunk]) -> int:
-    return sum(c.size * (8 if c.compressed else 1) for c in chunks)
+    return sum(_uncompressed_size(c) for c in chunks)
 
 
 def _read_all(chunks, settings, pool, show_progress):
     """Stage 1 over all chunks, in the worker pool when there is one."""
     results = []
     bar = tqdm(total=sum(c.size for c in chunks), unit="B", unit_scale=True, desc="read", disable=not show_progress)
+    if pool is not None and not settings.strict:
+        # biggest chunks first, so the small ones (the ends of files) fill the gaps and the workers finish
+        # together; results are put back in chunk order below. (Strict mode keeps file order: it stops at
+        # the first problem it meets.)
+        chunks = sorted(chunks, key=lambda c: -_uncompressed_size(c))
     jobs = [(c, settings) for c in chunks]
     try:
         for result in pool.imap_unordered(read_chunk, jobs) if pool is not None else map(read_chunk, jobs):
