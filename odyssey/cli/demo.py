@@ -7,6 +7,7 @@ behind one held-out patient's mortality risk); the last lines say where everythi
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,11 @@ def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: i
         torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     dirs = {name: out / name for name in ("fhir", "meds", "sequences", "labels", "pretrain", "finetune", "evaluate", "explain")}
+    previous = [path for path in dirs.values() if path.exists()]
+    if previous:  # a rerun starts over: pretraining would otherwise refuse a folder with checkpoints
+        typer.echo(f"replacing the previous demo's {', '.join(p.name for p in previous)} in {out}")
+        for path in previous:
+            shutil.rmtree(path)
     stages: dict[str, dict] = {}
 
     def stage(name: str, work) -> None:

@@ -26,3 +26,10 @@ def test_demo_runs_every_stage_and_prints_the_auroc_table(tmp_path):
     for path in (out / "evaluate" / "report.md", out / "explain" / "timeline.png", out / "explain" / "top_events.md"):
         assert str(path) in tail and path.is_file()
     assert any((out / "evaluate" / "plots").glob("*.png"))
+
+    # Running it again into the same folder starts over (it used to stop at pretraining's old checkpoints).
+    again = CliRunner().invoke(app, ["demo", "--patients", "600", "--seed", "1", "--out", str(out),
+                                     "--pretrain-steps", "2", "--finetune-steps", "2"])
+    assert again.exit_code == 0, again.output[-3000:]
+    assert "replacing the previous demo's" in again.output
+    assert json.loads((out / "fhir" / "synth_report.json").read_text())["seed"] == 1
