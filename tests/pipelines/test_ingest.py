@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -357,3 +358,18 @@ def test_folder_ignores_json_files_that_are_not_fhir(tmp_path):
     report = ingest_fhir([cohort], tmp_path / "out", workers=1)
     assert report.resources_rejected == 0
     assert not any("export_report" in name for name in report.inputs)
+
+
+def test_worker_environment_sizes_thread_pools_and_keeps_the_users_values(monkeypatch):
+    from odyssey.pipelines.ingest import _worker_environment
+
+    monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    with _worker_environment(2):
+        assert os.environ["POLARS_MAX_THREADS"] == "4"
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
+        assert os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system"
+    assert "POLARS_MAX_THREADS" not in os.environ and "ARROW_DEFAULT_MEMORY_POOL" not in os.environ
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
