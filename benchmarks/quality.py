@@ -63,6 +63,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None, help="CPU workers for data stages (default: all)")
     parser.add_argument("--few-shot", default="", help="label-efficiency: comma-separated k, e.g. 16,64,256")
     parser.add_argument("--scratch", action="store_true", help="also MTF from scratch (what pretraining buys)")
+    parser.add_argument("--ab-grouping", action="store_true",
+                        help="also MTF with --group-by-length flipped (compared in the report, same steps)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: checks the script")
     parser.add_argument("--fresh", action="store_true", help="redo stages whose output exists")
     parser.add_argument("--skip", nargs="*", default=[], choices=SKIPPABLE,
@@ -255,6 +257,12 @@ def main() -> None:
             f"ft_gpt_{gpt_context}", f"finetune GPT ({gpt_context} tokens)", architecture="gpt", tasks=TASKS,
             model_size=args.model_size, context_length=context, max_steps=steps(args.gpt_steps),
             learning_rate=args.gpt_learning_rate)
+    if args.ab_grouping:
+        flipped = not args.group_by_length
+        name = "ehrmamba_mtf_grouped" if flipped else "ehrmamba_mtf_ungrouped"
+        compare[name] = tune(f"ft_{name.removeprefix('ehrmamba_')}", f"finetune MTF, group_by_length={flipped}",
+                             pretrained=run, tasks=TASKS, max_steps=steps(args.finetune_steps),
+                             group_by_length=flipped)
     if args.scratch:
         compare["ehrmamba_mtf_scratch"] = tune("ft_scratch", "finetune MTF from scratch", tasks=TASKS,
                                                model_size=args.model_size, max_steps=steps(args.finetune_steps))
