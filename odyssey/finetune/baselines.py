@@ -9,7 +9,9 @@ classifier, trained on the train split.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +73,7 @@ def bag_of_codes(store: SequenceStore, examples: TaskExamples, vocab_size: int,
 
 def _estimator(kind: str, seed: int):
     if kind == "logistic_regression":
-        return LogisticRegression(C=0.1, max_iter=2000, solver="liblinear")
+        return LogisticRegression(C=0.1, max_iter=2000, solver="liblinear", random_state=seed)
     if kind == "gradient_boosting":
         return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, early_stopping=True,
                                               validation_fraction=0.15, random_state=seed)
@@ -80,10 +82,12 @@ def _estimator(kind: str, seed: int):
 
 def fit_predict(spec: BaselineSpec, store: SequenceStore, specs: Sequence[TaskSpec], vocab_size: int,
                 train: TaskExamples, targets: dict[str, TaskExamples], seed: int = 0,
-                cache: dict | None = None) -> dict[str, np.ndarray]:
+                cache: dict | None = None, workers: int | None = None) -> dict[str, np.ndarray]:
     """Train one classifier per task output on `train`; probabilities (n, max_outputs) for each target split.
 
-    `cache` (a dict kept by the caller) shares the features of baselines with the same windows.
+    `cache` (a dict kept by the caller) shares the features of baselines with the same windows. Logistic
+    regressions are fitted `workers` at a time (default: one per core; liblinear releases the GIL);
+    gradient boosting already spreads each fit over the cores, so its fits run one after another.
     """
     cache = {} if cache is None else cache
     features = {}
@@ -96,21 +100,29 @@ def fit_predict(spec: BaselineSpec, store: SequenceStore, specs: Sequence[TaskSp
     if spec.estimator == "gradient_boosting":
         frequency = np.asarray((features["train"] > 0).sum(axis=0)).ravel()
         kept = np.sort(np.argsort(-frequency, kind="stable")[:GRADIENT_BOOSTING_FEATURES])
+    outputs = [(task_index, j) for task_index, task in enumerate(specs) for j in range(len(task.outputs))]
+    for task_index, j in outputs:
+        y = train.labels[(train.task_index == task_index) & train.label_mask[:, j], j]
+        if len(np.unique(y)) < 2:
+            raise ValueError(f"{specs[task_index].output_names()[j]}: the train split has one class; "
+                             "no baseline can be fit")
+
+    def fit(output: tuple[int, int]):
+        task_index, j = output
+        fit_rows = (train.task_index == task_index) & train.label_mask[:, j]
+        model = _estimator(spec.estimator, seed)
+        return model.fit(_prepare(features["train"][fit_rows], kept), train.labels[fit_rows, j].astype(int))
+
+    parallel = 1 if spec.estimator == "gradient_boosting" else workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(outputs)))) as pool:
+        models = list(pool.map(fit, outputs))
     width = max(len(s.outputs) for s in specs)
     out = {split: np.zeros((len(examples), width)) for split, examples in targets.items()}
-    for task_index, task in enumerate(specs):
-        for j in range(len(task.outputs)):
-            fit_rows = (train.task_index == task_index) & train.label_mask[:, j]
-            x = features["train"][fit_rows]
-            y = train.labels[fit_rows, j].astype(int)
-            if len(np.unique(y)) < 2:
-                raise ValueError(f"{task.output_names()[j]}: the train split has one class; no baseline can be fit")
-            model = _estimator(spec.estimator, seed)
-            model.fit(_prepare(x, kept), y)
-            for split, examples in targets.items():
-                members = examples.task_index == task_index
-                if members.any():
-                    out[split][members, j] = model.predict_proba(_prepare(features[split][members], kept))[:, 1]
+    for (task_index, j), model in zip(outputs, models, strict=True):
+        for split, examples in targets.items():
+            members = examples.task_index == task_index
+            if members.any():
+                out[split][members, j] = model.predict_proba(_prepare(features[split][members], kept))[:, 1]
     return out
 
 

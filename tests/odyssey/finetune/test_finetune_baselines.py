@@ -50,3 +50,32 @@ def test_counts_per_window_use_only_known_clinical_tokens():
     assert counts[:, special].sum() == 0
     assert counts.sum() == 1 + 4 + 4
     assert features[-1] == pytest.approx((60 + 101 / 365.25) / AGE_SCALE_YEARS, rel=1e-6)  # age at the last known token
+
+
+def test_parallel_fits_give_the_sequential_predictions(cohort):
+    from odyssey.finetune.baselines import BASELINES, fit_predict
+    from odyssey.finetune.train import load_inputs
+    from odyssey.training.data import read_vocabulary
+
+    inputs = load_inputs(cohort.seq, cohort.labels, ["mortality_30d", "conditions"], ["train", "tuning"])
+    vocab = read_vocabulary(cohort.seq).size
+    args = (BASELINES["logistic_regression"], inputs.store, inputs.specs, vocab, inputs.examples["train"],
+            {"tuning": inputs.examples["tuning"]})
+    one, several = fit_predict(*args, workers=1), fit_predict(*args, workers=3)
+    assert np.array_equal(one["tuning"], several["tuning"])
+    # every labelled output got a fitted probability, not the zeros it starts from
+    tuning = inputs.examples["tuning"]
+    assert (one["tuning"][tuning.label_mask] > 0).all()
+
+
+def test_a_single_class_output_stops_before_fitting(cohort):
+    from odyssey.finetune.baselines import BASELINES, fit_predict
+    from odyssey.finetune.train import load_inputs
+    from odyssey.training.data import read_vocabulary
+
+    inputs = load_inputs(cohort.seq, cohort.labels, ["mortality_30d"], ["train"])
+    train = inputs.examples["train"]
+    train.labels[:] = 0
+    with pytest.raises(ValueError, match="mortality_30d: the train split has one class"):
+        fit_predict(BASELINES["logistic_regression"], inputs.store, inputs.specs, read_vocabulary(cohort.seq).size,
+                    train, {"train": train})
