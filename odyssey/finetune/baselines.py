@@ -25,6 +25,7 @@ from .data import EVENT_TIMES, SequenceStore, TaskExamples, TaskSpec
 
 NON_CLINICAL_TYPES = (TokenType.PAD, TokenType.SPECIAL, TokenType.TIME_GAP, TokenType.TASK)
 DAYS = np.timedelta64(1, "D")
+DAYS_US = np.timedelta64(86_400_000_000, "us")  # float windows (days) scale it exactly enough
 ALL_HISTORY = None
 AGE_SCALE_YEARS = 100.0  # ages enter as years / 100, on the scale of log counts
 
@@ -50,18 +51,28 @@ def bag_of_codes(store: SequenceStore, examples: TaskExamples, vocab_size: int,
                  windows: Sequence[float | None]) -> sparse.csr_matrix:
     """(examples, len(windows) * vocab_size + 1) log1p counts per window and token, then age / 100."""
     rows, cols, ages = [], [], np.zeros(len(examples), dtype=np.float64)
+    non_clinical = [int(t) for t in NON_CLINICAL_TYPES]
+    by_time: dict[int, tuple[np.ndarray, ...]] = {}
     for i in range(len(examples)):
-        seq = store.rows[int(examples.row[i])]
+        row = int(examples.row[i])
+        if row not in by_time:
+            # Counts do not depend on token order, so a subject's tokens are sorted by time once and each of
+            # its examples (thousands for a long history) takes time ranges by binary search.
+            seq = store.rows[row]
+            order = np.argsort(seq[EVENT_TIMES], kind="stable")
+            clinical = ~np.isin(seq["token_type_ids"][order], non_clinical)
+            by_time[row] = (seq[EVENT_TIMES][order], seq["input_ids"][order].astype(np.int64), clinical,
+                            np.maximum.accumulate(order), seq["ages"])
+        times, ids, clinical, last_position, row_ages = by_time[row]
         when = examples.prediction_time[i]
-        known = seq[EVENT_TIMES] <= when
-        ids = seq["input_ids"][known].astype(np.int64)
-        clinical = ~np.isin(seq["token_type_ids"][known], [int(t) for t in NON_CLINICAL_TYPES])
-        days_before = (when - seq[EVENT_TIMES][known]) / DAYS
-        ages[i] = float(seq["ages"][known][-1]) if known.any() else 0.0
+        known = int(np.searchsorted(times, when, side="right"))
+        # the age of the last token in sequence order among those known (as the model's input ends)
+        ages[i] = float(row_ages[last_position[known - 1]]) if known else 0.0
         for w, window in enumerate(windows):
-            chosen = clinical if window is None else clinical & (days_before <= window)
-            cols.append(w * vocab_size + ids[chosen])
-            rows.append(np.full(int(chosen.sum()), i, dtype=np.int64))
+            first = 0 if window is None else int(np.searchsorted(times, when - window * DAYS_US, side="left"))
+            chosen = ids[first:known][clinical[first:known]]
+            cols.append(w * vocab_size + chosen)
+            rows.append(np.full(len(chosen), i, dtype=np.int64))
     width = len(windows) * vocab_size
     row_index = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     col_index = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)

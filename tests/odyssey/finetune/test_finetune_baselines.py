@@ -79,3 +79,17 @@ def test_a_single_class_output_stops_before_fitting(cohort):
     with pytest.raises(ValueError, match="mortality_30d: the train split has one class"):
         fit_predict(BASELINES["logistic_regression"], inputs.store, inputs.specs, read_vocabulary(cohort.seq).size,
                     train, {"train": train})
+
+
+def test_counts_do_not_depend_on_token_order():
+    store = _store()
+    when = np.array([np.datetime64("2100-01-01T00:00:00", "us") + np.timedelta64(150, "D")])
+    examples = TaskExamples(row=np.array([0]), subject_id=np.array([7]), prediction_time=when,
+                            task_index=np.array([0]), labels=np.zeros((1, 1), np.float32),
+                            label_mask=np.ones((1, 1), bool), known_tokens=np.array([12]))
+    ordered = bag_of_codes(store, examples, VOCAB, (30, 365, None)).toarray()[0]
+    shuffled = _store()
+    order = np.random.default_rng(0).permutation(len(shuffled.rows[0]["input_ids"]))
+    shuffled.rows[0] = {name: values[order] if isinstance(values, np.ndarray) and len(values) == len(order) else values
+                        for name, values in shuffled.rows[0].items()}
+    assert np.array_equal(bag_of_codes(shuffled, examples, VOCAB, (30, 365, None)).toarray()[0][:-1], ordered[:-1])
