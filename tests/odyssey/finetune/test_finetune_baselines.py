@@ -33,12 +33,17 @@ def _store() -> SequenceStore:
     return SequenceStore(frame)
 
 
+def _one_example(days_after_start: int) -> TaskExamples:
+    """The subject's one example, predicted this many days after its first token."""
+    when = np.array([np.datetime64("2100-01-01T00:00:00", "us") + np.timedelta64(days_after_start, "D")])
+    return TaskExamples(row=np.array([0]), subject_id=np.array([7]), prediction_time=when,
+                        task_index=np.array([0]), labels=np.zeros((1, 1), np.float32),
+                        label_mask=np.ones((1, 1), bool), known_tokens=np.array([12]))
+
+
 def test_counts_per_window_use_only_known_clinical_tokens():
     store = _store()
-    when = np.array([np.datetime64("2100-01-01T00:00:00", "us") + np.timedelta64(110, "D")])
-    examples = TaskExamples(row=np.array([0]), subject_id=np.array([7]), prediction_time=when,
-                            task_index=np.array([0]), labels=np.zeros((1, 1), np.float32),
-                            label_mask=np.ones((1, 1), bool), known_tokens=np.array([12]))
+    examples = _one_example(days_after_start=110)
     features = bag_of_codes(store, examples, VOCAB, (30, 365, None)).toarray()[0]
     counts = np.expm1(features[:-1]).round().reshape(3, VOCAB)
     # Last 30 days: the second visit's A. Last year and all history: A twice, B once (the third visit's B
@@ -83,10 +88,7 @@ def test_a_single_class_output_stops_before_fitting(cohort):
 
 def test_counts_do_not_depend_on_token_order():
     store = _store()
-    when = np.array([np.datetime64("2100-01-01T00:00:00", "us") + np.timedelta64(150, "D")])
-    examples = TaskExamples(row=np.array([0]), subject_id=np.array([7]), prediction_time=when,
-                            task_index=np.array([0]), labels=np.zeros((1, 1), np.float32),
-                            label_mask=np.ones((1, 1), bool), known_tokens=np.array([12]))
+    examples = _one_example(days_after_start=150)
     ordered = bag_of_codes(store, examples, VOCAB, (30, 365, None)).toarray()[0]
     shuffled = _store()
     order = np.random.default_rng(0).permutation(len(shuffled.rows[0]["input_ids"]))
