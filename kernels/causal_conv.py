@@ -29,7 +29,8 @@ BWD_SPAN = 1024
 CONV_BACKENDS = ("torch", "triton")
 
 
-def _weight_2d(weight: torch.Tensor, dim: int) -> torch.Tensor:
+def conv_weight_2d(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """A depthwise conv weight as (dim, K), from nn.Conv1d's (dim, 1, K) or already (dim, K)."""
     if weight.dim() == 3 and weight.shape[1] == 1:
         weight = weight[:, 0]
     if weight.dim() != 2 or weight.shape[0] != dim:
@@ -40,7 +41,7 @@ def _weight_2d(weight: torch.Tensor, dim: int) -> torch.Tensor:
 def causal_conv1d_torch(x, weight, bias=None, mask=None, silu=True):
     """The reference: nn.functional.conv1d with K - 1 zeros of left padding (differentiable by autograd)."""
     batch, dim, length = x.shape
-    weight = _weight_2d(weight, dim)
+    weight = conv_weight_2d(weight, dim)
     taps = weight.shape[1]
     out = F.conv1d(x, weight[:, None, :], bias, padding=taps - 1, groups=dim)[..., :length]
     if silu:
@@ -81,7 +82,7 @@ class CausalConv1dTriton(torch.autograd.Function):
         from odyssey.kernels.causal_conv_kernels import _causal_conv_fwd_kernel
 
         batch, dim, length = x.shape
-        taps = _padded_taps(_weight_2d(weight, dim))
+        taps = _padded_taps(conv_weight_2d(weight, dim))
         out = torch.empty_like(x)
         mask_ptr, mask_strides = _mask_args(mask, x)
         grid = (triton_cdiv(length, BLOCK_T_FWD), triton_cdiv(dim, BLOCK_D_FWD), batch)
@@ -150,7 +151,7 @@ def causal_conv1d(x, weight, bias=None, mask=None, silu=True, backend="auto"):
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, dim, L), got shape {tuple(x.shape)}")
     batch, dim, length = x.shape
-    weight2 = _weight_2d(weight, dim)
+    weight2 = conv_weight_2d(weight, dim)
     if bias is not None and tuple(bias.shape) != (dim,):
         raise ValueError(f"conv bias must be (dim={dim},), got {tuple(bias.shape)}")
     if mask is not None and tuple(mask.shape) != (batch, length):

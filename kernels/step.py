@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .causal_conv import conv_weight_2d
+
 
 def _expand_step_groups(BC: torch.Tensor, dim: int, name: str) -> torch.Tensor:
     """(batch, N) or (batch, G, N) -> float32 (batch, dim, N) without copying shared values."""
@@ -97,14 +99,6 @@ SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's default threshold
 _triton_kernels: dict[str, object] = {}
 
 
-def _conv_weight(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    if weight.dim() == 3 and weight.shape[1] == 1:
-        weight = weight[:, 0]
-    if weight.dim() != 2 or weight.shape[0] != dim:
-        raise ValueError(f"conv weight must be (dim={dim}, K) or (dim, 1, K), got {tuple(weight.shape)}")
-    return weight
-
-
 def _check_chunk(x: torch.Tensor, states: torch.Tensor, slots: torch.Tensor, active: torch.Tensor,
                  save_after: int, state_name: str) -> tuple[int, int, int]:
     if x.dim() != 3:
@@ -160,7 +154,7 @@ def conv_chunk(
     """
     save_after = x.shape[1] if save_after is None else int(save_after)
     rows, count, dim = _check_chunk(x, conv_states, slots, active, save_after, "conv_states")
-    weight = _conv_weight(weight, dim)
+    weight = conv_weight_2d(weight, dim)
     if weight.shape[1] != conv_states.shape[2]:
         raise ValueError(f"conv_states hold {conv_states.shape[2]} inputs but the conv has {weight.shape[1]} taps")
     if _resolve_chunk_backend(backend, x.device) == "torch":

@@ -24,8 +24,7 @@ from odyssey.tokenizer import TokenType
 from .data import EVENT_TIMES, SequenceStore, TaskExamples, TaskSpec
 
 NON_CLINICAL_TYPES = (TokenType.PAD, TokenType.SPECIAL, TokenType.TIME_GAP, TokenType.TASK)
-DAYS = np.timedelta64(1, "D")
-DAYS_US = np.timedelta64(86_400_000_000, "us")  # float windows (days) scale it exactly enough
+DAY = np.timedelta64(86_400_000_000, "us")  # in microseconds, so windows of fractional days scale it
 ALL_HISTORY = None
 AGE_SCALE_YEARS = 100.0  # ages enter as years / 100, on the scale of log counts
 
@@ -69,7 +68,7 @@ def bag_of_codes(store: SequenceStore, examples: TaskExamples, vocab_size: int,
         # the age of the last token in sequence order among those known (as the model's input ends)
         ages[i] = float(row_ages[last_position[known - 1]]) if known else 0.0
         for w, window in enumerate(windows):
-            first = 0 if window is None else int(np.searchsorted(times, when - window * DAYS_US, side="left"))
+            first = 0 if window is None else int(np.searchsorted(times, when - window * DAY, side="left"))
             chosen = ids[first:known][clinical[first:known]]
             cols.append(w * vocab_size + chosen)
             rows.append(np.full(len(chosen), i, dtype=np.int64))
@@ -112,17 +111,16 @@ def fit_predict(spec: BaselineSpec, store: SequenceStore, specs: Sequence[TaskSp
         frequency = np.asarray((features["train"] > 0).sum(axis=0)).ravel()
         kept = np.sort(np.argsort(-frequency, kind="stable")[:GRADIENT_BOOSTING_FEATURES])
     outputs = [(task_index, j) for task_index, task in enumerate(specs) for j in range(len(task.outputs))]
-    for task_index, j in outputs:
-        y = train.labels[(train.task_index == task_index) & train.label_mask[:, j], j]
-        if len(np.unique(y)) < 2:
+    fit_rows = {(task_index, j): (train.task_index == task_index) & train.label_mask[:, j] for task_index, j in outputs}
+    for (task_index, j), rows in fit_rows.items():
+        if len(np.unique(train.labels[rows, j])) < 2:
             raise ValueError(f"{specs[task_index].output_names()[j]}: the train split has one class; "
                              "no baseline can be fit")
 
     def fit(output: tuple[int, int]):
-        task_index, j = output
-        fit_rows = (train.task_index == task_index) & train.label_mask[:, j]
+        rows = fit_rows[output]
         model = _estimator(spec.estimator, seed)
-        return model.fit(_prepare(features["train"][fit_rows], kept), train.labels[fit_rows, j].astype(int))
+        return model.fit(_prepare(features["train"][rows], kept), train.labels[rows, output[1]].astype(int))
 
     parallel = 1 if spec.estimator == "gradient_boosting" else workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(outputs)))) as pool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from odyssey.training.data import TOKEN_COLUMNS
+from odyssey.training.data import TOKEN_COLUMNS, padded_width
 
 _PER_TOKEN = (*TOKEN_COLUMNS, "attention_mask")
 
@@ -25,7 +25,7 @@ def plan_sub_batches(lengths: np.ndarray, overhead_tokens: int, multiple: int = 
     programme over cut points; `multiple` rounds each group's width up as the collator pads it.
     """
     order = np.argsort(lengths, kind="stable")
-    width = -(-np.asarray(lengths)[order] // multiple) * multiple
+    width = padded_width(np.asarray(lengths)[order], multiple)
     n = len(order)
     best = np.zeros(n + 1)  # best[j]: cheapest cost of the j shortest rows
     cut = np.zeros(n + 1, dtype=np.int64)
@@ -41,12 +41,12 @@ def plan_sub_batches(lengths: np.ndarray, overhead_tokens: int, multiple: int = 
     return groups[::-1]
 
 
-def take_rows(batch: dict[str, torch.Tensor], rows: np.ndarray, multiple: int = 1) -> dict[str, torch.Tensor]:
-    """The sub-batch of `rows`, its token columns cut to their longest real length (rounded to `multiple`)."""
+def take_rows(batch: dict[str, torch.Tensor], rows: np.ndarray, lengths: np.ndarray,
+              multiple: int = 1) -> dict[str, torch.Tensor]:
+    """The sub-batch of `rows`, its token columns cut to their longest length (`lengths`, rounded up to
+    `multiple`, as the collator pads)."""
+    width = min(batch["attention_mask"].shape[1], int(padded_width(lengths[rows].max(), multiple)))
     index = torch.as_tensor(rows, dtype=torch.long, device=batch["attention_mask"].device)
-    mask = batch["attention_mask"].index_select(0, index)
-    longest = int(mask.sum(dim=1).max())
-    width = min(mask.shape[1], -(-longest // multiple) * multiple)
     sub = {name: value.index_select(0, index.to(value.device)) for name, value in batch.items()}
     return {name: value[:, :width] if name in _PER_TOKEN else value for name, value in sub.items()}
 

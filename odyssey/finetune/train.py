@@ -268,9 +268,12 @@ class TaskTrainer(PickleFreeTrainer):
         """The batch's step, run as sub-batches of similar length when that saves padded tokens."""
         if self.split_overhead_tokens is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        lengths = inputs["attention_mask"].sum(dim=1).cpu().numpy()
+        # What the split needs, copied to the host once: lengths, task indices, whether an example is labelled.
+        lengths, task_index, labelled = torch.stack([
+            inputs["attention_mask"].sum(dim=1), inputs["task_index"], inputs["label_mask"].any(dim=1).long(),
+        ]).cpu().numpy()
         groups = plan_sub_batches(lengths, self.split_overhead_tokens, self.pad_to_multiple_of)
-        shares = self._loss_shares(model, inputs, groups)
+        shares = self._loss_shares(model, task_index, labelled, groups)
         if shares is None:
             return super().training_step(model, inputs, num_items_in_batch)
         total = None
@@ -279,22 +282,22 @@ class TaskTrainer(PickleFreeTrainer):
             # Gradients synchronise across devices once, after the last sub-batch (devices may split differently).
             last = number == len(groups) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                loss = super().training_step(model, take_rows(inputs, rows, self.pad_to_multiple_of),
+                loss = super().training_step(model, take_rows(inputs, rows, lengths, self.pad_to_multiple_of),
                                              num_items_in_batch)
             total = loss if total is None else total + loss
         self._loss_share = None
         return total
 
-    def _loss_shares(self, model, inputs, groups: list[np.ndarray]) -> list[float] | None:
+    def _loss_shares(self, model, task_index: np.ndarray, labelled: np.ndarray,
+                     groups: list[np.ndarray]) -> list[float] | None:
         """Each group's share of the batch loss's weight (the task weights of examples with a label)."""
         if len(groups) == 1:
             return None
-        task_weights = torch.tensor(self.accelerator.unwrap_model(model)._weights, dtype=torch.float64)
-        weights = task_weights[inputs["task_index"].cpu()] * inputs["label_mask"].cpu().any(dim=1)
+        weights = np.asarray(self.accelerator.unwrap_model(model)._weights)[task_index] * labelled
         total = float(weights.sum())
         if total <= 0:
             return None
-        return [float(weights[torch.as_tensor(rows)].sum()) / total for rows in groups]
+        return [float(weights[rows].sum()) / total for rows in groups]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,

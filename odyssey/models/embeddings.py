@@ -110,16 +110,23 @@ class EHRMambaEmbeddings(nn.Module):
         def given(values: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros_like(input_ids, dtype=dtype) if values is None else values
 
-        concept = self.word_embeddings(input_ids)
         deltas = time_deltas(given(times, torch.float32), attention_mask, previous_times)
-        time_part = self.time_embeddings(deltas).to(concept.dtype)
-        age_part = self.age_embeddings(given(ages, torch.float32)).to(concept.dtype)
-        mixed = torch.tanh(self.scale_back_concat_layer(torch.cat([concept, time_part, age_part], dim=-1)))
         orders = given(visit_orders, torch.long).long().clamp(0, self.max_visit_order - 1)
+        return self.combine(input_ids, given(token_type_ids, torch.long).long(), given(ages, torch.float32), deltas,
+                            orders, given(visit_segments, torch.long).long())
+
+    def combine(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, ages: torch.Tensor,
+                deltas: torch.Tensor, visit_orders: torch.Tensor, visit_segments: torch.Tensor) -> torch.Tensor:
+        """The embedding from time deltas (`time_deltas`) and visit orders already clamped below
+        `max_visit_order`: what `forward` computes after those two steps (the scorer packs them on the host)."""
+        concept = self.word_embeddings(input_ids)
+        time_part = self.time_embeddings(deltas).to(concept.dtype)
+        age_part = self.age_embeddings(ages).to(concept.dtype)
+        mixed = torch.tanh(self.scale_back_concat_layer(torch.cat([concept, time_part, age_part], dim=-1)))
         embeddings = (
             mixed
-            + self.token_type_embeddings(given(token_type_ids, torch.long).long())
-            + self.visit_order_embeddings(orders)
-            + self.visit_segment_embeddings(given(visit_segments, torch.long).long())
+            + self.token_type_embeddings(token_type_ids)
+            + self.visit_order_embeddings(visit_orders)
+            + self.visit_segment_embeddings(visit_segments)
         )
         return self.dropout(self.layer_norm(embeddings))

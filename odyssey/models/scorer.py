@@ -280,7 +280,8 @@ class EHRMambaScorer:
             name: floats[i] for i, name in enumerate(_FLOAT_FIELDS)}
         active = columns["active"]
         backbone = self.model.backbone
-        hidden = _embed(backbone.embeddings, columns)
+        hidden = backbone.embeddings.combine(columns["input_ids"], columns["token_type_ids"], columns["ages"],
+                                             columns["time_deltas"], columns["visit_orders"], columns["visit_segments"])
         for layer, conv, ssm in zip(backbone.layers, self._conv, self._ssm, strict=True):
             hidden = layer.step_tokens(hidden, conv, ssm, slots, active, width, self.step_backend)
         hidden = backbone.norm_f(hidden[:, width:])  # (rows, prompt, hidden)
@@ -437,21 +438,6 @@ def _time_deltas(times: np.ndarray, active: np.ndarray, previous: np.ndarray) ->
     before_mask = np.ones_like(mask)
     before_mask[:, 1:] = mask[:, :-1]
     return (times - before) * before_mask * mask
-
-
-def _embed(embeddings, columns: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`EHRMambaEmbeddings.forward` from precomputed time deltas and clamped visit orders (`_pack`)."""
-    concept = embeddings.word_embeddings(columns["input_ids"])
-    time_part = embeddings.time_embeddings(columns["time_deltas"]).to(concept.dtype)
-    age_part = embeddings.age_embeddings(columns["ages"]).to(concept.dtype)
-    mixed = torch.tanh(embeddings.scale_back_concat_layer(torch.cat([concept, time_part, age_part], dim=-1)))
-    summed = (
-        mixed
-        + embeddings.token_type_embeddings(columns["token_type_ids"])
-        + embeddings.visit_order_embeddings(columns["visit_orders"])
-        + embeddings.visit_segment_embeddings(columns["visit_segments"])
-    )
-    return embeddings.dropout(embeddings.layer_norm(summed))
 
 
 def _step_backend(scan_backend: str, device: torch.device) -> str:

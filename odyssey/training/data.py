@@ -245,6 +245,11 @@ class LengthBucketSampler(torch.utils.data.Sampler[int]):
         return iter([index for batch in batches for index in batch])
 
 
+def padded_width(lengths, multiple: int):
+    """`lengths` (a number or an array) rounded up to a multiple of `multiple`, as batches are padded."""
+    return -(-lengths // multiple) * multiple
+
+
 class SequenceCollator:
     """Pads a list of dataset items to the longest one (rounded up to `pad_to_multiple_of`).
 
@@ -259,7 +264,7 @@ class SequenceCollator:
     def pad(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The token columns right-padded to a common width, and their attention mask."""
         longest = max(len(item["input_ids"]) for item in items)
-        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = padded_width(longest, self.pad_to_multiple_of)
         batch: dict[str, torch.Tensor] = {}
         for name, dtype in TOKEN_COLUMNS.items():
             fill = self.pad_id if name == "input_ids" else 0

@@ -68,7 +68,7 @@ def batch_and_config(cohort):
 def test_take_rows_cuts_padding_and_keeps_each_examples_columns(batch_and_config):
     batch = batch_and_config[0]
     rows = np.array([0, 1, 2])
-    sub = take_rows(batch, rows, multiple=8)
+    sub = take_rows(batch, rows, batch["attention_mask"].sum(1).numpy(), multiple=8)
     longest = int(batch["attention_mask"][:3].sum(1).max())
     assert sub["input_ids"].shape == (3, -(-longest // 8) * 8) < batch["input_ids"].shape
     assert torch.equal(sub["labels"], batch["labels"][:3]) and torch.equal(sub["task_index"], batch["task_index"][:3])

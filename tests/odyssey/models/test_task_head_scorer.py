@@ -207,7 +207,7 @@ def test_a_ward_packs_like_single_patients(model, padded):
 
 def test_packed_embedding_equals_the_embedding_layer(model):
     """The scorer's pass embeds from host-computed time deltas and clamped visit orders: same numbers."""
-    from odyssey.models.scorer import _embed, _time_deltas
+    from odyssey.models.scorer import _time_deltas
 
     rng = np.random.default_rng(4)
     rows, tokens = 3, 5
@@ -222,7 +222,8 @@ def test_packed_embedding_equals_the_embedding_layer(model):
         expected = model.backbone.embeddings(**tensors, times=torch.as_tensor(times),
                                              visit_orders=torch.as_tensor(orders), attention_mask=torch.as_tensor(active),
                                              previous_times=torch.as_tensor(previous))
-        packed = _embed(model.backbone.embeddings, tensors | {
-            "time_deltas": torch.as_tensor(_time_deltas(times, active, previous)),
-            "visit_orders": torch.as_tensor(np.clip(orders, 0, model.config.max_visit_order - 1))})
+        packed = model.backbone.embeddings.combine(
+            tensors["input_ids"], tensors["token_type_ids"], tensors["ages"],
+            torch.as_tensor(_time_deltas(times, active, previous)),
+            torch.as_tensor(np.clip(orders, 0, model.config.max_visit_order - 1)), tensors["visit_segments"])
     assert torch.equal(packed, expected)
