@@ -1,6 +1,6 @@
 """Maps the three top-level folders into the `odyssey` namespace (see DESIGN.md, Layout)."""
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 PACKAGE_ROOTS = {
     "odyssey": "odyssey",
@@ -18,7 +18,18 @@ def _packages() -> list[str]:
     return names
 
 
+# The compiled FHIR reader (our own C, no dependency): optional, so an install where it cannot be built
+# still works and ingestion takes its Python paths (pipelines/fhir_scan.py).
+FHIR_SCAN = Extension(
+    "odyssey.pipelines._fhir_scan",
+    sources=["pipelines/_fhir_scan.c"],
+    extra_compile_args=["-O2", "-std=c11"],
+    optional=True,
+)
+
+
 setup(
+    ext_modules=[FHIR_SCAN],
     packages=_packages(),
     package_dir=PACKAGE_ROOTS,
     package_data={"odyssey.pipelines": ["*.yaml"], "odyssey": ["configs/*.yaml"]},

@@ -7,6 +7,8 @@ resource keys by id bucket (so duplicate ids are found without holding every id 
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from odyssey.pipelines.fhir_fast import AVAILABLE as FAST_PATH_AVAILABLE
 from odyssey.pipelines.fhir_fast import FastFlattener
@@ -25,14 +28,20 @@ from odyssey.pipelines.fhir_flatten import (
     Flattener,
     Rejected,
 )
+from odyssey.pipelines.fhir_scan import AVAILABLE as SCANNER_AVAILABLE
+from odyssey.pipelines.fhir_scan import IMPORT_ERROR as SCANNER_IMPORT_ERROR
+from odyssey.pipelines.fhir_scan import ColumnScanner
 from odyssey.pipelines.fhir_sources import Chunk, read_lines, read_whole
 from odyssey.pipelines.fhir_times import with_fhir_times
 from odyssey.pipelines.ingest_spill import write_buckets, write_table
 from odyssey.pipelines.schema import EventType
 
 INVALID = "<invalid>"  # resource type under which unparseable lines are counted
+_READ_BLOCK = 8 << 20  # plain chunks are read in blocks well under glibc's mmap ceiling (see fhir_sources)
+_GZIP_GROUP = 8192  # lines of a .gz file handed to the compiled reader at once
 
-_RAW_ROW_STRUCT = pa.struct(list(ROW_SCHEMA))
+log = logging.getLogger(__name__)
+
 KEY_SCHEMA = pa.schema(
     [
         ("resource_type", pa.string()),
@@ -46,10 +55,6 @@ PATIENT_SCHEMA = pa.schema([("subject_id", pa.int64()), ("fhir_id", pa.string())
 MEDICATION_SCHEMA = pa.schema(
     [("medication_key", pa.string()), ("medication_code", pa.string()), ("line", pa.int64()), ("entry", pa.int32())]
 )
-# tuples -> Arrow in one C++ pass each (no Python transposition)
-_KEY_STRUCT = pa.struct(list(KEY_SCHEMA))
-_PATIENT_STRUCT = pa.struct(list(PATIENT_SCHEMA))
-_MEDICATION_STRUCT = pa.struct(list(MEDICATION_SCHEMA))
 
 
 @dataclass
@@ -63,6 +68,7 @@ class ReadSettings:
     spill_dir: str
     batch_rows: int = 100_000  # rows held before they are checked and spilled (bounds memory)
     fast_path: bool = True  # decode common shapes with msgspec when it is installed (fhir_fast)
+    compiled_reader: bool = True  # flatten common shapes in C when the extension is built (fhir_scan)
 
 
 @dataclass
@@ -137,6 +143,21 @@ class ChunkReader:
         self.result = ChunkResult(chunk.index, bytes=chunk.size)
         self.validator = _Validator() if settings.validate != "off" else None
         self.part = 0
+        self.scanner = self._scanner()
+
+    def _scanner(self) -> ColumnScanner | None:
+        """The compiled reader, unless it is off, missing, or every line is to be validated in full."""
+        settings = self.settings
+        if not (settings.compiled_reader and settings.fast_path) or settings.validate == "full":
+            return None
+        if not SCANNER_AVAILABLE:
+            if not _NOTED_MISSING_SCANNER:
+                _NOTED_MISSING_SCANNER.append(True)
+                log.info("compiled FHIR reader not available (%s): reading every line in Python",
+                         SCANNER_IMPORT_ERROR)
+            return None
+        every = settings.sample_every if settings.validate == "sample" else 0
+        return ColumnScanner(self.context, every, ROW_SCHEMA, KEY_SCHEMA, PATIENT_SCHEMA, MEDICATION_SCHEMA)
 
     # -- entry point ---------------------------------------------------------------------------------
 
@@ -159,42 +180,18 @@ class ChunkReader:
         return self.result
 
     def _read_ndjson(self) -> None:
-        """The hot loop. Plain resources of supported types take the inlined path; anything else
-        (Bundles, unknown types, bad JSON, sampled validation) goes through `_line` / `_resource`."""
+        if self.scanner is not None:
+            self._read_ndjson_compiled()
+            return
         line = self.chunk.first_line - 1
         batch = self.settings.batch_rows
-        loads, decode_error = orjson.loads, orjson.JSONDecodeError
-        read = self.result.read
         flattener = self.flattener
-        supported = SUPPORTED_RESOURCE_TYPES
-        validating = self.validator is not None
-        every = 1 if self.settings.validate == "full" else self.settings.sample_every
-        fast = self.fast.flatten if self.fast is not None else None
-        crc32 = zlib.crc32
+        python_line = self._python_line
         try:
             for line, raw in read_lines(self.chunk):
                 if not raw or raw.isspace():
                     continue
-                digest = (len(raw) << 32) | crc32(raw)  # _digest(raw), inlined: this runs once per line
-                if fast is not None and not (validating and digest % every == 0):
-                    found = fast(raw, line)
-                    if found is not None:
-                        read[found[0]] += 1
-                        self.keys.append((found[0], found[1], digest, line, 0))
-                        if len(flattener.rows) >= batch:
-                            self._flush()
-                        continue
-                try:
-                    resource = loads(raw)
-                    rtype = resource["resourceType"]
-                except (decode_error, KeyError, TypeError, IndexError):
-                    self._line(raw, line)
-                    continue
-                if rtype.__class__ is not str or rtype not in supported or (validating and digest % every == 0):
-                    self._line(raw, line)
-                    continue
-                read[rtype] += 1
-                self._flatten(resource, raw, rtype, digest, line, 0)
+                python_line(raw, line)
                 if len(flattener.rows) >= batch:
                     self._flush()
         except (EOFError, OSError) as exc:
@@ -202,6 +199,102 @@ class ChunkReader:
                           None)
         finally:
             self.result.lines += line - self.chunk.first_line + 1
+
+    def _python_line(self, raw: bytes, line: int) -> None:
+        """One line in Python: plain resources of supported types take the fast (msgspec) or inlined
+        general path; anything else (Bundles, unknown types, bad JSON, sampled validation) goes through
+        `_line` / `_resource`."""
+        digest = (len(raw) << 32) | zlib.crc32(raw)  # _digest(raw), inlined: this runs once per line
+        validating = self.validator is not None
+        every = 1 if self.settings.validate == "full" else self.settings.sample_every
+        if self.fast is not None and not (validating and digest % every == 0):
+            found = self.fast.flatten(raw, line)
+            if found is not None:
+                self.result.read[found[0]] += 1
+                self.keys.append((found[0], found[1], digest, line, 0))
+                return
+        try:
+            resource = orjson.loads(raw)
+            rtype = resource["resourceType"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+            self._line(raw, line, flush=False)
+            return
+        if rtype.__class__ is not str or rtype not in SUPPORTED_RESOURCE_TYPES or (validating and digest % every == 0):
+            self._line(raw, line, flush=False)
+            return
+        self.result.read[rtype] += 1
+        self._flatten(resource, raw, rtype, digest, line, 0)
+
+    def _read_ndjson_compiled(self) -> None:
+        """The hot loop: the compiled reader flattens runs of lines and hands back each line it does not
+        fully understand, which `_python_line` takes. Batches are flushed at the same lines as in Python."""
+        first = self.chunk.first_line
+        line = first  # the next line's number
+        try:
+            if self.chunk.compressed:
+                for start, data in self._gzip_groups():
+                    _, line = self._scan(data, start, True)
+            else:
+                tail = b""
+                for block, final in self._plain_blocks():
+                    data = tail + block if tail else block
+                    pos, line = self._scan(data, line, final)
+                    tail = data[pos:]
+        except (EOFError, OSError) as exc:
+            self._problem(line, 0, INVALID, None, f"file is truncated or unreadable after line {line - 1}: {exc}",
+                          None)
+        finally:
+            self.result.lines += line - first
+
+    def _scan(self, data: bytes, line: int, final: bool) -> tuple[int, int]:
+        """Every whole line of `data` (the last one too when `final`); (where the rest starts, next line)."""
+        batch = self.settings.batch_rows
+        flattener, scanner, read = self.flattener, self.scanner, self.result.read
+        pos = 0
+        while True:
+            pos, line, defer_start, defer_end = scanner.scan(data, pos, line, batch - len(flattener.rows), final)
+            for rtype, count in scanner.drain_counts():  # before the deferred line: counts keep line order
+                read[rtype] += count
+            if defer_start >= 0:
+                self._python_line(data[defer_start:defer_end], line - 1)
+            if scanner.rows + len(flattener.rows) >= batch:
+                self._flush()
+            elif defer_start < 0:
+                return pos, line
+
+    def _plain_blocks(self):
+        """(bytes, last) blocks of a plain chunk."""
+        chunk = self.chunk
+        with open(chunk.path, "rb") as handle:
+            handle.seek(chunk.start)
+            remaining = (chunk.end if chunk.end is not None else os.fstat(handle.fileno()).st_size) - chunk.start
+            while remaining > 0:
+                block = handle.read(min(_READ_BLOCK, remaining))
+                remaining -= len(block)
+                if not block:  # the file is shorter than planned: what is left is its last line
+                    yield block, True
+                    return
+                yield block, remaining <= 0
+
+    def _gzip_groups(self):
+        """Lines of a .gz chunk, joined in groups; a truncated stream raises EOFError after the complete
+        lines before it were handed out (as the Python path reads them)."""
+        group: list[bytes] = []
+        start = self.chunk.first_line
+        try:
+            for number, raw in read_lines(self.chunk):
+                if not group:
+                    start = number
+                group.append(raw)
+                if len(group) >= _GZIP_GROUP:
+                    yield start, b"\n".join(group)
+                    group = []
+        except EOFError:
+            if group:
+                yield start, b"\n".join(group)
+            raise
+        if group:
+            yield start, b"\n".join(group)
 
     def _read_json_file(self) -> None:
         try:
@@ -214,7 +307,7 @@ class ChunkReader:
 
     # -- one line: a resource or a Bundle -----------------------------------------------------------
 
-    def _line(self, raw: bytes, line: int) -> None:
+    def _line(self, raw: bytes, line: int, flush: bool = True) -> None:
         try:
             resource = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -228,7 +321,7 @@ class ChunkReader:
             self._bundle(resource, raw, line)
         else:
             self._resource(resource, raw, line, 0)
-        if len(self.flattener.rows) >= self.settings.batch_rows:
+        if flush and len(self.flattener.rows) >= self.settings.batch_rows:
             self._flush()
 
     def _bundle(self, bundle: dict, raw: bytes, line: int) -> None:
@@ -296,11 +389,16 @@ class ChunkReader:
     # -- flush: check times, then spill ---------------------------------------------------------------
 
     def _flush(self) -> None:
-        """Parse the batch's times, reject resources with bad ones, spill the rest to parquet."""
+        """Parse the batch's times, reject resources with bad ones, spill the rest."""
         flat = self.flattener
-        if not (flat.rows or flat.patients or flat.medications or self.keys):
+        scanned = self.scanner.take() if self.scanner is not None and self.scanner.pending else None
+        if not (flat.rows or flat.patients or flat.medications or self.keys or scanned is not None):
             return
-        rows = _checked_rows(flat.rows)
+        rows = _checked_rows(_merged(scanned and scanned.rows, flat.rows, ROW_SCHEMA))
+        keys = _merged(scanned and scanned.keys, self.keys, KEY_SCHEMA)
+        patients = _merged(scanned and scanned.patients, flat.patients, PATIENT_SCHEMA)
+        medications = _merged(scanned and scanned.medications, flat.medications, MEDICATION_SCHEMA)
+        flat.rows, flat.patients, flat.medications, self.keys = [], [], [], []
         failed = rows.filter(pl.col("reason").is_not_null()).group_by(KEY_COLUMNS).agg(
             pl.col("resource_type").first(), pl.col("reason").first()
         ).sort(KEY_COLUMNS)
@@ -309,15 +407,14 @@ class ChunkReader:
                 self.result.problems.append(Problem(self.chunk.index, line, entry, rtype, None, reason, None))
                 if self.settings.strict:
                     raise _StrictStop
-            bad = set(failed.select(KEY_COLUMNS).iter_rows())
+            bad = failed.select(KEY_COLUMNS)
             rows = rows.filter(pl.col("reason").is_null())
-            self.keys = [k for k in self.keys if (k[3], k[4]) not in bad]
-            flat.patients = [p for p in flat.patients if (p[2], p[3]) not in bad]
-        self._spill(rows.drop("reason", "time_field", "birth"))
-        flat.rows, flat.patients, flat.medications, self.keys = [], [], [], []
+            keys = _without(keys, bad)
+            patients = _without(patients, bad)
+        self._spill(rows.drop("reason", "time_field", "birth"), keys, patients, medications)
         self.part += 1
 
-    def _spill(self, rows: pl.DataFrame) -> None:
+    def _spill(self, rows: pl.DataFrame, keys: pa.Table, patients: pa.Table, medications: pa.Table) -> None:
         spill = Path(self.settings.spill_dir)
         tag = f"c{self.chunk.index:06d}-{self.part:04d}.arrow"  # Arrow IPC: spills are written once, read once
         chunk = pl.lit(self.chunk.index, pl.Int32).alias("chunk")
@@ -335,33 +432,50 @@ class ChunkReader:
             if encounters.height:  # by their subject's bucket, the bucket that will join them
                 write_buckets(encounters, "encounter_subject_id", self.settings.subject_buckets,
                               spill / "encounters" / tag)
-        if self.keys:
-            keys = pl.from_arrow(pa.Table.from_struct_array(pa.array(self.keys, type=_KEY_STRUCT)))
+        if keys.num_rows:
+            frame = pl.from_arrow(keys)
             # identity: every copy of one type/id meets in one bucket (polars' hash is stable within a run)
             identity = ((pl.col("fhir_id").hash(seed=0) ^ pl.col("resource_type").hash(seed=1)) // 2).cast(pl.Int64)
-            keys = keys.with_columns(chunk, identity=identity)
-            write_buckets(keys, "identity", self.settings.key_buckets, spill / "keys" / tag)
-        for name, struct, items in (
-            ("patients", _PATIENT_STRUCT, self.flattener.patients),
-            ("medications", _MEDICATION_STRUCT, self.flattener.medications),
-        ):
-            if items:
-                table = pa.Table.from_struct_array(pa.array(items, type=struct))
+            frame = frame.with_columns(chunk, identity=identity)
+            write_buckets(frame, "identity", self.settings.key_buckets, spill / "keys" / tag)
+        for name, table in (("patients", patients), ("medications", medications)):
+            if table.num_rows:
                 table = table.append_column("chunk", pa.array([self.chunk.index] * len(table), pa.int32()))
                 (spill / name).mkdir(parents=True, exist_ok=True)
                 write_table(table, spill / name / tag)
 
 
+_NOTED_MISSING_SCANNER: list[bool] = []  # the "compiled reader not available" note is logged once per process
+_BY_LINE = [("line", "ascending"), ("entry", "ascending")]
+
+
+def _merged(scanned: pa.Table | None, items: list[tuple], schema: pa.Schema) -> pa.Table:
+    """The compiled reader's table and the Python paths' tuples as one table in line order (each part
+    is in line order already, and a line's items come from one part, so a stable sort merges them)."""
+    python = pa.Table.from_struct_array(pa.array(items, type=pa.struct(list(schema)))) if items else None
+    if python is None:
+        return scanned if scanned is not None else schema.empty_table()
+    if scanned is None or not scanned.num_rows:
+        return python
+    both = pa.concat_tables([scanned, python])
+    return both.take(pc.sort_indices(both, sort_keys=_BY_LINE))
+
+
+def _without(table: pa.Table, bad: pl.DataFrame) -> pa.Table:
+    """`table` less the items of the resources (line, entry) in `bad`, order kept."""
+    if not table.num_rows:
+        return table
+    kept = pl.from_arrow(table).join(bad, on=KEY_COLUMNS, how="anti", maintain_order="left")
+    return kept.to_arrow().cast(table.schema)
+
+
 KEY_COLUMNS = ["line", "entry"]
 
 
-def _checked_rows(rows: list[tuple]) -> pl.DataFrame:
-    """Rows with times parsed to microseconds and a `reason` where the resource must be rejected."""
-    if rows:  # one C++ pass over the tuples (no Python transposition)
-        table = pa.Table.from_struct_array(pa.array(rows, type=_RAW_ROW_STRUCT))
-        frame = pl.from_arrow(table)
-    else:
-        frame = pl.from_arrow(ROW_SCHEMA.empty_table())
+def _checked_rows(table: pa.Table) -> pl.DataFrame:
+    """Rows (ROW_SCHEMA) with times parsed to microseconds and a `reason` where the resource must be
+    rejected."""
+    frame = pl.from_arrow(table)
     frame = with_fhir_times(frame, "time", "time_us", birth="birth")
     frame = with_fhir_times(frame, "issued", "issued_us")
     # an Encounter's row carries its period's end in `issued` (see ROW_SCHEMA)
