@@ -53,6 +53,9 @@ def _parse() -> argparse.Namespace:
     # 1e-3 took the GPT to a NaN loss at step 449 of 1,000 (H200, 20k patients, bf16); 3e-4 trained.
     parser.add_argument("--gpt-learning-rate", type=float, default=3e-4)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (time budget)")
+    parser.add_argument("--train-minutes", type=float, default=None,
+                        help="wall-time cap of each finetuning run (finetune's max_train_minutes): a run that "
+                             "would overrun the device's call limit stops early and keeps its best tuning model")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of subjects")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
                         help="finetuning batches of similar length; off by default: each random batch runs as "
@@ -158,7 +161,7 @@ def _write_training_summary(out: Path, settings: dict, seconds: dict, models: di
     reports = {name: json.loads((path / "finetune_report.json").read_text()) for name, path in models.items()}
     summary = {"settings": settings, "seconds": seconds,
                "models": {name: {key: r.get(key) for key in ("steps", "train_seconds", "train_loss", "tuning_auroc",
-                                                            "model_selection")}
+                                                            "model_selection", "stopped_by_time_budget_at_step")}
                           for name, r in reports.items()}}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "training_summary.json", summary)
@@ -215,7 +218,7 @@ def main() -> None:
     common = dict(batch_size=args.batch_size, learning_rate=args.learning_rate, context_length=args.context_length,
                   precision="auto" if on_gpu else "fp32", progress_bar=True, logging_steps=50,
                   warmup_steps=0.05,  # examples built in the main process: no fork after polars and CUDA
-                  group_by_length=args.group_by_length,
+                  group_by_length=args.group_by_length, max_train_minutes=args.train_minutes,
                   eval_steps=None if args.eval_steps is None else steps(args.eval_steps))
     settings = {"patients": args.patients, "device": device, "model_size": args.model_size,
                 "context_length": args.context_length, "pretrain_steps": steps(args.pretrain_steps),
@@ -224,7 +227,7 @@ def main() -> None:
                 "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                 "gpt_learning_rate": args.gpt_learning_rate, "resamples": args.resamples,
                 "workers": workers, "skipped": list(args.skip), "group_by_length": args.group_by_length,
-                "eval_steps": common["eval_steps"]}
+                "eval_steps": common["eval_steps"], "train_minutes": args.train_minutes}
     stage = Stages(args.fresh)
     stage.run("synth", fhir / "truth.parquet", lambda: synthesize(args.patients, fhir, seed=0, workers=workers))
     # A few hundred patients leave too few positives of the rarer condition groups in a 10% tuning split.

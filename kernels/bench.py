@@ -238,15 +238,14 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
             "exps_fwd": shape.elements * shape.d_state}
 
 
-_FLIP = {"lane_flip": True}
-_ADJ5 = {"adjoint": 5}
+_V8_BACKWARD = {"adjoint": 3, "lane_flip": False}
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
-    # after v8 (not yet run): the source flipped as one tile (adjoint 5) and with the lane-shuffle flip
-    # (fixed after the v8 run: 2-D tiles only), the forward's chunk-end states stored once per chunk,
-    # against the v8 default; at d_state 64 the 1-warp forward
-    "b32_L2048_N16": [{}, _ADJ5, {**_ADJ5, **_FLIP}, {"fwd_end_tile": True}],
-    "b8_L16384_N16": [{}, _ADJ5, {**_ADJ5, **_FLIP}, {"fwd_end_tile": True}],
-    "b32_L2048_N64": [{}, {"warps_fwd": 1, "block_d_fwd": 4}, _ADJ5, {**_ADJ5, **_FLIP}],
+    # after v9 (adjoint 5 with the lane-shuffle flip is the default): v8's backward for reference, the
+    # forward's chunk-end states stored once per chunk (v9: -5% forward at S1, +4% at S2); at d_state
+    # 64 the 1-warp forward (v9: -4% forward)
+    "b32_L2048_N16": [{}, _V8_BACKWARD, {"fwd_end_tile": True}],
+    "b8_L16384_N16": [{}, _V8_BACKWARD, {"fwd_end_tile": True}],
+    "b32_L2048_N64": [{}, {"warps_fwd": 1, "block_d_fwd": 4}, _V8_BACKWARD],
 }
 
 

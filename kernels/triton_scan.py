@@ -214,9 +214,9 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # chunk's tiles flipped once per chunk and only C and the result per state index (adjoint 3:
         # 7.83 ms, and 17.0 vs 20.2 ms at b8/L16384; kernels/NOTES.md v7)
         # (adjoint 5, the same with the source C_n dy flipped as one tile: no reversed dy tile live
-        # through the state loop, 8 -> 1 spill loads per state index at cap 128 in a local compile;
-        # not yet timed on a GPU, kernels/NOTES.md v8)
-        adjoint=over.get("adjoint", 3 if capped else 1),
+        # through the state loop; with the lane flip below, H200 v9: S1 f+b 7.58 -> 6.72 ms, S2
+        # 16.28 -> 14.74, N 64 27.9 -> 24.7; kernels/NOTES.md v9)
+        adjoint=over.get("adjoint", 5 if capped else 1),
         one_exp=over.get("one_exp", False),
         bwd_maxnreg=bwd_maxnreg,
         reduce_dbc=over.get("reduce_dbc", True),
@@ -229,8 +229,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # S2 12.93 -> 12.52)
         unmasked_fwd=over.get("unmasked_fwd", False),
         unmasked_bwd=over.get("unmasked_bwd", True),
-        # flips along time as one lane shuffle (inline PTX, GPU only; see _lane_flip_safe)
-        lane_flip=over.get("lane_flip", False),
+        # flips along time as one lane shuffle (inline PTX, GPU only, 16-bit inputs; see _lane_flip_safe)
+        lane_flip=over.get("lane_flip", True),
         # the forward's chunk-end states gathered in a register tile and stored once per chunk
         # instead of once per state index through a shared-memory layout conversion (untimed)
         fwd_end_tile=over.get("fwd_end_tile", False),
@@ -356,9 +356,10 @@ def _full_tiles(seqs: _Sequences, dim: int, block_d: int, chunk: int, d_state: i
 
 def _lane_flip_safe(cfg: ScanConfig, *tiles: torch.Tensor | None) -> bool:
     """The lane-shuffle flip assumes the layout Triton gives 1-warp (4, 64) tiles read with 16-byte
-    loads: 8 steps per thread on lanes 0-7 of each channel's group. That needs time-contiguous,
-    16-byte aligned rows, compiled code (the interpreter has no inline assembly) and a Triton whose
-    layouts were read (LANE_FLIP_TRITON; kernels/NOTES.md v8)."""
+    loads: 8 steps per thread on lanes 0-7 of each channel's group. That needs 16-bit values (float32
+    rows come 4 steps per thread: wrong gradients, H200 v9), time-contiguous, 16-byte aligned rows,
+    compiled code (the interpreter has no inline assembly) and a Triton whose layouts were read
+    (LANE_FLIP_TRITON; kernels/NOTES.md v8)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not triton.__version__.startswith(LANE_FLIP_TRITON):
         return False
     if cfg.warps_bwd != 1 or cfg.chunk != 64:
@@ -369,7 +370,7 @@ def _lane_flip_safe(cfg: ScanConfig, *tiles: torch.Tensor | None) -> bool:
         if t is None:
             continue
         row_bytes = t.stride(1) * t.element_size()
-        if t.stride(2) != 1 or t.data_ptr() % 16 or row_bytes % 16 or (t.stride(0) * t.element_size()) % 16:
+        if t.element_size() != 2 or t.stride(2) != 1 or t.data_ptr() % 16 or row_bytes % 16 or (t.stride(0) * t.element_size()) % 16:
             return False
     return True
 

@@ -97,6 +97,9 @@ class FinetuneConfig(TrainerSettings):
     split_overhead_tokens: int = Field(
         2048, ge=0, description="the fixed cost of one sub-batch in padded tokens: higher gives fewer, wider ones")
     dataloader_workers: int = Field(0, ge=0, description="processes that build examples (cut, truncate, prompt)")
+    max_train_minutes: float | None = Field(
+        None, gt=0, description="stop training after this much wall time (the learning-rate schedule is cut "
+        "short, not rescaled); with eval_steps the tuning split is scored at the stop and the best model kept")
 
     @field_validator("task_loss_weights", "task_sampling")
     @classmethod
@@ -244,6 +247,37 @@ class KeepBestOnTuning(TrainerCallback):
         if score > self.best_score:
             self.best_score, self.best_step = score, step
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class StopAfterMinutes(TrainerCallback):
+    """Ends training at the first step past a wall-time budget (all processes stop at the same step)."""
+
+    def __init__(self, minutes: float, keep_best: KeepBestOnTuning | None = None):
+        self.seconds, self.keep_best = 60.0 * minutes, keep_best
+        self.started: float | None = None
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.started is None or not self._over_budget(model):
+            return
+        self.stopped_at = state.global_step
+        control.should_training_stop = True
+        checked = self.keep_best is not None and any(h["step"] == state.global_step for h in self.keep_best.history)
+        if self.keep_best is not None and not checked:
+            self.keep_best.check(model, state.global_step)
+
+    def _over_budget(self, model) -> bool:
+        over = time.perf_counter() - self.started > self.seconds
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # processes decide together: one that stopped alone would leave the others waiting in a collective
+            device = next(model.parameters()).device if model is not None else "cpu"
+            flag = torch.tensor([int(over)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item())
+        return over
 
 
 class TaskTrainer(PickleFreeTrainer):
@@ -409,6 +443,10 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
         keep_best = KeepBestOnTuning(datasets["tuning"], vocabulary.pad_id,
                                      config.eval_batch_size or config.batch_size, config.eval_steps)
         trainer.add_callback(keep_best)
+    time_budget = None
+    if config.max_train_minutes is not None:
+        time_budget = StopAfterMinutes(config.max_train_minutes, keep_best)
+        trainer.add_callback(time_budget)  # after keep_best: its own check at a scheduled step comes first
     started = time.perf_counter()
     train_output = trainer.train()
     seconds = time.perf_counter() - started
@@ -427,8 +465,10 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
     if trainer.is_world_process_zero():
         save_model(model, specs, Path(config.data), out / MODEL)
         selection = None if keep_best is None else {"best_step": keep_best.best_step, "history": keep_best.history}
+        stopped = None if time_budget is None else time_budget.stopped_at
         write_json(out / REPORT, {**result.to_dict(), "without_usable_input": inputs.without_usable_input,
-                                  "model_selection": selection, "config": config.model_dump(mode="json")})
+                                  "model_selection": selection, "stopped_by_time_budget_at_step": stopped,
+                                  "config": config.model_dump(mode="json")})
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # no intermediate checkpoints are kept
     return result
 

@@ -348,7 +348,7 @@ def test_capped_four_channel_backward_at_a_larger_state():
     """d_state 20 (padded to 32) takes the 4-channel 1-warp backward since v8: padded state rows
     must stay out of dA."""
     config = triton_scan.scan_config(20, 4)
-    assert (config.block_d_bwd, config.warps_bwd, config.adjoint) == (4, 1, 3)
+    assert (config.block_d_bwd, config.warps_bwd, config.adjoint) == (4, 1, 5)
     compare(make_inputs(batch=1, dim=4, d_state=20, length=65, seed=20))
 
 
@@ -374,6 +374,7 @@ def test_lane_flip_only_where_the_tile_layout_is_known(monkeypatch):
     assert triton_scan._lane_flip_safe(config, u, None)
     assert not triton_scan._lane_flip_safe(config, u.transpose(1, 2).contiguous().transpose(1, 2))
     assert not triton_scan._lane_flip_safe(config, torch.zeros(2, 16, 129, dtype=torch.bfloat16)[..., 1:])
+    assert not triton_scan._lane_flip_safe(config, u, u.float())  # float32 rows: another tile layout
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**flip, "adjoint": 1})
     assert not triton_scan._lane_flip_safe(triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132), u)
     monkeypatch.setattr(triton_scan, "LANE_FLIP_TRITON", ("0.0.",))  # layouts not read for this version
@@ -395,7 +396,7 @@ def test_backward_register_cap_keeps_the_last_wave_full():
     """4-channel backward programs: 16 resident per multiprocessor (cap 128) unless that leaves the
     last wave mostly empty; then 12 (cap 168). 132 multiprocessors, dim 1536, d_state 16."""
     config = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132)
-    assert (config.block_d_bwd, config.warps_bwd, config.bwd_maxnreg, config.adjoint) == (4, 1, 128, 3)
+    assert (config.block_d_bwd, config.warps_bwd, config.bwd_maxnreg, config.adjoint) == (4, 1, 128, 5)
     assert (config.block_d_fwd, config.warps_fwd) == (4, 1)  # 1-warp forward programs since v8
     # batch 8: 3,072 programs fill 1.45 waves of 2,112 slots but 1.94 waves of 1,584
     assert triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132).bwd_maxnreg == 168

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import polars as pl
@@ -221,6 +222,31 @@ def test_eval_steps_keep_the_best_model_on_tuning(cohort, tmp_path):
     best = max(history, key=lambda h: h["tuning_mean_auroc"])
     assert report["model_selection"]["best_step"] == best["step"]
     # The returned (and saved) model is the best one: its tuning AUROC is the best seen.
+    assert np.mean(list(result.tuning_auroc.values())) == pytest.approx(best["tuning_mean_auroc"], abs=1e-9)
+
+
+class _SleepAt(TrainerCallback):
+    def __init__(self, step: int, seconds: float):
+        self.step, self.seconds = step, seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            time.sleep(self.seconds)
+
+
+def test_a_time_budget_stops_training_and_scores_the_stop(cohort, tmp_path):
+    """Past `max_train_minutes` training ends at that step (not at max_steps), the tuning split is scored
+    there, and the best checkpoint seen is the one saved."""
+    result = finetune(FinetuneConfig(data=cohort.seq, labels=cohort.labels, out=tmp_path / "ft",
+                                     tasks=["los_7d", "readmission_30d"],
+                                     **{**TRAINING, "max_steps": 40, "eval_steps": 4, "max_train_minutes": 0.05}),
+                      callbacks=[_SleepAt(6, 3.2)])
+    report = json.loads((tmp_path / "ft" / "finetune_report.json").read_text())
+    stopped = report["stopped_by_time_budget_at_step"]
+    assert stopped is not None and stopped <= 6 and result.steps == stopped
+    steps = [h["step"] for h in report["model_selection"]["history"]]
+    assert steps[-1] == stopped and len(steps) == len(set(steps))
+    best = max(report["model_selection"]["history"], key=lambda h: h["tuning_mean_auroc"])
     assert np.mean(list(result.tuning_auroc.values())) == pytest.approx(best["tuning_mean_auroc"], abs=1e-9)
 
 
