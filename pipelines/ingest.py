@@ -53,6 +53,8 @@ class IngestConfig(StageConfig):
     shard_mb: int = Field(256, ge=1, description="input megabytes (uncompressed estimate) per output shard")
     code_systems: str | None = Field(None, description="YAML file with extra system URI -> vocabulary entries")
     fast_path: bool = Field(True, description="decode common resource shapes with msgspec when installed")
+    compiled_reader: bool = Field(True, description="flatten common shapes with the compiled reader when built "
+                                                    "(needs fast_path)")
     splits: SplitRatios = SplitRatios()
     dataset_name: str = "odyssey"
     dataset_version: str = "1.0"
@@ -291,6 +293,7 @@ def ingest_fhir(
             strict=config.strict,
             spill_dir=spill,
             fast_path=config.fast_path,
+            compiled_reader=config.compiled_reader,
         )
         read_results = _read_all(chunks, settings, pool, show_progress)
         offsets = line_offsets(chunks, {r.chunk: r.lines for r in read_results})
