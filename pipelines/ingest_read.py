@@ -6,8 +6,10 @@ resource keys by id bucket (so duplicate ids are found without holding every id 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import mmap
 import os
 import zlib
 from collections import Counter
@@ -37,7 +39,6 @@ from odyssey.pipelines.ingest_spill import write_buckets, write_table
 from odyssey.pipelines.schema import EventType
 
 INVALID = "<invalid>"  # resource type under which unparseable lines are counted
-_READ_BLOCK = 8 << 20  # plain chunks are read in blocks well under glibc's mmap ceiling (see fhir_sources)
 _GZIP_GROUP = 8192  # lines of a .gz file handed to the compiled reader at once
 
 log = logging.getLogger(__name__)
@@ -238,18 +239,15 @@ class ChunkReader:
                 for start, data in self._gzip_groups():
                     _, line = self._scan(data, start, True)
             else:
-                tail = b""
-                for block, final in self._plain_blocks():
-                    data = tail + block if tail else block
-                    pos, line = self._scan(data, line, final)
-                    tail = data[pos:]
+                with self._mapped() as data:
+                    _, line = self._scan(data, line, True)
         except (EOFError, OSError) as exc:
             self._problem(line, 0, INVALID, None, f"file is truncated or unreadable after line {line - 1}: {exc}",
                           None)
         finally:
             self.result.lines += line - first
 
-    def _scan(self, data: bytes, line: int, final: bool) -> tuple[int, int]:
+    def _scan(self, data: bytes | memoryview, line: int, final: bool) -> tuple[int, int]:
         """Every whole line of `data` (the last one too when `final`); (where the rest starts, next line)."""
         batch = self.settings.batch_rows
         flattener, scanner, read = self.flattener, self.scanner, self.result.read
@@ -259,25 +257,28 @@ class ChunkReader:
             for rtype, count in scanner.drain_counts():  # before the deferred line: counts keep line order
                 read[rtype] += count
             if defer_start >= 0:
-                self._python_line(data[defer_start:defer_end], line - 1)
+                self._python_line(bytes(data[defer_start:defer_end]), line - 1)
             if scanner.rows + len(flattener.rows) >= batch:
                 self._flush()
             elif defer_start < 0:
                 return pos, line
 
-    def _plain_blocks(self):
-        """(bytes, last) blocks of a plain chunk."""
+    @contextlib.contextmanager
+    def _mapped(self):
+        """The bytes of a plain chunk, memory-mapped: no copy of the file's text (a read() copy costs
+        ~0.1 us per resource in the kernel), pages mapped from the page cache up front."""
         chunk = self.chunk
         with open(chunk.path, "rb") as handle:
-            handle.seek(chunk.start)
-            remaining = (chunk.end if chunk.end is not None else os.fstat(handle.fileno()).st_size) - chunk.start
-            while remaining > 0:
-                block = handle.read(min(_READ_BLOCK, remaining))
-                remaining -= len(block)
-                if not block:  # the file is shorter than planned: what is left is its last line
-                    yield block, True
-                    return
-                yield block, remaining <= 0
+            size = os.fstat(handle.fileno()).st_size
+            end = size if chunk.end is None else min(chunk.end, size)
+            if end <= chunk.start:
+                yield b""
+                return
+            base = chunk.start - chunk.start % mmap.ALLOCATIONGRANULARITY
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            with mmap.mmap(handle.fileno(), end - base, flags=flags, prot=mmap.PROT_READ, offset=base) as mapped, \
+                    memoryview(mapped) as whole, whole[chunk.start - base:] as data:
+                yield data
 
     def _gzip_groups(self):
         """Lines of a .gz chunk, joined in groups; a truncated stream raises EOFError after the complete
