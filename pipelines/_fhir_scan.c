@@ -1814,21 +1814,24 @@ static void scanner_dealloc(Scanner *sc) {
 }
 
 PyDoc_STRVAR(scan_doc,
-             "scan(data, pos, line, max_rows, final) -> (pos, line, defer_start, defer_end)\n\n"
+             "scan(data, pos, line, max_rows, final, validated_at=-1)\n"
+             "    -> (pos, line, defer_start, defer_end, sampled)\n\n"
              "Flatten the lines of data[pos:] (numbered from `line`) until a line must be deferred, the rows\n"
              "reach max_rows or the data ends (only newline-terminated lines unless `final`). Returns where to\n"
              "go on and the next line's number; defer_start >= 0 gives data[defer_start:defer_end], the line\n"
-             "numbered line - 1 (trailing CRs stripped), which Python must take.");
+             "numbered line - 1 (trailing CRs stripped), which Python must take; `sampled`: it was deferred\n"
+             "only because it is sampled for validation (the line starting at `validated_at` is not).");
 
 static PyObject *scanner_scan(Scanner *sc, PyObject *args) {
     Py_buffer view;
-    Py_ssize_t pos, max_rows;
+    Py_ssize_t pos, max_rows, validated_at = -1;
     long long line;
     int final;
-    if (!PyArg_ParseTuple(args, "y*nLnp", &view, &pos, &line, &max_rows, &final)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*nLnp|n", &view, &pos, &line, &max_rows, &final, &validated_at)) return NULL;
     const uchar *data = view.buf;
     size_t size = (size_t)view.len;
     Py_ssize_t defer_start = -1, defer_end = -1;
+    int sampled = 0;
     int failed = 0;
     if (pos < 0 || (size_t)pos > size) {
         PyBuffer_Release(&view);
@@ -1854,7 +1857,8 @@ static PyObject *scanner_scan(Scanner *sc, PyObject *args) {
         if (n <= MAX_LINE_BYTES) {
             uint64_t digest = ((uint64_t)n << 32) | crc32_of(start, n);
             int ascii = is_ascii(start, n);
-            if ((!sc->sample_every || digest % sc->sample_every != 0) && (ascii || valid_utf8(start, stripped))) {
+            sampled = sc->sample_every && digest % sc->sample_every == 0 && start - data != validated_at;
+            if (!sampled && (ascii || valid_utf8(start, stripped))) {
                 size_t mark[4] = {sc->rows[0].length, sc->keys[0].length, sc->patients[0].length, sc->meds[0].length};
                 Str rid = NONE_STR;
                 got = flatten_line(sc, start, stripped, number, &type, &rid);
@@ -1884,7 +1888,7 @@ static PyObject *scanner_scan(Scanner *sc, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         return NULL;
     }
-    return Py_BuildValue("(nLnn)", (Py_ssize_t)at, line, defer_start, defer_end);
+    return Py_BuildValue("(nLnni)", (Py_ssize_t)at, line, defer_start, defer_end, defer_start >= 0 && sampled);
 }
 
 PyDoc_STRVAR(drain_doc, "drain_counts() -> [(resource type, resources read)] since the last drain, in order of first appearance");

@@ -251,17 +251,47 @@ class ChunkReader:
         """Every whole line of `data` (the last one too when `final`); (where the rest starts, next line)."""
         batch = self.settings.batch_rows
         flattener, scanner, read = self.flattener, self.scanner, self.result.read
-        pos = 0
+        pos, validated_at, validated = 0, -1, None
         while True:
-            pos, line, defer_start, defer_end = scanner.scan(data, pos, line, batch - len(flattener.rows), final)
+            pos, line, defer_start, defer_end, sampled = scanner.scan(
+                data, pos, line, batch - len(flattener.rows), final, validated_at)
             for rtype, count in scanner.drain_counts():  # before the deferred line: counts keep line order
                 read[rtype] += count
             if defer_start >= 0:
-                self._python_line(bytes(data[defer_start:defer_end]), line - 1)
+                raw = bytes(data[defer_start:defer_end])
+                if sampled:
+                    validated = self._validate_sampled(raw, line - 1)
+                    if validated is not None:  # valid: the reader flattens it after all (no Python rows)
+                        pos, line, validated_at = defer_start, line - 1, defer_start
+                        continue
+                elif defer_start == validated_at:  # validated, but a shape the reader leaves to Python
+                    read[validated[1]] += 1
+                    self._flatten(validated[0], raw, validated[1], (len(raw) << 32) | zlib.crc32(raw), line - 1, 0)
+                else:
+                    self._python_line(raw, line - 1)
             if scanner.rows + len(flattener.rows) >= batch:
                 self._flush()
             elif defer_start < 0:
                 return pos, line
+
+    def _validate_sampled(self, raw: bytes, line: int) -> tuple[dict, str] | None:
+        """A line sampled for full validation. A plain resource of a supported type that passes is returned
+        (resource, type) for the reader to flatten; anything else is taken here as `_python_line` takes it."""
+        try:
+            resource = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            resource = None
+        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+        if rtype.__class__ is not str or rtype not in SUPPORTED_RESOURCE_TYPES:
+            self._python_line(raw, line)
+            return None
+        self.result.validated += 1
+        reason = self.validator.check(resource)
+        if reason is not None:
+            self.result.read[rtype] += 1
+            self._problem(line, 0, rtype, _id_or_none(resource), reason, raw)
+            return None
+        return resource, rtype
 
     @contextlib.contextmanager
     def _mapped(self):

@@ -53,7 +53,7 @@ def _scan_one(line: bytes, number: int = 1, sample_every: int = 0):
     """(deferred?, batch, context) for one line scanned alone."""
     context = Context(systems=SYSTEMS)
     scanner = _scanner(context, sample_every)
-    _, next_line, defer_start, defer_end = scanner.scan(line, 0, number, NO_LIMIT, True)
+    _, next_line, defer_start, defer_end, _ = scanner.scan(line, 0, number, NO_LIMIT, True)
     assert next_line == number + 1
     if defer_start >= 0:
         assert line[defer_start:defer_end] == line.rstrip(b"\r")
@@ -78,7 +78,7 @@ def _assert_same_as_fast_path(lines: list[bytes]) -> tuple[int, int]:
     fast = FastFlattener(flat)
     taken = deferred = 0
     for number, line in enumerate(lines, start=1):
-        _, _, defer_start, _ = scanner.scan(line, 0, number, NO_LIMIT, True)
+        _, _, defer_start, _, _ = scanner.scan(line, 0, number, NO_LIMIT, True)
         found = fast.flatten(line, number)
         batch = scanner.take()
         counts = scanner.drain_counts()
@@ -230,19 +230,30 @@ def test_reader_defers_each_kind_of_unusual_line(kind):
     assert batch.rows.num_rows == batch.keys.num_rows == batch.patients.num_rows == batch.medications.num_rows == 0
 
 
-def test_sampled_lines_are_deferred_for_validation():
+def test_sampled_lines_are_deferred_for_validation_then_taken():
     digest = (len(_LAB_LINE) << 32) | zlib.crc32(_LAB_LINE)
     assert _scan_one(_LAB_LINE, sample_every=digest)[0]  # digest % every == 0: Python validates it
     assert not _scan_one(_LAB_LINE, sample_every=digest + 1)[0]
+    scanner = _scanner(Context(systems=SYSTEMS), digest)
+    data = _LAB_LINE + b"\n" + _LAB_LINE + b"\n"
+    assert scanner.scan(data, 0, 1, NO_LIMIT, True) == (len(_LAB_LINE) + 1, 2, 0, len(_LAB_LINE), 1)
+    # validated: the reader takes that line, and defers the next copy (sampled too)
+    second = len(_LAB_LINE) + 1
+    assert scanner.scan(data, 0, 1, NO_LIMIT, True, 0) == (len(data), 3, second, len(data) - 1, 1)
+    assert scanner.rows == 1
+    # a line deferred for its shape is not "sampled", validated or not
+    unusual = DEFERRED["component"]
+    scanner = _scanner(Context(systems=SYSTEMS), 1)
+    assert scanner.scan(unusual, 0, 1, NO_LIMIT, True, 0)[4] == 0
 
 
 def test_scan_stops_at_row_limit_and_keeps_line_numbers():
     lines = [orjson.dumps(lab(f"o{i}", "a", None, "2150-01-02T10:00:00Z")) for i in range(10)]
     data = b"\n".join(lines[:4]) + b"\n\n  \r\n" + b"\r\n".join(lines[4:]) + b"\n"
     scanner = _scanner(Context(systems=SYSTEMS))
-    pos, line, defer_start, _ = scanner.scan(data, 0, 1, 3, False)
+    pos, line, defer_start, _, _ = scanner.scan(data, 0, 1, 3, False)
     assert (line, defer_start, scanner.rows) == (4, -1, 3)
-    pos, line, defer_start, _ = scanner.scan(data, pos, line, NO_LIMIT, False)
+    pos, line, defer_start, _, _ = scanner.scan(data, pos, line, NO_LIMIT, False)
     assert (pos, line, defer_start, scanner.rows) == (len(data), 13, -1, 10)  # two blank lines counted
     assert scanner.take().rows.column("line").to_pylist() == [1, 2, 3, 4, 7, 8, 9, 10, 11, 12]
 
@@ -267,7 +278,7 @@ def _damaged_lines(draw):
     line = draw(st.sampled_from(_VALID_LINES))
     kind = draw(st.sampled_from(["corrupt", "random", "splice", "keep"]))
     if kind == "corrupt":
-        return draw(corruption(line))
+        return draw(corruption(line)).replace(b"\n", b" ")
     if kind == "random":
         return draw(st.binary(max_size=200)).replace(b"\n", b" ")
     if kind == "splice":  # a piece of another line pasted in
@@ -288,7 +299,7 @@ def test_fuzz_never_crashes_nor_loses_a_line(lines, final_newline):
     taken, deferred = [], []
     pos, line = 0, 1
     while True:
-        pos, line, defer_start, defer_end = scanner.scan(data, pos, line, NO_LIMIT, True)
+        pos, line, defer_start, defer_end, _ = scanner.scan(data, pos, line, NO_LIMIT, True)
         if defer_start < 0:
             break
         deferred.append(line - 1)
@@ -335,13 +346,20 @@ def test_small_batches_gzip_and_sampling_identical_with_and_without_reader(tmp_p
     """Deferred lines inside batches (validation samples, Bundles, bad lines), batch limits met inside
     runs of lines, and .gz input in groups: the same dataset as the Python paths."""
     folder = small_cohort(tmp_path / "in")
+    # shapes the reader takes, which R4B refuses (an unknown element)
+    invalid = [_with(lab(f"v{i}", "a", None, "2150-01-02T10:00:00Z"), foo=i) for i in range(6)]
     extra = [DEFERRED["bundle"], DEFERRED["component"], b"not json", DEFERRED["duplicate key"], b"",
-             orjson.dumps(lab("bad-time", "a", None, "2150-13-01T00:00:00Z"))]
+             orjson.dumps(lab("bad-time", "a", None, "2150-13-01T00:00:00Z")), *invalid]
     labs = folder / "MimicObservationLabevents.ndjson"
     labs.write_bytes(labs.read_bytes() + b"\n".join(extra) + b"\n")
     (folder / "more.ndjson.gz").write_bytes(gzip.compress(labs.read_bytes().replace(b'"id":"o', b'"id":"g')))
     monkeypatch.setattr(ingest_read.ReadSettings, "batch_rows", 7)
-    _same_with_and_without_reader([folder], tmp_path, sample_every=3)
+    _same_with_and_without_reader([folder], tmp_path / "every3", sample_every=3)
+    _same_with_and_without_reader([folder], tmp_path / "every1", sample_every=1)  # every line validated
+    rejects = [orjson.loads(r) for r in (tmp_path / "every1" / "compiled" / "rejects" / "rejects.ndjson").read_bytes()
+               .splitlines()]
+    refused = [r["id"] for r in rejects if r["reason"].startswith("fails FHIR R4B validation: foo")]
+    assert sorted(refused) == sorted(f"v{i}" for i in range(len(invalid)) for _ in range(2))  # in both files
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
