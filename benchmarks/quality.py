@@ -53,6 +53,8 @@ def _parse() -> argparse.Namespace:
     # 1e-3 took the GPT to a NaN loss at step 449 of 1,000 (H200, 20k patients, bf16); 3e-4 trained.
     parser.add_argument("--gpt-learning-rate", type=float, default=3e-4)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (time budget)")
+    parser.add_argument("--gpt-contexts", type=lambda text: [int(v) for v in text.split(",")], default=[512, 2048],
+                        help="context lengths of the GPT baselines, comma-separated")
     parser.add_argument("--train-minutes", type=float, default=None,
                         help="wall-time cap of each finetuning run (finetune's max_train_minutes): a run that "
                              "would overrun the device's call limit stops early and keeps its best tuning model")
@@ -227,7 +229,8 @@ def main() -> None:
                 "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                 "gpt_learning_rate": args.gpt_learning_rate, "resamples": args.resamples,
                 "workers": workers, "skipped": list(args.skip), "group_by_length": args.group_by_length,
-                "eval_steps": common["eval_steps"], "train_minutes": args.train_minutes}
+                "eval_steps": common["eval_steps"], "train_minutes": args.train_minutes,
+                "gpt_contexts": args.gpt_contexts}
     stage = Stages(args.fresh)
     stage.run("synth", fhir / "truth.parquet", lambda: synthesize(args.patients, fhir, seed=0, workers=workers))
     # A few hundred patients leave too few positives of the rarer condition groups in a 10% tuning split.
@@ -254,7 +257,7 @@ def main() -> None:
     for task in TASKS if "single" not in args.skip else ():
         compare[f"ehrmamba_single_{task}"] = tune(f"ft_single_{task}", f"finetune {task} only", pretrained=run,
                                                   tasks=[task], max_steps=steps(args.single_task_steps))
-    for gpt_context in (512, 2048) if "gpt" not in args.skip else ():  # the transformer, two contexts, scratch
+    for gpt_context in args.gpt_contexts if "gpt" not in args.skip else ():  # the transformer, from scratch
         context = min(gpt_context, args.context_length) if args.smoke else gpt_context
         compare[f"gpt_{gpt_context}"] = tune(
             f"ft_gpt_{gpt_context}", f"finetune GPT ({gpt_context} tokens)", architecture="gpt", tasks=TASKS,

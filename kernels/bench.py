@@ -47,12 +47,20 @@ SHAPES = {
 }
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device, seed: int, groups: int = 0):
-    """Inputs shaped like a Mamba block's call: softplus'd delta with a bias, S4D-real A, gated by z."""
+def make_inputs(shape: Shape, dtype: torch.dtype, device, seed: int, groups: int = 0, channel_major: bool = False):
+    """Inputs shaped like a Mamba block's call: softplus'd delta with a bias, S4D-real A, gated by z.
+
+    `channel_major`: (batch, channels, L) views of (channels, batch * L) storage, as the lean mixer passes
+    them (row strides batch * L, not L)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*size, scale=1.0):
-        return (torch.randn(*size, generator=gen) * scale).to(device)
+        values = torch.randn(*size, generator=gen) * scale
+        if channel_major and len(size) == 3:
+            batch, channels, length = size
+            values = values.permute(1, 0, 2).reshape(channels, batch * length).view(channels, batch, length)
+            return values.to(device).transpose(0, 1)
+        return values.to(device)
 
     b, d, L, N = shape.batch, shape.dim, shape.length, shape.d_state
     bc_shape = (b, N, L) if groups == 0 else (b, groups, N, L)
@@ -161,8 +169,8 @@ def run_scan(fn, inputs: dict, dout: torch.Tensor | None):
     return out, dict(zip(names, grads, strict=True))
 
 
-def check(fn, shape: Shape, dtype, device, seed: int, groups: int = 0) -> dict:
-    inputs = make_inputs(shape, dtype, device, seed, groups)
+def check(fn, shape: Shape, dtype, device, seed: int, groups: int = 0, channel_major: bool = False) -> dict:
+    inputs = make_inputs(shape, dtype, device, seed, groups, channel_major)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     dout = torch.randn(shape.batch, shape.dim, shape.length, generator=gen).to(device, dtype)
     out, grads = run_scan(fn, inputs, dout)
@@ -172,7 +180,7 @@ def check(fn, shape: Shape, dtype, device, seed: int, groups: int = 0) -> dict:
     del ref_grads, grads
     torch.cuda.empty_cache()
     tol = TOLERANCE[dtype]
-    return {"shape": shape.name, "dtype": str(dtype), "groups": groups, "errors": errors,
+    return {"shape": shape.name, "dtype": str(dtype), "groups": groups, "channel_major": channel_major, "errors": errors,
             "tolerance": tol, "passed": all(e <= tol for e in errors.values())}
 
 
@@ -365,17 +373,23 @@ def main(argv=None) -> int:
     shapes = [SHAPES[name] for name in args.shapes.split(",")]
     checks = []
     if not args.skip_check:
-        plan = [(shapes[0], torch.bfloat16, 0), (shapes[0], torch.float32, 0), (shapes[0], torch.bfloat16, 4)]
+        plan = [(shapes[0], torch.bfloat16, 0, False), (shapes[0], torch.float32, 0, False),
+                (shapes[0], torch.bfloat16, 4, False)]
         for shape in shapes[1:]:
             # N=64's float64 states at batch 32 would take 51 GB; its check runs at batch 8
             small = Shape(shape.name + "_b8", min(shape.batch, 8), shape.length, shape.dim, shape.d_state)
-            plan.append((small, torch.bfloat16, 0))
-        for shape, dtype, groups in plan:
+            plan.append((small, torch.bfloat16, 0, False))
+        # the lean mixer's channel-major views, at a length that is a multiple of 8 but not of 16 (a row
+        # stride Triton cannot specialise as 16-divisible) and at one that is
+        for length in (1000, 1024):
+            plan.append((Shape(f"lean_b4_L{length}", 4, length, 1536, 16), torch.bfloat16, 0, True))
+        for shape, dtype, groups, channel_major in plan:
             for name in args.check_backends.split(","):
                 if name not in backends or (name == "mamba_ssm" and groups):
                     continue
                 t0 = time.time()
-                result = check(backends[name], shape, dtype, device, seed=len(checks), groups=groups)
+                result = check(backends[name], shape, dtype, device, seed=len(checks), groups=groups,
+                               channel_major=channel_major)
                 result["backend"] = name
                 checks.append(result)
                 worst = max(result["errors"], key=result["errors"].get)

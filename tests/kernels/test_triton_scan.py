@@ -375,6 +375,8 @@ def test_lane_flip_only_where_the_tile_layout_is_known(monkeypatch):
     assert not triton_scan._lane_flip_safe(config, u.transpose(1, 2).contiguous().transpose(1, 2))
     assert not triton_scan._lane_flip_safe(config, torch.zeros(2, 16, 129, dtype=torch.bfloat16)[..., 1:])
     assert not triton_scan._lane_flip_safe(config, u, u.float())  # float32 rows: another tile layout
+    # rows 16-byte aligned but a stride Triton cannot specialise as divisible by 16: unvectorised loads
+    assert not triton_scan._lane_flip_safe(config, torch.zeros(2, 16, 136, dtype=torch.bfloat16))
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**flip, "adjoint": 1})
     assert not triton_scan._lane_flip_safe(triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132), u)
     monkeypatch.setattr(triton_scan, "LANE_FLIP_TRITON", ("0.0.",))  # layouts not read for this version
