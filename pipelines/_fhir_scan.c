@@ -498,7 +498,7 @@ typedef struct {
     int escaped; /* a string holding a backslash escape */
 } Val;
 
-static const uchar *skip_ws(const uchar *p, const uchar *end) {
+static inline const uchar *skip_ws(const uchar *p, const uchar *end) {
     while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
     return p;
 }
@@ -512,7 +512,7 @@ static int hexval(uchar c) {
 
 /* p at the opening quote; returns the byte after the closing quote, or NULL. Escapes are checked for
  * grammar; a \u escape naming a surrogate is refused (JSON parsers disagree about lone ones). */
-static const uchar *scan_string(const uchar *p, const uchar *end, Val *out) {
+static inline __attribute__((always_inline)) const uchar *scan_string(const uchar *p, const uchar *end, Val *out) {
     const uchar *start = ++p;
     int escaped = 0;
     for (;;) {
@@ -1337,7 +1337,8 @@ static int flatten_patient(Scanner *sc, const Val *f, Str rid, int64_t line) {
 
 static const Name HOSPITALIZATION_FIELDS[] = {NAME("dischargeDisposition")};
 
-/* checks shared by every _SubjectResource: the shapes of subject and encounter */
+/* the shapes of subject and encounter, for an Encounter (which reads only its subject); the other
+ * types read both through subject_of and encounter_of before they emit anything */
 static int subject_resource_shape(const Val *f) {
     Str ignored;
     if (reference_of(&f[F_SUBJECT], &ignored) < 0 || reference_of(&f[F_ENCOUNTER], &ignored) < 0) return -1;
@@ -1449,7 +1450,6 @@ static int timed_event(Scanner *sc, const Val *f, int type, const char *event_ty
 }
 
 static int flatten_condition(Scanner *sc, const Val *f, int64_t line) {
-    CHECK(subject_resource_shape(f));
     CHECK(opt_str(&f[F_RECORDED_DATE], 1));
     CHECK(opt_str(&f[F_ONSET_DATETIME], 1));
     int has_period;
@@ -1471,7 +1471,6 @@ static int flatten_condition(Scanner *sc, const Val *f, int64_t line) {
 }
 
 static int flatten_procedure(Scanner *sc, const Val *f, int64_t line) {
-    CHECK(subject_resource_shape(f));
     CHECK(opt_str(&f[F_PERFORMED_DATETIME], 1));
     int has_period;
     Str start, end;
@@ -1494,7 +1493,6 @@ static int flatten_procedure(Scanner *sc, const Val *f, int64_t line) {
 }
 
 static int flatten_medication_use(Scanner *sc, const Val *f, int type, int64_t line) {
-    CHECK(subject_resource_shape(f));
     Str med_ref;
     CHECK(reference_of(&f[F_MED_REFERENCE], &med_ref));
     if (present(&f[F_MEDICATION])) return DEFER;
@@ -1635,7 +1633,6 @@ static int category_type(const Val *v, Str *event_type) {
 }
 
 static int flatten_observation(Scanner *sc, const Val *f, int64_t line) {
-    CHECK(subject_resource_shape(f));
     Str event_type;
     CHECK(category_type(&f[F_CATEGORY], &event_type));
     CHECK(opt_str(&f[F_EFFECTIVE_DATETIME], 1));
