@@ -161,6 +161,15 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
+def _reader() -> str:
+    """Which stage-1 path the ingest runs took: the compiled reader, or the Python paths alone."""
+    try:
+        from odyssey.pipelines.fhir_scan import AVAILABLE
+    except ImportError:  # a tree from before the compiled reader
+        return "python (no compiled reader in this tree)"
+    return "compiled" if AVAILABLE else "python (compiled reader not built)"
+
+
 def _cpu() -> float:
     """CPU seconds of this process and its finished children (the workers)."""
     t = os.times()
@@ -183,6 +192,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "versions": _versions(),
+        "reader": _reader(),
         "load_average_at_start": os.getloadavg(),
         "parse_floor": parse_floor(files),
         "r4b_validate_and_flatten": r4b_baseline(files, args.r4b_sample),
@@ -204,6 +214,7 @@ def main() -> None:
         print(f"{name:40}{r['resources']:>12,}{r['seconds']:>9.1f}{r['resources_per_second']:>11,.0f}"
               f"{r['resources_per_second'] / floor:>9.2f}{r.get('resources_per_cpu_second', float('nan')):>11,.0f}"
               f"{r.get('peak_memory_mb', float('nan')):>9.0f}")
+    print(f"stage 1 reader: {results['reader']}; load average at start {results['load_average_at_start'][0]:.2f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
