@@ -163,11 +163,12 @@ def _versions() -> dict[str, str | None]:
 
 def _reader() -> str:
     """Which stage-1 path the ingest runs took: the compiled reader, or the Python paths alone."""
-    try:
-        from odyssey.pipelines.fhir_scan import AVAILABLE
-    except ImportError:  # a tree from before the compiled reader
+    from odyssey.pipelines import ingest_read
+
+    available = getattr(ingest_read, "SCANNER_AVAILABLE", None)
+    if available is None:  # a tree from before the compiled reader
         return "python (no compiled reader in this tree)"
-    return "compiled" if AVAILABLE else "python (compiled reader not built)"
+    return "compiled" if available else "python (compiled reader not built)"
 
 
 def _cpu() -> float:
