@@ -25,6 +25,7 @@
 #include <emmintrin.h> /* every x86-64 CPU has SSE2; elsewhere the byte loops below do the same work */
 #endif
 
+#define SCANNER_API 2 /* fhir_scan.py refuses a build of another API version (a stale editable build) */
 #define MAX_DEPTH 64                      /* deeper JSON is deferred (msgspec and orjson have limits too) */
 #define MAX_LINE_BYTES ((size_t)1 << 30)  /* longer lines are deferred: string offsets stay in int32 */
 #define MAX_COLUMN_BYTES ((size_t)1 << 30) /* a batch stops growing here (int32 Arrow offsets) */
@@ -2008,7 +2009,8 @@ PyMODINIT_FUNC PyInit__fhir_scan(void) {
     if (PyType_Ready(&ScannerType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
-    if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0) {
+    if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0 ||
+        PyModule_AddIntConstant(m, "API", SCANNER_API) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+_API = 2  # SCANNER_API in _fhir_scan.c: an editable install keeps an old build until `pip install -e .` reruns
+
 try:
     from odyssey.pipelines import _fhir_scan
 except ImportError as exc:  # not built (no compiler at install time) or not loadable here
@@ -20,6 +22,10 @@ except ImportError as exc:  # not built (no compiler at install time) or not loa
     IMPORT_ERROR: str | None = str(exc)
 else:
     IMPORT_ERROR = None
+    if getattr(_fhir_scan, "API", None) != _API:
+        IMPORT_ERROR = (f"{_fhir_scan.__file__} was built from another version of _fhir_scan.c "
+                        "(rebuild it: pip install -e .)")
+        _fhir_scan = None
 
 AVAILABLE = _fhir_scan is not None
 
