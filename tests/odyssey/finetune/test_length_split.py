@@ -96,3 +96,13 @@ def test_sub_batches_give_the_whole_batch_loss_and_gradient(batch_and_config, tm
     assert whole.keys() == split.keys() and len(whole) > 10
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_split_overhead_follows_the_device_unless_set(monkeypatch):
+    from odyssey.finetune.train import SPLIT_OVERHEAD_TOKENS, split_overhead_tokens
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert split_overhead_tokens(FinetuneConfig()) == SPLIT_OVERHEAD_TOKENS["cpu"] == 2048
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert split_overhead_tokens(FinetuneConfig()) == SPLIT_OVERHEAD_TOKENS["cuda"] == 32768
+    assert split_overhead_tokens(FinetuneConfig(split_overhead_tokens=500)) == 500
