@@ -20,6 +20,7 @@ def ingest(
     workers: Annotated[int | None, typer.Option("--workers", help="parallel readers (default: CPU cores)")] = None,
     code_systems: Annotated[Path | None, typer.Option("--code-systems", help="YAML of extra code-system URIs")] = None,
     fast_path: Annotated[bool | None, typer.Option("--fast-path/--no-fast-path", help="decode common resource shapes with msgspec (default on; same output)")] = None,
+    compiled_reader: Annotated[bool | None, typer.Option("--compiled-reader/--no-compiled-reader", help="flatten common shapes with the compiled C reader when it was built (default on; same output)")] = None,
     extra: Annotated[list[str] | None, typer.Argument(help="more FHIR paths (so that `--fhir a b c` works)", show_default=False)] = None,
 ) -> None:
     """Turn FHIR R4 exports into a MEDS v0.4 dataset; bad resources go to OUT/rejects/."""
@@ -49,6 +50,7 @@ def ingest(
             workers=workers,
             code_systems=str(code_systems) if code_systems else None,
             fast_path=fast_path,
+            compiled_reader=compiled_reader,
         )
         try:
             report = ingest_fhir(paths, out, cfg, show_progress=True)

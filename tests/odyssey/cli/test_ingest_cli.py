@@ -23,14 +23,16 @@ def test_ingest_cli_writes_dataset_and_summary(tmp_path):
     assert (out / "data" / "0.parquet").exists()
 
 
-def test_fast_path_flag_changes_speed_not_output(tmp_path):
+@pytest.mark.parametrize("flag", ["fast-path", "compiled-reader"])
+def test_reader_flags_change_speed_not_output(tmp_path, flag):
     outputs = {}
-    for flag in ("--fast-path", "--no-fast-path"):
-        out = tmp_path / flag.strip("-")
-        result = runner.invoke(app, ["ingest", "--fhir", str(FIXTURES / "r4"), "--out", str(out), "--workers", "1", flag])
+    for option in (f"--{flag}", f"--no-{flag}"):
+        out = tmp_path / option.strip("-")
+        result = runner.invoke(app, ["ingest", "--fhir", str(FIXTURES / "r4"), "--out", str(out), "--workers", "1",
+                                     option])
         assert result.exit_code == 0, result.output
-        outputs[flag] = sorted((p.relative_to(out), p.read_bytes()) for p in (out / "data").glob("*.parquet"))
-    assert outputs["--fast-path"] == outputs["--no-fast-path"]
+        outputs[option] = sorted((p.relative_to(out), p.read_bytes()) for p in (out / "data").glob("*.parquet"))
+    assert outputs[f"--{flag}"] == outputs[f"--no-{flag}"]
 
 
 def test_missing_input_exits_2_with_message(tmp_path):
