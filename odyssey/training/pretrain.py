@@ -72,7 +72,9 @@ class TrainerSettings(StageConfig):
     logging_steps: int = Field(20, ge=1)
     precision: Precision = Field("auto", description="auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU")
     scan_backend: str = "auto"
-    pad_to_multiple_of: int = Field(8, ge=1)
+    pad_to_multiple_of: int = Field(
+        16, ge=1, description="batch lengths round up to this; 16 keeps every row stride divisible by 16, which the "
+        "Triton scan's fastest backward needs (kernels/NOTES.md v9)")
     seed: int = 42
     progress_bar: bool = True
 
