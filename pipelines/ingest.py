@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 import os
 import resource
 import sys
@@ -34,6 +33,7 @@ from odyssey.config import ConfigError, StageConfig
 from odyssey.io import atomic_output_dir, write_json
 from odyssey.pipelines import schema
 from odyssey.pipelines.fhir_sources import Chunk, discover, fetch_lines, line_offsets, plan_chunks
+from odyssey.pipelines.ingest_pool import Workers, worker_pool
 from odyssey.pipelines.ingest_read import Problem, ReadSettings, read_chunk
 from odyssey.pipelines.ingest_resolve import StrictStop, resolve_and_write
 from odyssey.pipelines.report import IngestReport, TypeCounts, reason_category
@@ -110,65 +110,26 @@ def _estimated_bytes(chunks: list[Chunk]) -> int:
     return sum(_uncompressed_size(c) for c in chunks)
 
 
-def _read_all(chunks, settings, pool, show_progress):
-    """Stage 1 over all chunks, in the worker pool when there is one."""
+def _read_all(chunks, settings, workers: Workers, show_progress):
+    """Stage 1 over all chunks, by this process and the helpers."""
     results = []
     bar = tqdm(total=sum(c.size for c in chunks), unit="B", unit_scale=True, desc="read", disable=not show_progress)
-    if pool is not None and not settings.strict:
-        # biggest chunks first, so the small ones (the ends of files) fill the gaps and the workers finish
+    if workers.helpers and not settings.strict:
+        # biggest chunks first, so the small ones (the ends of files) fill the gaps and the processes finish
         # together; results are put back in chunk order below. (Strict mode keeps file order: it stops at
         # the first problem it meets.)
         chunks = sorted(chunks, key=lambda c: -_uncompressed_size(c))
-    jobs = [(c, settings) for c in chunks]
+    found = workers.unordered(read_chunk, [(c, settings) for c in chunks])
     try:
-        for result in pool.imap_unordered(read_chunk, jobs) if pool is not None else map(read_chunk, jobs):
+        for result in found:
             results.append(result)
             bar.update(result.bytes)
             if settings.strict and result.problems:
                 break
     finally:
+        found.close()
         bar.close()
     return sorted(results, key=lambda r: r.chunk)
-
-
-@contextlib.contextmanager
-def _worker_pool(workers: int):
-    """Processes shared by both stages (started once), or None to run in this process."""
-    if workers <= 1:
-        yield None
-        return
-    # spawn, not fork: polars' thread pool does not survive a fork (children deadlock). (Asking polars'
-    # allocator to return freed memory sooner, `_RJEM_MALLOC_CONF=dirty_decay_ms:100`, saved ~200 MB at 5M
-    # resources but cost ~10% CPU; memory is well within bounds without it.)
-    with _worker_environment(workers):
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
-
-
-@contextlib.contextmanager
-def _worker_environment(workers: int):
-    """Workers spawned inside this block start with thread pools sized for them. The workers together
-    fill the cores, so polars gets cores/workers threads (more only spin and contend: ~3% of the CPU at
-    2 workers on 2 cores), and OpenBLAS, which ingestion never calls, one (its threads cost ~0.1 s of
-    CPU at import, per worker). pyarrow allocates from the system allocator: its default jemalloc pool
-    kept ~100 MB more of freed spill buffers at 5M resources, for the same CPU. glibc's malloc keeps big
-    freed buffers (up to 32 MB) in the heap instead of unmapping them: every batch allocates the same
-    buffers again, and fresh pages cost a page fault and a clearing each (~7-11% of a worker's CPU;
-    peak memory +2-6%). Values the user set are kept."""
-    wanted = {"POLARS_MAX_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), "OPENBLAS_NUM_THREADS": "1",
-              "ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-              "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-    added = [name for name in wanted if name not in os.environ]
-    os.environ.update({name: wanted[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
 
 
 def _in_file_lines(problems: list[Problem], offsets: dict[int, int]) -> list[Problem]:
@@ -285,7 +246,7 @@ def ingest_fhir(
     with (
         atomic_output_dir(out) as tmp,
         tempfile.TemporaryDirectory(prefix="odyssey-spill-", dir=out.resolve().parent, ignore_cleanup_errors=True) as spill,
-        _worker_pool(workers) as pool,
+        worker_pool(workers) as pool,
     ):
         settings = ReadSettings(
             systems=systems,
@@ -307,16 +268,14 @@ def ingest_fhir(
         bar = tqdm(total=subject_buckets, desc="write", unit="shard", disable=not show_progress)
         try:
             result = resolve_and_write(Path(spill), tmp, subject_buckets, key_buckets, chunk_paths, config.strict, bar,
-                                       mapper=pool.imap if pool is not None else map, line_offsets=offsets)
+                                       mapper=pool.ordered, line_offsets=offsets)
         except StrictStop as stop:
             (problem,) = _in_file_lines([stop.problem], offsets)
             raise StrictModeError(f"{_where(problem, chunk_paths)}: {problem.reason}") from None
         finally:
             bar.close()
         problems += _in_file_lines(result.problems, offsets)
-        if pool is not None:  # done with the workers: reaped now, their peak memory counts in the report
-            pool.close()
-            pool.join()
+        pool.close()  # done with the helpers: reaped now, their peak memory counts in the report
         splits = _metadata(tmp, result, config, _descriptions(read_results))
         counts = _count(read_results, result, problems)
         _write_rejects(tmp / "rejects", problems, chunk_paths)

@@ -361,13 +361,13 @@ def test_folder_ignores_json_files_that_are_not_fhir(tmp_path):
 
 
 def test_worker_environment_sizes_thread_pools_and_keeps_the_users_values(monkeypatch):
-    from odyssey.pipelines.ingest import _worker_environment
+    from odyssey.pipelines.ingest_pool import worker_environment
 
     monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
     monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    with _worker_environment(2):
+    with worker_environment(2):
         assert os.environ["POLARS_MAX_THREADS"] == "4"
         assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
         assert os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system"

@@ -1,0 +1,158 @@
+"""The processes that run ingestion's stages: the calling process and `workers - 1` spawned helpers.
+
+The calling process works too: it has polars and pyarrow loaded already, so it starts on the first chunk
+at once while the helpers start Python and import them (~0.3 s of wall and of CPU each), and one process
+fewer pays that. Jobs are shared as they go: this process takes the next job whenever it finishes one,
+each helper whenever one of its jobs comes back, so both cores stay busy to the end whatever the jobs cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+
+
+class Workers:
+    """Runs a function over jobs in this process and the helpers (None: this process alone)."""
+
+    def __init__(self, pool: multiprocessing.pool.Pool | None, helpers: int):
+        self._pool = pool
+        self._helpers = helpers if pool is not None else 0
+
+    @property
+    def helpers(self) -> int:
+        return self._helpers
+
+    def close(self) -> None:
+        """Stop and reap the helpers. Terminated, not closed and joined: a spawned process that exits by
+        itself finalizes the whole interpreter first (~0.2 s of wall at the end of every run); here they
+        are idle, their files written and closed."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def unordered(self, fn: Callable, jobs: Iterable, ahead: int = 2) -> Iterator:
+        """fn(job) for every job, yielded as they finish. A helper holds up to `ahead` jobs, so that it
+        never waits for this process to hand it the next; jobs are taken in their order, so put the
+        biggest first for both to finish together. Closing the iterator early stops handing out jobs."""
+        for _, result in self._shared(fn, list(jobs), ahead):
+            yield result
+
+    def ordered(self, fn: Callable, jobs: Iterable) -> Iterator:
+        """fn(job) for every job, yielded in job order (each as soon as those before it are done). A helper
+        holds one job at a time: these jobs are few and big, and a second one held would leave this
+        process idle at the end."""
+        waiting: dict[int, object] = {}
+        following = 0
+        for index, result in self._shared(fn, list(jobs), 1):
+            waiting[index] = result
+            while following in waiting:
+                yield waiting.pop(following)
+                following += 1
+
+    def _shared(self, fn: Callable, jobs: list, ahead: int) -> Iterator[tuple[int, object]]:
+        if not self._helpers:
+            yield from enumerate(map(fn, jobs))
+            return
+        pending = deque(enumerate(jobs))
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        lock = threading.Lock()
+        stopped = threading.Event()
+
+        def hand_out(_result=None) -> None:
+            # runs in this process's threads, the pool's result thread included: it must never raise there
+            with lock:
+                if stopped.is_set() or not pending:
+                    return
+                index, job = pending.popleft()
+            try:
+                self._pool.apply_async(fn, (job,), callback=partial(returned, index),
+                                       error_callback=partial(failed, index))
+            except ValueError:  # the pool was terminated meanwhile (an error elsewhere)
+                stopped.set()
+
+        def returned(index: int, result) -> None:
+            finished.put((index, result, None))
+            hand_out()
+
+        def failed(index: int, error: BaseException) -> None:
+            finished.put((index, None, error))
+
+        for _ in range(self._helpers * ahead):
+            hand_out()
+        remaining = len(jobs)
+        try:
+            while remaining:
+                while True:  # what the helpers finished meanwhile, first
+                    try:
+                        index, result, error = finished.get_nowait()
+                    except queue.Empty:
+                        break
+                    if error is not None:
+                        raise error
+                    remaining -= 1
+                    yield index, result
+                if not remaining:
+                    break
+                with lock:
+                    mine = pending.popleft() if pending else None
+                if mine is None:  # every job is handed out: wait for the helpers'
+                    index, result, error = finished.get()
+                    if error is not None:
+                        raise error
+                else:
+                    index, result = mine[0], fn(mine[1])
+                remaining -= 1
+                yield index, result
+        finally:
+            stopped.set()
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Workers]:
+    """This process and `workers - 1` spawned helpers, started at once and shared by both stages."""
+    helpers = workers - 1
+    if helpers < 1:
+        yield Workers(None, 0)
+        return
+    # spawn, not fork: polars' thread pool does not survive a fork (children deadlock). (Asking polars'
+    # allocator to return freed memory sooner, `_RJEM_MALLOC_CONF=dirty_decay_ms:100`, saved ~200 MB at 5M
+    # resources but cost ~10% CPU; memory is well within bounds without it.)
+    with worker_environment(workers):
+        pool = multiprocessing.get_context("spawn").Pool(helpers)
+    workers = Workers(pool, helpers)
+    try:
+        yield workers
+    finally:
+        workers.close()
+
+
+@contextlib.contextmanager
+def worker_environment(workers: int):
+    """Helpers spawned inside this block start with thread pools sized for them. The processes together
+    fill the cores, so polars gets cores/workers threads (more only spin and contend: ~3% of the CPU at
+    2 workers on 2 cores), and OpenBLAS, which ingestion never calls, one (its threads cost ~0.1 s of
+    CPU at import, per process). pyarrow allocates from the system allocator: its default jemalloc pool
+    kept ~100 MB more of freed spill buffers at 5M resources, for the same CPU. glibc's malloc keeps big
+    freed buffers (up to 32 MB) in the heap instead of unmapping them: every batch allocates the same
+    buffers again, and fresh pages cost a page fault and a clearing each (~7-11% of a process's CPU;
+    peak memory +2-6%). Values the user set are kept."""
+    wanted = {"POLARS_MAX_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), "OPENBLAS_NUM_THREADS": "1",
+              "ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+              "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+    added = [name for name in wanted if name not in os.environ]
+    os.environ.update({name: wanted[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+__all__ = ["Workers", "worker_environment", "worker_pool"]

@@ -1,0 +1,81 @@
+"""The calling process and its spawned helpers share ingestion's jobs (pipelines/ingest_pool.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+
+from odyssey.pipelines.ingest_pool import Workers, worker_pool
+
+
+def _pid_after(seconds: float) -> tuple[float, int]:
+    """A job for the helpers (importable by spawned processes): who ran it."""
+    time.sleep(seconds)
+    return seconds, os.getpid()
+
+
+def _touch_after(job: tuple[str, float]) -> None:
+    path, seconds = job
+    time.sleep(seconds)
+    open(path, "w").close()
+
+
+def test_without_helpers_this_process_runs_every_job_in_order():
+    workers = Workers(None, 0)
+    assert workers.helpers == 0
+    assert list(workers.unordered(math.sqrt, [9.0, 4.0, 1.0])) == [3.0, 2.0, 1.0]
+    assert list(workers.ordered(math.sqrt, [16.0, 25.0])) == [4.0, 5.0]
+    workers.close()  # nothing to stop
+
+
+@pytest.fixture(scope="module")
+def two():
+    with worker_pool(2) as workers:
+        yield workers
+
+
+def test_both_processes_take_jobs_and_every_result_comes_back(two):
+    assert two.helpers == 1
+    jobs = [0.05 + i / 1000 for i in range(12)]
+    found = list(two.unordered(_pid_after, jobs))
+    assert sorted(seconds for seconds, _ in found) == jobs
+    pids = {pid for _, pid in found}
+    assert os.getpid() in pids and len(pids) == 2  # this process worked, and so did the helper
+
+
+def test_ordered_yields_results_in_job_order_whoever_ran_them(two):
+    # the first job is slow: whichever process took it, the quick ones after it wait for it
+    jobs = [0.3, 0.01, 0.02, 0.03, 0.04]
+    found = list(two.ordered(_pid_after, jobs))
+    assert [seconds for seconds, _ in found] == jobs
+    assert len({pid for _, pid in found}) == 2
+
+
+def test_a_failing_job_raises_in_the_caller_wherever_it_ran(two):
+    jobs = [4.0] * 6 + [-1.0] + [9.0] * 6  # math.sqrt(-1.0) raises ValueError
+    with pytest.raises(ValueError, match="math domain error"):
+        list(two.unordered(math.sqrt, jobs))
+    with pytest.raises(ValueError, match="math domain error"):
+        list(two.ordered(math.sqrt, jobs))
+    assert list(two.ordered(math.sqrt, [4.0, 9.0])) == [2.0, 3.0]  # the helpers still work afterwards
+
+
+def test_closing_early_stops_handing_out_jobs(two, tmp_path):
+    found = two.unordered(_touch_after, [(str(tmp_path / f"{i}"), 0.02) for i in range(50)])
+    next(found)
+    found.close()
+    time.sleep(0.4)  # the helper would have run ~20 more by now
+    # the one yielded, the two the helper held, and at most one more in flight: never the 46 others
+    assert len(list(tmp_path.iterdir())) <= 4
+
+
+def test_close_reaps_the_helpers():
+    with worker_pool(2) as workers:
+        list(workers.unordered(math.sqrt, [1.0, 4.0]))
+        pool = workers._pool
+        processes = list(pool._pool)
+        workers.close()
+        assert all(not p.is_alive() for p in processes)
