@@ -32,6 +32,8 @@ def finetune(
         "--group-by-length/--no-group-by-length", help="batches of similar length (less padding, worse heads)")] = None,
     split_batches_by_length: Annotated[bool | None, typer.Option(
         "--split-by-length/--no-split-by-length", help="each batch as sub-batches of similar length")] = None,
+    max_train_minutes: Annotated[float | None, typer.Option(
+        "--max-train-minutes", help="stop training after this much wall time (best tuning model kept with --eval-steps)")] = None,
     progress_bar: Annotated[bool | None, typer.Option("--progress/--no-progress", help="show the progress bar")] = None,
 ) -> None:
     """Finetune one EHRMamba on several tasks, each prompted by its task token."""
@@ -45,11 +47,13 @@ def finetune(
             context_length=context_length, batch_size=batch_size, learning_rate=learning_rate, epochs=epochs,
             max_steps=max_steps, eval_steps=eval_steps, architecture=architecture, model_size=model_size, scan_backend=scan_backend, seed=seed,
             progress_bar=progress_bar, group_by_length=group_by_length, split_batches_by_length=split_batches_by_length,
+            max_train_minutes=max_train_minutes,
         )
         result = run_finetune(cfg)
     origin = "pretrained" if result.from_pretrained else "from scratch"
     typer.echo(f"finetuned {result.parameters:,} parameters ({origin}) on {', '.join(result.tasks)} for "
-               f"{result.steps} steps in {result.train_seconds:.0f} s; train loss {result.train_loss:.4f}")
+               f"{result.steps} steps in {result.train_seconds:.0f} s; train loss {result.train_loss:.4f}"
+               + (" (stopped by the time budget)" if result.stopped_by_time_budget_at_step is not None else ""))
     aurocs = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in result.tuning_auroc.items())
     typer.echo(f"tuning AUROC: {aurocs}")
     typer.echo(f"model: {result.model_dir}")

@@ -126,6 +126,7 @@ class FinetuneResult:
     train_seconds: float
     parameters: int
     from_pretrained: bool
+    stopped_by_time_budget_at_step: int | None = None  # set when max_train_minutes ended training
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "model"}
@@ -474,14 +475,13 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
         steps=int(trainer.state.global_step), train_loss=float(train_output.training_loss),
         tuning_auroc=output_aurocs(specs, inputs.examples["tuning"], tuning), train_seconds=round(seconds, 3),
         parameters=count_parameters(model), from_pretrained=model_dir is not None,
+        stopped_by_time_budget_at_step=None if time_budget is None else time_budget.stopped_at,
     )
     if trainer.is_world_process_zero():
         save_model(model, specs, Path(config.data), out / MODEL)
         selection = None if keep_best is None else {"best_step": keep_best.best_step, "history": keep_best.history}
-        stopped = None if time_budget is None else time_budget.stopped_at
         write_json(out / REPORT, {**result.to_dict(), "without_usable_input": inputs.without_usable_input,
-                                  "model_selection": selection, "stopped_by_time_budget_at_step": stopped,
-                                  "config": config.model_dump(mode="json")})
+                                  "model_selection": selection, "config": config.model_dump(mode="json")})
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # no intermediate checkpoints are kept
     return result
 
