@@ -14,7 +14,9 @@ import multiprocessing
 import os
 import platform
 import queue
+import sys
 import threading
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -126,13 +128,28 @@ def worker_pool(workers: int) -> Iterator[Workers]:
     # spawn, not fork: polars' thread pool does not survive a fork (children deadlock). (Asking polars'
     # allocator to return freed memory sooner, `_RJEM_MALLOC_CONF=dirty_decay_ms:100`, saved ~200 MB at 5M
     # resources but cost ~10% CPU; memory is well within bounds without it.)
-    with worker_environment(workers):
+    with worker_environment(workers), _main_module_hidden():
         pool = multiprocessing.get_context("spawn").Pool(helpers)
     workers = Workers(pool, helpers)
     try:
         yield workers
     finally:
         workers.close()
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Helpers spawned inside this block do not run the program's main module first, as spawned processes
+    otherwise do: they only run functions of odyssey.pipelines, and the main module can be costly (the
+    `odyssey` command imports typer and every command, ~0.1 s of CPU per helper; a user's script may
+    import much more)."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
 
 
 # glibc's mallopt parameters and its defaults (malloc.h; DEFAULT_MMAP_THRESHOLD_MIN, DEFAULT_TRIM_THRESHOLD)
