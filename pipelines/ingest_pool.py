@@ -41,26 +41,23 @@ class Workers:
             self._pool.terminate()
             self._pool.join()
 
-    def unordered(self, fn: Callable, jobs: Iterable, ahead: int = 2) -> Iterator:
-        """fn(job) for every job, yielded as they finish. A helper holds up to `ahead` jobs, so that it
-        never waits for this process to hand it the next; jobs are taken in their order, so put the
-        biggest first for both to finish together. Closing the iterator early stops handing out jobs."""
-        for _, result in self._shared(fn, list(jobs), ahead):
+    def unordered(self, fn: Callable, jobs: Iterable) -> Iterator:
+        """fn(job) for every job, yielded as they finish. Jobs are taken in their order, so put the biggest
+        first for the processes to finish together. Closing the iterator early stops handing out jobs."""
+        for _, result in self._shared(fn, list(jobs)):
             yield result
 
     def ordered(self, fn: Callable, jobs: Iterable) -> Iterator:
-        """fn(job) for every job, yielded in job order (each as soon as those before it are done). A helper
-        holds one job at a time: these jobs are few and big, and a second one held would leave this
-        process idle at the end."""
+        """fn(job) for every job, yielded in job order (each as soon as those before it are done)."""
         waiting: dict[int, object] = {}
         following = 0
-        for index, result in self._shared(fn, list(jobs), 1):
+        for index, result in self._shared(fn, list(jobs)):
             waiting[index] = result
             while following in waiting:
                 yield waiting.pop(following)
                 following += 1
 
-    def _shared(self, fn: Callable, jobs: list, ahead: int) -> Iterator[tuple[int, object]]:
+    def _shared(self, fn: Callable, jobs: list) -> Iterator[tuple[int, object]]:
         if not self._helpers:
             yield from enumerate(map(fn, jobs))
             return
@@ -68,28 +65,42 @@ class Workers:
         finished: queue.SimpleQueue = queue.SimpleQueue()
         lock = threading.Lock()
         stopped = threading.Event()
+        held = 0  # jobs handed to the helpers and not back yet
 
-        def hand_out(_result=None) -> None:
-            # runs in this process's threads, the pool's result thread included: it must never raise there
-            with lock:
-                if stopped.is_set() or not pending:
+        def hand_out() -> None:
+            # A helper holds a second job while many are left, so that it never waits for this process to
+            # hand it the next (that takes the GIL, which this process's work holds for milliseconds at a
+            # time); near the end one, so that no job waits in a busy helper while this process is idle.
+            # Runs in this process's threads, the pool's result thread included: it must never raise.
+            nonlocal held
+            while True:
+                with lock:
+                    per_helper = 2 if len(pending) > 2 * (self._helpers + 1) else 1
+                    if stopped.is_set() or not pending or held >= self._helpers * per_helper:
+                        return
+                    index, job = pending.popleft()
+                    held += 1
+                try:
+                    self._pool.apply_async(fn, (job,), callback=partial(returned, index),
+                                           error_callback=partial(failed, index))
+                except ValueError:  # the pool was terminated meanwhile (an error elsewhere)
+                    stopped.set()
                     return
-                index, job = pending.popleft()
-            try:
-                self._pool.apply_async(fn, (job,), callback=partial(returned, index),
-                                       error_callback=partial(failed, index))
-            except ValueError:  # the pool was terminated meanwhile (an error elsewhere)
-                stopped.set()
 
         def returned(index: int, result) -> None:
+            nonlocal held
+            with lock:
+                held -= 1
             finished.put((index, result, None))
             hand_out()
 
         def failed(index: int, error: BaseException) -> None:
+            nonlocal held
+            with lock:
+                held -= 1
             finished.put((index, None, error))
 
-        for _ in range(self._helpers * ahead):
-            hand_out()
+        hand_out()
         remaining = len(jobs)
         try:
             while remaining:
