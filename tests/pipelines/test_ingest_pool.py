@@ -79,3 +79,50 @@ def test_close_reaps_the_helpers():
         processes = list(pool._pool)
         workers.close()
         assert all(not p.is_alive() for p in processes)
+
+
+class _RecordingLibc:
+    """Records the allocator calls (glibc's thresholds cannot be read back)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append(("mallopt", parameter, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_heap_kept_for_reuse_sets_then_restores_glibcs_thresholds(monkeypatch):
+    from odyssey.pipelines import ingest_pool
+
+    libc = _RecordingLibc()
+    monkeypatch.setattr(ingest_pool, "_glibc", lambda: libc)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with ingest_pool.heap_kept_for_reuse():
+        assert libc.calls == [("mallopt", -3, 32 << 20), ("mallopt", -1, 1 << 30)]
+    assert libc.calls[2:] == [("mallopt", -3, 128 * 1024), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]
+
+
+def test_heap_kept_for_reuse_leaves_the_users_thresholds_alone(monkeypatch):
+    from odyssey.pipelines import ingest_pool
+
+    libc = _RecordingLibc()
+    monkeypatch.setattr(ingest_pool, "_glibc", lambda: libc)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")
+    with ingest_pool.heap_kept_for_reuse():
+        pass
+    assert libc.calls == []
+
+
+def test_heap_kept_for_reuse_with_the_real_allocator():
+    from odyssey.pipelines import ingest_pool
+
+    with ingest_pool.heap_kept_for_reuse():
+        buffers = [bytearray(8 << 20) for _ in range(4)]  # above glibc's default threshold, below ours
+        del buffers
+    assert bytearray(1 << 20)  # the allocator still works after the thresholds are put back
