@@ -25,9 +25,10 @@ from functools import partial
 class Workers:
     """Runs a function over jobs in this process and the helpers (None: this process alone)."""
 
-    def __init__(self, pool: multiprocessing.pool.Pool | None, helpers: int):
+    def __init__(self, pool: multiprocessing.pool.Pool | None, helpers: int, caller_works: bool = True):
         self._pool = pool
         self._helpers = helpers if pool is not None else 0
+        self._caller_works = caller_works or not self._helpers
 
     @property
     def helpers(self) -> int:
@@ -75,7 +76,7 @@ class Workers:
             nonlocal held
             while True:
                 with lock:
-                    per_helper = 2 if len(pending) > 2 * (self._helpers + 1) else 1
+                    per_helper = 2 if len(pending) > 2 * (self._helpers + self._caller_works) else 1
                     if stopped.is_set() or not pending or held >= self._helpers * per_helper:
                         return
                     index, job = pending.popleft()
@@ -116,7 +117,7 @@ class Workers:
                 if not remaining:
                     break
                 with lock:
-                    mine = pending.popleft() if pending else None
+                    mine = pending.popleft() if pending and self._caller_works else None
                 if mine is None:  # every job is handed out: wait for the helpers'
                     index, result, error = finished.get()
                     if error is not None:
@@ -130,9 +131,10 @@ class Workers:
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[Workers]:
-    """This process and `workers - 1` spawned helpers, started at once and shared by both stages."""
-    helpers = workers - 1
+def worker_pool(workers: int, caller_works: bool = True) -> Iterator[Workers]:
+    """This process and `workers - 1` spawned helpers, started at once and shared by both stages (or
+    `workers` helpers, when this process is only to coordinate them)."""
+    helpers = workers - 1 if caller_works else workers
     if helpers < 1:
         yield Workers(None, 0)
         return
@@ -141,7 +143,7 @@ def worker_pool(workers: int) -> Iterator[Workers]:
     # resources but cost ~10% CPU; memory is well within bounds without it.)
     with worker_environment(workers), _main_module_hidden():
         pool = multiprocessing.get_context("spawn").Pool(helpers)
-    workers = Workers(pool, helpers)
+    workers = Workers(pool, helpers, caller_works)
     try:
         yield workers
     finally:

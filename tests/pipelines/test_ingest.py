@@ -292,13 +292,20 @@ def _digest(folder: Path) -> dict[str, str]:
     }
 
 
-def test_rerun_is_byte_identical_whatever_the_worker_count(tmp_path):
+def test_rerun_is_byte_identical_whatever_the_worker_count(tmp_path, monkeypatch):
     cohort = small_cohort(tmp_path / "in")
     write_ndjson(tmp_path / "in" / "Bad.ndjson", [b"{nope", lab("q", "ghost", None, "2150-01-01T00:00:00Z")])
     ingest_fhir([cohort], tmp_path / "a", workers=1, chunk_mb=1)
     ingest_fhir([cohort], tmp_path / "b", workers=2, chunk_mb=1)
     ingest_fhir([cohort], tmp_path / "c", workers=2)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") == _digest(tmp_path / "c")
+    # a big export: this process only coordinates, the helpers do all the work
+    monkeypatch.setattr("odyssey.pipelines.ingest.CALLER_WORKS_UP_TO", 0)
+    ingest_fhir([cohort], tmp_path / "d", workers=2, chunk_mb=1)
+    assert _digest(tmp_path / "d") == _digest(tmp_path / "a")
+    assert (tmp_path / "d" / "rejects" / "rejects.ndjson").read_bytes() == (
+        tmp_path / "a" / "rejects" / "rejects.ndjson"
+    ).read_bytes()
     assert (tmp_path / "a" / "rejects" / "rejects.ndjson").read_bytes() == (
         tmp_path / "b" / "rejects" / "rejects.ndjson"
     ).read_bytes()

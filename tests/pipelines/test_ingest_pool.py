@@ -72,6 +72,15 @@ def test_closing_early_stops_handing_out_jobs(two, tmp_path):
     assert len(list(tmp_path.iterdir())) <= 4
 
 
+def test_a_coordinating_process_leaves_every_job_to_the_helpers():
+    with worker_pool(2, caller_works=False) as workers:
+        assert workers.helpers == 2
+        found = list(workers.ordered(_pid_after, [0.05, 0.01, 0.02, 0.03, 0.04, 0.05]))
+    assert [seconds for seconds, _ in found] == [0.05, 0.01, 0.02, 0.03, 0.04, 0.05]
+    pids = {pid for _, pid in found}
+    assert os.getpid() not in pids and len(pids) == 2
+
+
 def test_close_reaps_the_helpers():
     with worker_pool(2) as workers:
         list(workers.unordered(math.sqrt, [1.0, 4.0]))
