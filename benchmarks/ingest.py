@@ -149,12 +149,15 @@ print(json.dumps({"resources": report.resources_read, "events": report.events, "
 """
 
 
-def ours(folder: Path, workers: int | None) -> dict:
+def ours(folder: Path, workers: int | None, polars_threads: int | None = None) -> dict:
     out = Path(tempfile.mkdtemp(prefix="ingest-bench-")) / "meds"
     load_before = os.getloadavg()[0]
+    env = dict(os.environ)
+    if polars_threads:  # as a program that only ingests may size polars before importing it
+        env["POLARS_MAX_THREADS"] = str(polars_threads)
     with PeakRss() as rss:
         done = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), str(out), str(workers)],
-                              capture_output=True, text=True, check=False)
+                              capture_output=True, text=True, check=False, env=env)
     shutil.rmtree(out.parent)
     if done.returncode:
         raise RuntimeError(f"ingest run failed:\n{done.stderr}")
@@ -199,6 +202,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "odyssey-bench")
     parser.add_argument("--out", type=Path, default=None, help="JSON results")
+    parser.add_argument("--polars-threads", type=int, default=None,
+                        help="POLARS_MAX_THREADS for the calling process of the ingest runs (default: polars' own)")
     args = parser.parse_args()
 
     base = cohort(args.cache, args.patients)
@@ -208,14 +213,15 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "versions": _versions(),
         "reader": _reader(),
+        "polars_threads_of_the_calling_process": args.polars_threads,
         "load_average_at_start": os.getloadavg(),
         "parse_floor": parse_floor(files),
         "r4b_validate_and_flatten": r4b_baseline(files, args.r4b_sample),
-        "ours": ours(base, args.workers),
+        "ours": ours(base, args.workers, args.polars_threads),
     }
     if args.scale:
         big = cohort(args.cache, args.patients * args.scale)
-        results["ours_scaled"] = ours(big, args.workers)
+        results["ours_scaled"] = ours(big, args.workers, args.polars_threads)
     results["ours_one_worker"] = ours(base, 1)
     floor = results["parse_floor"]["resources_per_second"]
     rows = [("parse floor (orjson.loads, 1 core)", results["parse_floor"]),

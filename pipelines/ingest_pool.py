@@ -1,9 +1,10 @@
-"""The processes that run ingestion's stages: the calling process and `workers - 1` spawned helpers.
+"""The processes that run ingestion's stages: the calling process and `workers - 1` spawned helpers, or
+`workers` helpers that the calling process only coordinates (ingest.py chooses by the input's size).
 
-The calling process works too: it has polars and pyarrow loaded already, so it starts on the first chunk
-at once while the helpers start Python and import them (~0.3 s of wall and of CPU each), and one process
+When the calling process works, it starts on the first chunk at once (it has polars and pyarrow loaded
+already) while the helpers start Python and import them (~0.3 s of wall and of CPU each), and one process
 fewer pays that. Jobs are shared as they go: this process takes the next job whenever it finishes one,
-each helper whenever one of its jobs comes back, so both cores stay busy to the end whatever the jobs cost.
+each helper whenever one of its jobs comes back, so the cores stay busy to the end whatever the jobs cost.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from functools import partial
 
 
 class Workers:
-    """Runs a function over jobs in this process and the helpers (None: this process alone)."""
+    """Runs a function over jobs in this process (unless it only coordinates) and the helpers (pool None:
+    this process alone)."""
 
     def __init__(self, pool: multiprocessing.pool.Pool | None, helpers: int, caller_works: bool = True):
         self._pool = pool
