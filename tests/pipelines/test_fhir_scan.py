@@ -27,7 +27,7 @@ from fhir_builders import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_ingest_properties import corruption
+from test_ingest_properties import corrupted_small_cohort, corruption
 
 from odyssey.pipelines import ingest_read
 from odyssey.pipelines.fhir_flatten import ROW_SCHEMA, Context, Flattener, stable_id
@@ -366,14 +366,7 @@ def test_small_batches_gzip_and_sampling_identical_with_and_without_reader(tmp_p
 @given(data=st.data())
 def test_corrupted_input_identical_with_and_without_reader(data):
     with tempfile.TemporaryDirectory() as tmp:
-        folder = small_cohort(Path(tmp) / "in")
-        files = sorted(folder.glob("*.ndjson"))
-        for _ in range(data.draw(st.integers(1, 4))):
-            target = data.draw(st.sampled_from(files))
-            lines = target.read_bytes().splitlines()
-            i = data.draw(st.integers(0, len(lines) - 1))
-            lines[i] = data.draw(corruption(lines[i]))
-            target.write_bytes(b"\n".join(lines) + b"\n")
+        folder = corrupted_small_cohort(data, Path(tmp) / "in")
         _same_with_and_without_reader([folder], Path(tmp), validate="off")
 
 

@@ -60,18 +60,24 @@ def corruption(draw, line: bytes):
     return orjson.dumps(resource)
 
 
+def corrupted_small_cohort(data, root: Path) -> Path:
+    """The small cohort under `root` with 1-4 random lines corrupted (drawn from `data`)."""
+    folder = small_cohort(root)
+    files = sorted(folder.glob("*.ndjson"))
+    for _ in range(data.draw(st.integers(1, 4))):
+        target = data.draw(st.sampled_from(files))
+        lines = target.read_bytes().splitlines()
+        i = data.draw(st.integers(0, len(lines) - 1))
+        lines[i] = data.draw(corruption(lines[i]))
+        target.write_bytes(b"\n".join(lines) + b"\n")
+    return folder
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_corruption_never_crashes_and_counts_reconcile(data):
     with tempfile.TemporaryDirectory() as tmp:
-        folder = small_cohort(Path(tmp) / "in")
-        files = sorted(folder.glob("*.ndjson"))
-        for _ in range(data.draw(st.integers(1, 4))):
-            target = data.draw(st.sampled_from(files))
-            lines = target.read_bytes().splitlines()
-            i = data.draw(st.integers(0, len(lines) - 1))
-            lines[i] = data.draw(corruption(lines[i]))
-            target.write_bytes(b"\n".join(lines) + b"\n")
+        folder = corrupted_small_cohort(data, Path(tmp) / "in")
         out = Path(tmp) / "out"
         report = ingest_fhir([folder], out, workers=1)
         for name, c in report.resource_types.items():
