@@ -33,7 +33,7 @@ from odyssey.config import ConfigError, StageConfig
 from odyssey.io import atomic_output_dir, write_json
 from odyssey.pipelines import schema
 from odyssey.pipelines.fhir_sources import Chunk, discover, fetch_lines, line_offsets, plan_chunks
-from odyssey.pipelines.ingest_pool import Workers, heap_kept_for_reuse, worker_pool
+from odyssey.pipelines.ingest_pool import Workers, worker_pool
 from odyssey.pipelines.ingest_read import Problem, ReadSettings, read_chunk
 from odyssey.pipelines.ingest_resolve import StrictStop, resolve_and_write
 from odyssey.pipelines.report import IngestReport, TypeCounts, reason_category
@@ -256,7 +256,6 @@ def ingest_fhir(
         atomic_output_dir(out) as tmp,
         tempfile.TemporaryDirectory(prefix="odyssey-spill-", dir=out.resolve().parent, ignore_cleanup_errors=True) as spill,
         worker_pool(workers, caller_works=_estimated_bytes(chunks) <= CALLER_WORKS_UP_TO) as pool,
-        heap_kept_for_reuse(),
     ):
         settings = ReadSettings(
             systems=systems,

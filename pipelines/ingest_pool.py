@@ -10,10 +10,8 @@ each helper whenever one of its jobs comes back, so the cores stay busy to the e
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
-import platform
 import queue
 import sys
 import threading
@@ -167,43 +165,6 @@ def _main_module_hidden():
             sys.modules["__main__"] = main
 
 
-# glibc's mallopt parameters and its defaults (malloc.h; DEFAULT_MMAP_THRESHOLD_MIN, DEFAULT_TRIM_THRESHOLD)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-_KEPT_BUFFER_BYTES = 32 << 20  # freed buffers up to this size stay in the heap
-_KEPT_HEAP_BYTES = 1 << 30  # the heap is not trimmed below this
-
-
-@contextlib.contextmanager
-def heap_kept_for_reuse():
-    """In this process, for the block, glibc's malloc keeps big freed buffers for reuse, as the helpers do
-    (see `worker_environment`): ~5% less CPU for a run (1M resources, 2 processes). Afterwards the
-    thresholds go back to glibc's defaults and the kept memory is returned. Nothing changes where malloc
-    is not glibc's or the user set either threshold in the environment."""
-    libc = _glibc()
-    if libc is None or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
-        yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, _KEPT_BUFFER_BYTES)
-    libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_HEAP_BYTES)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-        libc.malloc_trim(0)
-
-
-def _glibc():
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
 @contextlib.contextmanager
 def worker_environment(workers: int):
     """Helpers spawned inside this block start with thread pools sized for them. The processes together
@@ -226,4 +187,4 @@ def worker_environment(workers: int):
             os.environ.pop(name, None)
 
 
-__all__ = ["Workers", "heap_kept_for_reuse", "worker_environment", "worker_pool"]
+__all__ = ["Workers", "worker_environment", "worker_pool"]
