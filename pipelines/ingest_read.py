@@ -146,6 +146,9 @@ class ChunkReader:
         self.keys: list[tuple] = []
         self.result = ChunkResult(chunk.index, bytes=chunk.size)
         self.validator = _Validator() if settings.validate != "off" else None
+        # a line is validated in full when its digest is a multiple of this (None: never)
+        self.validate_every = None if self.validator is None else (
+            1 if settings.validate == "full" else settings.sample_every)
         self.part = 0
         self.scanner = self._scanner()
 
@@ -209,9 +212,9 @@ class ChunkReader:
         general path; anything else (Bundles, unknown types, bad JSON, sampled validation) goes through
         `_line` / `_resource`."""
         digest = (len(raw) << 32) | zlib.crc32(raw)  # _digest(raw), inlined: this runs once per line
-        validating = self.validator is not None
-        every = 1 if self.settings.validate == "full" else self.settings.sample_every
-        if self.fast is not None and not (validating and digest % every == 0):
+        every = self.validate_every
+        sampled = every is not None and digest % every == 0
+        if self.fast is not None and not sampled:
             found = self.fast.flatten(raw, line)
             if found is not None:
                 self.result.read[found[0]] += 1
@@ -223,7 +226,7 @@ class ChunkReader:
         except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
             self._line(raw, line, flush=False)
             return
-        if rtype.__class__ is not str or rtype not in SUPPORTED_RESOURCE_TYPES or (validating and digest % every == 0):
+        if rtype.__class__ is not str or rtype not in SUPPORTED_RESOURCE_TYPES or sampled:
             self._line(raw, line, flush=False)
             return
         self.result.read[rtype] += 1
@@ -393,7 +396,7 @@ class ChunkReader:
             self.result.skipped[(rtype, "resource type not used by Odyssey")] += 1
             return
         digest = _digest(raw)
-        if self.validator is not None and (self.settings.validate == "full" or digest % self.settings.sample_every == 0):
+        if self.validate_every is not None and digest % self.validate_every == 0:
             self.result.validated += 1
             reason = self.validator.check(resource)
             if reason is not None:

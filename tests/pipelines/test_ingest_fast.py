@@ -18,12 +18,11 @@ from fhir_builders import (
     med_request,
     medication,
     patient,
-    small_cohort,
     write_ndjson,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_ingest_properties import corruption
+from test_ingest_properties import corrupted_small_cohort
 
 from odyssey.pipelines.fhir_flatten import Context, Flattener, Rejected, stable_id
 from odyssey.pipelines.ingest import StrictModeError, ingest_fhir, load_code_systems, subject_bucket_count
@@ -178,14 +177,7 @@ def test_fixture_datasets_identical_with_and_without_fast_path(tmp_path, style):
 @given(data=st.data())
 def test_corrupted_input_gives_identical_datasets_with_and_without_fast_path(data):
     with tempfile.TemporaryDirectory() as tmp:
-        folder = small_cohort(Path(tmp) / "in")
-        files = sorted(folder.glob("*.ndjson"))
-        for _ in range(data.draw(st.integers(1, 4))):
-            target = data.draw(st.sampled_from(files))
-            lines = target.read_bytes().splitlines()
-            i = data.draw(st.integers(0, len(lines) - 1))
-            lines[i] = data.draw(corruption(lines[i]))
-            target.write_bytes(b"\n".join(lines) + b"\n")
+        folder = corrupted_small_cohort(data, Path(tmp) / "in")
         _same_with_and_without_fast_path([folder], Path(tmp), validate="off")
 
 
