@@ -32,6 +32,7 @@ TRUTH_FILE = "truth.parquet"
 LATENT_FILE = "latent.parquet"
 REPORT_FILE = "synth_report.json"
 LONG_HISTORY_TOKENS = 16_000
+MEDIUM_HISTORY_TOKENS = 2_048  # histories longer than this and up to LONG_HISTORY_TOKENS count as medium
 TASKS = ("mortality_30d", "los_7d", "readmission_30d")
 CHUNK_PATIENTS = 64
 GZIP_LEVEL = 6
@@ -52,6 +53,8 @@ class SynthReport:
     admissions: int
     long_history_patients: int
     long_history_share: float
+    medium_history_patients: int
+    medium_history_share: float
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +82,7 @@ LATENT_SCHEMA = pa.schema([
     pa.field("amyloidosis_marker", pa.bool_(), nullable=False),
     pa.field("prediabetes_marker", pa.bool_(), nullable=False),
     pa.field("long_history", pa.bool_(), nullable=False),
+    pa.field("medium_history", pa.bool_(), nullable=False),
     pa.field("smoker", pa.bool_(), nullable=False),
     pa.field("frailty_baseline", pa.float64(), nullable=False),
     pa.field("history_tokens", pa.int64(), nullable=False),
@@ -101,8 +105,8 @@ def _truth_rows(rec: PatientRecord) -> list[tuple]:
 
 
 def _latent_row(rec: PatientRecord) -> tuple:
-    return (rec.id, rec.amyloidosis, rec.prediabetes, rec.long_history, rec.smoker, rec.frailty_baseline,
-            rec.n_tokens(), len(rec.encounters))
+    return (rec.id, rec.amyloidosis, rec.prediabetes, rec.long_history, rec.medium_history, rec.smoker,
+            rec.frailty_baseline, rec.n_tokens(), len(rec.encounters))
 
 
 def _table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
@@ -252,14 +256,16 @@ def synthesize(n_patients: int, out: str | os.PathLike, seed: int = 0, format: s
         truth_table = _table(truth, truth_schema())
         pq.write_table(truth_table, tmp / TRUTH_FILE, compression="zstd")
         pq.write_table(_table(latent, LATENT_SCHEMA), tmp / LATENT_FILE, compression="zstd")
-        tokens = np.array([row[6] for row in latent])
+        tokens = np.array([row[LATENT_SCHEMA.names.index("history_tokens")] for row in latent])
         n_long = int((tokens > LONG_HISTORY_TOKENS).sum())
+        n_medium = int(((tokens > MEDIUM_HISTORY_TOKENS) & (tokens <= LONG_HISTORY_TOKENS)).sum())
         report = SynthReport(
             patients=n_patients, seed=seed, format=format, gzip=gzip,
             resources={k: v for k, v in counts.items() if v}, resources_total=sum(counts.values()),
             files=sorted([*sinks.names, TRUTH_FILE, LATENT_FILE, REPORT_FILE]),
             seconds=0.0, admissions=truth_table.num_rows, long_history_patients=n_long,
-            long_history_share=n_long / n_patients, tasks=summarize_truth(truth_table),
+            long_history_share=n_long / n_patients, medium_history_patients=n_medium,
+            medium_history_share=n_medium / n_patients, tasks=summarize_truth(truth_table),
         )
         report.seconds = round(time.perf_counter() - began, 3)
         write_json(tmp / REPORT_FILE, report.to_dict())

@@ -47,8 +47,12 @@ READMISSION_WINDOW = 30 * DAY
 FIRST_VISIT_FROM = 4417977600
 FIRST_VISIT_TO = 6500793600
 
-LONG_HISTORY_SHARE = 0.03  # patients on daily home hemodialysis for a decade or more
-DIALYSIS_INTERVALS = (1, 1, 1, 1, 1, 2)  # days between sessions: six a week
+LONG_HISTORY_SHARE = 0.03  # daily home hemodialysis for a decade or more: histories beyond 16k tokens
+# In-center hemodialysis from the baseline visit, first admission 2.5-7 years later: the planted markers sit
+# 2k-16k tokens back, inside a 16k context but beyond a 2k one.
+MEDIUM_HISTORY_SHARE = 0.10
+HOME_DIALYSIS_INTERVALS = (1, 1, 1, 1, 1, 2)  # days between sessions: six a week
+IN_CENTER_DIALYSIS_INTERVALS = (2, 2, 3)  # three a week
 OUTPATIENT_DAYS = 500.0  # mean days between ED / ambulatory visits
 VISIT_SPACING = 12 * HOUR  # minimum time between two outpatient visit starts (longest visit: 9 h)
 AMYLOIDOSIS_SHARE = 0.08  # planted long-range marker, coded once at the baseline visit
@@ -113,6 +117,7 @@ class PatientRecord:
     amyloidosis: bool
     prediabetes: bool
     long_history: bool
+    medium_history: bool
     smoker: bool
     frailty_baseline: float
 
@@ -145,6 +150,7 @@ class State:
     drift_time: int = 0
     admissions: list[int] = field(default_factory=list)  # admission start times
     sepsis_history: bool = False
+    dialysis_intervals: tuple[int, ...] = ()  # days between outpatient dialysis sessions, cycled
 
     def age(self, t: int) -> float:
         return (t - self.birth) / YEAR
@@ -260,7 +266,10 @@ class PatientSimulator:
         rng = self.rng
         pid = self.new_id()
         female = rng.random() < 0.5
-        long_history = rng.random() < LONG_HISTORY_SHARE
+        history = rng.random()
+        long_history = history < LONG_HISTORY_SHARE
+        medium_history = not long_history and history < LONG_HISTORY_SHARE + MEDIUM_HISTORY_SHARE
+        dialysis = long_history or medium_history
         age0 = (30 + 25 * rng.random()) if long_history else 30 + 55 * rng.betavariate(2.2, 1.8)
         t0 = _minute(rng.uniform(FIRST_VISIT_FROM, FIRST_VISIT_TO)) // DAY * DAY + _minute(rng.uniform(13, 22) * HOUR)
         birth_day = int((t0 - age0 * YEAR) // DAY)
@@ -274,13 +283,15 @@ class PatientSimulator:
         chronic = {
             "heart_failure": rng.random() < sigmoid(-3.2 + 0.06 * a + 0.4 * frailty0 + 1.0 * amyloidosis),
             "diabetes": diabetes,
-            "chronic_kidney_disease": long_history or rng.random() < sigmoid(-2.8 + 0.05 * a + 0.8 * diabetes),
+            "chronic_kidney_disease": dialysis or rng.random() < sigmoid(-2.8 + 0.05 * a + 0.8 * diabetes),
             "copd": rng.random() < (0.18 if smoker else 0.03),
         }
         s = State(
             age0=age0, t0=t0, birth=birth, frailty0=frailty0, smoker=smoker, amyloidosis=amyloidosis,
-            prediabetes=prediabetes, dialysis=long_history, hypertension=rng.random() < 0.3 + 0.006 * max(a + 20, 0),
+            prediabetes=prediabetes, dialysis=dialysis, hypertension=rng.random() < 0.3 + 0.006 * max(a + 20, 0),
             chronic=chronic, drift_time=t0,
+            dialysis_intervals=(HOME_DIALYSIS_INTERVALS if long_history
+                                else IN_CENTER_DIALYSIS_INTERVALS if medium_history else ()),
         )
         self.s = s
         self.icd10_switch = t0 + int(rng.uniform(-3, 14) * YEAR)
@@ -289,6 +300,8 @@ class PatientSimulator:
         self.baseline_visit(t0)
         if long_history:
             first_admission = t0 + int(rng.uniform(8.5, 10.5) * YEAR)
+        elif medium_history:
+            first_admission = t0 + int(rng.uniform(2.5, 7.0) * YEAR)
         else:
             first_admission = t0 + int(rng.uniform(1, 6) * YEAR)
         first_admission = _minute(first_admission)
@@ -298,6 +311,7 @@ class PatientSimulator:
         return PatientRecord(
             index=self.index, id=pid, female=female, birth=birth, death=self.death, encounters=self.encounters,
             truth=self.truth, amyloidosis=amyloidosis, prediabetes=prediabetes, long_history=long_history,
+            medium_history=medium_history,
             smoker=smoker, frailty_baseline=frailty0,
         )
 
@@ -629,7 +643,7 @@ class PatientSimulator:
         for when in sorted(_minute(rng.uniform(lo, hi)) for _ in range(n)):
             if not visits or when - visits[-1] > VISIT_SPACING:  # visits never overlap
                 visits.append(when)
-        if s.dialysis:
+        if s.dialysis_intervals:
             day = (lo // DAY + 1) * DAY + 12 * HOUR
             k = 0
             while day < hi:
@@ -637,7 +651,7 @@ class PatientSimulator:
                 nearest = bisect.bisect_left(visits, when - VISIT_SPACING)
                 if nearest == len(visits) or visits[nearest] > when + VISIT_SPACING:
                     self.dialysis_session(when, k)
-                day += DIALYSIS_INTERVALS[k % len(DIALYSIS_INTERVALS)] * DAY
+                day += s.dialysis_intervals[k % len(s.dialysis_intervals)] * DAY
                 k += 1
         for when in visits:
             if rng.random() < 0.35:

@@ -34,6 +34,9 @@ def evaluate(
     resamples: Annotated[int | None, typer.Option("--resamples", help="bootstrap resamples (default 1000)")] = None,
     long_history_tokens: Annotated[int | None, typer.Option(
         "--long-history-tokens", help="also score every model on examples with more history than this (2048)")] = None,
+    long_history_max_tokens: Annotated[int | None, typer.Option(
+        "--long-history-max-tokens",
+        help="and, in a second table, with at most this much (default: the model's context length)")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config with the same fields")] = None,
     progress_bar: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
 ) -> None:
@@ -49,7 +52,7 @@ def evaluate(
         cfg = EvaluateConfig.load(
             config, model=model, data=data, labels=labels, out=out, truth=truth, meds=meds,
             compare=_compare(compare), baselines=chosen, resamples=resamples, progress_bar=progress_bar,
-            long_history_tokens=long_history_tokens,
+            long_history_tokens=long_history_tokens, long_history_max_tokens=long_history_max_tokens,
         )
         report = run_evaluate(cfg)
     typer.echo("\n".join(comparison_table(report)))

@@ -30,7 +30,8 @@ def synth(
         f"({report.admissions} inpatient admissions) to {out} in {report.seconds:.1f} s"
     )
     typer.echo("  " + ", ".join(f"{k}: {v}" for k, v in report.resources.items()))
-    typer.echo(f"  histories over 16k tokens: {report.long_history_patients} ({report.long_history_share:.1%})")
+    typer.echo(f"  histories over 16k tokens: {report.long_history_patients} ({report.long_history_share:.1%}),"
+               f" 2k-16k: {report.medium_history_patients} ({report.medium_history_share:.1%})")
     for task, summary in report.tasks.items():
         auroc = summary.get("oracle_auroc")
         typer.echo(

@@ -78,6 +78,9 @@ class EvaluateConfig(StageConfig):
     long_history_tokens: int = Field(
         2048, ge=1, description="every model is also scored on examples with more tokens than this before the "
         "prediction time (issue 6: signal beyond a 2,048-token window)")
+    long_history_max_tokens: int | None = Field(
+        None, ge=1, description="a second long-history table keeps the examples with at most this many tokens "
+        "(default: the model's context length), where the model sees the whole history")
     seed: int = 0
     progress_bar: bool = True
 
@@ -164,12 +167,15 @@ def subgroup_metrics(output: OutputSet, model: str, threshold: float, resamples:
 
 
 def long_history_metrics(output: OutputSet, min_tokens: int, resamples: int, seed: int,
-                         oracle: np.ndarray | None) -> dict[str, Any]:
-    """AUROC of every model (and the oracle) on the examples with more than `min_tokens` tokens of history."""
+                         oracle: np.ndarray | None, max_tokens: int | None = None) -> dict[str, Any]:
+    """AUROC of every model (and the oracle) on the examples with more than `min_tokens` (and at most
+    `max_tokens`) tokens of history."""
     keep = output.history_tokens > min_tokens
+    if max_tokens is not None:
+        keep &= output.history_tokens <= max_tokens
     y = output.labels[keep]
-    entry: dict[str, Any] = {"min_tokens": int(min_tokens), "n": int(keep.sum()), "positives": int(y.sum()),
-                             "models": {}}
+    entry: dict[str, Any] = {"min_tokens": int(min_tokens), "max_tokens": max_tokens, "n": int(keep.sum()),
+                             "positives": int(y.sum()), "models": {}}
     if not 0 < y.sum() < len(y):
         return entry
     weights = M.bootstrap_weights(output.subject_id[keep], resamples, seed)
@@ -298,6 +304,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     pad_id = inputs.tokenizer.pad_token_id
 
     models = {PRIMARY: Path(config.model), **config.compare}
+    in_context_tokens = config.long_history_max_tokens or _context_length(config, config.model)
     probabilities: dict[str, dict[str, np.ndarray]] = {}
     steps = list(models) + list(config.baselines)
     feature_cache: dict = {}
@@ -359,6 +366,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                         }
                 entry["long_history"] = long_history_metrics(output, config.long_history_tokens, config.resamples,
                                                              config.seed, oracle)
+                if in_context_tokens > config.long_history_tokens:
+                    entry["long_history_in_context"] = long_history_metrics(
+                        output, config.long_history_tokens, config.resamples, config.seed, oracle,
+                        max_tokens=in_context_tokens)
                 reliability_plot(output, staging / "plots" / f"{output_name}_reliability.png")
                 entry["plot"] = f"plots/{output_name}_reliability.png"
                 results[output_name] = entry

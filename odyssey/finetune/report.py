@@ -39,14 +39,17 @@ def comparison_table(report: dict[str, Any]) -> list[str]:
     return _auroc_table(report["models"], rows, any("oracle" in e for e in report["outputs"].values()))
 
 
-def long_history_table(report: dict[str, Any]) -> list[str]:
+def long_history_table(report: dict[str, Any], key: str = "long_history") -> list[str]:
     """Every model's AUROC on the examples with a long history before the prediction time."""
-    entries = {name: e["long_history"] for name, e in report["outputs"].items() if "long_history" in e}
+    entries = {name: e[key] for name, e in report["outputs"].items() if key in e}
     if not entries:
         return []
-    tokens = next(iter(entries.values()))["min_tokens"]
+    first = next(iter(entries.values()))
+    tokens, most = first["min_tokens"], first.get("max_tokens")
+    band = (f"more than {tokens:,} tokens" if most is None
+            else f"{tokens + 1:,} to {most:,} tokens, inside the model's context,")
     rows = [(name, e["n"], e["positives"], e["models"], e.get("oracle")) for name, e in entries.items()]
-    return [f"## Long histories (more than {tokens:,} tokens before the prediction time, AUROC)", "",
+    return [f"## Long histories ({band} before the prediction time, AUROC)", "",
             *_auroc_table(report["models"], rows, any("oracle" in e for e in entries.values())), ""]
 
 
@@ -62,6 +65,7 @@ def markdown(report: dict[str, Any]) -> str:
         *comparison_table(report),
         "",
         *long_history_table(report),
+        *long_history_table(report, "long_history_in_context"),
         f"## Details ({report['primary']})",
         "",
         "| output | " + " | ".join(DETAIL_METRICS) + " | threshold |",

@@ -375,6 +375,28 @@ def test_a_few_percent_of_histories_exceed_16k_tokens(cohort, parsed):
     assert 0.01 <= long_share <= 0.06
 
 
+def test_a_tenth_of_admissions_have_their_markers_2k_to_16k_tokens_back(cohort, parsed):
+    """The medium-history group: the baseline visit (where the markers are) lies beyond a 2k context, inside 16k."""
+    events_per_encounter = defaultdict(int)
+    for rtype in ("Condition", "Procedure", "MedicationRequest", "Observation"):
+        for res in parsed["by_type"][rtype]:
+            events_per_encounter[res["encounter"]["reference"].removeprefix("Encounter/")] += 1
+    latent = pq.read_table(cohort / "latent.parquet").to_pylist()
+    medium = {row["patient_fhir_id"] for row in latent if row["medium_history"]}
+    band, admissions = defaultdict(list), 0
+    for patient, encounters in parsed["patient_encounters"].items():
+        encounters = sorted(encounters, key=lambda e: utc_seconds(e["period"]["start"]))
+        tokens_before, pid = 0, patient.removeprefix("Patient/")
+        for enc in encounters:
+            if enc["class"]["code"] == "IMP":
+                admissions += 1
+                band[pid in medium].append(2_048 < tokens_before <= 16_384)
+            tokens_before += 5 + events_per_encounter[enc["id"]]
+    assert 0.05 <= len(medium) / len(latent) <= 0.16
+    assert all(band[True]), "every admission of the medium group has its markers 2k-16k tokens back"
+    assert len(band[True]) / admissions >= 0.06
+
+
 def test_cli_writes_cohort_and_report(tmp_path):
     from odyssey.cli import app
 

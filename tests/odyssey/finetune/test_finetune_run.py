@@ -312,3 +312,20 @@ def test_every_model_is_scored_on_long_histories(evaluated, cohort, tmp_path):
         tmp_path / "eval" / "report.md").read_text()
     bands = report["outputs"]["mortality_30d"]["subgroups"]["history_tokens"]
     assert sum(g["n"] for g in bands.values()) == report["outputs"]["mortality_30d"]["n"]
+
+
+def test_the_in_context_table_keeps_histories_up_to_its_bound(evaluated, cohort, tmp_path):
+    from odyssey.finetune.train import load_inputs
+
+    root, _, _ = evaluated
+    min_tokens, max_tokens = 32, 96
+    report = evaluate(model=root / "ft", data=cohort.seq, labels=cohort.labels, out=tmp_path / "eval",
+                      baselines=[], progress_bar=False, resamples=20, long_history_tokens=min_tokens,
+                      long_history_max_tokens=max_tokens)
+    entry = report["outputs"]["mortality_30d"]["long_history_in_context"]
+    tokens = load_inputs(cohort.seq, cohort.labels, ["mortality_30d"], ("held_out",)).examples["held_out"].known_tokens
+    assert (entry["min_tokens"], entry["max_tokens"]) == (min_tokens, max_tokens)
+    assert entry["n"] == int(((tokens > min_tokens) & (tokens <= max_tokens)).sum())
+    assert 0 < entry["n"] < report["outputs"]["mortality_30d"]["long_history"]["n"]
+    assert "## Long histories (33 to 96 tokens, inside the model's context, before the prediction time, AUROC)" in (
+        tmp_path / "eval" / "report.md").read_text()
