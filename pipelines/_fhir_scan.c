@@ -25,7 +25,7 @@
 #include <emmintrin.h> /* every x86-64 CPU has SSE2; elsewhere the byte loops below do the same work */
 #endif
 
-#define SCANNER_API 2 /* fhir_scan.py refuses a build of another API version (a stale editable build) */
+#define SCANNER_API 3 /* fhir_scan.py refuses a build of another API version (a stale editable build) */
 #define MAX_DEPTH 64                      /* deeper JSON is deferred (msgspec and orjson have limits too) */
 #define MAX_LINE_BYTES ((size_t)1 << 30)  /* longer lines are deferred: string offsets stay in int32 */
 #define MAX_COLUMN_BYTES ((size_t)1 << 30) /* a batch stops growing here (int32 Arrow offsets) */
@@ -39,17 +39,75 @@ typedef unsigned char uchar;
 /* ------------------------------------------------------------------------------------------------ */
 /* growable buffers and Arrow-ready columns                                                          */
 
+/* Memory kept between batches and chunks. A batch's columns are handed to Python without a copy (see
+ * Block below) and each chunk has its own Scanner, so without this every batch would start its buffers
+ * from fresh memory: on a virtual machine a fresh page costs a fault, a clearing and often a host-side
+ * fault (~2-9 us per 4 KB page, more than the reader spends on the page's lines). Blocks go back to this
+ * pool when Python releases them and when a Scanner is freed, and buffers take from it before asking
+ * malloc. glibc's own knobs (mallopt) would do the same only by changing the whole process for good.
+ * Bounded (POOL_SLOTS blocks, POOL_MAX_BYTES); `release_memory()` frees it. Only touched with the GIL held. */
+#define POOL_SLOTS 256
+#define POOL_MAX_BYTES ((size_t)256 << 20)
+
+static struct {
+    char *data;
+    size_t cap;
+} pool[POOL_SLOTS];
+static int pool_count;
+static size_t pool_bytes;
+
+/* The smallest pooled block of at least `need` bytes (its capacity in *cap), or NULL. */
+static char *pool_take(size_t need, size_t *cap) {
+    int best = -1;
+    for (int i = 0; i < pool_count; i++)
+        if (pool[i].cap >= need && (best < 0 || pool[i].cap < pool[best].cap)) best = i;
+    if (best < 0) return NULL;
+    char *data = pool[best].data;
+    *cap = pool[best].cap;
+    pool_bytes -= pool[best].cap;
+    pool[best] = pool[--pool_count];
+    return data;
+}
+
+static void pool_give(char *data, size_t cap) {
+    if (!data) return;
+    if (pool_count < POOL_SLOTS && cap <= POOL_MAX_BYTES - pool_bytes) {
+        pool[pool_count].data = data;
+        pool[pool_count].cap = cap;
+        pool_count++;
+        pool_bytes += cap;
+    } else {
+        free(data);
+    }
+}
+
+static void pool_release(void) {
+    for (int i = 0; i < pool_count; i++) free(pool[i].data);
+    pool_count = 0;
+    pool_bytes = 0;
+}
+
 typedef struct {
     char *data;
     size_t len, cap;
+    size_t hint; /* the capacity this buffer had when its memory was last handed out: start there */
 } Buf;
 
 static int buf_reserve(Buf *b, size_t extra) {
     if (extra > SIZE_MAX / 2 - b->len) return -1;
     size_t need = b->len + extra;
     if (need <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 4096;
+    size_t cap = b->cap ? b->cap : b->hint > 4096 ? b->hint : 4096;
     while (cap < need) cap *= 2;
+    size_t pooled_cap;
+    char *pooled = pool_take(cap, &pooled_cap);
+    if (pooled) {
+        if (b->len) memcpy(pooled, b->data, b->len);
+        pool_give(b->data, b->cap);
+        b->data = pooled;
+        b->cap = pooled_cap;
+        return 0;
+    }
     char *grown = realloc(b->data, cap);
     if (!grown) return -1;
     b->data = grown;
@@ -65,9 +123,60 @@ static inline int buf_append(Buf *b, const void *src, size_t n) {
 }
 
 static void buf_free(Buf *b) {
-    free(b->data);
+    pool_give(b->data, b->cap);
     b->data = NULL;
     b->len = b->cap = 0;
+}
+
+/* Bytes handed to Python without a copy (the buffer protocol, read-only); back to the pool when freed. */
+typedef struct {
+    PyObject_HEAD
+    char *data; /* NULL: empty */
+    size_t len, cap;
+} Block;
+
+static int block_getbuffer(Block *self, Py_buffer *view, int flags) {
+    static char empty[1];
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->data ? self->data : empty, (Py_ssize_t)self->len, 1, flags);
+}
+
+static void block_dealloc(Block *self) {
+    pool_give(self->data, self->cap);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyBufferProcs block_as_buffer = {.bf_getbuffer = (getbufferproc)block_getbuffer};
+
+static PyTypeObject BlockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "odyssey.pipelines._fhir_scan.Block",
+    .tp_basicsize = sizeof(Block),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Column bytes from the reader (buffer protocol, read-only); their memory is reused once freed.",
+    .tp_dealloc = (destructor)block_dealloc,
+    .tp_as_buffer = &block_as_buffer,
+};
+
+/* A Block that owns b's memory (b starts over, empty, remembering its size). */
+static PyObject *block_from_buf(Buf *b) {
+    Block *block = PyObject_New(Block, &BlockType);
+    if (!block) return NULL;
+    block->data = b->data;
+    block->len = b->len;
+    block->cap = b->cap;
+    b->hint = b->cap;
+    b->data = NULL;
+    b->len = b->cap = 0;
+    return (PyObject *)block;
+}
+
+/* A Block of `len` bytes to fill (pooled memory when there is some). */
+static PyObject *block_new(size_t len) {
+    Buf b = {0};
+    if (buf_reserve(&b, len ? len : 1) < 0) return PyErr_NoMemory();
+    b.len = len;
+    PyObject *block = block_from_buf(&b);
+    if (!block) buf_free(&b);
+    return block;
 }
 
 enum { COL_I64, COL_I32, COL_F32, COL_BOOL, COL_STR };
@@ -157,15 +266,17 @@ static void col_reset(Column *c) {
     c->values.len = c->offsets.len = c->validity.len = 0;
 }
 
-/* (length, null_count, validity bitmap or None, offsets or None, values) for pyarrow's from_buffers. */
+/* (length, null_count, validity bitmap or None, offsets or None, values) for pyarrow's from_buffers.
+ * Values (and 64-bit offsets) are handed over without a copy: the column starts its next batch in other
+ * memory (from the pool). */
 static PyObject *col_take(Column *c, int large) {
     size_t n = c->length, nulls = 0;
     for (size_t i = 0; i < n; i++) nulls += !c->validity.data[i];
     PyObject *validity = NULL, *offsets = NULL, *values = NULL;
     if (nulls) {
-        validity = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((n + 7) / 8));
+        validity = block_new((n + 7) / 8);
         if (!validity) goto fail;
-        uchar *bits = (uchar *)PyBytes_AS_STRING(validity);
+        uchar *bits = (uchar *)((Block *)validity)->data;
         memset(bits, 0, (n + 7) / 8);
         for (size_t i = 0; i < n; i++)
             if (c->validity.data[i]) bits[i >> 3] |= (uchar)(1u << (i & 7));
@@ -174,30 +285,30 @@ static PyObject *col_take(Column *c, int large) {
     }
     if (c->kind == COL_STR) {
         if (col_start(c) < 0) goto fail;
-        const int64_t *wide = (const int64_t *)c->offsets.data;
         if (large) {
-            offsets = PyBytes_FromStringAndSize(c->offsets.data, (Py_ssize_t)((n + 1) * sizeof(int64_t)));
+            offsets = block_from_buf(&c->offsets);
         } else {
-            offsets = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((n + 1) * sizeof(int32_t)));
+            const int64_t *wide = (const int64_t *)c->offsets.data;
+            offsets = block_new((n + 1) * sizeof(int32_t));
             if (offsets) {
-                int32_t *narrow = (int32_t *)PyBytes_AS_STRING(offsets);
+                int32_t *narrow = (int32_t *)((Block *)offsets)->data;
                 for (size_t i = 0; i <= n; i++) narrow[i] = (int32_t)wide[i];
             }
         }
         if (!offsets) goto fail;
-        values = PyBytes_FromStringAndSize(c->values.data ? c->values.data : "", (Py_ssize_t)c->values.len);
+        values = block_from_buf(&c->values);
     } else if (c->kind == COL_BOOL) {
         offsets = Py_NewRef(Py_None);
-        values = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((n + 7) / 8));
+        values = block_new((n + 7) / 8);
         if (values) {
-            uchar *bits = (uchar *)PyBytes_AS_STRING(values);
+            uchar *bits = (uchar *)((Block *)values)->data;
             memset(bits, 0, (n + 7) / 8);
             for (size_t i = 0; i < n; i++)
                 if (c->values.data[i]) bits[i >> 3] |= (uchar)(1u << (i & 7));
         }
     } else {
         offsets = Py_NewRef(Py_None);
-        values = PyBytes_FromStringAndSize(c->values.data ? c->values.data : "", (Py_ssize_t)c->values.len);
+        values = block_from_buf(&c->values);
     }
     if (!values) goto fail;
     return Py_BuildValue("(nnNNN)", (Py_ssize_t)n, (Py_ssize_t)nulls, validity, offsets, values);
@@ -1914,7 +2025,8 @@ static PyObject *columns_take(Column *cols, int count, const int *large) {
     if (!out) return NULL;
     for (int i = 0; i < count; i++) {
         PyObject *col = col_take(&cols[i], large ? large[i] : 0);
-        if (!col) {
+        if (!col) {  /* the batch is lost either way; leave the columns consistent (empty) */
+            for (int j = 0; j < count; j++) col_reset(&cols[j]);
             Py_DECREF(out);
             return NULL;
         }
@@ -1988,7 +2100,19 @@ static PyObject *module_stable_id(PyObject *Py_UNUSED(m), PyObject *args) {
     return PyLong_FromLongLong(stable_id2(a, (size_t)na, b, (size_t)nb));
 }
 
+static PyObject *module_release_memory(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    pool_release();
+    return Py_NewRef(Py_None);
+}
+
+static PyObject *module_pooled_bytes(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromSize_t(pool_bytes);
+}
+
 static PyMethodDef module_methods[] = {
+    {"release_memory", module_release_memory, METH_NOARGS,
+     "release_memory(): free the memory kept for the next batches (blocks still held by Python come back later)"},
+    {"pooled_bytes", module_pooled_bytes, METH_NOARGS, "pooled_bytes() -> bytes kept for the next batches"},
     {"crc32", module_crc32, METH_O, "crc32(data) -> zlib's CRC-32 (for tests)"},
     {"stable_id", module_stable_id, METH_VARARGS, "stable_id(prefix, id) -> fhir_flatten.stable_id (for tests)"},
     {NULL, NULL, 0, NULL},
@@ -2006,7 +2130,7 @@ PyMODINIT_FUNC PyInit__fhir_scan(void) {
     cpu_has_clmul = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
 #endif
     index_build(&TOP_INDEX, TOP_FIELDS, F_COUNT);
-    if (PyType_Ready(&ScannerType) < 0) return NULL;
+    if (PyType_Ready(&ScannerType) < 0 || PyType_Ready(&BlockType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0 ||

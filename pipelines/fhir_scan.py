@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-_API = 2  # SCANNER_API in _fhir_scan.c: an editable install keeps an old build until `pip install -e .` reruns
+_API = 3  # SCANNER_API in _fhir_scan.c: an editable install keeps an old build until `pip install -e .` reruns
 
 try:
     from odyssey.pipelines import _fhir_scan
@@ -51,6 +51,14 @@ def _table(columns: tuple, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def release_memory() -> None:
+    """Free the memory the reader keeps for its next batches. Batches are handed to Arrow without a copy,
+    and their buffers, once freed, are kept (bounded) for the following batches and chunks: fresh memory
+    costs a page fault and a clearing per page. Ingestion calls this when it is done."""
+    if _fhir_scan is not None:
+        _fhir_scan.release_memory()
+
+
 class ColumnScanner:
     """One per chunk reader; `context` is the reader's fhir_flatten.Context (shared caches)."""
 
@@ -76,4 +84,4 @@ class ColumnScanner:
         return ScannedBatch(*(_table(cols, schema) for cols, schema in zip(parts, self._schemas, strict=True)))
 
 
-__all__ = ["AVAILABLE", "IMPORT_ERROR", "ColumnScanner", "ScannedBatch"]
+__all__ = ["AVAILABLE", "IMPORT_ERROR", "ColumnScanner", "ScannedBatch", "release_memory"]

@@ -32,6 +32,7 @@ import odyssey
 from odyssey.config import ConfigError, StageConfig
 from odyssey.io import atomic_output_dir, write_json
 from odyssey.pipelines import schema
+from odyssey.pipelines.fhir_scan import release_memory as release_reader_memory
 from odyssey.pipelines.fhir_sources import Chunk, discover, fetch_lines, line_offsets, plan_chunks
 from odyssey.pipelines.ingest_pool import Workers, worker_pool
 from odyssey.pipelines.ingest_read import Problem, ReadSettings, read_chunk
@@ -268,7 +269,10 @@ def ingest_fhir(
             fast_path=config.fast_path,
             compiled_reader=config.compiled_reader,
         )
-        read_results = _read_all(chunks, settings, pool, show_progress)
+        try:
+            read_results = _read_all(chunks, settings, pool, show_progress)
+        finally:  # the compiled reader's kept buffers (this process read chunks too)
+            release_reader_memory()
         offsets = line_offsets(chunks, {r.chunk: r.lines for r in read_results})
         problems = _in_file_lines([p for r in read_results for p in r.problems], offsets)
         if config.strict and problems:

@@ -392,3 +392,30 @@ def test_big_file_in_chunks_identical_with_and_without_reader(tmp_path):
     _same_with_and_without_reader([folder], tmp_path, chunk_mb=1)
     rejects = (tmp_path / "compiled" / "rejects" / "rejects.ndjson").read_bytes().splitlines()
     assert [orjson.loads(r)["line"] for r in rejects] == [1235]
+
+
+def test_taken_batches_stay_intact_while_the_reader_reuses_their_memory(tmp_path):
+    """Batches reach Arrow without a copy, and the reader reuses a batch's memory once Python frees it (in
+    later batches and chunks): a batch still held keeps its values whatever is scanned after it, and
+    ingestion hands the kept memory back when it is done."""
+    def lines(prefix: str, value: float) -> bytes:
+        return b"".join(orjson.dumps(lab(f"{prefix}{i}", f"p{i % 7}", None, "2150-01-02T10:00:00Z", value + i))
+                        + b"\n" for i in range(3000))
+
+    scanner = _scanner(Context(systems=SYSTEMS))
+    scanner.scan(lines("first", 1.0), 0, 1, NO_LIMIT, True)
+    first = scanner.take()
+    expected = first.rows.to_pylist(), first.keys.to_pylist()
+    for round_ in range(3):  # each later batch is freed at once: its buffers go back to be reused
+        other = _scanner(Context(systems=SYSTEMS)) if round_ == 2 else scanner  # a new chunk's reader too
+        other.scan(lines(f"later{round_}-", 500.0 + round_), 0, 1, NO_LIMIT, True)
+        later = other.take()
+        assert later.rows.num_rows == first.rows.num_rows
+        assert later.keys.column("fhir_id")[0].as_py() == f"later{round_}-0"
+        del later
+    assert (first.rows.to_pylist(), first.keys.to_pylist()) == expected
+    assert scan_module.pooled_bytes() > 0
+    del first, scanner, other
+    ingest_fhir([write_ndjson(tmp_path / "in.ndjson", [patient("p1"), lab("o1", "p1", None, "2150-01-02T10:00:00Z")])],
+                tmp_path / "out", workers=1)
+    assert scan_module.pooled_bytes() == 0
