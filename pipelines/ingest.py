@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources as package_resources
 from pathlib import Path
@@ -35,7 +36,7 @@ from odyssey.pipelines import schema
 from odyssey.pipelines.fhir_scan import release_memory as release_reader_memory
 from odyssey.pipelines.fhir_sources import Chunk, discover, fetch_lines, line_offsets, plan_chunks
 from odyssey.pipelines.ingest_pool import Workers, worker_pool
-from odyssey.pipelines.ingest_read import Problem, ReadSettings, read_chunk
+from odyssey.pipelines.ingest_read import Problem, ReadSettings, SampleChecker, discard_spill, read_chunk
 from odyssey.pipelines.ingest_resolve import StrictStop, resolve_and_write
 from odyssey.pipelines.report import IngestReport, TypeCounts, reason_category
 from odyssey.pipelines.splits import SplitRatios, assign_splits, write_parquet
@@ -130,15 +131,26 @@ def _read_all(chunks, settings, workers: Workers, show_progress):
         # the first problem it meets.)
         chunks = sorted(chunks, key=lambda c: -_uncompressed_size(c))
     found = workers.unordered(read_chunk, [(c, settings) for c in chunks])
+    checker = SampleChecker() if settings.validating_process is not None else None
+    failed_samples = []  # chunks whose sample, flattened before validation, holds a resource that fails it
     try:
         for result in found:
-            results.append(result)
             bar.update(result.bytes)
+            if result.unverified and not checker.all_pass(result):
+                failed_samples.append(result.chunk)
+                continue
+            results.append(result)
             if settings.strict and result.problems:
                 break
     finally:
         found.close()
         bar.close()
+    if failed_samples:  # rare: read those chunks again, each process validating its own sample as it reads
+        by_index = {c.index: c for c in chunks}
+        for index in failed_samples:
+            discard_spill(settings, index)
+        again = replace(settings, validating_process=None)
+        results.extend(workers.unordered(read_chunk, [(by_index[i], again) for i in failed_samples]))
     return sorted(results, key=lambda r: r.chunk)
 
 
@@ -268,6 +280,9 @@ def ingest_fhir(
             spill_dir=spill,
             fast_path=config.fast_path,
             compiled_reader=config.compiled_reader,
+            # the helpers leave their sample's validation to this process (strict mode stops at the first
+            # problem as it reads: there each process validates its own)
+            validating_process=os.getpid() if pool.helpers and not config.strict else None,
         )
         try:
             read_results = _read_all(chunks, settings, pool, show_progress)

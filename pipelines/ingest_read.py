@@ -73,6 +73,10 @@ class ReadSettings:
     batch_rows: int = 100_000  # rows held before they are checked and spilled (bounds memory)
     fast_path: bool = True  # decode common shapes with msgspec when it is installed (fhir_fast)
     compiled_reader: bool = True  # flatten common shapes in C when the extension is built (fhir_scan)
+    # In sample mode, the process (pid) that validates the sampled lines of every process's chunks; the
+    # others flatten theirs as if valid and hand them back (ChunkResult.unverified), so that only one
+    # process loads fhir.resources (~0.1 s of CPU each). None: each process validates its own.
+    validating_process: int | None = None
 
 
 @dataclass
@@ -98,6 +102,9 @@ class ChunkResult:
     validated: int = 0
     lines: int = 0
     bytes: int = 0
+    # (line, entry, text) of the sampled resources flattened before their validation (validating_process):
+    # if one fails, the chunk is read again by a process that validates as it reads
+    unverified: list[tuple[int, int, bytes]] = field(default_factory=list)
 
 
 def _id_or_none(resource: dict) -> str | None:
@@ -146,6 +153,7 @@ class ChunkReader:
         self.keys: list[tuple] = []
         self.result = ChunkResult(chunk.index, bytes=chunk.size)
         self.validator = _Validator() if settings.validate != "off" else None
+        self.defer_validation = settings.validate == "sample" and settings.validating_process not in (None, os.getpid())
         # a line is validated in full when its digest is a multiple of this (None: never)
         self.validate_every = None if self.validator is None else (
             1 if settings.validate == "full" else settings.sample_every)
@@ -289,6 +297,9 @@ class ChunkReader:
             self._python_line(raw, line)
             return None
         self.result.validated += 1
+        if self.defer_validation:
+            self.result.unverified.append((line, 0, raw))
+            return resource, rtype
         reason = self.validator.check(resource)
         if reason is not None:
             self.result.read[rtype] += 1
@@ -398,10 +409,13 @@ class ChunkReader:
         digest = _digest(raw)
         if self.validate_every is not None and digest % self.validate_every == 0:
             self.result.validated += 1
-            reason = self.validator.check(resource)
-            if reason is not None:
-                self._problem(line, entry, rtype, _id_or_none(resource), reason, raw)
-                return
+            if self.defer_validation:
+                self.result.unverified.append((line, entry, raw))
+            else:
+                reason = self.validator.check(resource)
+                if reason is not None:
+                    self._problem(line, entry, rtype, _id_or_none(resource), reason, raw)
+                    return
         self._flatten(resource, raw, rtype, digest, line, entry)
 
     def _flatten(self, resource: dict, raw: bytes, rtype: str, digest: int, line: int, entry: int) -> None:
@@ -457,7 +471,7 @@ class ChunkReader:
 
     def _spill(self, rows: pl.DataFrame, keys: pa.Table, patients: pa.Table, medications: pa.Table) -> None:
         spill = Path(self.settings.spill_dir)
-        tag = f"c{self.chunk.index:06d}-{self.part:04d}.arrow"  # Arrow IPC: spills are written once, read once
+        tag = f"c{self.chunk.index:06d}-{self.part:04d}.arrow"  # Arrow IPC, written once, read once (discard_spill)
         chunk = pl.lit(self.chunk.index, pl.Int32).alias("chunk")
         if rows.height:
             write_buckets(rows.drop("encounter_end_us").with_columns(chunk), "subject_id",
@@ -581,4 +595,24 @@ def read_chunk(args: tuple[Chunk, ReadSettings]) -> ChunkResult:
     return ChunkReader(chunk, settings).run()
 
 
-__all__ = ["ChunkResult", "Problem", "ReadSettings", "read_chunk"]
+class SampleChecker:
+    """The validating process's check of the sampled resources other processes flattened unvalidated."""
+
+    def __init__(self):
+        self._validator = _Validator()
+
+    def all_pass(self, result: ChunkResult) -> bool:
+        return all(self._validator.check(orjson.loads(raw)) is None for _, _, raw in result.unverified)
+
+
+_SPILL_KINDS = ("rows", "encounters", "keys", "patients", "medications")
+
+
+def discard_spill(settings: ReadSettings, chunk: int) -> None:
+    """Remove what a chunk spilled (before it is read again)."""
+    for kind in _SPILL_KINDS:
+        for path in (Path(settings.spill_dir) / kind).glob(f"c{chunk:06d}-*.arrow"):
+            path.unlink()
+
+
+__all__ = ["ChunkResult", "Problem", "ReadSettings", "SampleChecker", "discard_spill", "read_chunk"]
