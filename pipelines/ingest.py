@@ -295,8 +295,9 @@ def ingest_fhir(
             raise StrictModeError(f"{_where(first, chunk_paths)}: {first.reason}")
         bar = tqdm(total=subject_buckets, desc="write", unit="shard", disable=not show_progress)
         try:
+            bucket_rows = [sum(r.bucket_rows[b] for r in read_results if r.bucket_rows) for b in range(subject_buckets)]
             result = resolve_and_write(Path(spill), tmp, subject_buckets, key_buckets, chunk_paths, config.strict, bar,
-                                       mapper=pool.ordered, line_offsets=offsets)
+                                       mapper=pool.ordered, line_offsets=offsets, bucket_rows=bucket_rows)
         except StrictStop as stop:
             (problem,) = _in_file_lines([stop.problem], offsets)
             raise StrictModeError(f"{_where(problem, chunk_paths)}: {problem.reason}") from None

@@ -105,6 +105,7 @@ class ChunkResult:
     # (line, entry, text) of the sampled resources flattened before their validation (validating_process):
     # if one fails, the chunk is read again by a process that validates as it reads
     unverified: list[tuple[int, int, bytes]] = field(default_factory=list)
+    bucket_rows: list[int] = field(default_factory=list)  # rows spilled to each subject bucket
 
 
 def _id_or_none(resource: dict) -> str | None:
@@ -474,8 +475,10 @@ class ChunkReader:
         tag = f"c{self.chunk.index:06d}-{self.part:04d}.arrow"  # Arrow IPC, written once, read once (discard_spill)
         chunk = pl.lit(self.chunk.index, pl.Int32).alias("chunk")
         if rows.height:
-            write_buckets(rows.drop("encounter_end_us").with_columns(chunk), "subject_id",
-                          self.settings.subject_buckets, spill / "rows" / tag)
+            spilled = write_buckets(rows.drop("encounter_end_us").with_columns(chunk), "subject_id",
+                                    self.settings.subject_buckets, spill / "rows" / tag)
+            sums = self.result.bucket_rows or [0] * len(spilled)
+            self.result.bucket_rows = [a + b for a, b in zip(sums, spilled, strict=True)]
             encounters = rows.filter(pl.col("event_type") == EventType.ENCOUNTER_START).select(
                 "encounter_id",
                 pl.col("subject_id").alias("encounter_subject_id"),

@@ -266,11 +266,13 @@ def resolve_and_write(
     progress=None,
     mapper=map,
     line_offsets: dict[int, int] | None = None,
+    bucket_rows: list[int] | None = None,
 ) -> ResolveResult:
     """Settle duplicates, then resolve every subject bucket into a shard; `mapper` may run buckets in a pool.
 
     Shards are numbered by bucket order (empty buckets write none), so the output does not depend on
-    how many processes resolve them.
+    how many processes resolve them, nor on the order they are resolved in: the biggest buckets first
+    (`bucket_rows`: rows spilled to each), so that the processes finish together.
     """
     dropped = find_duplicates(spill, key_buckets, chunk_paths, mapper, line_offsets)
     shutil.rmtree(spill / "keys", ignore_errors=True)
@@ -291,14 +293,22 @@ def resolve_and_write(
     cascades: list[pl.DataFrame] = []
     # each bucket writes a provisional shard, numbered here in bucket order once the empty ones are known
     provisional = [data_dir / f".bucket{bucket:04d}.parquet" for bucket in range(subject_buckets)]
-    jobs = [(spill, bucket, shard, strict) for bucket, shard in enumerate(provisional)]
-    for shard, bucket_result in zip(provisional, mapper(resolve_bucket, jobs), strict=True):  # in bucket order:
-        if progress is not None:  # strict mode stops where a serial run would
+    # strict mode resolves in bucket order, and stops where a serial run would
+    order = list(range(subject_buckets))
+    if bucket_rows is not None and not strict:
+        order.sort(key=lambda bucket: -bucket_rows[bucket])
+    jobs = [(spill, bucket, provisional[bucket], strict) for bucket in order]
+    resolved: dict[int, _BucketResult | None] = {}
+    for bucket, bucket_result in zip(order, mapper(resolve_bucket, jobs), strict=True):
+        if progress is not None:
             progress.update(1)
+        if bucket_result is not None and bucket_result.strict_problem is not None:
+            raise StrictStop(bucket_result.strict_problem)
+        resolved[bucket] = bucket_result
+    for bucket, shard in enumerate(provisional):  # in bucket order
+        bucket_result = resolved[bucket]
         if bucket_result is None:
             continue
-        if bucket_result.strict_problem is not None:
-            raise StrictStop(bucket_result.strict_problem)
         for rtype, n in bucket_result.written.items():
             written[rtype] = written.get(rtype, 0) + n
         result.events += bucket_result.events

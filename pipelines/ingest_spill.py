@@ -45,11 +45,11 @@ def write_frame(frame: pl.DataFrame, path: Path) -> None:
     write_table(_arrow(frame), path)
 
 
-def write_buckets(frame: pl.DataFrame, column: str, buckets: int, path: Path) -> None:
+def write_buckets(frame: pl.DataFrame, column: str, buckets: int, path: Path) -> list[int]:
     """Write `frame` to `path` as `buckets` record batches, batch b holding the rows whose `column`
-    modulo `buckets` is b, in their order in `frame`."""
+    modulo `buckets` is b, in their order in `frame`; returns the rows of each batch."""
     if frame.is_empty():
-        return
+        return [0] * buckets
     bucket = ((pl.col(column) & 0x7FFFFFFF) % buckets).cast(pl.Int64).alias("_bucket")
     ordered = frame.with_columns(bucket).sort("_bucket", maintain_order=True)
     counts = np.bincount(ordered.get_column("_bucket").to_numpy(), minlength=buckets)
@@ -59,6 +59,7 @@ def write_buckets(frame: pl.DataFrame, column: str, buckets: int, path: Path) ->
     with pa.OSFile(str(path), "wb") as sink, pa_ipc.new_file(sink, batch.schema) as writer:
         for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
             writer.write_batch(batch.slice(start, count))
+    return counts.tolist()
 
 
 def _files(folder: Path) -> list[Path]:
