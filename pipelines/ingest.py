@@ -12,12 +12,16 @@ import contextlib
 import math
 import os
 import resource
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from importlib import resources as package_resources
 from pathlib import Path
 from typing import Literal
@@ -241,6 +245,32 @@ def _descriptions(read_results) -> dict[str, str]:
     return merged
 
 
+class _Background:
+    """Waiting that needs no Python, done beside this process's own work at the end of a run: removing
+    the spill (page-cache pages to free, ~0.02 s at 1M resources) and stopping the helpers (~0.02 s)."""
+
+    def __init__(self):
+        self._threads: list[threading.Thread] = []
+
+    def run(self, fn: Callable[[], object]) -> None:
+        thread = threading.Thread(target=fn, name="odyssey-ingest-background")
+        thread.start()
+        self._threads.append(thread)
+
+    def remove(self, path: Path) -> None:
+        self.run(partial(shutil.rmtree, path, ignore_errors=True))
+
+    def wait(self) -> None:
+        while self._threads:
+            self._threads.pop().join()
+
+    def __enter__(self) -> _Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wait()
+
+
 def ingest_fhir(
     paths: list[str | os.PathLike] | str | os.PathLike,
     out: str | os.PathLike,
@@ -269,6 +299,7 @@ def ingest_fhir(
         atomic_output_dir(out) as tmp,
         tempfile.TemporaryDirectory(prefix="odyssey-spill-", dir=out.resolve().parent, ignore_cleanup_errors=True) as spill,
         worker_pool(workers, caller_works=_estimated_bytes(chunks) <= CALLER_WORKS_UP_TO) as pool,
+        _Background() as background,
     ):
         settings = ReadSettings(
             systems=systems,
@@ -297,14 +328,15 @@ def ingest_fhir(
         try:
             bucket_rows = [sum(r.bucket_rows[b] for r in read_results if r.bucket_rows) for b in range(subject_buckets)]
             result = resolve_and_write(Path(spill), tmp, subject_buckets, key_buckets, chunk_paths, config.strict, bar,
-                                       mapper=pool.ordered, line_offsets=offsets, bucket_rows=bucket_rows)
+                                       mapper=pool.ordered, line_offsets=offsets, bucket_rows=bucket_rows,
+                                       remove=background.remove)
         except StrictStop as stop:
             (problem,) = _in_file_lines([stop.problem], offsets)
             raise StrictModeError(f"{_where(problem, chunk_paths)}: {problem.reason}") from None
         finally:
             bar.close()
         problems += _in_file_lines(result.problems, offsets)
-        pool.close()  # done with the helpers: reaped now, their peak memory counts in the report
+        background.run(pool.close)  # done with the helpers: reaped before the report, their peak memory counts
         splits = _metadata(tmp, result, config, _descriptions(read_results))
         counts = _count(read_results, result, problems)
         _write_rejects(tmp / "rejects", problems, chunk_paths)
@@ -332,6 +364,7 @@ def ingest_fhir(
         broken = [name for name, c in counts.items() if not c.reconciles]
         if broken:  # a bug, never bad input: refuse to publish a dataset whose counts do not add up
             raise RuntimeError(f"ingest counts do not reconcile for {broken}: {counts}")
+        background.wait()
         report.seconds = time.perf_counter() - started
         report.peak_memory_mb = _peak_memory_mb()
         write_json(tmp / "ingest_report.json", report.to_dict())

@@ -7,7 +7,9 @@ small lookup tables (patients, medications) are held whole; encounters are read 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -267,15 +269,17 @@ def resolve_and_write(
     mapper=map,
     line_offsets: dict[int, int] | None = None,
     bucket_rows: list[int] | None = None,
+    remove: Callable[[Path], object] = partial(shutil.rmtree, ignore_errors=True),
 ) -> ResolveResult:
     """Settle duplicates, then resolve every subject bucket into a shard; `mapper` may run buckets in a pool.
 
     Shards are numbered by bucket order (empty buckets write none), so the output does not depend on
     how many processes resolve them, nor on the order they are resolved in: the biggest buckets first
-    (`bucket_rows`: rows spilled to each), so that the processes finish together.
+    (`bucket_rows`: rows spilled to each), so that the processes finish together. Each part of the spill
+    is `remove`d once used.
     """
     dropped = find_duplicates(spill, key_buckets, chunk_paths, mapper, line_offsets)
-    shutil.rmtree(spill / "keys", ignore_errors=True)
+    remove(spill / "keys")
     if strict and not dropped.filter(pl.col("kind") == "rejected").is_empty():
         first = dropped.filter(pl.col("kind") == "rejected").sort(KEY).row(0, named=True)
         raise StrictStop(Problem(first["chunk"], first["line"], first["entry"], first["resource_type"],
@@ -319,7 +323,7 @@ def resolve_and_write(
             cascades.append(bucket_result.failed)
         result.shards.append(shard.rename(data_dir / f"{len(result.shards)}.parquet"))
     for name in ("rows", "encounters"):
-        shutil.rmtree(spill / name, ignore_errors=True)
+        remove(spill / name)
 
     if patients is not None:
         written["Patient"] = patients.height
