@@ -10,7 +10,10 @@
 5. `odyssey ingest` with one worker at the base size: the same single core as the parse floor, which
    keeps its meaning when other processes share the machine (wall numbers do not).
 Each ingest run is a fresh Python process that imports `odyssey.pipelines.ingest` and times `ingest_fhir`
-(wall, and CPU of it and its helpers); peak memory is sampled over the whole process tree.
+(wall, and CPU of it and its helpers); peak memory is sampled over the whole process tree. By default that
+process first does what the `odyssey ingest` command does before it loads polars (sizes its thread pools
+for the run: `ingest_pool.size_for_ingest_only`, absent from trees before 2026-11-27 17:50 UTC);
+`--library-caller` skips it, as a program that calls `ingest_fhir` among other work would.
 """
 
 from __future__ import annotations
@@ -138,8 +141,15 @@ def r4b_baseline(files: list[Path], sample: int) -> dict:
 # a program that calls it does, after importing it.
 _ONE_RUN = """
 import json, os, sys, time
-from odyssey.pipelines.ingest import ingest_fhir
 folder, out, workers = sys.argv[1], sys.argv[2], None if sys.argv[3] == "None" else int(sys.argv[3])
+if sys.argv[4] == "command":  # as `odyssey ingest` does before it loads polars
+    try:
+        from odyssey.pipelines.ingest_pool import size_for_ingest_only
+    except ImportError:  # a tree from before it
+        pass
+    else:
+        size_for_ingest_only(workers)
+from odyssey.pipelines.ingest import ingest_fhir
 start, before = time.perf_counter(), os.times()
 report = ingest_fhir([folder], out, workers=workers)
 seconds, after = time.perf_counter() - start, os.times()
@@ -149,14 +159,15 @@ print(json.dumps({"resources": report.resources_read, "events": report.events, "
 """
 
 
-def ours(folder: Path, workers: int | None, polars_threads: int | None = None) -> dict:
+def ours(folder: Path, workers: int | None, polars_threads: int | None = None, as_command: bool = True) -> dict:
     out = Path(tempfile.mkdtemp(prefix="ingest-bench-")) / "meds"
     load_before = os.getloadavg()[0]
     env = dict(os.environ)
     if polars_threads:  # as a program that only ingests may size polars before importing it
         env["POLARS_MAX_THREADS"] = str(polars_threads)
     with PeakRss() as rss:
-        done = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), str(out), str(workers)],
+        done = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), str(out), str(workers),
+                               "command" if as_command else "library"],
                               capture_output=True, text=True, check=False, env=env)
     shutil.rmtree(out.parent)
     if done.returncode:
@@ -204,7 +215,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON results")
     parser.add_argument("--polars-threads", type=int, default=None,
                         help="POLARS_MAX_THREADS for the calling process of the ingest runs (default: polars' own)")
+    parser.add_argument("--library-caller", action="store_true",
+                        help="ingest runs as a program calling ingest_fhir (thread pools left as they are), "
+                             "not as the `odyssey ingest` command")
     args = parser.parse_args()
+    as_command = not args.library_caller
 
     base = cohort(args.cache, args.patients)
     files = ndjson_files(base)
@@ -214,15 +229,16 @@ def main() -> None:
         "versions": _versions(),
         "reader": _reader(),
         "polars_threads_of_the_calling_process": args.polars_threads,
+        "ingest_process": "command" if as_command else "library caller",
         "load_average_at_start": os.getloadavg(),
         "parse_floor": parse_floor(files),
         "r4b_validate_and_flatten": r4b_baseline(files, args.r4b_sample),
-        "ours": ours(base, args.workers, args.polars_threads),
+        "ours": ours(base, args.workers, args.polars_threads, as_command),
     }
     if args.scale:
         big = cohort(args.cache, args.patients * args.scale)
-        results["ours_scaled"] = ours(big, args.workers, args.polars_threads)
-    results["ours_one_worker"] = ours(base, 1)
+        results["ours_scaled"] = ours(big, args.workers, args.polars_threads, as_command)
+    results["ours_one_worker"] = ours(base, 1, as_command=as_command)
     floor = results["parse_floor"]["resources_per_second"]
     rows = [("parse floor (orjson.loads, 1 core)", results["parse_floor"]),
             ("R4B validate + flatten (1 core)", results["r4b_validate_and_flatten"]),
@@ -235,7 +251,8 @@ def main() -> None:
         print(f"{name:40}{r['resources']:>12,}{r['seconds']:>9.1f}{r['resources_per_second']:>11,.0f}"
               f"{r['resources_per_second'] / floor:>9.2f}{r.get('resources_per_cpu_second', float('nan')):>11,.0f}"
               f"{r.get('peak_memory_mb', float('nan')):>9.0f}")
-    print(f"stage 1 reader: {results['reader']}; load average at start {results['load_average_at_start'][0]:.2f}")
+    print(f"stage 1 reader: {results['reader']}; ingest runs as {results['ingest_process']}; "
+          f"load average at start {results['load_average_at_start'][0]:.2f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

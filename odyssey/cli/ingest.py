@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 
 from odyssey.cli._common import user_errors
 
@@ -24,6 +25,10 @@ def ingest(
     extra: Annotated[list[str] | None, typer.Argument(help="more FHIR paths (so that `--fhir a b c` works)", show_default=False)] = None,
 ) -> None:
     """Turn FHIR R4 exports into a MEDS v0.4 dataset; bad resources go to OUT/rejects/."""
+    from odyssey.pipelines.ingest_pool import size_for_ingest_only
+
+    if meds is None:  # this process only ingests: its thread pools are sized before polars is loaded
+        size_for_ingest_only(workers if workers is not None else _config_workers(config))
     from odyssey.pipelines.fhir_sources import InputError
     from odyssey.pipelines.ingest import IngestConfig, StrictModeError, ingest_fhir
     from odyssey.pipelines.meds_io import MedsFormatError
@@ -59,6 +64,19 @@ def ingest(
             raise typer.Exit(1) from None
     typer.echo(report.summary())
     typer.echo(f"report: {out}/ingest_report.json")
+
+
+def _config_workers(config: Path | None) -> int | None:
+    """`workers` of a config file, read before the config class (and polars) is loaded; None when absent
+    or unreadable (the config is checked properly afterwards)."""
+    if config is None:
+        return None
+    try:
+        loaded = yaml.safe_load(Path(config).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    workers = loaded.get("workers") if isinstance(loaded, dict) else None
+    return workers if isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1 else None
 
 
 def register(app: typer.Typer) -> None:

@@ -115,3 +115,56 @@ def test_ingest_leaves_the_callers_allocator_adaptive(tmp_path):
                             capture_output=True, text=True, check=True)
     faults = int(result.stdout.strip().splitlines()[-1])
     assert faults < 200 * 256 // 4, faults  # mapped afresh each time: 256 page faults per buffer
+
+
+_POOL_SIZE = """
+import os, sys
+{before}
+from odyssey.pipelines.ingest_pool import size_for_ingest_only
+sized = size_for_ingest_only({workers})
+import polars
+print(sized, polars.thread_pool_size(), os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+
+
+def _pool_size(before: str, workers: int | None, **env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("POLARS_MAX_THREADS", "OPENBLAS_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", _POOL_SIZE.format(before=before, workers=workers)],
+                            env={**clean, **env}, capture_output=True, text=True, check=True)
+    return result.stdout.split()
+
+
+def test_a_process_that_only_ingests_sizes_polars_before_loading_it():
+    cores = os.cpu_count() or 1
+    assert _pool_size("", 2) == ["True", str(max(1, cores // 2)), "1"]
+    assert _pool_size("", None) == ["True", "1", "1"]  # one worker per core
+    assert _pool_size("", 1) == ["True", str(cores), "1"]  # working alone: every core
+    assert _pool_size("", 2, POLARS_MAX_THREADS="3") == ["True", "3", "1"]  # the user's value is kept
+    assert _pool_size("import polars", 2) == ["False", str(cores), "None"]  # too late: left as it is
+
+
+_COMMAND = """
+import sys
+from odyssey.cli.ingest import ingest
+from pathlib import Path
+workers = None if sys.argv[3] == "-" else int(sys.argv[3])
+config = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+ingest(fhir=[sys.argv[1]], out=Path(sys.argv[2]), workers=workers, config=config, meds=None, strict=None, validate=None,
+       code_systems=None, fast_path=None, compiled_reader=None, extra=None)
+import polars
+print(polars.thread_pool_size())
+"""
+
+
+@pytest.mark.parametrize(("flag", "in_config", "expected_workers"), [(1, None, 1), (2, None, 2), (None, 1, 1)])
+def test_the_ingest_command_sizes_its_polars_pool_for_its_share(tmp_path, flag, in_config, expected_workers):
+    fixtures = Path(__file__).parent / "fixtures" / "r4"
+    config = tmp_path / "ingest.yaml"
+    config.write_text(f"workers: {in_config if in_config is not None else 'null'}\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("POLARS_MAX_THREADS", "OPENBLAS_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", _COMMAND, str(fixtures), str(tmp_path / "out"),
+                             "-" if flag is None else str(flag), str(config)],
+                            env=clean, capture_output=True, text=True, check=True)
+    cores = os.cpu_count() or 1
+    assert result.stdout.split()[-1] == str(max(1, cores // expected_workers))
+    assert (tmp_path / "out" / "metadata" / "dataset.json").exists()
