@@ -60,6 +60,8 @@ PREDIABETES_SHARE = 0.18  # planted long-range lab pattern (HbA1c 5.7-6.4 % at t
 SMOKER_SHARE = 0.3
 CHRONIC_CODING_RATE = 0.92  # a present chronic group is coded at an admission with this probability
 SHORT_STAY_RATE = 0.04  # stays under 24 h (excluded from the LOS task)
+PROCEDURE_DELAY_HOURS = (1.0, 48.0)  # inpatient procedures: hours after admission (capped by the discharge)
+VENTILATION_CODED_AFTER = 30 * HOUR  # after the LOS prediction time (admission + 24 h) of every eligible stay
 MEDICATION_CONCEPT_SHARE = 0.1  # MedicationRequests carrying medicationCodeableConcept, not a reference
 
 BMP = ("sodium", "potassium", "chloride", "bicarbonate", "bun", "creatinine", "glucose")
@@ -339,7 +341,8 @@ class PatientSimulator:
                 if long_stay:
                     length = _minute(7 * DAY + HOUR + rng.gammavariate(1.3, 4.0) * DAY)
                 else:
-                    length = _minute(rng.uniform(DAY + HOUR, 7 * DAY - HOUR))
+                    # from 26 h: a morning panel drawn before admission + 24 h always falls inside the stay
+                    length = _minute(rng.uniform(DAY + 2 * HOUR, 7 * DAY - HOUR))
             end = t + length
             dies_here = rng.random() < p_in_hospital_death(s, t, acuity, reason) and end > window_end
             if s.sepsis_history is False and reason == "sepsis":
@@ -505,7 +508,7 @@ class PatientSimulator:
                 extra = ("potassium", "wbc") if day == 1 or day % 4 == 0 else ()
                 self.lab_panel(enc, day_start + _minute(rng.uniform(0, 90) * MINUTE), (*DAILY, *extra),
                                a * math.exp(-day / 2.5), reason)
-            if a > 1.5 and stay.long_stay and day_start + 13 * HOUR < end:  # ICU-like stays: an evening panel
+            if a > 1.5 and day_start + 13 * HOUR < end:  # ICU-like stays: an evening panel
                 self.lab_panel(enc, day_start + 12 * HOUR, ("creatinine", "potassium", "lactate"), a * math.exp(-day / 2.5),
                                reason)
             day_start += DAY
@@ -535,7 +538,12 @@ class PatientSimulator:
         if s.dialysis:
             chosen.append("hemodialysis")
         for key in chosen:
-            enc.procedures.append((self.new_id(), key, _minute(t + rng.uniform(0.05, 0.6) * (end - t))))
+            # Drawn without regard to the stay's length, so what is visible at admission + 24 h (the LOS task's
+            # prediction time) does not reveal it; a ventilation code says how long it lasted: coded later.
+            delay = rng.uniform(*PROCEDURE_DELAY_HOURS) * HOUR
+            if key.startswith("ventilation"):
+                delay = max(delay, VENTILATION_CODED_AFTER)
+            enc.procedures.append((self.new_id(), key, _minute(min(t + delay, end - 30 * MINUTE))))
 
     def inpatient_meds(self, enc: Encounter, stay: Stay) -> None:
         rng = self.rng

@@ -363,6 +363,24 @@ def test_long_range_marker_shifts_realized_outcome_rates():
         assert z > 4, (task, p1, p0, len(marked))
 
 
+def test_nothing_seen_at_the_los_prediction_time_reveals_the_drawn_stay():
+    """Among stays eligible for the LOS task, a procedure is seen by admission + 24 h as often in long stays
+    as in short ones (the oracle must stay an upper bound). 1,200 simulated patients; z-test on proportions."""
+    seen = {True: [0, 0], False: [0, 0]}  # long stay -> [procedures seen by 24 h, procedures]
+    for rec in (simulate_patient(23, i) for i in range(1200)):
+        stays = {e.start: e for e in rec.encounters if e.cls == "IMP"}
+        for row in rec.truth:
+            if row.los_7d is None:
+                continue
+            for _, _, when in stays[row.admit_time].procedures:
+                seen[row.los_7d][0] += when < row.admit_time + 86_400
+                seen[row.los_7d][1] += 1
+    (k1, n1), (k0, n0) = seen[True], seen[False]
+    pooled = (k1 + k0) / (n1 + n0)
+    z = (k1 / n1 - k0 / n0) / math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n0))
+    assert min(n1, n0) > 200 and abs(z) < 3.5, (k1, n1, k0, n0, z)
+
+
 def test_a_few_percent_of_histories_exceed_16k_tokens(cohort, parsed):
     """Rough token count from the FHIR: one per resource plus five per visit."""
     tokens = defaultdict(int)
