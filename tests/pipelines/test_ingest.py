@@ -372,11 +372,14 @@ def test_worker_environment_sizes_thread_pools_and_keeps_the_users_values(monkey
 
     monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
     monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    monkeypatch.delenv("_RJEM_MALLOC_CONF", raising=False)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     with worker_environment(2):
         assert os.environ["POLARS_MAX_THREADS"] == "4"
         assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
         assert os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system"
+        assert os.environ["_RJEM_MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # polars keeps its pages
     assert "POLARS_MAX_THREADS" not in os.environ and "ARROW_DEFAULT_MEMORY_POOL" not in os.environ
+    assert "_RJEM_MALLOC_CONF" not in os.environ
     assert os.environ["OPENBLAS_NUM_THREADS"] == "3"

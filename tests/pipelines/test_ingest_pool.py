@@ -123,24 +123,35 @@ import os, sys
 from odyssey.pipelines.ingest_pool import size_for_ingest_only
 sized = size_for_ingest_only({workers})
 import polars
-print(sized, polars.thread_pool_size(), os.environ.get("OPENBLAS_NUM_THREADS"))
+print(sized, polars.thread_pool_size(), os.environ.get("OPENBLAS_NUM_THREADS"), os.environ.get("_RJEM_MALLOC_CONF") or "-")
 """
 
 
+_SIZED = ("POLARS_MAX_THREADS", "OPENBLAS_NUM_THREADS", "_RJEM_MALLOC_CONF")
+
+
 def _pool_size(before: str, workers: int | None, **env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("POLARS_MAX_THREADS", "OPENBLAS_NUM_THREADS")}
+    """(sized?, polars threads, OpenBLAS threads, the allocator option that wins) in a fresh process."""
+    clean = {k: v for k, v in os.environ.items() if k not in _SIZED}
     result = subprocess.run([sys.executable, "-c", _POOL_SIZE.format(before=before, workers=workers)],
                             env={**clean, **env}, capture_output=True, text=True, check=True)
-    return result.stdout.split()
+    sized, threads, blas, allocator = result.stdout.split()
+    # polars puts its own defaults in front when it loads: jemalloc reads left to right, the last one wins
+    keeps = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    winner = keeps if allocator.endswith(keeps) else allocator.rsplit(",", 1)[-1]
+    return [sized, threads, blas, winner]
 
 
 def test_a_process_that_only_ingests_sizes_polars_before_loading_it():
     cores = os.cpu_count() or 1
-    assert _pool_size("", 2) == ["True", str(max(1, cores // 2)), "1"]
-    assert _pool_size("", None) == ["True", "1", "1"]  # one worker per core
-    assert _pool_size("", 1) == ["True", str(cores), "1"]  # working alone: every core
-    assert _pool_size("", 2, POLARS_MAX_THREADS="3") == ["True", "3", "1"]  # the user's value is kept
-    assert _pool_size("import polars", 2) == ["False", str(cores), "None"]  # too late: left as it is
+    keeps = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    assert _pool_size("", 2) == ["True", str(max(1, cores // 2)), "1", keeps]
+    assert _pool_size("", None) == ["True", "1", "1", keeps]  # one worker per core
+    assert _pool_size("", 1) == ["True", str(cores), "1", keeps]  # working alone: every core
+    # the user's values are kept
+    assert _pool_size("", 2, POLARS_MAX_THREADS="3", _RJEM_MALLOC_CONF="narenas:1") == ["True", "3", "1", "narenas:1"]
+    assert _pool_size("import polars", 2)[:3] == ["False", str(cores), "None"]  # too late: left as it is
+    assert _pool_size("import polars", 2)[3] != keeps
 
 
 _COMMAND = """
@@ -161,7 +172,7 @@ def test_the_ingest_command_sizes_its_polars_pool_for_its_share(tmp_path, flag, 
     fixtures = Path(__file__).parent / "fixtures" / "r4"
     config = tmp_path / "ingest.yaml"
     config.write_text(f"workers: {in_config if in_config is not None else 'null'}\n")
-    clean = {k: v for k, v in os.environ.items() if k not in ("POLARS_MAX_THREADS", "OPENBLAS_NUM_THREADS")}
+    clean = {k: v for k, v in os.environ.items() if k not in _SIZED}
     result = subprocess.run([sys.executable, "-c", _COMMAND, str(fixtures), str(tmp_path / "out"),
                              "-" if flag is None else str(flag), str(config)],
                             env=clean, capture_output=True, text=True, check=True)
