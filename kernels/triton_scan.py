@@ -388,7 +388,9 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     cfg = scan_config(d_state, cpg, rows=seqs.count * dim, multiprocessors=_multiprocessors(u.device))
     n_chunks = max(1, triton.cdiv(seqs.max_len, cfg.chunk))
     out = torch.empty_like(u) if seqs.dense else torch.zeros_like(u)
-    states = torch.empty(seqs.count, n_chunks if store_states else 1, dim, d_state,
+    # without store_states (nothing to differentiate) the state-loop forward still carries its
+    # chunk-end states through memory, in two slots used in turn: O(dim x N), not O(chunks x dim x N)
+    states = torch.empty(seqs.count, n_chunks if store_states else 2, dim, d_state,
                          device=u.device, dtype=torch.float32)
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
@@ -501,15 +503,21 @@ def _backward(ctx, dout, dlast):
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
+def _differentiated(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want a backward: grad mode on (read by the caller: inside Function.forward it
+    is always off) and an input that requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class SelectiveScanTriton(torch.autograd.Function):
     """Autograd wrapper: the forward keeps the states at chunk starts, the backward recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs: _Sequences):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs: _Sequences, store_states: bool):
         B4 = _as_grouped(B, "B", u.shape[0], u.shape[2])
         C4 = _as_grouped(C, "C", u.shape[0], u.shape[2])
         out, last, states, ctx.cfg = _forward(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, seqs,
-                                              store_states=True)
+                                              store_states=store_states)
         ctx.softplus = bool(delta_softplus)
         ctx.has_D, ctx.has_z, ctx.has_bias = D is not None, z is not None, delta_bias is not None
         ctx.max_len, ctx.dense = seqs.max_len, seqs.dense
@@ -535,7 +543,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         return (
             du, ddelta, dA.to(A_dtype), dB.to(B_dtype), dC.to(C_dtype),
             None if dD is None else dD.to(D_dtype), dz,
-            None if dbias is None else dbias.to(bias_dtype), None, None,
+            None if dbias is None else dbias.to(bias_dtype), None, None, None,
         )
 
 
@@ -544,7 +552,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     """mamba-ssm `selective_scan_fn` semantics; returns out, or (out, last_state float32 (batch, dim, N))."""
     _validate(u, delta, A, B, C, D, z, delta_bias)
     seqs = _dense_sequences(u.shape[0], u.shape[2], u.device)
-    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs)
+    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs,
+                                          _differentiated(u, delta, A, B, C, D, z, delta_bias))
     return (out, last) if return_last_state else out
 
 
@@ -559,7 +568,8 @@ def selective_scan_varlen_triton(u, delta, A, B, C, D=None, z=None, delta_bias=N
     """
     _validate(u, delta, A, B, C, D, z, delta_bias)
     seqs = _varlen_sequences(u.shape[0], u.shape[2], u.device, seq_lens, cu_seqlens, max_seqlen)
-    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs)
+    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, seqs,
+                                          _differentiated(u, delta, A, B, C, D, z, delta_bias))
     return (out, last) if return_last_state else out
 
 

@@ -729,7 +729,7 @@ def _bwd_state_loop_kernel(
 
 @triton.jit
 def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
-                   A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows, sl_n,
+                   A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, h_out, ss_n, last_rows, sl_n,
                    STORE_LAST: tl.constexpr, FULL: tl.constexpr = False, END_TILE: tl.constexpr = False):
     """State index n of one chunk: scan from the chunk-start state, store the state after the chunk
     (END_TILE: return it instead, for one store per chunk), return its contribution C_n h_n to y.
@@ -756,7 +756,7 @@ def _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d,
             if STORE_LAST:
                 _store_column(last_rows + n * sl_n, hs, offs_k, column, md)
         else:
-            _store_column(h_in + ss_c + n * ss_n, hs, offs_k, column, md)
+            _store_column(h_out + n * ss_n, hs, offs_k, column, md)
     return hs * Cn[None, :], end
 
 
@@ -816,20 +816,27 @@ def _fwd_state_loop_kernel(
         y = tl.zeros([BLOCK_D, CHUNK], tl.float32)
         B_base = B_ptr + b * sB_b + group * sB_g + t * sB_l
         C_base = C_ptr + b * sC_b + group * sC_g + t * sC_l
-        h_in = st_rows + c * ss_c
+        # the carry between chunks goes through `states`: every chunk's start kept for the backward
+        # (STORE_STATES), or two slots used in turn when nothing will be differentiated
+        if STORE_STATES:
+            slot, next_slot = c, c + 1
+        else:
+            slot, next_slot = c % 2, (c + 1) % 2
+        h_in = st_rows + slot * ss_c
+        h_out = st_rows + next_slot * ss_c
         is_final = c == n_chunks - 1
         h_end = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
         for n in tl.range(0, N, PAIR, num_stages=STAGES):
             # PAIR independent state indices per iteration give the scheduler two dependency chains
             part, end = _fwd_one_state(n, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d, offs_k,
-                                       A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n, last_rows,
+                                       A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, h_out, ss_n, last_rows,
                                        sl_n, STORE_LAST, FULL, END_TILE)
             y += part
             if END_TILE:
                 h_end = tl.where(offs_n[None, :] == n, end[:, None], h_end)
             if PAIR == 2:
                 part, end = _fwd_one_state(n + 1, N, mask_d, mask_t, first, last, is_final, dt, dtu, offs_d,
-                                           offs_k, A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, ss_c, ss_n,
+                                           offs_k, A_ptr, sA_d, sA_n, B_base, sB_n, C_base, sC_n, h_in, h_out, ss_n,
                                            last_rows, sl_n, STORE_LAST, FULL, END_TILE)
                 y += part
                 if END_TILE:
@@ -839,7 +846,7 @@ def _fwd_state_loop_kernel(
                 if STORE_LAST:
                     tl.store(last_rows[:, None] + offs_n[None, :] * sl_n, h_end, mask=mask_dn)
             else:
-                tl.store(st_tile + (c + 1) * ss_c, h_end, mask=mask_dn)
+                tl.store(st_tile + next_slot * ss_c, h_end, mask=mask_dn)
         tl.debug_barrier()
         if HAS_D:
             y += Dv[:, None] * u

@@ -96,6 +96,26 @@ def test_matches_reference_across_chunk_boundaries(length):
     compare(make_inputs(length=length, seed=length))
 
 
+@pytest.mark.parametrize("variant", ["state_loop", "seq"])
+def test_forward_without_gradients_keeps_two_state_slots(variant, monkeypatch):
+    """Under no_grad nothing is saved for a backward: the chunk carry uses two slots in turn (300 steps:
+    five chunks, so each slot is rewritten), with the same outputs and last state as a differentiated call."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": variant})
+    inputs = make_inputs(dim=8, d_state=4, length=300, seed=31)
+    args = [inputs[k] for k in NAMES]
+    slots = []
+    forward = triton_scan._forward
+    monkeypatch.setattr(triton_scan, "_forward", lambda *a, **k: (lambda r: slots.append(r[2].shape[1]) or r)(
+        forward(*a, **k)))
+    with torch.no_grad():
+        out, last = triton_scan.selective_scan_triton(*args, delta_softplus=True, return_last_state=True)
+    kept_out, kept_last = triton_scan.selective_scan_triton(*args, delta_softplus=True, return_last_state=True)
+    assert slots == [2, 5]
+    assert torch.equal(out, kept_out.detach()) and torch.equal(last, kept_last.detach())
+    exact = [t.detach().double() if t is not None else None for t in args]
+    assert rel_err(out, selective_scan_reference(*exact, delta_softplus=True)) <= FP32_TOL
+
+
 @pytest.mark.parametrize("groups,with_z", [(2, False), (4, True)])
 def test_grouped_B_C(groups, with_z):
     compare(make_inputs(dim=8, length=65, groups=groups, with_z=with_z, seed=groups))
