@@ -255,7 +255,7 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     "b8_L16384_N16": [{}, _V8_BACKWARD, {"fwd_end_tile": True}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
-    # H200, 2026-11-27 18:50: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x
+    # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x
     # slower forward and backward (48.1 vs 24.7 ms); bc_f32 off alone 1220 MiB, +8% f+b. Not adopted.
     "b32_L2048_N64": [{}, {"chunk": 128}, {"chunk": 128, "bc_f32": False}, {"bc_f32": False}],
 }
