@@ -1,21 +1,22 @@
 """The MEDS v0.4 tables Odyssey writes, with Odyssey's extra columns, and the codes it emits.
 
-Core columns come from the `meds` package; Odyssey adds optional columns that MEDS allows.
-Every stage reads these names from here: no stage spells a column or code prefix itself.
+Core names are those of the `meds` package (v0.4), spelled out so that importing this module does not
+import `meds` (~0.05 CPU-s, paid by every ingest helper process); a test checks them against `meds`.
+Odyssey adds optional columns that MEDS allows. Every stage reads these names from here: no stage spells a
+column or code prefix itself.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-import meds
 import pyarrow as pa
 
-SUBJECT_ID = meds.DataSchema.subject_id_name  # "subject_id"
-TIME = meds.DataSchema.time_name  # "time"
-CODE = meds.DataSchema.code_name  # "code"
-NUMERIC_VALUE = meds.DataSchema.numeric_value_name  # "numeric_value"
-TEXT_VALUE = meds.DataSchema.text_value_name  # "text_value"
+SUBJECT_ID = "subject_id"  # meds.DataSchema.subject_id_name
+TIME = "time"  # meds.DataSchema.time_name
+CODE = "code"  # meds.DataSchema.code_name
+NUMERIC_VALUE = "numeric_value"  # meds.DataSchema.numeric_value_name
+TEXT_VALUE = "text_value"  # meds.DataSchema.text_value_name
 
 # Odyssey's extra columns.
 ENCOUNTER_ID = "encounter_id"  # int64 hash of the FHIR Encounter id; null when the event has none
@@ -41,8 +42,8 @@ class EventType(StrEnum):
     OBSERVATION = "observation"  # any other Observation category
 
 
-BIRTH_CODE = meds.birth_code  # "MEDS_BIRTH"
-DEATH_CODE = meds.death_code  # "MEDS_DEATH"
+BIRTH_CODE = "MEDS_BIRTH"  # meds.birth_code
+DEATH_CODE = "MEDS_DEATH"  # meds.death_code
 GENDER_PREFIX = "GENDER"  # GENDER//female
 ENCOUNTER_START_PREFIX = "ENCOUNTER_START"  # ENCOUNTER_START//IMP (class code); text_value: none
 ENCOUNTER_END_PREFIX = "ENCOUNTER_END"  # ENCOUNTER_END//IMP (class code); text_value: discharge disposition
@@ -63,15 +64,15 @@ DATA_SCHEMA = pa.schema(
     ]
 )
 
-DATA_DIR = meds.data_subdirectory  # "data"
-CODES_FILE = meds.code_metadata_filepath  # "metadata/codes.parquet"
-SPLITS_FILE = meds.subject_splits_filepath  # "metadata/subject_splits.parquet"
-DATASET_FILE = meds.dataset_metadata_filepath  # "metadata/dataset.json"
+DATA_DIR = "data"  # meds.data_subdirectory
+CODES_FILE = "metadata/codes.parquet"  # meds.code_metadata_filepath
+SPLITS_FILE = "metadata/subject_splits.parquet"  # meds.subject_splits_filepath
+DATASET_FILE = "metadata/dataset.json"  # meds.dataset_metadata_filepath
 SUBJECT_MAP_FILE = "metadata/subject_map.parquet"  # FHIR Patient id -> subject_id (stays beside the data)
 
-TRAIN_SPLIT = meds.train_split
-TUNING_SPLIT = meds.tuning_split
-HELD_OUT_SPLIT = meds.held_out_split
+TRAIN_SPLIT = "train"  # meds.train_split
+TUNING_SPLIT = "tuning"  # meds.tuning_split
+HELD_OUT_SPLIT = "held_out"  # meds.held_out_split
 
 
 def make_code(prefix: str, value: str) -> str:
