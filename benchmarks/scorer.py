@@ -154,6 +154,57 @@ def _back_to_back(scorer: EHRMambaScorer, tokens: dict[str, np.ndarray], end: in
     return {"update_ms": round(1000 * statistics.median(totals[3:]), 4), **{f"{k}_ms": v for k, v in median.items()}}
 
 
+def _update_after(scorer: EHRMambaScorer, model, tokens: dict[str, np.ndarray], end: int, device: torch.device,
+                  events: int, idle_seconds: float) -> dict:
+    """Median `scorer.update` time (and its host packing) right after each of: nothing (back to back), a
+    full re-run of the prompted history (as in the main loop), the host sleeping as long as that re-run
+    took, and the GPU busy that long with no host work. Tells a slow update after a re-run apart by cause:
+    the host's caches and allocator (re-run slow, GPU-busy fast), the GPU idling (sleep slow), or the GPU's
+    own state (GPU-busy slow). Runs on a copy of the patient."""
+    scorer.copy_patient("patient", "after")
+    event = {k: v[end - 1: end] for k, v in tokens.items()}
+    batch = _batch(_prompted(tokens, end), device)
+    busy = torch.randn(4096, 4096, device=device)
+
+    def full_rerun():
+        with torch.no_grad():
+            model(**batch, task_index=torch.zeros(1, dtype=torch.long, device=device))
+
+    def gpu_busy():
+        deadline = time.perf_counter() + idle_seconds
+        while time.perf_counter() < deadline:
+            busy @ busy
+            _sync(device)
+
+    before = {"nothing": lambda: None, "full_rerun": full_rerun, "sleep": lambda: time.sleep(idle_seconds),
+              "gpu_busy": gpu_busy}
+    pack, spent = scorer._pack, []
+
+    def timed_pack(*args, **kwargs):
+        started = time.perf_counter()
+        pack(*args, **kwargs)
+        spent.append(time.perf_counter() - started)
+
+    scorer._pack = timed_pack
+    result = {"idle_seconds": round(idle_seconds, 4)}
+    try:
+        for name, work in before.items():
+            totals, spent[:] = [], []
+            for _ in range(3 + events):
+                work()
+                _sync(device)
+                started = time.perf_counter()
+                scorer.update("after", event)
+                _sync(device)
+                totals.append(time.perf_counter() - started)
+            result[name] = {"update_ms": round(1000 * statistics.median(totals[3:]), 4),
+                            "pack_ms": round(1000 * statistics.median(spent[3:]), 4)}
+    finally:
+        del scorer._pack
+        scorer.forget("after")
+    return result
+
+
 def _relative(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-12)
 
@@ -245,6 +296,8 @@ def main() -> None:
     }
     result["graph"] = _replay_ms(scorer, device)
     result["back_to_back"] = _back_to_back(scorer, tokens, end, device, args.events)
+    result["update_after"] = _update_after(scorer, model, tokens, end, device, args.events,
+                                           median_ms["full"] / 1000)
     if args.ward:
         result |= _ward(model, scorer, eager, tokens, args, device)
     result["checks"] = _equality_checks(device)
