@@ -19,6 +19,7 @@ the median times and ratios as JSON (target: >= 100x at 16k tokens of history).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -118,50 +119,72 @@ def _replay_ms(scorer: EHRMambaScorer, device: torch.device, replays: int = 50) 
             "call_ms": round(1000 * statistics.median(calls), 4)}
 
 
+WARM = 3  # untimed first updates of each timed loop
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return round(1000 * statistics.median(seconds[WARM:]), 4)
+
+
+@contextlib.contextmanager
+def _patient_copy_with_timed_packing(scorer: EHRMambaScorer, name: str):
+    """A copy of "patient" under `name`, forgotten afterwards; yields the list that collects the seconds of
+    each update's host packing (`scorer._pack`, wrapped for the duration)."""
+    scorer.copy_patient("patient", name)
+    pack, spent = scorer._pack, []
+
+    def timed_pack(*args, **kwargs):
+        started = time.perf_counter()
+        pack(*args, **kwargs)
+        spent.append(time.perf_counter() - started)
+
+    scorer._pack = timed_pack
+    try:
+        yield spent
+    finally:
+        del scorer._pack
+        scorer.forget(name)
+
+
+def _updates_after(scorer: EHRMambaScorer, name: str, event: dict, device: torch.device, events: int,
+                   before=lambda: None) -> list[float]:
+    """Seconds of `WARM + events` single-event updates of patient `name`, each right after `before()`."""
+    totals = []
+    for _ in range(WARM + events):
+        before()
+        _sync(device)
+        started = time.perf_counter()
+        scorer.update(name, event)
+        _sync(device)
+        totals.append(time.perf_counter() - started)
+    return totals
+
+
 def _back_to_back(scorer: EHRMambaScorer, tokens: dict[str, np.ndarray], end: int, device: torch.device,
                   events: int) -> dict:
     """`scorer.update` of single events in a row with nothing else on the GPU between them (the main
     loop interleaves the other paths and the 16k re-run), split into the host's packing and the graph call
     (copy in, replay, risk out). Runs on a copy of the patient."""
-    scorer.copy_patient("patient", "back_to_back")
-    spent = {"pack": [], "graph": []}
-    pack = scorer._pack
-
-    def timed_pack(*args, **kwargs):
-        started = time.perf_counter()
-        pack(*args, **kwargs)
-        spent["pack"].append(time.perf_counter() - started)
-
-    scorer._pack = timed_pack
-    totals = []
     event = {k: v[end - 1: end] for k, v in tokens.items()}
-    try:
-        for _ in range(3 + events):
-            _sync(device)
-            started = time.perf_counter()
-            scorer.update("back_to_back", event)
-            _sync(device)
-            totals.append(time.perf_counter() - started)
+    with _patient_copy_with_timed_packing(scorer, "back_to_back") as packing:
+        totals = _updates_after(scorer, "back_to_back", event, device, events)
         graph = scorer._graphs.get((1, 1))
-        for _ in range(3 + events if graph is not None else 0):  # re-applies the last event to the copy
+        replays = []
+        for _ in range(WARM + events if graph is not None else 0):  # re-applies the last event to the copy
             started = time.perf_counter()
             graph()
-            spent["graph"].append(time.perf_counter() - started)
-    finally:
-        del scorer._pack
-        scorer.forget("back_to_back")
-    median = {k: round(1000 * statistics.median(v[3:]), 4) for k, v in spent.items() if len(v) > 3}
-    return {"update_ms": round(1000 * statistics.median(totals[3:]), 4), **{f"{k}_ms": v for k, v in median.items()}}
+            replays.append(time.perf_counter() - started)
+    result = {"update_ms": _median_ms(totals), "pack_ms": _median_ms(packing)}
+    return result | ({"graph_ms": _median_ms(replays)} if replays else {})
 
 
 def _update_after(scorer: EHRMambaScorer, model, tokens: dict[str, np.ndarray], end: int, device: torch.device,
                   events: int, idle_seconds: float) -> dict:
     """Median `scorer.update` time (and its host packing) right after each of: nothing (back to back), a
     full re-run of the prompted history (as in the main loop), the host sleeping as long as that re-run
-    took, and the GPU busy that long with no host work. Tells a slow update after a re-run apart by cause:
-    the host's caches and allocator (re-run slow, GPU-busy fast), the GPU idling (sleep slow), or the GPU's
-    own state (GPU-busy slow). Runs on a copy of the patient."""
-    scorer.copy_patient("patient", "after")
+    took, and a matmul loop keeping the GPU busy that long (the host only launches and waits). Tells a slow
+    update after a re-run apart by cause: the re-run's own host work (re-run slow, the others fast), or the
+    host and GPU going cold between updates (sleep and busy GPU slow too). Runs on a copy of the patient."""
     event = {k: v[end - 1: end] for k, v in tokens.items()}
     batch = _batch(_prompted(tokens, end), device)
     busy = torch.randn(4096, 4096, device=device)
@@ -178,30 +201,11 @@ def _update_after(scorer: EHRMambaScorer, model, tokens: dict[str, np.ndarray], 
 
     before = {"nothing": lambda: None, "full_rerun": full_rerun, "sleep": lambda: time.sleep(idle_seconds),
               "gpu_busy": gpu_busy}
-    pack, spent = scorer._pack, []
-
-    def timed_pack(*args, **kwargs):
-        started = time.perf_counter()
-        pack(*args, **kwargs)
-        spent.append(time.perf_counter() - started)
-
-    scorer._pack = timed_pack
     result = {"idle_seconds": round(idle_seconds, 4)}
-    try:
-        for name, work in before.items():
-            totals, spent[:] = [], []
-            for _ in range(3 + events):
-                work()
-                _sync(device)
-                started = time.perf_counter()
-                scorer.update("after", event)
-                _sync(device)
-                totals.append(time.perf_counter() - started)
-            result[name] = {"update_ms": round(1000 * statistics.median(totals[3:]), 4),
-                            "pack_ms": round(1000 * statistics.median(spent[3:]), 4)}
-    finally:
-        del scorer._pack
-        scorer.forget("after")
+    for name, work in before.items():
+        with _patient_copy_with_timed_packing(scorer, "after") as packing:
+            totals = _updates_after(scorer, "after", event, device, events, work)
+        result[name] = {"update_ms": _median_ms(totals), "pack_ms": _median_ms(packing)}
     return result
 
 

@@ -472,7 +472,7 @@ class ChunkReader:
 
     def _spill(self, rows: pl.DataFrame, keys: pa.Table, patients: pa.Table, medications: pa.Table) -> None:
         spill = Path(self.settings.spill_dir)
-        tag = f"c{self.chunk.index:06d}-{self.part:04d}.arrow"  # Arrow IPC, written once, read once (discard_spill)
+        tag = f"{_spill_prefix(self.chunk.index)}{self.part:04d}.arrow"  # Arrow IPC, written once, read once
         chunk = pl.lit(self.chunk.index, pl.Int32).alias("chunk")
         if rows.height:
             spilled = write_buckets(rows.drop("encounter_end_us").with_columns(chunk), "subject_id",
@@ -608,14 +608,15 @@ class SampleChecker:
         return all(self._validator.check(orjson.loads(raw)) is None for _, _, raw in result.unverified)
 
 
-_SPILL_KINDS = ("rows", "encounters", "keys", "patients", "medications")
+def _spill_prefix(chunk: int) -> str:
+    """Start of the name of every file a chunk spills, in each kind's folder (rows, keys, ...)."""
+    return f"c{chunk:06d}-"
 
 
 def discard_spill(settings: ReadSettings, chunk: int) -> None:
-    """Remove what a chunk spilled (before it is read again)."""
-    for kind in _SPILL_KINDS:
-        for path in (Path(settings.spill_dir) / kind).glob(f"c{chunk:06d}-*.arrow"):
-            path.unlink()
+    """Remove what a chunk spilled, of every kind (before it is read again)."""
+    for path in Path(settings.spill_dir).glob(f"*/{_spill_prefix(chunk)}*.arrow"):
+        path.unlink()
 
 
 __all__ = ["ChunkResult", "Problem", "ReadSettings", "SampleChecker", "discard_spill", "read_chunk"]

@@ -145,14 +145,17 @@ class State:
     smoker: bool
     amyloidosis: bool
     prediabetes: bool
-    dialysis: bool
     hypertension: bool
     chronic: dict[str, bool]
     drift: float = 0.0  # random walk of frailty between admissions
     drift_time: int = 0
     admissions: list[int] = field(default_factory=list)  # admission start times
     sepsis_history: bool = False
-    dialysis_intervals: tuple[int, ...] = ()  # days between outpatient dialysis sessions, cycled
+    dialysis_intervals: tuple[int, ...] = ()  # days between outpatient dialysis sessions, cycled; () none
+
+    @property
+    def dialysis(self) -> bool:
+        return bool(self.dialysis_intervals)
 
     def age(self, t: int) -> float:
         return (t - self.birth) / YEAR
@@ -290,7 +293,7 @@ class PatientSimulator:
         }
         s = State(
             age0=age0, t0=t0, birth=birth, frailty0=frailty0, smoker=smoker, amyloidosis=amyloidosis,
-            prediabetes=prediabetes, dialysis=dialysis, hypertension=rng.random() < 0.3 + 0.006 * max(a + 20, 0),
+            prediabetes=prediabetes, hypertension=rng.random() < 0.3 + 0.006 * max(a + 20, 0),
             chronic=chronic, drift_time=t0,
             dialysis_intervals=(HOME_DIALYSIS_INTERVALS if long_history
                                 else IN_CENTER_DIALYSIS_INTERVALS if medium_history else ()),
