@@ -1,15 +1,17 @@
-"""The processes that run ingestion's stages: the calling process and `workers - 1` spawned helpers, or
-`workers` helpers that the calling process only coordinates (ingest.py chooses by the input's size).
+"""The processes that run ingestion's stages: the calling process and `workers - 1` helpers, or `workers`
+helpers that the calling process only coordinates (ingest.py chooses by the input's size).
 
-When the calling process works, it starts on the first chunk at once (it has polars and pyarrow loaded
-already) while the helpers start Python and import them (~0.3 s of wall and of CPU each), and one process
-fewer pays that. Jobs are shared as they go: this process takes the next job whenever it finishes one,
-each helper whenever one of its jobs comes back, so the cores stay busy to the end whatever the jobs cost.
+Helpers are forked when no thread would be lost by it (the `odyssey ingest` command, see _forking_is_safe):
+they start at once with everything imported. Otherwise they are spawned and start Python and import polars
+and pyarrow (~0.3 s of wall and of CPU each), while the calling process, which has them loaded already,
+starts on the first chunk; one process fewer pays that. Jobs are shared as they go: this process takes the
+next job whenever it finishes one, each helper whenever one of its jobs comes back, so the cores stay busy
+to the end whatever the jobs cost.
 """
-
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import queue
@@ -19,6 +21,7 @@ import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
+from pathlib import Path
 
 
 class Workers:
@@ -132,22 +135,75 @@ class Workers:
 
 @contextlib.contextmanager
 def worker_pool(workers: int, caller_works: bool = True) -> Iterator[Workers]:
-    """This process and `workers - 1` spawned helpers, started at once and shared by both stages (or
-    `workers` helpers, when this process is only to coordinate them)."""
+    """This process and `workers - 1` helpers, started at once and shared by both stages (or `workers`
+    helpers, when this process is only to coordinate them)."""
     helpers = workers - 1 if caller_works else workers
     if helpers < 1:
         yield Workers(None, 0)
         return
-    # spawn, not fork: polars' thread pool does not survive a fork (children deadlock). (Asking polars'
-    # allocator to return freed memory sooner, `_RJEM_MALLOC_CONF=dirty_decay_ms:100`, saved ~200 MB at 5M
-    # resources but cost ~10% CPU; memory is well within bounds without it.)
-    with worker_environment(workers), _main_module_hidden():
-        pool = multiprocessing.get_context("spawn").Pool(helpers)
+    # (Asking polars' allocator to return freed memory sooner, `_RJEM_MALLOC_CONF=dirty_decay_ms:100`, saved
+    # ~200 MB at 5M resources but cost ~10% CPU; memory is well within bounds without it.)
+    if _forking_is_safe():
+        pool = multiprocessing.get_context("fork").Pool(helpers, initializer=_forked_helper_setup,
+                                                        initargs=(workers,))
+    else:
+        with worker_environment(workers), _main_module_hidden():
+            pool = multiprocessing.get_context("spawn").Pool(helpers)
     workers = Workers(pool, helpers, caller_works)
     try:
         yield workers
     finally:
         workers.close()
+
+
+# Threads that may run while this process forks: allocators' background threads (jemalloc's fork handlers
+# take their locks around the fork) and polars' out-of-core cleaner, which ingestion never wakes.
+_FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd", "polars-ooc-clea"})
+
+
+def _forking_is_safe() -> bool:
+    """Whether helpers may be forked from this process rather than spawned (~0.01 s instead of ~0.3 s of wall
+    and CPU each, and they need not import anything). Only when no thread but this one and those known to
+    survive a fork runs: a thread pool started before the fork (polars', once a query has run) is missing
+    in the child, which then waits for it forever."""
+    if sys.platform != "linux" or threading.active_count() != 1:
+        return False
+    try:
+        threads = os.listdir("/proc/self/task")
+        names = [Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in threads
+                 if int(tid) != threading.get_native_id()]
+    except (OSError, ValueError):
+        return False
+    return all(name in _FORK_SAFE_THREADS for name in names)
+
+
+def _forked_helper_setup(workers: int) -> None:
+    """What a spawned helper gets from `worker_environment`, applied after the fork: polars' thread pool (not
+    started yet, see _forking_is_safe) sized for a share of the cores, pyarrow on the system allocator, and
+    glibc keeping big freed buffers. (OpenBLAS keeps the parent's setting: ingestion never calls it.)"""
+    settings = {"POLARS_MAX_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    for name, value in settings.items():
+        os.environ.setdefault(name, value)
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        import pyarrow as pa
+
+        pa.set_memory_pool(pa.system_memory_pool())
+    _keep_freed_buffers()
+
+
+def _keep_freed_buffers() -> None:
+    """glibc's malloc settings that spawned helpers get from MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
+    (see worker_environment), set in this process (a forked helper) unless the user set them."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(mmap_threshold, 32 << 20)
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        mallopt(trim_threshold, 1 << 30)
 
 
 @contextlib.contextmanager

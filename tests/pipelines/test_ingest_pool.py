@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import subprocess
@@ -10,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fhir_builders import lab, patient, write_ndjson
 
+from odyssey.pipelines.ingest import ingest_fhir
 from odyssey.pipelines.ingest_pool import Workers, worker_pool
 
 
@@ -179,3 +182,88 @@ def test_the_ingest_command_sizes_its_polars_pool_for_its_share(tmp_path, flag, 
     cores = os.cpu_count() or 1
     assert result.stdout.split()[-1] == str(max(1, cores // expected_workers))
     assert (tmp_path / "out" / "metadata" / "dataset.json").exists()
+
+
+_FORK_SAFETY = """
+import threading, time
+import polars
+from odyssey.pipelines import ingest_pool
+import odyssey.pipelines.ingest
+print(ingest_pool._forking_is_safe())  # imported, nothing run: only allocator threads
+sleeper = threading.Thread(target=time.sleep, args=(0.5,))
+sleeper.start()
+print(ingest_pool._forking_is_safe())  # a thread of this program's own
+sleeper.join()
+print(ingest_pool._forking_is_safe())
+polars.DataFrame({"a": [3, 1, 2]}).sort("a")  # polars' thread pool is up now
+print(ingest_pool._forking_is_safe())
+"""
+
+
+def test_helpers_are_forked_only_while_no_thread_would_be_lost():
+    """As in the `odyssey ingest` command, OpenBLAS on one thread (size_for_ingest_only): its threads would be
+    threads to lose."""
+    clean = {k: v for k, v in os.environ.items() if k not in _SIZED}
+    result = subprocess.run([sys.executable, "-c", _FORK_SAFETY], env={**clean, "OPENBLAS_NUM_THREADS": "1"},
+                            capture_output=True, text=True,
+                            check=True, timeout=120)
+    expected = ["True", "False", "True", "False"] if sys.platform == "linux" else ["False"] * 4
+    assert result.stdout.split() == expected
+
+
+_FORKED_HELPER = """
+import os, sys
+from odyssey.pipelines.ingest_pool import worker_pool
+
+def settings(_):
+    import polars, pyarrow
+    ordered = polars.DataFrame({"a": [3, 1, 2]}).sort("a")["a"].to_list()  # its own thread pool works
+    return os.getpid(), pyarrow.default_memory_pool().backend_name, polars.thread_pool_size(), ordered
+
+with worker_pool(2, caller_works=False) as pool:
+    method = pool._pool._ctx.get_start_method()
+    pid, arrow_pool, polars_threads, ordered = next(pool.unordered(settings, [None]))
+print(method, pid != os.getpid(), arrow_pool, polars_threads, ordered == [1, 2, 3])
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="helpers are forked on Linux only")
+def test_a_forked_helper_gets_the_spawned_helpers_settings():
+    clean = {k: v for k, v in os.environ.items() if k not in _SIZED and k != "ARROW_DEFAULT_MEMORY_POOL"}
+    result = subprocess.run([sys.executable, "-c", _FORKED_HELPER], env={**clean, "OPENBLAS_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            check=True, timeout=120)
+    cores = os.cpu_count() or 1
+    assert result.stdout.split() == ["fork", "True", "system", str(max(1, cores // 2)), "True"]
+
+
+_FORKED_INGEST = """
+import sys
+from odyssey.pipelines import ingest_pool
+from odyssey.pipelines.ingest import ingest_fhir
+
+def forking_is_safe(check=ingest_pool._forking_is_safe):
+    safe = check()
+    print("forked" if safe else "spawned")
+    return safe
+
+ingest_pool._forking_is_safe = forking_is_safe
+ingest_fhir([sys.argv[1]], sys.argv[2], workers=2, chunk_mb=1)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="helpers are forked on Linux only")
+def test_forked_helpers_write_the_dataset_a_single_process_writes(tmp_path):
+    write_ndjson(tmp_path / "in" / "Patient.ndjson", [patient(p) for p in "abcd"])
+    write_ndjson(tmp_path / "in" / "Observation.ndjson",
+                 [lab(f"o{i}", "abcd"[i % 4], None, f"2150-01-0{1 + i % 9}T00:00:00Z", float(i)) for i in range(8000)])
+    ingest_fhir([tmp_path / "in"], tmp_path / "alone", workers=1, chunk_mb=1)
+    clean = {k: v for k, v in os.environ.items() if k not in _SIZED}
+    result = subprocess.run([sys.executable, "-c", _FORKED_INGEST, str(tmp_path / "in"), str(tmp_path / "forked")],
+                            env={**clean, "OPENBLAS_NUM_THREADS": "1"}, capture_output=True, text=True, check=True, timeout=300)
+    assert result.stdout.split() == ["forked"]
+    assert _outputs(tmp_path / "forked") == _outputs(tmp_path / "alone")
+
+
+def _outputs(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name not in ("ingest_report.json", "dataset.json")}
