@@ -35,6 +35,11 @@ from pathlib import Path
 
 import orjson
 
+# The environment this script was started with. Each ingest run gets it, as it would from a shell: polars,
+# once this process loads it (for the R4B baseline), writes its allocator defaults into os.environ, and
+# a run that inherited them measured the ingest with another allocator setting than the command gets.
+SHELL_ENVIRONMENT = dict(os.environ)
+
 
 class PeakRss:
     """Peak resident memory of this process plus its children, sampled every 50 ms."""
@@ -162,7 +167,7 @@ print(json.dumps({"resources": report.resources_read, "events": report.events, "
 def ours(folder: Path, workers: int | None, polars_threads: int | None = None, as_command: bool = True) -> dict:
     out = Path(tempfile.mkdtemp(prefix="ingest-bench-")) / "meds"
     load_before = os.getloadavg()[0]
-    env = dict(os.environ)
+    env = dict(SHELL_ENVIRONMENT)
     if polars_threads:  # as a program that only ingests may size polars before importing it
         env["POLARS_MAX_THREADS"] = str(polars_threads)
     with PeakRss() as rss:

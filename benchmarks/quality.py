@@ -74,6 +74,8 @@ def _parse() -> argparse.Namespace:
                         help="also MTF with --group-by-length flipped (compared in the report, same steps)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: checks the script")
     parser.add_argument("--fresh", action="store_true", help="redo stages whose output exists")
+    parser.add_argument("--stop-after", choices=("pretrain",), default=None,
+                        help="end after this stage (a device call's share; the next call resumes from --work)")
     parser.add_argument("--skip", nargs="*", default=[], choices=SKIPPABLE,
                         help="leave out the single-task models, the GPT baselines and/or the evaluation")
     args = parser.parse_args()
@@ -285,6 +287,9 @@ def main() -> None:
         batch_size=max(1, args.batch_size // 2), eval_steps=steps(args.pretrain_steps),
         save_steps=steps(args.pretrain_steps), precision=common["precision"], dataloader_workers=0)))
 
+    if args.stop_after == "pretrain":
+        _write_training_summary(out, settings, stage.seconds, {})
+        return
     compare: dict[str, Path] = {}
 
     def tune(name: str, label: str, **fields) -> Path:

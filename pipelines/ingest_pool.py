@@ -222,7 +222,33 @@ def _main_module_hidden():
 
 
 # polars' jemalloc (read when polars loads): never give freed pages back to the system during the run
-POLARS_ALLOCATOR_KEEPS_PAGES = {"_RJEM_MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+ALLOCATOR_OPTIONS = "_RJEM_MALLOC_CONF"
+ALLOCATOR_KEEPS_PAGES = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# What polars writes in front of ALLOCATOR_OPTIONS when it loads (later options win). Processes started after
+# that inherit it, so finding it there does not mean a user chose it.
+_POLARS_OWN_OPTIONS = ("dirty_decay_ms:500,muzzy_decay_ms:1000", "thp:always,metadata_thp:always")
+
+
+def users_allocator_options(value: str | None) -> str:
+    """The options of an ALLOCATOR_OPTIONS value that a user set: what follows polars' own."""
+    rest = value or ""
+    while own := next((o for o in _POLARS_OWN_OPTIONS if rest == o or rest.startswith(o + ",")), None):
+        rest = rest[len(own) + 1:]
+    return rest
+
+
+def _ingest_environment(workers: int, helpers: bool) -> dict[str, str]:
+    """The settings a process that ingests should start with (see worker_environment), less those the user
+    set."""
+    wanted = {"POLARS_MAX_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, workers))),
+              "OPENBLAS_NUM_THREADS": "1"}
+    if helpers:
+        wanted |= {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                   "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+    settings = {name: value for name, value in wanted.items() if name not in os.environ}
+    if not users_allocator_options(os.environ.get(ALLOCATOR_OPTIONS)):
+        settings[ALLOCATOR_OPTIONS] = ALLOCATOR_KEEPS_PAGES
+    return settings
 
 
 @contextlib.contextmanager
@@ -234,39 +260,38 @@ def worker_environment(workers: int):
     kept ~100 MB more of freed spill buffers at 5M resources, for the same CPU. glibc's malloc keeps big
     freed buffers (up to 32 MB) in the heap instead of unmapping them: every batch allocates the same
     buffers again, and fresh pages cost a page fault and a clearing each (~7-11% of a process's CPU;
-    peak memory +2-6%). Polars' allocator keeps its freed pages too (POLARS_ALLOCATOR_KEEPS_PAGES): a
+    peak memory +2-6%). Polars' allocator keeps its freed pages too (ALLOCATOR_KEEPS_PAGES): a
     stage-2 bucket needs ~150 MB more than a batch, and pages given back are faulted in again by the next
     bucket (1M resources, 6 alternating pairs: -2% CPU and wall; peak memory +75 MB at 5M). Values the
     user set are kept."""
-    wanted = {"POLARS_MAX_THREADS": str(max(1, (os.cpu_count() or 1) // workers)), "OPENBLAS_NUM_THREADS": "1",
-              "ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-              "MALLOC_TRIM_THRESHOLD_": str(1 << 30), **POLARS_ALLOCATOR_KEEPS_PAGES}
-    added = [name for name in wanted if name not in os.environ]
-    os.environ.update({name: wanted[name] for name in added})
+    settings = _ingest_environment(workers, helpers=True)
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        for name in added:
-            os.environ.pop(name, None)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def size_for_ingest_only(workers: int | None) -> bool:
     """For a process whose only job is to ingest (the `odyssey ingest` command): its polars thread pool
     sized for its share of the cores, as the helpers' are (see `worker_environment`), polars' allocator
     keeping its freed pages, and OpenBLAS, which ingestion never calls, on one thread. All are read once,
-    when polars and numpy are imported, so this
-    must run before: it does nothing (and returns False) once either is loaded. Values set in the
-    environment are kept. A program that calls `ingest_fhir` keeps its own pools: polars sized for every
-    core costs a little beside the helpers (~3% of wall at 1M resources), which is not worth changing a
-    process behind its owner's back."""
+    when polars and numpy are imported, so this must run before: it does nothing (and returns False) once
+    either is loaded. Values the user set are kept (polars' own allocator defaults, inherited from a parent
+    process that loaded polars, are not the user's). A program that calls `ingest_fhir` keeps its own
+    pools: polars sized for every core costs a little beside the helpers (~3% of wall at 1M resources),
+    which is not worth changing a process behind its owner's back."""
     if "polars" in sys.modules or "numpy" in sys.modules:
         return False
     cores = os.cpu_count() or 1
-    os.environ.setdefault("POLARS_MAX_THREADS", str(max(1, cores // max(1, workers or cores))))
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    for name, value in POLARS_ALLOCATOR_KEEPS_PAGES.items():  # as the helpers' (see worker_environment)
-        os.environ.setdefault(name, value)
+    os.environ.update(_ingest_environment(workers or cores, helpers=False))
     return True
 
 
-__all__ = ["Workers", "size_for_ingest_only", "worker_environment", "worker_pool"]
+__all__ = ["ALLOCATOR_KEEPS_PAGES", "ALLOCATOR_OPTIONS", "Workers", "size_for_ingest_only", "users_allocator_options",
+           "worker_environment", "worker_pool"]

@@ -383,3 +383,11 @@ def test_worker_environment_sizes_thread_pools_and_keeps_the_users_values(monkey
     assert "POLARS_MAX_THREADS" not in os.environ and "ARROW_DEFAULT_MEMORY_POOL" not in os.environ
     assert "_RJEM_MALLOC_CONF" not in os.environ
     assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
+    # what polars wrote when this process (or its parent) loaded it is not the user's: replaced, then restored
+    monkeypatch.setenv("_RJEM_MALLOC_CONF", "dirty_decay_ms:500,muzzy_decay_ms:1000")
+    with worker_environment(2):
+        assert os.environ["_RJEM_MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    assert os.environ["_RJEM_MALLOC_CONF"] == "dirty_decay_ms:500,muzzy_decay_ms:1000"
+    monkeypatch.setenv("_RJEM_MALLOC_CONF", "dirty_decay_ms:500,muzzy_decay_ms:1000,narenas:2")  # the user's
+    with worker_environment(2):
+        assert os.environ["_RJEM_MALLOC_CONF"] == "dirty_decay_ms:500,muzzy_decay_ms:1000,narenas:2"

@@ -14,7 +14,7 @@ import pytest
 from fhir_builders import lab, patient, write_ndjson
 
 from odyssey.pipelines.ingest import ingest_fhir
-from odyssey.pipelines.ingest_pool import Workers, worker_pool
+from odyssey.pipelines.ingest_pool import Workers, users_allocator_options, worker_pool
 
 
 def _pid_after(seconds: float) -> tuple[float, int]:
@@ -153,6 +153,10 @@ def test_a_process_that_only_ingests_sizes_polars_before_loading_it():
     assert _pool_size("", 1) == ["True", str(cores), "1", keeps]  # working alone: every core
     # the user's values are kept
     assert _pool_size("", 2, POLARS_MAX_THREADS="3", _RJEM_MALLOC_CONF="narenas:1") == ["True", "3", "1", "narenas:1"]
+    # inherited from a parent process that loaded polars: polars' own defaults are not the user's
+    polars_own = "dirty_decay_ms:500,muzzy_decay_ms:1000"
+    assert _pool_size("", 2, _RJEM_MALLOC_CONF=polars_own)[3] == keeps
+    assert _pool_size("", 2, _RJEM_MALLOC_CONF=f"{polars_own},narenas:1")[3] == "narenas:1"
     assert _pool_size("import polars", 2)[:3] == ["False", str(cores), "None"]  # too late: left as it is
     assert _pool_size("import polars", 2)[3] != keeps
 
@@ -267,3 +271,13 @@ def test_forked_helpers_write_the_dataset_a_single_process_writes(tmp_path):
 def _outputs(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file() and p.name not in ("ingest_report.json", "dataset.json")}
+
+
+def test_the_users_allocator_options_are_what_follows_polars_own():
+    own = "dirty_decay_ms:500,muzzy_decay_ms:1000"
+    assert users_allocator_options(None) == users_allocator_options("") == ""
+    assert users_allocator_options(own) == ""
+    assert users_allocator_options(f"{own},thp:always,metadata_thp:always") == ""  # POLARS_THP=1
+    assert users_allocator_options(f"{own},{own},narenas:1") == "narenas:1"  # a grandchild of polars' importers
+    assert users_allocator_options("narenas:1") == "narenas:1"
+    assert users_allocator_options("dirty_decay_ms:500") == "dirty_decay_ms:500"  # not polars' whole default
