@@ -1,0 +1,693 @@
+"""Upper bound on the AUROC any model can reach on the synthetic cohort's LOS task (issue 6 analysis).
+
+The cohort's "oracle" knows the admission's acuity `a`, which no record shows. This script builds a more
+honest ceiling, a *generous oracle*: it knows every other term of the outcome law exactly (frailty z, the
+admission's reason, age, amyloidosis, and the rest of the hidden state the lab laws use) but must infer `a`
+from the events the generator made, before the prediction time, that depend on it:
+
+- lab values (admission panel, the day-1 morning panel, the ICU-like evening panel) under their exact noise
+  model, including the rounding to the reported decimals (interval likelihoods, not densities);
+- lactate in the admission panel (always for sepsis, else only when a > 1.0);
+- norepinephrine (sepsis with a > 1.0), the evening panel itself (a > 1.5).
+
+P(long stay | observations, known terms) = integral of sigmoid(score(a)) against the exact posterior of a
+(prior N(0, 1) times the likelihood), on a grid of cells. Every real model knows less, so (by Neyman-Pearson)
+its population ROC curve lies under this one. With `--mortality` the same is done for 30-day mortality at
+discharge, where everything the stay produced (all labs, ventilation, the LOS itself, survival of the stay,
+the discharge disposition) informs `a`.
+
+The patients are re-simulated with `pipelines/synth_model.py` unchanged: a subclass records each stay's
+acuity, state and the noise draw of every lab. Laws the generator computes inline are restated below with the
+line they restate, and every restated law is checked against the simulated events (exact reproduction of
+every acuity-dependent lab value, of every evening panel time, of every presence rule).
+
+    .venv/bin/python benchmarks/oracle_bound.py --patients 20000 --seed 0 --mortality \
+        --out benchmarks/results/oracle_bound_los_2026-11-27.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.special import expit, log_ndtr, ndtr
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from odyssey.pipelines import synth_model as M
+from odyssey.pipelines.fhir_flatten import stable_id
+from odyssey.pipelines.splits import SplitRatios, assign_splits
+from odyssey.pipelines.synth_catalog import LAB_KEYS, LABS
+
+LOS_CUT = 24 * M.HOUR  # the LOS task's prediction time: admission + 24 h (configs/tasks.yaml)
+AVAILABILITY = ("time", "issued")  # tokenizer/config.py: a lab is known at its time, or when issued (default)
+
+# ----------------------------------------------------------------------------- restated generator laws
+# Each constant below restates pipelines/synth_model.py (line numbers as of commit f476a96).
+LACTATE_ACUITY = 1.0  # l.495: lactate in the admission panel when reason == "sepsis" or a > 1.0
+NOREPINEPHRINE_ACUITY = 1.0  # l.562: norepinephrine when reason == "sepsis" and a > 1.0
+EVENING_PANEL_ACUITY = 1.5  # l.514: an evening panel when a > 1.5 and day_start + 13 h < end
+VENTILATION_ACUITY = 1.3  # l.531: ventilation when a > 1.3 for sepsis, pneumonia, copd_exacerbation
+LONG_VENTILATION_ACUITY = 1.8  # l.532: "ventilation_long" when the stay is long and a > 1.8
+VENTILATED_REASONS = ("sepsis", "pneumonia", "copd_exacerbation")
+MORNING = 11 * M.HOUR  # l.507: day_start = (t // DAY + 1) * DAY + 11 h
+EVENING = 12 * M.HOUR  # l.515: evening panel at day_start + 12 h
+EVENING_NEEDS = 13 * M.HOUR  # l.514: ... only when day_start + 13 h < end
+ISSUED_DELAY_MINUTES = (25.0, 150.0)  # l.603: issued = t + _minute(uniform(25, 150) minutes)
+# l.414-425 pick_disposition: shares taken in order from one uniform draw; HOME takes the rest.
+HOSPICE_PER_MORTALITY = 0.25
+FIXED_DISPOSITIONS = {"REHAB": 0.06, "HOME HEALTH CARE": 0.2, "AGAINST ADVICE": 0.015}
+
+
+def snf_share(z: float) -> float:
+    """l.417: the skilled-nursing share of pick_disposition."""
+    return 0.45 * M.sigmoid(-1.0 + 0.8 * z)
+
+
+def lab_shift(key: str, flags: dict, z: float, acuity: float, reason: str | None) -> float:
+    """The state shift of one lab value (restates synth_model.lab_panel l.606-633, acuity-dependent labs)."""
+    c = flags["chronic"]
+    sepsis = reason == "sepsis"
+    if key == "creatinine":
+        return 0.5 * c["chronic_kidney_disease"] + 1.3 * flags["dialysis"] + 0.15 * acuity
+    if key == "bun":
+        return (0.45 * c["chronic_kidney_disease"] + 0.25 * c["heart_failure"] + 0.8 * flags["dialysis"]
+                + 0.15 * acuity)
+    if key == "glucose":
+        return 0.35 * c["diabetes"] + 0.08 * flags["prediabetes"] + 0.08 * acuity
+    if key == "hemoglobin":
+        return -1.5 * c["chronic_kidney_disease"] - 0.6 * z - 0.3 * acuity - 1.0 * flags["dialysis"]
+    if key == "albumin":
+        return -0.3 * z - 0.15 * acuity
+    if key == "wbc":
+        return 0.5 * sepsis + 0.3 * (reason == "pneumonia") + 0.12 * acuity
+    if key == "lactate":
+        return 0.6 * sepsis + 0.25 * acuity
+    if key == "sodium":
+        return -2.0 * c["heart_failure"] - 0.8 * acuity
+    if key == "bicarbonate":
+        return -1.0 * acuity - 2.0 * flags["dialysis"]
+    raise KeyError(key)
+
+
+ACUITY_LABS = ("creatinine", "bun", "glucose", "hemoglobin", "albumin", "wbc", "lactate", "sodium", "bicarbonate")
+
+
+def lab_value(key: str, shift: float, noise: float) -> float:
+    """A reported value from its shift and standard-normal noise (restates l.635-643)."""
+    lab = LABS[key]
+    if lab.log_scale:
+        value = lab.center * math.exp(shift + lab.spread * noise)
+    else:
+        value = max(lab.center + shift + lab.spread * noise, lab.spread)
+    value = round(value, lab.decimals)
+    return float(int(value)) if lab.decimals == 0 else value
+
+
+def noise_interval(key: str, value: float, shift0: float) -> tuple[float, float, float]:
+    """The noise values that report `value`, as (low, high, slope): noise in [low - slope a, high - slope a)
+    for the acuity term `slope_unit * a` added to shift0 (slope returned per unit of the lab's acuity term)."""
+    lab = LABS[key]
+    half = 0.5 * 10.0 ** -lab.decimals
+    lo, hi = value - half, value + half
+    if lab.log_scale:
+        low = -math.inf if lo <= 0 else (math.log(lo / lab.center) - shift0) / lab.spread
+        high = (math.log(hi / lab.center) - shift0) / lab.spread
+    else:
+        clamped = value == round(lab.spread, lab.decimals)  # values below the floor are reported as it
+        low = -math.inf if clamped else (lo - lab.center - shift0) / lab.spread
+        high = (hi - lab.center - shift0) / lab.spread
+    return low, high, 1.0 / lab.spread
+
+
+# ----------------------------------------------------------------------------- re-simulation with capture
+@dataclass
+class LabDraw:
+    key: str
+    time: int
+    issued: int
+    value: float
+    noise: float
+    acuity_term: float  # the acuity the generator passed (a, or a decayed by the day)
+    z: float
+    panel: str  # admission, morning, evening
+
+
+@dataclass
+class StayCapture:
+    patient_index: int
+    patient_id: str
+    admit: int
+    end: int
+    stay: M.Stay
+    state_at_admission: M.State  # as p_long_stay and p_in_hospital_death saw it
+    state_at_discharge: M.State  # as p_mortality saw it
+    window_end: int
+    labs: list[LabDraw] = field(default_factory=list)
+    encounter: M.Encounter | None = None
+    truth: M.TruthRow | None = None
+
+
+class CapturingSimulator(M.PatientSimulator):
+    """The generator unchanged, plus a record of each inpatient stay's acuity, state and lab noise."""
+
+    def __init__(self, seed: int, index: int):
+        super().__init__(seed, index)
+        self.stays: list[StayCapture] = []
+        self._current: StayCapture | None = None
+
+    def inpatient(self, t, end, stay, dies):
+        s = self.s
+        at_discharge = _frozen(s)
+        at_admission = dataclasses.replace(at_discharge, admissions=at_discharge.admissions[:-1])  # l.352
+        # l.343/378: an in-hospital death is allowed only after the previous survivor's 30-day window.
+        window_end = self.truth[-1].discharge_time + M.READMISSION_WINDOW if self.truth else -1
+        self._current = StayCapture(self.index, "", t, end, stay, at_admission, at_discharge, window_end)
+        try:
+            enc = super().inpatient(t, end, stay, dies)
+        finally:
+            capture, self._current = self._current, None
+        capture.encounter = enc
+        self.stays.append(capture)
+        return enc
+
+    def lab_panel(self, enc, t, keys, acuity, reason):
+        capture = self._current
+        if capture is None or enc.cls != "IMP":
+            return super().lab_panel(enc, t, keys, acuity, reason)
+        real = self.rng
+        recorder = _GaussRecorder(real)
+        first = len(enc.labs)
+        z = self.s.frailty(t)
+        self.rng = recorder
+        try:
+            super().lab_panel(enc, t, keys, acuity, reason)
+        finally:
+            self.rng = real
+        panel = "admission" if not capture.labs else ("evening" if (t - EVENING - MORNING) % M.DAY == 0 else "morning")
+        for (_, index, when, issued, value), noise in zip(enc.labs[first:], recorder.draws, strict=True):
+            capture.labs.append(LabDraw(LAB_KEYS[index], when, issued, value, noise, acuity, z, panel))
+        return None
+
+
+class _GaussRecorder:
+    """Delegates to the patient's stream and records every gauss draw (the stream is unchanged)."""
+
+    def __init__(self, rng):
+        self._rng = rng
+        self.draws: list[float] = []
+
+    def gauss(self, mu, sigma):
+        value = self._rng.gauss(mu, sigma)
+        self.draws.append(value)
+        return value
+
+    def __getattr__(self, name):
+        return getattr(self._rng, name)
+
+
+def _frozen(s: M.State) -> M.State:
+    return dataclasses.replace(s, chronic=dict(s.chronic), admissions=list(s.admissions))
+
+
+def _flags(s: M.State) -> dict:
+    return {"chronic": s.chronic, "dialysis": s.dialysis, "prediabetes": s.prediabetes}
+
+
+def _linear_in_acuity(fn) -> tuple[float, float]:
+    """(offset, slope) of logit(fn(a)) = offset + slope a, read off the generator's own function."""
+    x0, x1, x2 = (math.log(p / (1 - p)) for p in (fn(0.0), fn(1.0), fn(2.0)))
+    if abs((x2 - x1) - (x1 - x0)) > 1e-9:
+        raise AssertionError("outcome score is not linear in the acuity")
+    return x0, x1 - x0
+
+
+# ----------------------------------------------------------------------------- per-stay observations
+@dataclass
+class Observations:
+    """What informs the acuity, in a form the grid posterior uses."""
+
+    lab_low: list[float] = field(default_factory=list)  # noise interval at a = 0 ...
+    lab_high: list[float] = field(default_factory=list)
+    lab_slope: list[float] = field(default_factory=list)  # ... moving by -slope per unit of a
+    lower: float = -math.inf  # a > lower
+    upper: float = math.inf  # a <= upper
+    log_factor_above: dict[float, float] = field(default_factory=dict)  # threshold -> log factor for a > it
+
+    def add_lab(self, draw: LabDraw, flags: dict, reason: str | None, a_true: float) -> None:
+        scale = draw.acuity_term / a_true  # 1 at admission, exp(-day / 2.5) later (l.511, l.515)
+        shift0 = lab_shift(draw.key, flags, draw.z, 0.0, reason)
+        per_acuity = lab_shift(draw.key, flags, draw.z, 1.0, reason) - shift0
+        low, high, inv_spread = noise_interval(draw.key, draw.value, shift0)
+        self.lab_low.append(low)
+        self.lab_high.append(high)
+        self.lab_slope.append(per_acuity * scale * inv_spread)
+
+    def above(self, threshold: float) -> None:
+        self.lower = max(self.lower, threshold)
+
+    def at_most(self, threshold: float) -> None:
+        self.upper = min(self.upper, threshold)
+
+
+def evening_slots(admit: int, end: int) -> list[int]:
+    """Times of the evening panels a stay with a > 1.5 gets (restates the loop of l.507-518)."""
+    slots, day_start = [], (admit // M.DAY + 1) * M.DAY + MORNING
+    while day_start + 2 * M.HOUR < end:
+        if day_start + EVENING_NEEDS < end:
+            slots.append(day_start + EVENING)
+        day_start += M.DAY
+    return slots
+
+
+def p_issued_by(draw_time: int, cut: int) -> float:
+    """P(a panel drawn at draw_time is issued by cut) under l.603 (minute floor of uniform 25-150 min)."""
+    minutes = (cut - draw_time) // M.MINUTE
+    lo, hi = ISSUED_DELAY_MINUTES
+    return min(max((minutes + 1 - lo) / (hi - lo), 0.0), 1.0)
+
+
+def los_observations(c: StayCapture, availability: str, parts: set[str]) -> Observations:
+    """What informs a before admission + 24 h. parts: subset of {labs, thresholds}."""
+    cut = c.admit + LOS_CUT
+    reason, a = c.stay.reason, c.stay.acuity
+    flags = _flags(c.state_at_admission)
+    obs = Observations()
+    known_at = (lambda d: d.time) if availability == "time" else (lambda d: max(d.issued, d.time))
+    if "labs" in parts:
+        for draw in c.labs:
+            if draw.key in ACUITY_LABS and known_at(draw) <= cut:
+                obs.add_lab(draw, flags, reason, a)
+    if "thresholds" in parts:
+        lactate = any(d.key == "lactate" and d.panel == "admission" for d in c.labs)
+        if reason != "sepsis":  # the admission panel is issued within 5 h: always known by the cut
+            obs.above(LACTATE_ACUITY) if lactate else obs.at_most(LACTATE_ACUITY)
+        else:  # authored 1-6 h after admission (l.563): always known by the cut
+            norepinephrine = any(m[1] == "norepinephrine" and m[2] <= cut for m in c.encounter.medications)
+            obs.above(NOREPINEPHRINE_ACUITY) if norepinephrine else obs.at_most(NOREPINEPHRINE_ACUITY)
+        for slot in evening_slots(c.admit, c.end):
+            if slot > cut:
+                continue
+            seen = [d for d in c.labs if d.panel == "evening" and d.time == slot and known_at(d) <= cut]
+            p_seen = 1.0 if availability == "time" else p_issued_by(slot, cut)
+            if seen:
+                obs.above(EVENING_PANEL_ACUITY)
+            elif p_seen >= 1.0:
+                obs.at_most(EVENING_PANEL_ACUITY)
+            elif p_seen > 0.0:  # a panel may exist but not be issued yet
+                obs.log_factor_above[EVENING_PANEL_ACUITY] = (
+                    obs.log_factor_above.get(EVENING_PANEL_ACUITY, 0.0) + math.log1p(-p_seen))
+    return obs
+
+
+def discharge_observations(c: StayCapture) -> Observations:
+    """What informs a at discharge: every lab, every presence rule, ventilation (LOS and survival: see below)."""
+    reason, a = c.stay.reason, c.stay.acuity
+    flags = _flags(c.state_at_discharge)
+    obs = Observations()
+    for draw in c.labs:
+        if draw.key in ACUITY_LABS:
+            obs.add_lab(draw, flags, reason, a)
+    if reason != "sepsis":
+        lactate = any(d.key == "lactate" and d.panel == "admission" for d in c.labs)
+        obs.above(LACTATE_ACUITY) if lactate else obs.at_most(LACTATE_ACUITY)
+    else:
+        norepinephrine = any(m[1] == "norepinephrine" for m in c.encounter.medications)
+        obs.above(NOREPINEPHRINE_ACUITY) if norepinephrine else obs.at_most(NOREPINEPHRINE_ACUITY)
+    if evening_slots(c.admit, c.end):
+        evening = any(d.panel == "evening" for d in c.labs)
+        obs.above(EVENING_PANEL_ACUITY) if evening else obs.at_most(EVENING_PANEL_ACUITY)
+    if reason in VENTILATED_REASONS:
+        kinds = {p[1] for p in c.encounter.procedures if p[1].startswith("ventilation")}
+        if not kinds:
+            obs.at_most(VENTILATION_ACUITY)
+        elif "ventilation_long" in kinds:
+            obs.above(LONG_VENTILATION_ACUITY)
+        else:
+            obs.above(VENTILATION_ACUITY)
+            if c.stay.long_stay:
+                obs.at_most(LONG_VENTILATION_ACUITY)
+    return obs
+
+
+# ----------------------------------------------------------------------------- grid posterior
+class Grid:
+    """Cells of width `step` on [-limit, limit]; thresholds 1.0 / 1.3 / 1.5 / 1.8 fall on cell edges."""
+
+    def __init__(self, step: float, limit: float = 6.0):
+        n = int(round(2 * limit / step))
+        self.edges = -limit + step * np.arange(n + 1)
+        self.a = 0.5 * (self.edges[1:] + self.edges[:-1])
+        self.log_prior = np.log(np.diff(ndtr(self.edges)))
+
+
+def _log_interval(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """log(Phi(high) - Phi(low)), stable in both tails."""
+    upper = low > 0  # both in the upper tail: use the mirrored interval
+    lo, hi = np.where(upper, -high, low), np.where(upper, -low, high)
+    log_hi, log_lo = log_ndtr(hi), log_ndtr(lo)
+    return log_hi + np.log1p(-np.exp(np.minimum(log_lo - log_hi, 0.0)))
+
+
+def _add_rows(target: np.ndarray, owners: np.ndarray, rows: np.ndarray) -> None:
+    """target[owners[i]] += rows[i]; owners sorted."""
+    starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+    target[owners[starts]] += np.add.reduceat(rows, starts, axis=0)
+
+
+@dataclass
+class PosteriorSummary:
+    """Per stay: the expected outcome probability, and the posterior's mean, variance and PIT of the true a."""
+
+    outcome: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    pit: np.ndarray
+
+
+def posterior_summary(observations: list[Observations], grid: Grid, outcome: Callable[[slice], np.ndarray],
+                      a_true: np.ndarray, extra: Callable[[slice], np.ndarray] | None = None,
+                      chunk: int = 256) -> PosteriorSummary:
+    """Posterior of a on the grid for each stay, summarized chunk by chunk (outcome(rows): P(outcome | a)
+    on the grid; extra(rows): further log-likelihood on the grid)."""
+    n = len(observations)
+    out = PosteriorSummary(np.empty(n), np.empty(n), np.empty(n), np.empty(n))
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        block = observations[rows]
+        ll = np.zeros((len(block), grid.a.size)) + grid.log_prior
+        counts = np.array([len(o.lab_low) for o in block])
+        if counts.sum():
+            low = np.concatenate([o.lab_low for o in block])[:, None]
+            high = np.concatenate([o.lab_high for o in block])[:, None]
+            slope = np.concatenate([o.lab_slope for o in block])[:, None]
+            _add_rows(ll, np.repeat(np.arange(len(block)), counts), _log_interval(low - slope * grid.a,
+                                                                                  high - slope * grid.a))
+        for i, o in enumerate(block):
+            ll[i, (grid.a <= o.lower) | (grid.a > o.upper)] = -np.inf
+            for threshold, factor in o.log_factor_above.items():
+                ll[i, grid.a > threshold] += factor
+        if extra is not None:
+            ll += extra(rows)
+        post = np.exp(ll - ll.max(axis=1, keepdims=True))
+        post /= post.sum(axis=1, keepdims=True)
+        out.outcome[rows] = (post * outcome(rows)).sum(axis=1)
+        out.mean[rows] = post @ grid.a
+        out.var[rows] = post @ grid.a ** 2 - out.mean[rows] ** 2
+        cell = np.clip(np.searchsorted(grid.edges, a_true[rows]) - 1, 0, grid.a.size - 1)
+        below = np.cumsum(post, axis=1)[np.arange(len(block)), cell]
+        out.pit[rows] = below - 0.5 * post[np.arange(len(block)), cell]
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+def patient_bootstrap(groups: np.ndarray, y: np.ndarray, scores: dict[str, np.ndarray], resamples: int,
+                      seed: int) -> dict[str, dict]:
+    """AUROC with a 95% interval from resampling patients; and paired differences to the oracle."""
+    rng = np.random.default_rng(seed)
+    _, inverse = np.unique(groups, return_inverse=True)
+    n_groups = inverse.max() + 1
+    point = {k: roc_auc_score(y, s) for k, s in scores.items()}
+    draws = {k: [] for k in scores}
+    for _ in range(resamples):
+        weights = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[inverse]
+        for k, s in scores.items():
+            draws[k].append(roc_auc_score(y, s, sample_weight=weights))
+    out = {}
+    oracle = np.array(draws["oracle"])
+    for k in scores:
+        d = np.array(draws[k])
+        out[k] = {"auroc": point[k], "ci95": [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))],
+                  "gap_to_oracle": point["oracle"] - point[k],
+                  "gap_ci95": [float(np.quantile(oracle - d, 0.025)), float(np.quantile(oracle - d, 0.975))]}
+    return out
+
+
+def calibration(p: np.ndarray, y: np.ndarray, bins: int = 10) -> dict:
+    """A true conditional probability is calibrated: deciles of p against the realized rate."""
+    order = np.argsort(p, kind="stable")
+    rows = []
+    chi2 = 0.0
+    for part in np.array_split(order, bins):
+        mean_p, rate = float(p[part].mean()), float(y[part].mean())
+        var = float((p[part] * (1 - p[part])).sum())
+        chi2 += (y[part].sum() - p[part].sum()) ** 2 / var
+        rows.append({"n": int(part.size), "mean_probability": mean_p, "realized": rate})
+    return {"deciles": rows, "chi2": chi2, "dof": bins,
+            "max_abs_gap": max(abs(r["mean_probability"] - r["realized"]) for r in rows)}
+
+
+def posterior_checks(post: PosteriorSummary, a_true: np.ndarray) -> dict:
+    """A correct posterior: E[(a - mean)^2] = E[var]; the true a's posterior CDF (PIT) is uniform."""
+    return {
+        "corr_posterior_mean_true_a": float(np.corrcoef(post.mean, a_true)[0, 1]),
+        "predicted_corr": float(math.sqrt(np.var(post.mean) / (np.var(post.mean) + post.var.mean()))),
+        "mse_posterior_mean": float(np.mean((a_true - post.mean) ** 2)),
+        "mean_posterior_variance": float(post.var.mean()),
+        "pit_mean": float(post.pit.mean()),
+        "coverage_90": float(np.mean((post.pit > 0.05) & (post.pit < 0.95))),
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+def simulate(patients: int, seed: int) -> list[StayCapture]:
+    stays = []
+    for index in tqdm(range(patients), desc="simulating", unit="patient"):
+        sim = CapturingSimulator(seed, index)
+        record = sim.run()
+        truth = {row.encounter_id: row for row in record.truth}
+        for c in sim.stays:
+            c.patient_id = record.id
+            c.truth = truth[c.encounter.id]
+            stays.append(c)
+    return stays
+
+
+def verify_restated_laws(stays: list[StayCapture]) -> dict:
+    """Every restated law reproduces the simulated events exactly."""
+    labs = value_mismatch = outside = 0
+    evening_mismatch = lactate_mismatch = norepi_mismatch = 0
+    for c in stays:
+        a, reason = c.stay.acuity, c.stay.reason
+        flags = _flags(c.state_at_admission)
+        for d in c.labs:
+            if d.key not in ACUITY_LABS:
+                continue
+            labs += 1
+            shift = lab_shift(d.key, flags, d.z, d.acuity_term, reason)
+            value_mismatch += lab_value(d.key, shift, d.noise) != d.value
+            shift0 = lab_shift(d.key, flags, d.z, 0.0, reason)
+            low, high, inv = noise_interval(d.key, d.value, shift0)
+            moved = (shift - shift0) * inv
+            outside += not (low - moved <= d.noise < high - moved)
+        expected = evening_slots(c.admit, c.end) if a > EVENING_PANEL_ACUITY else []
+        evening_mismatch += sorted({d.time for d in c.labs if d.panel == "evening"}) != expected
+        has_lactate = any(d.key == "lactate" and d.panel == "admission" for d in c.labs)
+        lactate_mismatch += has_lactate != (reason == "sepsis" or a > LACTATE_ACUITY)
+        has_norepi = any(m[1] == "norepinephrine" for m in c.encounter.medications)
+        norepi_mismatch += has_norepi != (reason == "sepsis" and a > NOREPINEPHRINE_ACUITY)
+    return {"acuity_labs": labs, "value_mismatches": value_mismatch, "noise_outside_interval": outside,
+            "evening_panel_mismatches": evening_mismatch, "lactate_rule_mismatches": lactate_mismatch,
+            "norepinephrine_rule_mismatches": norepi_mismatch}
+
+
+REASON_MEDS = {"vancomycin": "sepsis", "ceftriaxone": "pneumonia", "furosemide_iv": "hf_exacerbation",
+               "prednisone": "copd_exacerbation"}  # l.553-558: orders 0.5-4 h after admission
+
+
+def reason_from_orders(c: StayCapture, cut: int) -> str:
+    seen = {REASON_MEDS[m[1]] for m in c.encounter.medications if m[1] in REASON_MEDS and m[2] <= cut}
+    return seen.pop() if len(seen) == 1 else ("other" if not seen else "ambiguous")
+
+
+def held_out_mask(stays: list[StayCapture]) -> np.ndarray:
+    """Admissions of the held_out split `odyssey ingest` assigns (configs/ingest.yaml ratios and seed)."""
+    ids = {c.patient_id: stable_id("Patient", c.patient_id) for c in stays}
+    splits = assign_splits(list(ids.values()), SplitRatios())
+    held = set(splits.filter(splits["split"] == "held_out")["subject_id"].to_list())
+    return np.array([ids[c.patient_id] in held for c in stays])
+
+
+def los_analysis(stays: list[StayCapture], grid: Grid, fine: Grid, resamples: int, seed: int) -> dict:
+    eligible = [c for c in stays if c.truth.los_7d is not None]
+    y = np.array([c.truth.los_7d for c in eligible], dtype=np.int8)
+    truth_p = np.array([c.truth.los_7d_probability for c in eligible])
+    a_true = np.array([c.stay.acuity for c in eligible])
+    offsets, slopes, exact = [], [], 0
+    for c in eligible:
+        s, t, reason = c.state_at_admission, c.admit, c.stay.reason
+        exact += M.p_long_stay(s, t, c.stay.acuity, reason) == c.truth.los_7d_probability
+        x0, slope = _linear_in_acuity(lambda a, s=s, t=t, r=reason: M.p_long_stay(s, t, a, r))
+        offsets.append(x0)
+        slopes.append(slope)
+    offsets, slopes = np.array(offsets), np.array(slopes)
+    known_a = expit(offsets + slopes * a_true)
+
+    def outcome_on(g: Grid) -> Callable[[slice], np.ndarray]:
+        return lambda rows: expit(offsets[rows, None] + slopes[rows, None] * g.a)
+
+    scores = {"oracle": truth_p, "known_a_recomputed": known_a, "acuity_hidden_no_information": offsets}
+    checks = {}
+    variants = {
+        "bound_time": ("time", {"labs", "thresholds"}),
+        "bound_issued": ("issued", {"labs", "thresholds"}),
+        "labs_only_time": ("time", {"labs"}),
+        "thresholds_only": ("time", {"thresholds"}),
+    }
+    for name, (availability, parts) in tqdm(variants.items(), desc="LOS posteriors"):
+        obs = [los_observations(c, availability, parts) for c in eligible]
+        post = posterior_summary(obs, grid, outcome_on(grid), a_true)
+        scores[name] = post.outcome
+        checks[name] = {"posterior": posterior_checks(post, a_true), "calibration": calibration(post.outcome, y),
+                        "mean_probability": float(post.outcome.mean()),
+                        "acuity_labs_per_stay": float(np.mean([len(o.lab_low) for o in obs]))}
+        if name == "bound_time":  # grid convergence on a subset
+            few = min(3000, len(obs))
+            finer = posterior_summary(obs[:few], fine, outcome_on(fine), a_true[:few])
+            checks[name]["max_abs_change_at_4x_finer_grid"] = float(np.max(np.abs(finer.outcome - post.outcome[:few])))
+
+    reasons = [reason_from_orders(c, c.admit + LOS_CUT) for c in eligible]
+    groups = np.array([c.patient_index for c in eligible])
+    held = held_out_mask(eligible)
+    return {
+        "admissions": len(eligible), "patients": int(np.unique(groups).size), "prevalence": float(y.mean()),
+        "mean_truth_probability": float(truth_p.mean()),
+        "known_a_reproduces_truth": {"exact_equal": int(exact), "of": len(eligible),
+                                     "max_abs_diff_linearized": float(np.max(np.abs(known_a - truth_p)))},
+        "slope_per_acuity": float(np.median(slopes)),
+        "auroc": patient_bootstrap(groups, y, scores, resamples, seed),
+        "held_out": {"admissions": int(held.sum()),
+                     "auroc": patient_bootstrap(groups[held], y[held], {k: v[held] for k, v in scores.items()},
+                                                resamples, seed)},
+        "checks": checks,
+        "hidden_reason": {
+            "reason_identified_by_orders_before_cut": int(sum(r == c.stay.reason for r, c in zip(reasons, eligible, strict=True))),
+            "of": len(eligible),
+            "note": "sepsis, pneumonia, HF and COPD exacerbations get their own orders 0.5-4 h after admission; "
+                    "when every reason is identified, hiding it leaves the bound unchanged"},
+    }
+
+
+def mortality_analysis(stays: list[StayCapture], grid: Grid, resamples: int, seed: int) -> dict:
+    """30-day mortality at discharge, only the acuity hidden; everything the stay produced informs it."""
+    eligible = [c for c in stays if c.truth.mortality_30d is not None]
+    n = len(eligible)
+    y = np.array([c.truth.mortality_30d for c in eligible], dtype=np.int8)
+    truth_p = np.array([c.truth.mortality_30d_probability for c in eligible])
+    a_true = np.array([c.stay.acuity for c in eligible])
+    # logit-linear terms in a: outcome, P(long stay), P(in-hospital death); NaN offset: term absent
+    mortality, length, death = np.zeros((n, 2)), np.full((n, 2), np.nan), np.full((n, 2), np.nan)
+    long_stay = np.array([c.stay.long_stay for c in eligible])
+    hospice = np.zeros(n, dtype=bool)
+    home_rest = np.full(n, np.nan)  # P(HOME) = home_rest - 0.25 p_m(a)
+    exact = 0
+    for i, c in enumerate(eligible):
+        s_end, s_adm, reason = c.state_at_discharge, c.state_at_admission, c.stay.reason
+        exact += M.p_mortality(s_end, c.end, c.stay) == c.truth.mortality_30d_probability
+        mortality[i] = _linear_in_acuity(
+            lambda a, s=s_end, c=c: M.p_mortality(s, c.end, dataclasses.replace(c.stay, acuity=a)))
+        if c.truth.los_7d is not None:  # the stay's length is known at discharge (stays < 24 h: no LOS draw)
+            length[i] = _linear_in_acuity(lambda a, s=s_adm, c=c, r=reason: M.p_long_stay(s, c.admit, a, r))
+        if c.end > c.window_end:  # it survived a draw it could have died in (l.350)
+            death[i] = _linear_in_acuity(
+                lambda a, s=s_adm, c=c, r=reason: M.p_in_hospital_death(s, c.admit, a, r))
+        hospice[i] = c.encounter.disposition == "HOSPICE"
+        if c.encounter.disposition == "HOME":
+            home_rest[i] = 1.0 - snf_share(s_end.frailty(c.end)) - sum(FIXED_DISPOSITIONS.values())
+
+    def p_outcome(rows: slice) -> np.ndarray:
+        return expit(mortality[rows, :1] + mortality[rows, 1:] * grid.a)
+
+    def extra(rows: slice) -> np.ndarray:
+        ll = np.zeros((rows.stop - rows.start, grid.a.size))
+        x = length[rows, :1] + length[rows, 1:] * grid.a
+        has = ~np.isnan(length[rows, 0])
+        sign = np.where(long_stay[rows], 1.0, -1.0)[:, None]
+        ll[has] -= np.logaddexp(0.0, -sign[has] * x[has])  # log sigmoid(+-x)
+        x = death[rows, :1] + death[rows, 1:] * grid.a
+        has = ~np.isnan(death[rows, 0])
+        ll[has] -= np.logaddexp(0.0, x[has])  # log(1 - sigmoid(x))
+        p_hospice = HOSPICE_PER_MORTALITY * p_outcome(rows)
+        ll[hospice[rows]] += np.log(p_hospice[hospice[rows]])
+        home = ~np.isnan(home_rest[rows])
+        ll[home] += np.log(home_rest[rows][home, None] - p_hospice[home])
+        return ll
+
+    obs = [discharge_observations(c) for c in tqdm(eligible, desc="mortality observations")]
+    post = posterior_summary(obs, grid, p_outcome, a_true, extra)
+    scores = {"oracle": truth_p, "bound_discharge": post.outcome,
+              "known_a_recomputed": expit(mortality[:, 0] + mortality[:, 1] * a_true)}
+    groups = np.array([c.patient_index for c in eligible])
+    held = held_out_mask(eligible)
+    return {
+        "admissions": n, "prevalence": float(y.mean()),
+        "known_a_reproduces_truth": {"exact_equal": int(exact), "of": n},
+        "auroc": patient_bootstrap(groups, y, scores, resamples, seed),
+        "held_out": {"admissions": int(held.sum()),
+                     "auroc": patient_bootstrap(groups[held], y[held], {k: v[held] for k, v in scores.items()},
+                                                resamples, seed)},
+        "checks": {"posterior": posterior_checks(post, a_true), "calibration": calibration(post.outcome, y),
+                   "acuity_labs_per_stay": float(np.mean([len(o.lab_low) for o in obs]))},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid-step", type=float, default=0.02)
+    parser.add_argument("--resamples", type=int, default=200, help="patient bootstrap resamples")
+    parser.add_argument("--mortality", action="store_true", help="also the mortality_30d bound at discharge")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    stays = simulate(args.patients, args.seed)
+    verification = verify_restated_laws(stays)
+    grid, fine = Grid(args.grid_step), Grid(args.grid_step / 4)
+    report = {
+        "command": "benchmarks/oracle_bound.py", "patients": args.patients, "seed": args.seed,
+        "grid_step": args.grid_step, "resamples": args.resamples, "machine": platform.processor() or platform.machine(),
+        "inpatient_admissions": len(stays), "restated_law_verification": verification,
+        "los_7d": los_analysis(stays, grid, fine, args.resamples, args.seed),
+    }
+    if args.mortality:
+        report["mortality_30d"] = mortality_analysis(stays, grid, args.resamples, args.seed)
+    report["seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(args.out)
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    v = report["restated_law_verification"]
+    print(f"\nrestated laws: {v['acuity_labs']:,} acuity-dependent labs, {v['value_mismatches']} value mismatches, "
+          f"{v['noise_outside_interval']} outside their interval; evening/lactate/norepinephrine rule mismatches "
+          f"{v['evening_panel_mismatches']}/{v['lactate_rule_mismatches']}/{v['norepinephrine_rule_mismatches']}")
+    for task in ("los_7d", "mortality_30d"):
+        if task not in report:
+            continue
+        r = report[task]
+        print(f"\n{task}: {r['admissions']:,} admissions, prevalence {r['prevalence']:.3f}; "
+              f"held_out {r['held_out']['admissions']:,}")
+        print(f"{'score':34} {'AUROC (all)':>26} {'gap to oracle':>24} {'AUROC (held_out)':>18}")
+        for name, entry in r["auroc"].items():
+            held = r["held_out"]["auroc"][name]["auroc"]
+            ci, gap = entry["ci95"], entry["gap_ci95"]
+            print(f"{name:34} {entry['auroc']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
+                  f"{entry['gap_to_oracle']:+.4f} [{gap[0]:+.4f}, {gap[1]:+.4f}] {held:18.4f}")
+    print(f"\n{report['seconds']:.0f} s; report: see --out")
+
+
+if __name__ == "__main__":
+    main()
