@@ -567,7 +567,7 @@ def los_analysis(stays: list[StayCapture], grid: Grid, fine: Grid, resamples: in
         "held_out": {"admissions": int(held.sum()),
                      "auroc": patient_bootstrap(groups[held], y[held], {k: v[held] for k, v in scores.items()},
                                                 resamples, seed)},
-        "checks": checks,
+        "checks": {"oracle_calibration": calibration(truth_p, y), **checks},
         "hidden_reason": {
             "reason_identified_by_orders_before_cut": int(sum(r == c.stay.reason for r, c in zip(reasons, eligible, strict=True))),
             "of": len(eligible),
@@ -634,8 +634,10 @@ def mortality_analysis(stays: list[StayCapture], grid: Grid, resamples: int, see
         "held_out": {"admissions": int(held.sum()),
                      "auroc": patient_bootstrap(groups[held], y[held], {k: v[held] for k, v in scores.items()},
                                                 resamples, seed)},
-        "checks": {"posterior": posterior_checks(post, a_true), "calibration": calibration(post.outcome, y),
-                   "acuity_labs_per_stay": float(np.mean([len(o.lab_low) for o in obs]))},
+        "checks": {"oracle_calibration": calibration(truth_p, y),
+                   "bound_discharge": {"posterior": posterior_checks(post, a_true),
+                                       "calibration": calibration(post.outcome, y),
+                                       "acuity_labs_per_stay": float(np.mean([len(o.lab_low) for o in obs]))}},
     }
 
 
@@ -686,6 +688,12 @@ def print_table(report: dict) -> None:
             ci, gap = entry["ci95"], entry["gap_ci95"]
             print(f"{name:34} {entry['auroc']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
                   f"{entry['gap_to_oracle']:+.4f} [{gap[0]:+.4f}, {gap[1]:+.4f}] {held:18.4f}")
+        for name, entry in r["checks"].items():
+            if "posterior" in entry:
+                q = entry["posterior"]
+                print(f"  {name}: corr(E[a|obs], a) {q['corr_posterior_mean_true_a']:.3f} (predicted "
+                      f"{q['predicted_corr']:.3f}), MSE {q['mse_posterior_mean']:.3f} vs mean posterior variance "
+                      f"{q['mean_posterior_variance']:.3f}, 90% interval coverage {q['coverage_90']:.3f}")
     print(f"\n{report['seconds']:.0f} s; report: see --out")
 
 
