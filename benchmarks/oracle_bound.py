@@ -276,7 +276,8 @@ def p_issued_by(draw_time: int, cut: int) -> float:
 
 
 def los_observations(c: StayCapture, availability: str, parts: set[str]) -> Observations:
-    """What informs a before admission + 24 h. parts: subset of {labs, thresholds}."""
+    """What informs a before admission + 24 h. parts: subset of {labs, thresholds} (the values of labs drawn
+    whatever a is; the presence rules with the values they select)."""
     cut = c.admit + LOS_CUT
     reason, a = c.stay.reason, c.stay.acuity
     flags = _flags(c.state_at_admission)
@@ -284,6 +285,11 @@ def los_observations(c: StayCapture, availability: str, parts: set[str]) -> Obse
     known_at = (lambda d: d.time) if availability == "time" else (lambda d: max(d.issued, d.time))
     if "labs" in parts:
         for draw in c.labs:
+            # A value whose very presence depends on a (lactate outside sepsis, the evening panel) enters
+            # only with that presence rule: its value alone would not give an exact posterior.
+            presence_selected = draw.panel == "evening" or (draw.key == "lactate" and reason != "sepsis")
+            if presence_selected and "thresholds" not in parts:
+                continue
             if draw.key in ACUITY_LABS and known_at(draw) <= cut:
                 obs.add_lab(draw, flags, reason, a)
     if "thresholds" in parts:
@@ -539,8 +545,8 @@ def los_analysis(stays: list[StayCapture], grid: Grid, fine: Grid, resamples: in
     variants = {
         "bound_time": ("time", {"labs", "thresholds"}),
         "bound_issued": ("issued", {"labs", "thresholds"}),
-        "labs_only_time": ("time", {"labs"}),
-        "thresholds_only": ("time", {"thresholds"}),
+        "always_drawn_lab_values_only": ("time", {"labs"}),
+        "presence_rules_only": ("time", {"thresholds"}),
     }
     for name, (availability, parts) in tqdm(variants.items(), desc="LOS posteriors"):
         obs = [los_observations(c, availability, parts) for c in eligible]
