@@ -51,7 +51,7 @@ LOS_CUT = 24 * M.HOUR  # the LOS task's prediction time: admission + 24 h (confi
 AVAILABILITY = ("time", "issued")  # tokenizer/config.py: a lab is known at its time, or when issued (default)
 
 # ----------------------------------------------------------------------------- restated generator laws
-# Each constant below restates pipelines/synth_model.py (line numbers as of commit f476a96).
+# Each constant below restates pipelines/synth_model.py (line numbers as of commit fb0449c).
 LACTATE_ACUITY = 1.0  # l.495: lactate in the admission panel when reason == "sepsis" or a > 1.0
 NOREPINEPHRINE_ACUITY = 1.0  # l.562: norepinephrine when reason == "sepsis" and a > 1.0
 EVENING_PANEL_ACUITY = 1.5  # l.514: an evening panel when a > 1.5 and day_start + 13 h < end
@@ -62,7 +62,7 @@ MORNING = 11 * M.HOUR  # l.507: day_start = (t // DAY + 1) * DAY + 11 h
 EVENING = 12 * M.HOUR  # l.515: evening panel at day_start + 12 h
 EVENING_NEEDS = 13 * M.HOUR  # l.514: ... only when day_start + 13 h < end
 ISSUED_DELAY_MINUTES = (25.0, 150.0)  # l.603: issued = t + _minute(uniform(25, 150) minutes)
-# l.414-425 pick_disposition: shares taken in order from one uniform draw; HOME takes the rest.
+# l.414-424 pick_disposition: shares taken in order from one uniform draw; HOME takes the rest.
 HOSPICE_PER_MORTALITY = 0.25
 FIXED_DISPOSITIONS = {"REHAB": 0.06, "HOME HEALTH CARE": 0.2, "AGAINST ADVICE": 0.015}
 
@@ -73,7 +73,7 @@ def snf_share(z: float) -> float:
 
 
 def lab_shift(key: str, flags: dict, z: float, acuity: float, reason: str | None) -> float:
-    """The state shift of one lab value (restates synth_model.lab_panel l.606-633, acuity-dependent labs)."""
+    """The state shift of one lab value (restates synth_model.lab_panel l.606-634, acuity-dependent labs)."""
     c = flags["chronic"]
     sepsis = reason == "sepsis"
     if key == "creatinine":
@@ -167,8 +167,8 @@ class CapturingSimulator(M.PatientSimulator):
     def inpatient(self, t, end, stay, dies):
         s = self.s
         at_discharge = _frozen(s)
-        at_admission = dataclasses.replace(at_discharge, admissions=at_discharge.admissions[:-1])  # l.352
-        # l.343/378: an in-hospital death is allowed only after the previous survivor's 30-day window.
+        at_admission = dataclasses.replace(at_discharge, admissions=at_discharge.admissions[:-1])  # l.354
+        # l.327/376: an in-hospital death is allowed only after the previous survivor's 30-day window.
         window_end = self.truth[-1].discharge_time + M.READMISSION_WINDOW if self.truth else -1
         self._current = StayCapture(self.index, "", t, end, stay, at_admission, at_discharge, window_end)
         try:
@@ -506,7 +506,7 @@ def verify_restated_laws(stays: list[StayCapture]) -> dict:
 
 
 REASON_MEDS = {"vancomycin": "sepsis", "ceftriaxone": "pneumonia", "furosemide_iv": "hf_exacerbation",
-               "prednisone": "copd_exacerbation"}  # l.553-558: orders 0.5-4 h after admission
+               "prednisone": "copd_exacerbation"}  # l.554-561: orders 0.5-4 h after admission
 
 
 def reason_from_orders(c: StayCapture, cut: int) -> str:
