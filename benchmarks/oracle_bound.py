@@ -647,6 +647,370 @@ def mortality_analysis(stays: list[StayCapture], grid: Grid, resamples: int, see
     }
 
 
+# ============================================================================= frailty-hidden bound
+# `--frailty`: readmission_30d and mortality_30d at discharge, the score knowing everything in the outcome
+# laws (acuity included) except frailty. z(t) = x + 0.045 (age - 70) + 0.15 min(#admissions, 6), where
+# x = f0 + drift is the only hidden part: f0 ~ N(0, 1) and the drift a random walk stepped at each admission
+# (l.396-400). x is inferred by an exact forward filter on a grid (an HMM over the patient's admissions),
+# given every event before the discharge whose law depends on z:
+# - every albumin and hemoglobin value (baseline, dialysis, ED, inpatient panels) under its exact law,
+#   rounding and floor included (interval likelihoods); in ED panels the acuity 0.3 N(0, 1) is hidden too
+#   and widens the noise (a sum of Gaussians);
+# - heart failure at the baseline visit (l.289), the condition groups of each admission (p_next_conditions,
+#   fixed at the previous discharge), the LOS draw, survival of the in-hospital death draw, each
+#   discharge's disposition, and for earlier stays: survival of the mortality draw, the readmission draw,
+#   `continues` and the gap to a next non-readmission admission.
+# Events left out (ED / ambulatory visit counts do not depend on z) would only loosen the bound.
+FRAILTY_LABS = ("albumin", "hemoglobin")
+ED_ACUITY_SD = 0.3  # l.688: an ED panel's acuity is 0.3 * gauss(0, 1)
+DRIFT_SD_PER_SQRT_YEAR = 0.3  # l.399
+BASELINE_HF = (-3.2, 0.06, 0.4, 1.0)  # l.289: logit = -3.2 + 0.06 (age0 - 65) + 0.4 f0 + 1.0 amyloidosis
+CONTINUES = (0.1, 0.25, 0.3)  # l.394: sigmoid(0.1 + 0.25 z + 0.3 #chronic)
+GAP_DAYS = (500.0, 0.4, 0.3)  # l.388: mean 500 / (1 + 0.4 #chronic + 0.3 max(z, 0)) days ...
+GAP_AFTER = 31 * M.DAY  # l.389: ... after discharge + 31 days, floored to the minute
+
+
+@dataclass
+class FrailtyLab:
+    key: str
+    time: int
+    value: float
+    segment: int  # admissions so far = drift steps so far
+    low: float  # standardized noise interval at x = 0 (hidden ED acuity folded into the noise) ...
+    high: float
+    slope: float  # ... moving by -slope x
+    z_true: float
+    full_shift: float  # for the verification: the shift the generator used ...
+    noise: float  # ... its noise draw ...
+    total_noise: float  # ... and the standardized noise the likelihood sees (hidden acuity included)
+
+
+@dataclass
+class PatientCapture:
+    index: int
+    patient_id: str = ""
+    age0: float = 0.0
+    amyloidosis: bool = False
+    baseline_hf: bool = False
+    first_groups_state: M.State | None = None
+    first_admission: int = 0
+    drift_steps: list[tuple[int, float, float]] = field(default_factory=list)  # (time, variance, x after)
+    labs: list[FrailtyLab] = field(default_factory=list)
+    stays: list[StayCapture] = field(default_factory=list)
+
+
+class FrailtyCapturingSimulator(CapturingSimulator):
+    """CapturingSimulator plus every albumin / hemoglobin value's law and every drift step."""
+
+    def __init__(self, seed: int, index: int):
+        super().__init__(seed, index)
+        self.capture = PatientCapture(index)
+
+    def baseline_visit(self, t):
+        s = self.s
+        self.capture.age0, self.capture.amyloidosis = s.age(s.t0), s.amyloidosis
+        self.capture.baseline_hf = s.chronic["heart_failure"]
+        return super().baseline_visit(t)
+
+    def admissions(self, t):
+        self.capture.first_groups_state, self.capture.first_admission = _frozen(self.s), t  # l.326
+        return super().admissions(t)
+
+    def update_drift(self, t):
+        years = max(t - self.s.drift_time, 0) / M.YEAR
+        super().update_drift(t)
+        self.capture.drift_steps.append((t, (DRIFT_SD_PER_SQRT_YEAR * math.sqrt(years)) ** 2,
+                                         self.s.frailty0 + self.s.drift))
+
+    def lab_panel(self, enc, t, keys, acuity, reason):
+        s, real = self.s, self.rng
+        recorder = _GaussRecorder(real)
+        first = len(enc.labs)
+        self.rng = recorder
+        try:
+            super().lab_panel(enc, t, keys, acuity, reason)
+        finally:
+            self.rng = real
+        flags, x = _flags(s), s.frailty0 + s.drift
+        z = s.frailty(t)
+        hidden_acuity = enc.cls == "EMER"
+        known_acuity = 0.0 if hidden_acuity else acuity
+        for (_, index, when, _, value), noise in zip(enc.labs[first:], recorder.draws, strict=True):
+            key = LAB_KEYS[index]
+            if key not in FRAILTY_LABS:
+                continue
+            spread = LABS[key].spread
+            shift_x0 = lab_shift(key, flags, z - x, known_acuity, reason)  # z at x = 0
+            per_z = lab_shift(key, flags, 1.0, known_acuity, reason) - lab_shift(key, flags, 0.0, known_acuity, reason)
+            per_acuity = lab_shift(key, flags, 0.0, 1.0, reason) - lab_shift(key, flags, 0.0, 0.0, reason)
+            hidden_sd = abs(per_acuity) * ED_ACUITY_SD if hidden_acuity else 0.0
+            scale = spread / math.hypot(spread, hidden_sd)  # noise in units of the total sd
+            low, high, _ = noise_interval(key, value, shift_x0)
+            full_shift = lab_shift(key, flags, z, acuity, reason)
+            total_noise = (full_shift + spread * noise - lab_shift(key, flags, z, known_acuity, reason)) / spread
+            self.capture.labs.append(FrailtyLab(
+                key, when, value, len(s.admissions), low * scale, high * scale, per_z / spread * scale, z,
+                full_shift, noise, total_noise * scale))
+
+
+def simulate_frailty(patients: int, seed: int) -> list[PatientCapture]:
+    out = []
+    for index in tqdm(range(patients), desc="simulating", unit="patient"):
+        sim = FrailtyCapturingSimulator(seed, index)
+        record = sim.run()
+        truth = {row.encounter_id: row for row in record.truth}
+        sim.capture.patient_id = record.id
+        for c in sim.stays:
+            c.patient_id, c.truth = record.id, truth[c.encounter.id]
+        sim.capture.stays = sim.stays
+        out.append(sim.capture)
+    return out
+
+
+def _logit_in_x(fn: Callable[[M.State], float], state: M.State) -> tuple[float, float]:
+    """(offset, slope) of logit(fn(state)) = offset + slope x, x = f0 + drift, read off the generator's law."""
+    x0, x1, x2 = (math.log(p / (1 - p)) for p in (
+        fn(dataclasses.replace(state, frailty0=v, drift=0.0)) for v in (0.0, 1.0, 2.0)))
+    if abs((x2 - x1) - (x1 - x0)) > 1e-9:
+        raise AssertionError("law is not logit-linear in frailty")
+    return x0, x1 - x0
+
+
+def _z_offset(state: M.State, t: int) -> float:
+    """z - x: the known part of frailty (age and admission count)."""
+    return state.frailty(t) - state.frailty0 - state.drift
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+class FrailtyGrid:
+    """Cells of width `step` on [-limit, limit] for x, with the N(0, 1) prior of f0."""
+
+    def __init__(self, step: float, limit: float = 8.0):
+        n = int(round(2 * limit / step))
+        self.step = step
+        self.edges = -limit + step * np.arange(n + 1)
+        self.x = 0.5 * (self.edges[1:] + self.edges[:-1])
+        self.log_prior = np.log(np.maximum(np.diff(ndtr(self.edges)), 1e-300))
+
+    def step_drift(self, log_p: np.ndarray, variance: float) -> np.ndarray:
+        """x += N(0, variance): mass at cell centers spread by the cell-integrated kernel."""
+        sd = math.sqrt(variance)
+        reach = int(math.ceil(8 * sd / self.step))
+        if reach == 0 or sd == 0.0:
+            return log_p
+        m = np.arange(-reach, reach + 1)
+        kernel = np.diff(ndtr(np.r_[m - 0.5, reach + 0.5] * self.step / sd))
+        top = log_p.max()
+        p = np.convolve(np.exp(log_p - top), kernel, mode="same") if reach < log_p.size else \
+            np.convolve(np.exp(log_p - top), kernel, mode="full")[reach:reach + log_p.size]
+        with np.errstate(divide="ignore"):
+            return np.log(p) + top
+
+
+@dataclass
+class DischargePrediction:
+    stay: StayCapture
+    mortality: float  # E[p_mortality | observations]
+    readmission: float  # E[(1 - p_mortality) q | observations]
+    x_mean: float
+    x_var: float
+    x_pit: float
+    x_true: float
+    mortality_known_x: float
+    readmission_known_x: float
+
+
+def _disposition_log_lik(disposition: str, grid_z: np.ndarray, p_m: np.ndarray) -> np.ndarray:
+    """log P(disposition | z) under pick_disposition (l.414-424)."""
+    snf = 0.45 * expit(-1.0 + 0.8 * grid_z)
+    hospice = HOSPICE_PER_MORTALITY * p_m
+    if disposition == "HOSPICE":
+        return np.log(hospice)
+    if disposition == "SKILLED NURSING FACILITY":
+        return np.log(snf)
+    if disposition == "HOME":
+        return np.log(1.0 - hospice - snf - sum(FIXED_DISPOSITIONS.values()))
+    if disposition in FIXED_DISPOSITIONS:
+        return np.zeros_like(grid_z)
+    raise ValueError(f"unknown disposition {disposition!r}")
+
+
+def _lab_log_lik(labs: list[FrailtyLab], x: np.ndarray) -> np.ndarray:
+    if not labs:
+        return np.zeros_like(x)
+    low = np.array([d.low for d in labs])[:, None]
+    high = np.array([d.high for d in labs])[:, None]
+    slope = np.array([d.slope for d in labs])[:, None]
+    return _log_interval(low - slope * x, high - slope * x).sum(axis=0)
+
+
+def frailty_forward(p: PatientCapture, grid: FrailtyGrid, parts: set[str]) -> list[DischargePrediction]:
+    """Forward filter over the patient's admissions; a prediction at each survived discharge.
+    parts: subset of {labs, events} (the lab values; the other z-dependent draws)."""
+    x = grid.x
+    log_p = grid.log_prior.copy()
+    if "events" in parts:  # l.289: heart failure at baseline, a draw on f0 = x before any drift
+        b0, b_age, b_f, b_amy = BASELINE_HF
+        logit = b0 + b_age * (p.age0 - 65) + b_f * x + b_amy * p.amyloidosis
+        log_p += _log_sigmoid(logit if p.baseline_hf else -logit)
+    labs_by_segment: dict[int, list[FrailtyLab]] = {}
+    for d in p.labs:
+        labs_by_segment.setdefault(d.segment, []).append(d)
+    out = []
+    previous: StayCapture | None = None
+    for k, c in enumerate(p.stays, start=1):
+        # --- segment k-1: labs before admission k, and draws made at the previous discharge
+        if "labs" in parts:
+            log_p += _lab_log_lik([d for d in labs_by_segment.get(k - 1, []) if d.time < c.admit
+                                   and (previous is None or d.time > previous.end)], x)
+        if "events" in parts:
+            if previous is None:
+                state, t, reason = p.first_groups_state, p.first_admission, "other"
+            else:
+                state, t, reason = previous.state_at_discharge, previous.end, previous.stay.reason
+                log_p += _past_discharge_log_lik(previous, c, x)
+            for g, present in c.stay.groups.items():
+                b0, b1 = _logit_in_x(lambda s, g=g, t=t, r=reason: M.p_next_conditions(s, t, r)[g], state)
+                log_p += _log_sigmoid((b0 + b1 * x) if present else -(b0 + b1 * x))
+        # --- admission k: the drift step, then the stay
+        time, variance, x_true = p.drift_steps[k - 1]
+        if time != c.admit:
+            raise AssertionError("drift step and admission out of step")
+        log_p = grid.step_drift(log_p, variance)
+        s_adm, s_end = c.state_at_admission, c.state_at_discharge
+        if "events" in parts:
+            if c.truth.los_7d is not None:
+                b0, b1 = _logit_in_x(lambda s, c=c: M.p_long_stay(s, c.admit, c.stay.acuity, c.stay.reason), s_adm)
+                log_p += _log_sigmoid((b0 + b1 * x) if c.stay.long_stay else -(b0 + b1 * x))
+            if c.end > c.window_end:
+                b0, b1 = _logit_in_x(lambda s, c=c: M.p_in_hospital_death(s, c.admit, c.stay.acuity, c.stay.reason), s_adm)
+                log_p += _log_sigmoid(-(b0 + b1 * x))
+        if "labs" in parts:
+            log_p += _lab_log_lik([d for d in labs_by_segment.get(k, []) if d.time <= c.end], x)
+        if c.truth.mortality_30d is None:  # died in hospital: the record ends
+            break
+        m0, m1 = _logit_in_x(lambda s, c=c: M.p_mortality(s, c.end, c.stay), s_end)
+        q0, q1 = _logit_in_x(lambda s, c=c: M.p_readmission_if_alive(s, c.end), s_end)
+        p_m, q = expit(m0 + m1 * x), expit(q0 + q1 * x)
+        if "events" in parts:
+            log_p += _disposition_log_lik(c.encounter.disposition, x + _z_offset(s_end, c.end), p_m)
+        post = np.exp(log_p - log_p.max())
+        post /= post.sum()
+        mean = float(post @ x)
+        cell = int(np.clip(np.searchsorted(grid.edges, x_true) - 1, 0, x.size - 1))
+        out.append(DischargePrediction(
+            c, float(post @ p_m), float(post @ ((1 - p_m) * q)), mean, float(post @ x ** 2 - mean ** 2),
+            float(post[:cell].sum() + 0.5 * post[cell]), x_true,
+            float(expit(m0 + m1 * x_true)), float((1 - expit(m0 + m1 * x_true)) * expit(q0 + q1 * x_true))))
+        previous = c
+    return out
+
+
+def _past_discharge_log_lik(c: StayCapture, following: StayCapture, x: np.ndarray) -> np.ndarray:
+    """Draws at an earlier discharge that the next admission reveals: survival of the mortality draw, the
+    readmission draw, and without a readmission `continues` and the gap (l.365-390)."""
+    s = c.state_at_discharge
+    m0, m1 = _logit_in_x(lambda st: M.p_mortality(st, c.end, c.stay), s)
+    q0, q1 = _logit_in_x(lambda st: M.p_readmission_if_alive(st, c.end), s)
+    ll = _log_sigmoid(-(m0 + m1 * x))
+    if c.truth.readmission_30d:
+        return ll + _log_sigmoid(q0 + q1 * x)
+    z = x + _z_offset(s, c.end)
+    chronic = sum(s.chronic.values())
+    c0, c_z, c_chronic = CONTINUES
+    ll += _log_sigmoid(-(q0 + q1 * x)) + _log_sigmoid(c0 + c_z * z + c_chronic * chronic)
+    base, per_chronic, per_z = GAP_DAYS
+    mean_days = base / (1 + per_chronic * chronic + per_z * np.maximum(z, 0.0))
+    gap_days = (following.admit - c.end - GAP_AFTER) / M.DAY
+    minute_days = M.MINUTE / M.DAY  # the draw is floored to the minute: an interval of one minute
+    return ll - gap_days / mean_days + np.log(-np.expm1(-minute_days / mean_days))
+
+
+def verify_frailty_laws(patients: list[PatientCapture]) -> dict:
+    """Every albumin / hemoglobin value reproduced from its restated law; its noise inside its interval;
+    drift steps standardized; gaps to non-readmission admissions: exp(-gap / mean) uniform under true z."""
+    labs = mismatch = outside = clamped = 0
+    steps, gap_pit = [], []
+    for p in patients:
+        for d in p.labs:
+            labs += 1
+            mismatch += lab_value(d.key, d.full_shift, d.noise) != d.value
+            clamped += d.value == round(LABS[d.key].spread, LABS[d.key].decimals)
+        previous_x = None
+        for k, (_, variance, x_after) in enumerate(p.drift_steps):
+            if k == 0:
+                previous_x = p.first_groups_state.frailty0
+            if variance > 0:
+                steps.append((x_after - previous_x) / math.sqrt(variance))
+            previous_x = x_after
+        for c, nxt in zip(p.stays, p.stays[1:], strict=False):
+            if not c.truth.readmission_30d:
+                s = c.state_at_discharge
+                z = s.frailty(c.end)
+                mean_days = GAP_DAYS[0] / (1 + GAP_DAYS[1] * sum(s.chronic.values()) + GAP_DAYS[2] * max(z, 0))
+                gap_pit.append(math.exp(-(nxt.admit - c.end - GAP_AFTER) / M.DAY / mean_days))
+    for p in patients:  # the standardized noise inside its interval at the true x
+        x_by_segment = [p.first_groups_state.frailty0] + [x for _, _, x in p.drift_steps]
+        for d in p.labs:
+            x = x_by_segment[d.segment]
+            outside += not (d.low - d.slope * x <= d.total_noise < d.high - d.slope * x)
+    steps_arr, pit = np.array(steps), np.array(gap_pit)
+    return {"frailty_labs": labs, "value_mismatches": int(mismatch), "noise_outside_interval": int(outside),
+            "clamped_values": int(clamped), "drift_steps": int(steps_arr.size),
+            "drift_step_z_mean": float(steps_arr.mean()), "drift_step_z_var": float(steps_arr.var()),
+            "gaps": int(pit.size), "gap_pit_mean": float(pit.mean()), "gap_pit_var": float(pit.var()),
+            "note": "drift z-scores ~ N(0, 1) and gap PITs ~ U(0, 1) (mean 0.5, var 1/12) under the restated laws"}
+
+
+def frailty_analysis(patients: list[PatientCapture], step: float, resamples: int, seed: int) -> dict:
+    grid = FrailtyGrid(step)
+    variants = {"bound": {"labs", "events"}, "labs_only": {"labs"}}
+    predictions = {name: [q for p in tqdm(patients, desc=f"frailty filter ({name})", unit="patient")
+                          for q in frailty_forward(p, grid, parts)] for name, parts in variants.items()}
+    main_run = predictions["bound"]
+    stays = [q.stay for q in main_run]
+    groups = np.array([c.patient_index for c in stays])
+    held = held_out_mask(stays)
+    few = [p for p in patients[: max(1, len(patients) // 20)]]
+    fine = [q for p in few for q in frailty_forward(p, FrailtyGrid(step / 4), variants["bound"])]
+    report = {"admissions": len(stays), "patients": int(np.unique(groups).size), "held_out_admissions": int(held.sum()),
+              "grid_step": step}
+    for task in ("mortality_30d", "readmission_30d"):
+        y = np.array([getattr(c.truth, task) for c in stays], dtype=np.int8)
+        truth_p = np.array([getattr(c.truth, f"{task}_probability") for c in stays])
+        field_name = "mortality" if task == "mortality_30d" else "readmission"
+        known = np.array([getattr(q, f"{field_name}_known_x") for q in main_run])
+        scores = {"oracle": truth_p, "known_frailty_recomputed": known}
+        checks = {"oracle_calibration": calibration(truth_p, y)}
+        for name, run in predictions.items():
+            score = np.array([getattr(q, field_name) for q in run])
+            scores[f"frailty_hidden_{name}"] = score
+            checks[f"frailty_hidden_{name}"] = {"calibration": calibration(score, y),
+                                                "mean_probability": float(score.mean())}
+        coarse = np.array([getattr(q, field_name) for q in main_run[: len(fine)]])
+        checks["frailty_hidden_bound"]["max_abs_change_at_4x_finer_grid"] = float(
+            np.max(np.abs(np.array([getattr(q, field_name) for q in fine]) - coarse)))
+        report[task] = {
+            "prevalence": float(y.mean()),
+            "known_frailty_reproduces_truth": {"max_abs_diff": float(np.max(np.abs(known - truth_p)))},
+            "auroc": patient_bootstrap(groups, y, scores, resamples, seed),
+            "held_out": {"admissions": int(held.sum()),
+                         "auroc": patient_bootstrap(groups[held], y[held], {k: v[held] for k, v in scores.items()},
+                                                    resamples, seed)},
+            "checks": checks,
+        }
+    x_true = np.array([q.x_true for q in main_run])
+    report["posterior_of_x"] = {}
+    for name, run in predictions.items():
+        post = PosteriorSummary(np.zeros(len(run)), np.array([q.x_mean for q in run]),
+                                np.array([q.x_var for q in run]), np.array([q.x_pit for q in run]))
+        report["posterior_of_x"][name] = posterior_checks(post, x_true)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=20000)
@@ -654,10 +1018,16 @@ def main() -> None:
     parser.add_argument("--grid-step", type=float, default=0.02)
     parser.add_argument("--resamples", type=int, default=200, help="patient bootstrap resamples")
     parser.add_argument("--mortality", action="store_true", help="also the mortality_30d bound at discharge")
+    parser.add_argument("--frailty", action="store_true",
+                        help="instead: the frailty-hidden bound for mortality_30d and readmission_30d")
+    parser.add_argument("--frailty-grid-step", type=float, default=0.04)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     started = time.perf_counter()
+    if args.frailty:
+        run_frailty(args, started)
+        return
     stays = simulate(args.patients, args.seed)
     verification = verify_restated_laws(stays)
     grid, fine = Grid(args.grid_step), Grid(args.grid_step / 4)
@@ -675,6 +1045,48 @@ def main() -> None:
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(args.out)
     print_table(report)
+
+
+def run_frailty(args: argparse.Namespace, started: float) -> None:
+    patients = simulate_frailty(args.patients, args.seed)
+    stays = [c for p in patients for c in p.stays]
+    report = {
+        "command": "benchmarks/oracle_bound.py --frailty", "patients": args.patients, "seed": args.seed,
+        "resamples": args.resamples, "machine": platform.processor() or platform.machine(),
+        "inpatient_admissions": len(stays),
+        "restated_law_verification": {**verify_restated_laws(stays), **verify_frailty_laws(patients)},
+        "frailty_hidden": frailty_analysis(patients, args.frailty_grid_step, args.resamples, args.seed),
+    }
+    report["seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(args.out)
+    print_frailty_table(report)
+
+
+def print_frailty_table(report: dict) -> None:
+    v = report["restated_law_verification"]
+    print(f"\nrestated laws: {v['frailty_labs']:,} albumin/hemoglobin values, {v['value_mismatches']} value "
+          f"mismatches, {v['noise_outside_interval']} outside their interval, {v['clamped_values']} clamped; "
+          f"drift step z mean {v['drift_step_z_mean']:+.3f} var {v['drift_step_z_var']:.3f}; "
+          f"gap PIT mean {v['gap_pit_mean']:.3f} var {v['gap_pit_var']:.4f}")
+    r = report["frailty_hidden"]
+    for task in ("mortality_30d", "readmission_30d"):
+        t = r[task]
+        print(f"\n{task}: {r['admissions']:,} admissions, prevalence {t['prevalence']:.3f}; "
+              f"held_out {t['held_out']['admissions']:,}")
+        print(f"{'score':34} {'AUROC (all)':>26} {'gap to oracle':>24} {'AUROC (held_out)':>18}")
+        for name, entry in t["auroc"].items():
+            held = t["held_out"]["auroc"][name]["auroc"]
+            ci, gap = entry["ci95"], entry["gap_ci95"]
+            print(f"{name:34} {entry['auroc']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
+                  f"{entry['gap_to_oracle']:+.4f} [{gap[0]:+.4f}, {gap[1]:+.4f}] {held:18.4f}")
+    for name, q in r["posterior_of_x"].items():
+        print(f"  {name}: corr(E[x|obs], x) {q['corr_posterior_mean_true_a']:.3f} (predicted "
+              f"{q['predicted_corr']:.3f}), MSE {q['mse_posterior_mean']:.3f} vs mean posterior variance "
+              f"{q['mean_posterior_variance']:.3f}, PIT mean {q['pit_mean']:.3f}, 90% coverage {q['coverage_90']:.3f}")
+    print(f"\n{report['seconds']:.0f} s; report: see --out")
 
 
 def print_table(report: dict) -> None:
