@@ -683,6 +683,8 @@ class FrailtyLab:
     full_shift: float  # for the verification: the shift the generator used ...
     noise: float  # ... its noise draw ...
     total_noise: float  # ... and the standardized noise the likelihood sees (hidden acuity included)
+    acuity_slope: float = 0.0  # inpatient values: the interval moves by -acuity_slope per unit of stay acuity
+    stay_acuity: float = 0.0  # (included in low / high above)
 
 
 @dataclass
@@ -748,9 +750,11 @@ class FrailtyCapturingSimulator(CapturingSimulator):
             low, high, _ = noise_interval(key, value, shift_x0)
             full_shift = lab_shift(key, flags, z, acuity, reason)
             total_noise = (full_shift + spread * noise - lab_shift(key, flags, z, known_acuity, reason)) / spread
+            stay = self._current.stay if enc.cls == "IMP" and self._current is not None else None
+            acuity_slope = per_acuity * acuity / stay.acuity / spread if stay is not None else 0.0
             self.capture.labs.append(FrailtyLab(
                 key, when, value, len(s.admissions), low * scale, high * scale, per_z / spread * scale, z,
-                full_shift, noise, total_noise * scale))
+                full_shift, noise, total_noise * scale, acuity_slope, stay.acuity if stay is not None else 0.0))
 
 
 def simulate_frailty(patients: int, seed: int) -> list[PatientCapture]:
@@ -788,7 +792,7 @@ def _log_sigmoid(x: np.ndarray) -> np.ndarray:
 class FrailtyGrid:
     """Cells of width `step` on [-limit, limit] for x, with the N(0, 1) prior of f0."""
 
-    def __init__(self, step: float, limit: float = 8.0):
+    def __init__(self, step: float, limit: float = 10.0):
         n = int(round(2 * limit / step))
         self.step = step
         self.edges = -limit + step * np.arange(n + 1)
@@ -804,8 +808,7 @@ class FrailtyGrid:
         m = np.arange(-reach, reach + 1)
         kernel = np.diff(ndtr(np.r_[m - 0.5, reach + 0.5] * self.step / sd))
         top = log_p.max()
-        p = np.convolve(np.exp(log_p - top), kernel, mode="same") if reach < log_p.size else \
-            np.convolve(np.exp(log_p - top), kernel, mode="full")[reach:reach + log_p.size]
+        p = np.convolve(np.exp(log_p - top), kernel, mode="full")[reach:reach + log_p.size]
         with np.errstate(divide="ignore"):
             return np.log(p) + top
 
@@ -821,6 +824,9 @@ class DischargePrediction:
     x_true: float
     mortality_known_x: float
     readmission_known_x: float
+    a_mean: float = math.nan  # with the acuity hidden too: its posterior
+    a_var: float = math.nan
+    a_pit: float = math.nan
 
 
 def _disposition_log_lik(disposition: str, grid_z: np.ndarray, p_m: np.ndarray) -> np.ndarray:
@@ -847,9 +853,11 @@ def _lab_log_lik(labs: list[FrailtyLab], x: np.ndarray) -> np.ndarray:
     return _log_interval(low - slope * x, high - slope * x).sum(axis=0)
 
 
-def frailty_forward(p: PatientCapture, grid: FrailtyGrid, parts: set[str]) -> list[DischargePrediction]:
+def frailty_forward(p: PatientCapture, grid: FrailtyGrid, parts: set[str],
+                    acuity_grid: Grid | None = None) -> list[DischargePrediction]:
     """Forward filter over the patient's admissions; a prediction at each survived discharge.
-    parts: subset of {labs, events} (the lab values; the other z-dependent draws)."""
+    parts: subset of {labs, events} (the lab values; the other z-dependent draws). With acuity_grid, each
+    stay's acuity is hidden too: a joint (acuity, x) grid per stay, marginalized before the next."""
     x = grid.x
     log_p = grid.log_prior.copy()
     if "events" in parts:  # l.289: heart failure at baseline, a draw on f0 = x before any drift
@@ -871,7 +879,7 @@ def frailty_forward(p: PatientCapture, grid: FrailtyGrid, parts: set[str]) -> li
                 state, t, reason = p.first_groups_state, p.first_admission, "other"
             else:
                 state, t, reason = previous.state_at_discharge, previous.end, previous.stay.reason
-                log_p += _past_discharge_log_lik(previous, c, x)
+                log_p += _past_discharge_log_lik(previous, c, x, survival=acuity_grid is None)
             for g, present in c.stay.groups.items():
                 b0, b1 = _logit_in_x(lambda s, g=g, t=t, r=reason: M.p_next_conditions(s, t, r)[g], state)
                 log_p += _log_sigmoid((b0 + b1 * x) if present else -(b0 + b1 * x))
@@ -881,6 +889,15 @@ def frailty_forward(p: PatientCapture, grid: FrailtyGrid, parts: set[str]) -> li
             raise AssertionError("drift step and admission out of step")
         log_p = grid.step_drift(log_p, variance)
         s_adm, s_end = c.state_at_admission, c.state_at_discharge
+        if acuity_grid is not None:
+            if c.truth.mortality_30d is None:
+                break
+            following = p.stays[k] if k < len(p.stays) else None
+            prediction, log_p = _joint_stay(c, labs_by_segment.get(k, []), log_p, grid, acuity_grid, following,
+                                            x_true)
+            out.append(prediction)
+            previous = c
+            continue
         if "events" in parts:
             if c.truth.los_7d is not None:
                 b0, b1 = _logit_in_x(lambda s, c=c: M.p_long_stay(s, c.admit, c.stay.acuity, c.stay.reason), s_adm)
@@ -909,13 +926,88 @@ def frailty_forward(p: PatientCapture, grid: FrailtyGrid, parts: set[str]) -> li
     return out
 
 
-def _past_discharge_log_lik(c: StayCapture, following: StayCapture, x: np.ndarray) -> np.ndarray:
+def _acuity_log_lik(o: Observations, grid: Grid) -> np.ndarray:
+    """Prior plus log-likelihood of the acuity on the grid (as posterior_summary, for one stay)."""
+    ll = grid.log_prior.copy()
+    if o.lab_low:
+        low, high, slope = (np.array(v)[:, None] for v in (o.lab_low, o.lab_high, o.lab_slope))
+        ll += _log_interval(low - slope * grid.a, high - slope * grid.a).sum(axis=0)
+    ll[(grid.a <= o.lower) | (grid.a > o.upper)] = -np.inf
+    for threshold, factor in o.log_factor_above.items():
+        ll[grid.a > threshold] += factor
+    return ll
+
+
+def _logit_in_a_x(fn: Callable[[M.State, float], float], state: M.State) -> tuple[float, float, float]:
+    """(offset, per acuity, per x) of a law logit-linear in both, read off the generator's law."""
+    rows = [_logit_in_x(lambda s, a=a: fn(s, a), state) for a in (0.0, 1.0, 2.0)]
+    if abs(rows[1][1] - rows[0][1]) > 1e-9 or abs((rows[2][0] - rows[1][0]) - (rows[1][0] - rows[0][0])) > 1e-9:
+        raise AssertionError("law is not additive and logit-linear in acuity and frailty")
+    return rows[0][0], rows[1][0] - rows[0][0], rows[0][1]
+
+
+PRUNE_LOG = 30.0  # grid cells whose log mass is this far below the peak are dropped (e^-30)
+
+
+def _pit(mass: np.ndarray, edges: np.ndarray, value: float) -> float:
+    """Posterior CDF at the true value (half its cell counted)."""
+    cell = int(np.clip(np.searchsorted(edges, value) - 1, 0, mass.size - 1))
+    return float(mass[:cell].sum() + 0.5 * mass[cell])
+
+
+def _joint_stay(c: StayCapture, segment_labs: list[FrailtyLab], log_p: np.ndarray, grid: FrailtyGrid,
+                agrid: Grid, following: StayCapture | None, x_true: float) -> tuple[DischargePrediction, np.ndarray]:
+    """One survived stay with acuity and x hidden: the joint posterior at discharge, and the log mass of x
+    carried to the next admission (after the survival of this discharge's mortality draw)."""
+    without_frailty_labs = dataclasses.replace(c, labs=[d for d in c.labs if d.key not in FRAILTY_LABS])
+    ll_a = _acuity_log_lik(discharge_observations(without_frailty_labs), agrid)
+    keep_a, keep_x = ll_a > ll_a.max() - PRUNE_LOG, log_p > log_p.max() - PRUNE_LOG
+    a, x = agrid.a[keep_a][:, None], grid.x[keep_x][None, :]
+    joint = ll_a[keep_a][:, None] + log_p[keep_x][None, :]
+    for d in segment_labs:
+        if d.time > c.end:
+            continue
+        shift = d.acuity_slope * (a - d.stay_acuity) + d.slope * x
+        joint = joint + _log_interval(d.low - shift, d.high - shift)
+    s_adm, s_end = c.state_at_admission, c.state_at_discharge
+    if c.truth.los_7d is not None:
+        b0, ba, bx = _logit_in_a_x(lambda s, v: M.p_long_stay(s, c.admit, v, c.stay.reason), s_adm)
+        joint = joint + _log_sigmoid((1.0 if c.stay.long_stay else -1.0) * (b0 + ba * a + bx * x))
+    if c.end > c.window_end:
+        b0, ba, bx = _logit_in_a_x(lambda s, v: M.p_in_hospital_death(s, c.admit, v, c.stay.reason), s_adm)
+        joint = joint - np.logaddexp(0.0, b0 + ba * a + bx * x)
+    m0, ma, mx = _logit_in_a_x(lambda s, v: M.p_mortality(s, c.end, dataclasses.replace(c.stay, acuity=v)), s_end)
+    q0, q1 = _logit_in_x(lambda s: M.p_readmission_if_alive(s, c.end), s_end)
+    m_logit = m0 + ma * a + mx * x
+    p_m, q = expit(m_logit), expit(q0 + q1 * x)
+    joint = joint + _disposition_log_lik(c.encounter.disposition, x + _z_offset(s_end, c.end), p_m)
+    post = np.exp(joint - joint.max())
+    post /= post.sum()
+    px, pa = np.zeros(grid.x.size), np.zeros(agrid.a.size)
+    px[keep_x], pa[keep_a] = post.sum(axis=0), post.sum(axis=1)
+    a_true = c.stay.acuity
+    x_mean, a_mean = float(px @ grid.x), float(pa @ agrid.a)
+    m_known = float(expit(m0 + ma * a_true + mx * x_true))
+    prediction = DischargePrediction(
+        c, float((post * p_m).sum()), float((post * (1 - p_m) * q).sum()),
+        x_mean, float(px @ grid.x ** 2 - x_mean ** 2), _pit(px, grid.edges, x_true), x_true,
+        m_known, (1 - m_known) * float(expit(q0 + q1 * x_true)),
+        a_mean, float(pa @ agrid.a ** 2 - a_mean ** 2), _pit(pa, agrid.edges, a_true))
+    carried = np.full(grid.x.size, -np.inf)
+    if following is not None:  # the mortality draw of this discharge was survived
+        with np.errstate(divide="ignore"):
+            carried[keep_x] = np.log(np.maximum((post * expit(-m_logit)).sum(axis=0), 0.0)) + joint.max()
+    return prediction, carried
+
+
+def _past_discharge_log_lik(c: StayCapture, following: StayCapture, x: np.ndarray,
+                            survival: bool = True) -> np.ndarray:
     """Draws at an earlier discharge that the next admission reveals: survival of the mortality draw, the
     readmission draw, and without a readmission `continues` and the gap (l.365-390)."""
     s = c.state_at_discharge
     m0, m1 = _logit_in_x(lambda st: M.p_mortality(st, c.end, c.stay), s)
     q0, q1 = _logit_in_x(lambda st: M.p_readmission_if_alive(st, c.end), s)
-    ll = _log_sigmoid(-(m0 + m1 * x))
+    ll = _log_sigmoid(-(m0 + m1 * x)) if survival else np.zeros_like(x)
     if c.truth.readmission_30d:
         return ll + _log_sigmoid(q0 + q1 * x)
     z = x + _z_offset(s, c.end)
@@ -965,17 +1057,20 @@ def verify_frailty_laws(patients: list[PatientCapture]) -> dict:
             "note": "drift z-scores ~ N(0, 1) and gap PITs ~ U(0, 1) (mean 0.5, var 1/12) under the restated laws"}
 
 
-def frailty_analysis(patients: list[PatientCapture], step: float, resamples: int, seed: int) -> dict:
-    grid = FrailtyGrid(step)
-    variants = {"bound": {"labs", "events"}, "labs_only": {"labs"}}
+def frailty_analysis(patients: list[PatientCapture], step: float, acuity_step: float, resamples: int,
+                     seed: int) -> dict:
+    grid, acuity_grid = FrailtyGrid(step), Grid(acuity_step)
+    variants = {"bound": ({"labs", "events"}, None), "labs_only": ({"labs"}, None),
+                "bound_acuity_hidden_too": ({"labs", "events"}, acuity_grid)}
     predictions = {name: [q for p in tqdm(patients, desc=f"frailty filter ({name})", unit="patient")
-                          for q in frailty_forward(p, grid, parts)] for name, parts in variants.items()}
+                          for q in frailty_forward(p, grid, parts, agrid)]
+                   for name, (parts, agrid) in variants.items()}
     main_run = predictions["bound"]
     stays = [q.stay for q in main_run]
     groups = np.array([c.patient_index for c in stays])
     held = held_out_mask(stays)
     few = [p for p in patients[: max(1, len(patients) // 20)]]
-    fine = [q for p in few for q in frailty_forward(p, FrailtyGrid(step / 4), variants["bound"])]
+    fine = [q for p in few for q in frailty_forward(p, FrailtyGrid(step / 4), variants["bound"][0])]
     report = {"admissions": len(stays), "patients": int(np.unique(groups).size), "held_out_admissions": int(held.sum()),
               "grid_step": step}
     for task in ("mortality_30d", "readmission_30d"):
@@ -1008,6 +1103,11 @@ def frailty_analysis(patients: list[PatientCapture], step: float, resamples: int
         post = PosteriorSummary(np.zeros(len(run)), np.array([q.x_mean for q in run]),
                                 np.array([q.x_var for q in run]), np.array([q.x_pit for q in run]))
         report["posterior_of_x"][name] = posterior_checks(post, x_true)
+    hidden = predictions["bound_acuity_hidden_too"]
+    post = PosteriorSummary(np.zeros(len(hidden)), np.array([q.a_mean for q in hidden]),
+                            np.array([q.a_var for q in hidden]), np.array([q.a_pit for q in hidden]))
+    report["posterior_of_acuity_in_bound_acuity_hidden_too"] = posterior_checks(
+        post, np.array([q.stay.stay.acuity for q in hidden]))
     return report
 
 
@@ -1021,6 +1121,7 @@ def main() -> None:
     parser.add_argument("--frailty", action="store_true",
                         help="instead: the frailty-hidden bound for mortality_30d and readmission_30d")
     parser.add_argument("--frailty-grid-step", type=float, default=0.04)
+    parser.add_argument("--frailty-acuity-step", type=float, default=0.05, help="acuity grid, joint variant")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -1055,7 +1156,8 @@ def run_frailty(args: argparse.Namespace, started: float) -> None:
         "resamples": args.resamples, "machine": platform.processor() or platform.machine(),
         "inpatient_admissions": len(stays),
         "restated_law_verification": {**verify_restated_laws(stays), **verify_frailty_laws(patients)},
-        "frailty_hidden": frailty_analysis(patients, args.frailty_grid_step, args.resamples, args.seed),
+        "frailty_hidden": frailty_analysis(patients, args.frailty_grid_step, args.frailty_acuity_step,
+                                           args.resamples, args.seed),
     }
     report["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1082,8 +1184,10 @@ def print_frailty_table(report: dict) -> None:
             ci, gap = entry["ci95"], entry["gap_ci95"]
             print(f"{name:34} {entry['auroc']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
                   f"{entry['gap_to_oracle']:+.4f} [{gap[0]:+.4f}, {gap[1]:+.4f}] {held:18.4f}")
-    for name, q in r["posterior_of_x"].items():
-        print(f"  {name}: corr(E[x|obs], x) {q['corr_posterior_mean_true_a']:.3f} (predicted "
+    posteriors = {f"x, {k}": v for k, v in r["posterior_of_x"].items()}
+    posteriors["acuity, bound_acuity_hidden_too"] = r["posterior_of_acuity_in_bound_acuity_hidden_too"]
+    for name, q in posteriors.items():
+        print(f"  {name}: corr(posterior mean, truth) {q['corr_posterior_mean_true_a']:.3f} (predicted "
               f"{q['predicted_corr']:.3f}), MSE {q['mse_posterior_mean']:.3f} vs mean posterior variance "
               f"{q['mean_posterior_variance']:.3f}, PIT mean {q['pit_mean']:.3f}, 90% coverage {q['coverage_90']:.3f}")
     print(f"\n{report['seconds']:.0f} s; report: see --out")
