@@ -23,6 +23,12 @@ every acuity-dependent lab value, of every evening panel time, of every presence
 
     .venv/bin/python benchmarks/oracle_bound.py --patients 20000 --seed 0 --mortality \
         --out benchmarks/results/oracle_bound_los_2026-11-27.json
+
+With `--frailty` (instead of the above) the same kind of bound for readmission_30d and mortality_30d at
+discharge, hiding frailty (and, in a second variant, the acuity too): see "frailty-hidden bound" below.
+
+    .venv/bin/python benchmarks/oracle_bound.py --frailty --patients 20000 --seed 0 \
+        --out benchmarks/results/oracle_bound_frailty_2026-11-27.json
 """
 
 from __future__ import annotations
@@ -1071,6 +1077,9 @@ def frailty_analysis(patients: list[PatientCapture], step: float, acuity_step: f
     held = held_out_mask(stays)
     few = [p for p in patients[: max(1, len(patients) // 20)]]
     fine = [q for p in few for q in frailty_forward(p, FrailtyGrid(step / 4), variants["bound"][0])]
+    few_joint = patients[: max(1, len(patients) // 40)]
+    fine_joint = [q for p in tqdm(few_joint, desc="finer grids (acuity hidden too)", unit="patient")
+                  for q in frailty_forward(p, FrailtyGrid(step / 2), variants["bound"][0], Grid(acuity_step / 2.5))]
     report = {"admissions": len(stays), "patients": int(np.unique(groups).size), "held_out_admissions": int(held.sum()),
               "grid_step": step}
     for task in ("mortality_30d", "readmission_30d"):
@@ -1088,6 +1097,10 @@ def frailty_analysis(patients: list[PatientCapture], step: float, acuity_step: f
         coarse = np.array([getattr(q, field_name) for q in main_run[: len(fine)]])
         checks["frailty_hidden_bound"]["max_abs_change_at_4x_finer_grid"] = float(
             np.max(np.abs(np.array([getattr(q, field_name) for q in fine]) - coarse)))
+        coarse = np.array([getattr(q, field_name) for q in predictions["bound_acuity_hidden_too"][: len(fine_joint)]])
+        checks["frailty_hidden_bound_acuity_hidden_too"]["max_abs_change_at_finer_grids"] = {
+            "frailty_step": step / 2, "acuity_step": acuity_step / 2.5, "stays": len(fine_joint),
+            "max_abs_change": float(np.max(np.abs(np.array([getattr(q, field_name) for q in fine_joint]) - coarse)))}
         report[task] = {
             "prevalence": float(y.mean()),
             "known_frailty_reproduces_truth": {"max_abs_diff": float(np.max(np.abs(known - truth_p)))},
