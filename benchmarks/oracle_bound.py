@@ -1063,6 +1063,19 @@ def verify_frailty_laws(patients: list[PatientCapture]) -> dict:
             "note": "drift z-scores ~ N(0, 1) and gap PITs ~ U(0, 1) (mean 0.5, var 1/12) under the restated laws"}
 
 
+FRAILTY_VARIANTS = {
+    "frailty_hidden_bound": "frailty x hidden, every stay's acuity known; x inferred (exact grid forward filter) from "
+                            "every albumin/hemoglobin value and every z-dependent draw up to the discharge",
+    "frailty_hidden_labs_only": "diagnostic, not a bound: the lab values only; the z-dependence of the known admission "
+                                "timeline, condition groups, LOS, survival and dispositions is ignored",
+    "frailty_hidden_bound_acuity_hidden_too": "frailty and each stay's acuity hidden: a joint (acuity, x) grid per stay "
+                                              "with all of the stay's acuity evidence (labs, presence rules, "
+                                              "ventilation, LOS, survival, disposition)",
+    "known": "everything else in the outcome laws and the generator's state: chronic groups, dialysis, amyloidosis, "
+             "prediabetes, reason, long stay, age, admission times and count, condition groups",
+}
+
+
 def frailty_analysis(patients: list[PatientCapture], step: float, acuity_step: float, resamples: int,
                      seed: int) -> dict:
     grid, acuity_grid = FrailtyGrid(step), Grid(acuity_step)
@@ -1081,7 +1094,7 @@ def frailty_analysis(patients: list[PatientCapture], step: float, acuity_step: f
     fine_joint = [q for p in tqdm(few_joint, desc="finer grids (acuity hidden too)", unit="patient")
                   for q in frailty_forward(p, FrailtyGrid(step / 2), variants["bound"][0], Grid(acuity_step / 2.5))]
     report = {"admissions": len(stays), "patients": int(np.unique(groups).size), "held_out_admissions": int(held.sum()),
-              "grid_step": step}
+              "grid_step": step, "acuity_grid_step": acuity_step, "variants": FRAILTY_VARIANTS}
     for task in ("mortality_30d", "readmission_30d"):
         y = np.array([getattr(c.truth, task) for c in stays], dtype=np.int8)
         truth_p = np.array([getattr(c.truth, f"{task}_probability") for c in stays])
