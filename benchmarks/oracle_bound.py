@@ -1037,10 +1037,8 @@ def verify_frailty_laws(patients: list[PatientCapture]) -> dict:
             labs += 1
             mismatch += lab_value(d.key, d.full_shift, d.noise) != d.value
             clamped += d.value == round(LABS[d.key].spread, LABS[d.key].decimals)
-        previous_x = None
-        for k, (_, variance, x_after) in enumerate(p.drift_steps):
-            if k == 0:
-                previous_x = p.first_groups_state.frailty0
+        previous_x = p.first_groups_state.frailty0  # no drift before the first admission
+        for _, variance, x_after in p.drift_steps:
             if variance > 0:
                 steps.append((x_after - previous_x) / math.sqrt(variance))
             previous_x = x_after
@@ -1088,7 +1086,7 @@ def frailty_analysis(patients: list[PatientCapture], step: float, acuity_step: f
     stays = [q.stay for q in main_run]
     groups = np.array([c.patient_index for c in stays])
     held = held_out_mask(stays)
-    few = [p for p in patients[: max(1, len(patients) // 20)]]
+    few = patients[: max(1, len(patients) // 20)]
     fine = [q for p in few for q in frailty_forward(p, FrailtyGrid(step / 4), variants["bound"][0])]
     few_joint = patients[: max(1, len(patients) // 40)]
     fine_joint = [q for p in tqdm(few_joint, desc="finer grids (acuity hidden too)", unit="patient")
