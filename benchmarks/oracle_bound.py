@@ -1191,6 +1191,18 @@ def run_frailty(args: argparse.Namespace, started: float) -> None:
     print_frailty_table(report)
 
 
+def _print_aurocs(task: str, admissions: int, result: dict) -> None:
+    """One task's scores: AUROC with its interval, gap to the oracle, and the held-out AUROC."""
+    print(f"\n{task}: {admissions:,} admissions, prevalence {result['prevalence']:.3f}; "
+          f"held_out {result['held_out']['admissions']:,}")
+    print(f"{'score':34} {'AUROC (all)':>26} {'gap to oracle':>24} {'AUROC (held_out)':>18}")
+    for name, entry in result["auroc"].items():
+        held = result["held_out"]["auroc"][name]["auroc"]
+        ci, gap = entry["ci95"], entry["gap_ci95"]
+        print(f"{name:34} {entry['auroc']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
+              f"{entry['gap_to_oracle']:+.4f} [{gap[0]:+.4f}, {gap[1]:+.4f}] {held:18.4f}")
+
+
 def print_frailty_table(report: dict) -> None:
     v = report["restated_law_verification"]
     print(f"\nrestated laws: {v['frailty_labs']:,} albumin/hemoglobin values, {v['value_mismatches']} value "
@@ -1199,15 +1211,7 @@ def print_frailty_table(report: dict) -> None:
           f"gap PIT mean {v['gap_pit_mean']:.3f} var {v['gap_pit_var']:.4f}")
     r = report["frailty_hidden"]
     for task in ("mortality_30d", "readmission_30d"):
-        t = r[task]
-        print(f"\n{task}: {r['admissions']:,} admissions, prevalence {t['prevalence']:.3f}; "
-              f"held_out {t['held_out']['admissions']:,}")
-        print(f"{'score':34} {'AUROC (all)':>26} {'gap to oracle':>24} {'AUROC (held_out)':>18}")
-        for name, entry in t["auroc"].items():
-            held = t["held_out"]["auroc"][name]["auroc"]
-            ci, gap = entry["ci95"], entry["gap_ci95"]
-            print(f"{name:34} {entry['auroc']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
-                  f"{entry['gap_to_oracle']:+.4f} [{gap[0]:+.4f}, {gap[1]:+.4f}] {held:18.4f}")
+        _print_aurocs(task, r["admissions"], r[task])
     posteriors = {f"x, {k}": v for k, v in r["posterior_of_x"].items()}
     posteriors["acuity, bound_acuity_hidden_too"] = r["posterior_of_acuity_in_bound_acuity_hidden_too"]
     for name, q in posteriors.items():
@@ -1226,14 +1230,7 @@ def print_table(report: dict) -> None:
         if task not in report:
             continue
         r = report[task]
-        print(f"\n{task}: {r['admissions']:,} admissions, prevalence {r['prevalence']:.3f}; "
-              f"held_out {r['held_out']['admissions']:,}")
-        print(f"{'score':34} {'AUROC (all)':>26} {'gap to oracle':>24} {'AUROC (held_out)':>18}")
-        for name, entry in r["auroc"].items():
-            held = r["held_out"]["auroc"][name]["auroc"]
-            ci, gap = entry["ci95"], entry["gap_ci95"]
-            print(f"{name:34} {entry['auroc']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
-                  f"{entry['gap_to_oracle']:+.4f} [{gap[0]:+.4f}, {gap[1]:+.4f}] {held:18.4f}")
+        _print_aurocs(task, r["admissions"], r)
         for name, entry in r["checks"].items():
             if "posterior" in entry:
                 q = entry["posterior"]

@@ -180,30 +180,30 @@ def _forking_is_safe() -> bool:
 def _forked_helper_setup(workers: int) -> None:
     """What a spawned helper gets from `worker_environment`, applied after the fork: polars' thread pool (not
     started yet, see _forking_is_safe) sized for a share of the cores, pyarrow on the system allocator, and
-    glibc keeping big freed buffers. (OpenBLAS keeps the parent's setting: ingestion never calls it.)"""
-    settings = {"POLARS_MAX_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-    for name, value in settings.items():
-        os.environ.setdefault(name, value)
-    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+    glibc keeping big freed buffers. (OpenBLAS and polars' allocator keep the parent's settings: both were
+    read when they loaded.)"""
+    settings = _ingest_environment(workers, helpers=True)
+    if "POLARS_MAX_THREADS" in settings:
+        os.environ["POLARS_MAX_THREADS"] = settings["POLARS_MAX_THREADS"]
+    if "ARROW_DEFAULT_MEMORY_POOL" in settings:
         import pyarrow as pa
 
         pa.set_memory_pool(pa.system_memory_pool())
-    _keep_freed_buffers()
+    _set_malloc_options({name: int(settings[name]) for name in _MALLOPT_PARAMETERS if name in settings})
 
 
-def _keep_freed_buffers() -> None:
-    """glibc's malloc settings that spawned helpers get from MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
-    (see worker_environment), set in this process (a forked helper) unless the user set them."""
+# glibc reads these variables at start; a forked helper sets them through mallopt (malloc.h's parameter numbers)
+_MALLOPT_PARAMETERS = {"MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_THRESHOLD_": -1}
+
+
+def _set_malloc_options(values: dict[str, int]) -> None:
+    """Set glibc malloc options in this process (a forked helper), named by their environment variables."""
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
-    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        mallopt(mmap_threshold, 32 << 20)
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        mallopt(trim_threshold, 1 << 30)
+    for name, value in values.items():
+        mallopt(_MALLOPT_PARAMETERS[name], value)
 
 
 @contextlib.contextmanager
