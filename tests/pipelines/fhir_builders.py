@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import orjson
@@ -86,3 +87,9 @@ def small_cohort(folder: Path) -> Path:
         lab(f"o{i}", "a" if i % 2 else "b", None, f"2150-0{1 + i % 5}-02T0{i % 10}:00:00Z", float(i)) for i in range(20)
     ])
     return folder
+
+
+def dataset_digests(out: Path) -> dict[str, str]:
+    """SHA-256 of every file an ingest run wrote, less the two that hold times and paths."""
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name not in ("ingest_report.json", "dataset.json")}

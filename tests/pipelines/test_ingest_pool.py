@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import subprocess
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fhir_builders import lab, patient, write_ndjson
+from fhir_builders import dataset_digests, lab, patient, write_ndjson
 
 from odyssey.pipelines.ingest import ingest_fhir
 from odyssey.pipelines.ingest_pool import Workers, users_allocator_options, worker_pool
@@ -265,12 +264,8 @@ def test_forked_helpers_write_the_dataset_a_single_process_writes(tmp_path):
     result = subprocess.run([sys.executable, "-c", _FORKED_INGEST, str(tmp_path / "in"), str(tmp_path / "forked")],
                             env={**clean, "OPENBLAS_NUM_THREADS": "1"}, capture_output=True, text=True, check=True, timeout=300)
     assert result.stdout.split() == ["forked"]
-    assert _outputs(tmp_path / "forked") == _outputs(tmp_path / "alone")
+    assert dataset_digests(tmp_path / "forked") == dataset_digests(tmp_path / "alone")
 
-
-def _outputs(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and p.name not in ("ingest_report.json", "dataset.json")}
 
 
 def test_the_users_allocator_options_are_what_follows_polars_own():

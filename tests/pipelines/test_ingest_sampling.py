@@ -5,14 +5,13 @@ rejects and counts are the ones of a run where every process validates its own c
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import pytest
-from fhir_builders import encounter, lab, patient, write_ndjson
+from fhir_builders import dataset_digests, encounter, lab, patient, write_ndjson
 
 from odyssey.pipelines.fhir_sources import discover, plan_chunks
 from odyssey.pipelines.ingest import ingest_fhir, load_code_systems
@@ -45,10 +44,6 @@ def _refused(invalid_every: int | None) -> range:
     return range(0, 8000, invalid_every) if invalid_every else range(0)
 
 
-def _outputs(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and p.name not in ("ingest_report.json", "dataset.json")}
-
 
 def _counts(report) -> dict:
     return {name: (c.read, c.written, c.rejected, c.skipped, c.rejected_reasons) for name, c in
@@ -64,7 +59,7 @@ def test_one_validating_process_gives_the_same_dataset(tmp_path, compiled_reader
     options = {"chunk_mb": 1, "sample_every": 1, "compiled_reader": compiled_reader}
     alone = ingest_fhir([folder], tmp_path / "alone", workers=1, **options)
     shared = ingest_fhir([folder], tmp_path / "shared", workers=2, **options)
-    assert _outputs(tmp_path / "shared") == _outputs(tmp_path / "alone")
+    assert dataset_digests(tmp_path / "shared") == dataset_digests(tmp_path / "alone")
     assert _counts(shared) == _counts(alone)
     assert shared.validated_resources == alone.validated_resources == 8000 + 2 + 1 + 2
     refused = alone.resource_types["Observation"].rejected_reasons
