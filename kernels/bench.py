@@ -246,13 +246,12 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
             "exps_fwd": shape.elements * shape.d_state}
 
 
-_V8_BACKWARD = {"adjoint": 3, "lane_flip": False}
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
-    # after v9 (adjoint 5 with the lane-shuffle flip is the default): v8's backward for reference, the
-    # forward's chunk-end states stored once per chunk (v9: -5% forward at S1, +4% at S2); at d_state
-    # 64 the 1-warp forward (v9: -4% forward)
-    "b32_L2048_N16": [{}, _V8_BACKWARD, {"fwd_end_tile": True}],
-    "b8_L16384_N16": [{}, _V8_BACKWARD, {"fwd_end_tile": True}],
+    # v10: the sequential forward is the default for d_state <= 16 with rows enough (S1, not S2); H200
+    # 2026-11-27 23:10 UTC: S1 forward 1.56 ms (state loop 1.63), 2- and 4-warp programs 1.58 / 1.61; S2
+    # 10.7 ms (state loop 3.9); its time loop software-pipelined (loads through shared memory): S1 4.9 ms.
+    "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}],
+    "b8_L16384_N16": [{}, {"fwd_variant": "seq"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x

@@ -50,6 +50,10 @@ KERNELS = {  # name: (kernel, constexprs, warps, register cap, float32 pointers)
             ("B_ptr", "C_ptr")),
     "fwd": (kernels._fwd_state_loop_kernel,
             {**COMMON, "STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 4, "PAIR": 2}, 1, None, ()),
+    # the sequential forward (v10): 32 channels a warp, B and C from time-major float32 copies
+    "seq": (kernels._fwd_seq_kernel,
+            {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
+            | {"STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 32}, 1, None, ("A2_ptr", "BT_ptr", "CT_ptr")),
 }
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+((?:@!?U?P[T\d]\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")
 REPORTED = ("SHFL", "MUFU", "FFMA", "FMUL", "FADD", "LDS", "LDSM", "STS", "LDL", "STL", "BAR", "REDG")
@@ -158,7 +162,7 @@ def _parse_set(items: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=sorted(KERNELS), action="append",
-                        help="bwd and/or fwd (default: both)")
+                        help="bwd, fwd and/or seq (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a kernel constexpr (e.g. BLOCK_D=8, ADJOINT=0) or num_warps")
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (0: none; default: as launched)")

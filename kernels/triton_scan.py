@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from odyssey.kernels import triton_scan_kernels
 from odyssey.kernels.triton_scan_kernels import (
     _bwd_carry_kernel,
     _bwd_chunk_kernel,
@@ -39,8 +40,11 @@ FWD_TILE_ELEMENTS = 4096
 BWD_TILE_ELEMENTS = 2048
 # Enough chunk programs in the two-pass backward to fill a large GPU several times over.
 BWD_TARGET_PROGRAMS = 1024
-# The sequential forward holds all states of a channel in one thread: up to this many.
-SEQ_MAX_STATES = 16
+# The sequential forward holds all states of a channel in one thread, padded to SEQ_STATES, and reads
+# SEQ_STEPS steps at a time.
+SEQ_STATES = triton_scan_kernels.SEQ_STATES.value
+SEQ_STEPS = triton_scan_kernels.SEQ_STEPS.value
+SEQ_MIN_WARPS = 8  # per multiprocessor, for the sequential forward to be the default
 CHUNK = 64  # steps between saved states; the backward's time tile
 SMALL_STATE_FWD = 16  # d_state (padded) up to which the forward runs 1-warp programs of
 SMALL_STATE_FWD_CHANNELS = 4  # this many channels
@@ -122,15 +126,6 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _seq_warps(rows: int, multiprocessors: int) -> int:
-    """Warps per program of the sequential forward (one channel a thread): as many as keep at least two
-    programs per multiprocessor, since a long sequence cannot be split across programs."""
-    warps = 4
-    while warps > 1 and rows < 2 * multiprocessors * THREADS_PER_WARP * warps:
-        warps //= 2
-    return warps
-
-
 def _wave_fill(programs: int, slots: int) -> float:
     """Mean occupancy of the waves `programs` equal programs take on `slots` concurrent slots."""
     waves = programs / slots
@@ -154,21 +149,25 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     never straddles two groups of B/C."""
     over = CONFIG_OVERRIDES
     block_n = triton.next_power_of_2(max(d_state, 1))
-    fwd_variant = over.get("fwd_variant", "state_loop")
-    if fwd_variant == "seq" and block_n > SEQ_MAX_STATES:
+    # the sequential forward (v10) for d_state <= 16 when there are channel rows enough to keep
+    # SEQ_MIN_WARPS warps on every multiprocessor: one channel a thread has no cross-lane work but
+    # only its own dependency chain to hide latency with (H200: b32/L2048 forward 1.63 -> 1.56 ms and
+    # forward+backward 6.67 -> 6.18; b8/L16384, 2.9 warps per multiprocessor, 3.9 -> 10.7 ms)
+    enough_rows = rows >= SEQ_MIN_WARPS * THREADS_PER_WARP * multiprocessors
+    fwd_variant = over.get("fwd_variant", "seq" if block_n <= SEQ_STATES and enough_rows else "state_loop")
+    chunk = over.get("chunk", CHUNK)
+    if fwd_variant == "seq" and (block_n > SEQ_STATES or chunk % SEQ_STEPS):
         fwd_variant = "state_loop"  # a thread holds all states of its channel: only for small d_state
     bwd_variant = over.get("bwd_variant", "state_loop")
     if fwd_variant not in FWD_VARIANTS or bwd_variant not in BWD_VARIANTS:
         raise ValueError(f"unknown scan variants {fwd_variant!r}, {bwd_variant!r}")
-    chunk = over.get("chunk", CHUNK)
     # 1-warp forward programs of 4 channels for small d_state since v8: the per-state chunk-end
     # store no longer synchronizes 4 warps twice per state index (H200: S1 1.80 -> 1.68 ms, S2 4.10 ->
     # 3.74); measured at d_state 16 only, so larger states keep 16 channels x 4 warps
     small_state_fwd = fwd_variant == "state_loop" and block_n <= SMALL_STATE_FWD
-    if fwd_variant == "seq":
-        default_fwd_warps = _seq_warps(rows, multiprocessors)
-    else:
-        default_fwd_warps = 1 if small_state_fwd else 4
+    # 1-warp programs of the sequential forward: a long sequence leaves few channel rows (b8 x 1536: 384
+    # warps in all), and small programs spread them over every multiprocessor
+    default_fwd_warps = 1 if small_state_fwd or fwd_variant == "seq" else 4
     warps_fwd = over.get("warps_fwd", default_fwd_warps)
     # 1-warp backward programs for small d_state: dB/dC sums stay inside a warp (no cross-warp
     # reduction or barrier per state index; v4: 8 channels x 1 warp 9% faster than 32 x 4). Since v7
@@ -390,11 +389,15 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     out = torch.empty_like(u) if seqs.dense else torch.zeros_like(u)
     # without store_states (nothing to differentiate) the state-loop forward still carries its
     # chunk-end states through memory, in two slots used in turn: O(dim x N), not O(chunks x dim x N)
+    if cfg.fwd_variant == "seq":
+        out, last, states = _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs, store_states,
+                                         cfg, n_chunks)
+        return out, last, states, cfg
     states = torch.empty(seqs.count, n_chunks if store_states else 2, dim, d_state,
                          device=u.device, dtype=torch.float32)
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
-    kernel = {"seq": _fwd_seq_kernel, "state_loop": _fwd_state_loop_kernel, "tile3d": _scan_fwd_kernel}
+    kernel = {"state_loop": _fwd_state_loop_kernel, "tile3d": _scan_fwd_kernel}
     extra = {}
     if cfg.fwd_variant == "state_loop":
         full = cfg.unmasked_fwd and _full_tiles(seqs, dim, cfg.block_d_fwd, cfg.chunk, d_state, cfg.pair)
@@ -413,6 +416,44 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
         BLOCK_D=cfg.block_d_fwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_fwd, **extra,
     )
     return out, last, states, cfg
+
+
+def _time_major_rows(X4: torch.Tensor, steps: int) -> torch.Tensor:
+    """(batch, groups, N, L) -> (batch, groups, steps, SEQ_STATES) float32, zero-padded in N and time."""
+    batch, groups, d_state, length = X4.shape
+    rows = X4.new_zeros(batch, groups, steps, SEQ_STATES, dtype=torch.float32)
+    rows[:, :, :length, :d_state] = X4.transpose(-1, -2)
+    return rows
+
+
+def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, store_states: bool,
+                 cfg: ScanConfig, n_chunks: int):
+    """The sequential forward: states padded to SEQ_STATES in its buffers, handed back as views of
+    d_state columns (the backward reads them through strides)."""
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    out = torch.empty_like(u) if seqs.dense else torch.zeros_like(u)
+    states = torch.empty(seqs.count, n_chunks if store_states else 0, dim, SEQ_STATES,
+                         device=u.device, dtype=torch.float32)
+    last = torch.empty(seqs.count, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+    A2 = torch.zeros(dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+    A2[:, :d_state] = A.float() * math.log2(math.e)
+    # every 8-step block reads whole rows: pad time past the last block of the latest sequence
+    steps = length + SEQ_STEPS
+    BT, CT = _time_major_rows(B4, steps), _time_major_rows(C4, steps)
+    grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
+    _fwd_seq_kernel[grid](
+        u, delta, A2, BT, CT, D if D is not None else u, z if z is not None else u,
+        delta_bias if delta_bias is not None else u, out, states, last,
+        seqs.batch_row, seqs.start, seqs.length, seqs.max_len, dim, dim // B4.shape[1],
+        *u.stride(), *delta.stride(), BT.stride(0), BT.stride(1), BT.stride(2),
+        *_strides3(z), *out.stride(), states.stride(0), states.stride(1), states.stride(2),
+        last.stride(0), last.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        VARLEN=not seqs.dense, STORE_STATES=store_states, STORE_LAST=True,
+        BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, num_warps=cfg.warps_fwd,
+    )
+    return out, last[..., :d_state], states[..., :d_state]
 
 
 def _backward(ctx, dout, dlast):
@@ -471,7 +512,8 @@ def _backward(ctx, dout, dlast):
         )
         return du, ddelta, dA, dB, dC, dD, dz, dbias
 
-    gstates = torch.empty_like(states)
+    # the chunk kernel reads states and gstates with one set of strides (states may be a padded view)
+    gstates = torch.empty_strided(states.shape, states.stride(), device=states.device, dtype=states.dtype)
     grid_carry = (triton.cdiv(dim, cfg.block_d_carry), seqs.count)
     _bwd_carry_kernel[grid_carry](
         dout, delta, A, C4, z if z is not None else u, delta_bias if delta_bias is not None else u,

@@ -8,7 +8,8 @@ backward recomputes the rest from those. Variants (chosen in `triton_scan.scan_c
   over the state index n with (channels, CHUNK) register tiles; the recurrence along time is a
   `tl.associative_scan`. y (forward) and du, ddelta, dz (backward) are summed over n in registers; dB
   and dC are summed over the program's channels before one atomic add per (n, chunk).
-- `_fwd_seq_kernel`: one channel per thread with all its states in registers, a sequential time loop.
+- `_fwd_seq_kernel`: one channel per thread with its 16 states in registers, a sequential time loop
+  without cross-lane work (d_state <= 16).
 - `_scan_fwd_kernel` + `_bwd_carry_kernel` + `_bwd_chunk_kernel`: a (channels, N, CHUNK) tile forward and
   a two-pass backward (a reverse sweep storing the adjoint at chunk starts, then all chunks in parallel).
 - `_state_update_kernel`: one decoding step.
@@ -424,99 +425,165 @@ def _state_update_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Version 2: a sequential forward and a state-by-state backward (see NOTES.md, v2).
+# The sequential forward (v10): one channel a thread, its 16 states in registers, no cross-lane work.
 # ---------------------------------------------------------------------------------------------------
 
-
-@triton.jit
-def _split4(x):
-    """(R, 4) -> its four columns, register moves when the 4 steps sit in one thread."""
-    even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))
-    x0, x2 = tl.split(even)
-    x1, x3 = tl.split(odd)
-    return x0, x1, x2, x3
+SEQ_STATES = tl.constexpr(16)  # the sequential forward's register row: d_state padded to 16
+SEQ_STEPS = tl.constexpr(8)  # steps of u, delta, z read at once: one 16-byte load of a 16-bit row
 
 
 @triton.jit
-def _join4(x0, x1, x2, x3):
-    """Inverse of _split4: four (R,) columns -> (R, 4)."""
-    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [x0.shape[0], 4])
+def _halves(x):
+    """(R, 2m) -> its even and odd columns; register moves when a row sits in one thread."""
+    return tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
 
 
 @triton.jit
-def _seq_step(h, A2, u, dt, Bt, Ct):
-    """One step for a (N, channels) state held one channel per thread: the sum over N stays in-thread."""
-    h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * u)[None, :]
-    return h, tl.sum(h * Ct[:, None], axis=0)
+def _interleave(even, odd):
+    """Inverse of _halves: (R,) or (R, m) even and odd columns -> (R, 2m)."""
+    return tl.reshape(tl.join(even, odd), [even.shape[0], 2 * (even.numel // even.shape[0])])
+
+
+@triton.jit
+def _columns8(x):
+    """(R, 8) -> its eight (R,) columns."""
+    rows: tl.constexpr = x.shape[0]
+    even, odd = _halves(x)
+    e0, e1 = _halves(even)
+    o0, o1 = _halves(odd)
+    c0, c4 = _halves(e0)
+    c2, c6 = _halves(e1)
+    c1, c5 = _halves(o0)
+    c3, c7 = _halves(o1)
+    return (tl.reshape(c0, [rows]), tl.reshape(c1, [rows]), tl.reshape(c2, [rows]), tl.reshape(c3, [rows]),
+            tl.reshape(c4, [rows]), tl.reshape(c5, [rows]), tl.reshape(c6, [rows]), tl.reshape(c7, [rows]))
+
+
+@triton.jit
+def _rows8(c0, c1, c2, c3, c4, c5, c6, c7):
+    """Inverse of _columns8."""
+    even = _interleave(_interleave(c0, c4), _interleave(c2, c6))
+    odd = _interleave(_interleave(c1, c5), _interleave(c3, c7))
+    return _interleave(even, odd)
+
+
+@triton.jit
+def _load_row16(rows, mask_rows):
+    """A float32 row of 16 per pointer in `rows`, as four 16-byte loads joined inside the thread (a
+    direct (R, 16) load would spread each row over four lanes). The register order is a fixed
+    permutation of the columns, the same for every row read this way and undone by _store_row16."""
+    q = tl.arange(0, 4)
+    m = mask_rows[:, None]
+    t0 = tl.load(rows[:, None] + q[None, :], mask=m, other=0.0)
+    t1 = tl.load(rows[:, None] + (q + 4)[None, :], mask=m, other=0.0)
+    t2 = tl.load(rows[:, None] + (q + 8)[None, :], mask=m, other=0.0)
+    t3 = tl.load(rows[:, None] + (q + 12)[None, :], mask=m, other=0.0)
+    return tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [rows.shape[0], 16])
+
+
+@triton.jit
+def _load_uniform_row16(rows):
+    """_load_row16 for rows that are always in range (padded copies): no masks, no zero fill."""
+    q = tl.arange(0, 4)
+    t0 = tl.load(rows[:, None] + q[None, :])
+    t1 = tl.load(rows[:, None] + (q + 4)[None, :])
+    t2 = tl.load(rows[:, None] + (q + 8)[None, :])
+    t3 = tl.load(rows[:, None] + (q + 12)[None, :])
+    return tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [rows.shape[0], 16])
+
+
+@triton.jit
+def _store_row16(rows, x, mask_rows):
+    """Inverse of _load_row16."""
+    first, second = tl.split(tl.reshape(x, [rows.shape[0], 4, 2, 2]))
+    t0, t1 = tl.split(first)
+    t2, t3 = tl.split(second)
+    q = tl.arange(0, 4)
+    m = mask_rows[:, None]
+    tl.store(rows[:, None] + q[None, :], t0, mask=m)
+    tl.store(rows[:, None] + (q + 4)[None, :], t1, mask=m)
+    tl.store(rows[:, None] + (q + 8)[None, :], t2, mask=m)
+    tl.store(rows[:, None] + (q + 12)[None, :], t3, mask=m)
+
+
+@triton.jit
+def _seq_step(h, A2, dt, dtu, Bt_rows, Ct_rows):
+    """One time step of (channels, 16) states; the sum over states for y stays in the thread."""
+    h = tl.exp2(A2 * dt[:, None]) * h + _load_uniform_row16(Bt_rows) * dtu[:, None]
+    return h, tl.sum(h * _load_uniform_row16(Ct_rows), axis=1)
 
 
 @triton.jit
 def _fwd_seq_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
+    u_ptr, dt_ptr, A2_ptr, BT_ptr, CT_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
     seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
-    dim, N, channels_per_group,
-    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n,
-    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    dim, channels_per_group,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sBT_b, sBT_g, sBT_l,
     sz_b, sz_d, sz_l, so_b, so_d, so_l,
-    ss_s, ss_c, ss_d, ss_n, sl_s, sl_d, sl_n,
+    ss_s, ss_c, ss_d, sl_s, sl_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    VARLEN: tl.constexpr,
-    STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    VARLEN: tl.constexpr, STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Sequential in time: each thread owns one channel and all its states (the sum over states
-    stays in-thread); u, delta, z are read one step at a time and stay in L1 between steps."""
+    """Sequential in time, one channel a thread with its 16 states in registers: per element and
+    state one exp2 and four multiply-adds, no shuffles, no barriers. u, delta, z come 8 steps at a time
+    in one 16-byte load per row; B and C from time-major float32 copies (A2_ptr: A * log2(e), BT_ptr,
+    CT_ptr: (batch, groups, steps, 16), zero-padded so every row read is in range)."""
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
     b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
-    mask_n = offs_n < N
     group = (pid_d * BLOCK_D) // channels_per_group
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    A2 = tl.load(A_ptr + offs_n[:, None] * sA_n + offs_d[None, :] * sA_d, mask=mask_nd, other=0.0)
-    A2 = A2.to(tl.float32) * LOG2E
+    A2 = _load_row16(A2_ptr + offs_d * SEQ_STATES, mask_d)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros([BLOCK_D], tl.float32)
+    steps = tl.arange(0, SEQ_STEPS)
+    u_rows = u_ptr + b * su_b + offs_d * su_d
+    dt_rows = dt_ptr + b * sdt_b + offs_d * sdt_d
+    z_rows = z_ptr + b * sz_b + offs_d * sz_d
+    out_rows = out_ptr + b * so_b + offs_d * so_d
+    # the same B_t / C_t row for every channel of the program (a broadcast load)
+    bt_rows = BT_ptr + b * sBT_b + group * sBT_g + offs_d * 0
+    ct_rows = CT_ptr + b * sBT_b + group * sBT_g + offs_d * 0
+    st_rows = states_ptr + seq * ss_s + offs_d * ss_d
 
-    u_row = u_ptr + b * su_b + offs_d * su_d
-    dt_row = dt_ptr + b * sdt_b + offs_d * sdt_d
-    z_row = z_ptr + b * sz_b + offs_d * sz_d
-    o_row = out_ptr + b * so_b + offs_d * so_d
-    B_col = B_ptr + b * sB_b + group * sB_g + offs_n * sB_n
-    C_col = C_ptr + b * sC_b + group * sC_g + offs_n * sC_n
-    st_tile = states_ptr + seq * ss_s + offs_n[:, None] * ss_n + offs_d[None, :] * ss_d
-
-    h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    n_chunks = tl.cdiv(length, CHUNK)
-    for c in range(0, n_chunks):
-        if STORE_STATES:
-            tl.store(st_tile + c * ss_c, h, mask=mask_nd)
-        for t_local in range(c * CHUNK, tl.minimum((c + 1) * CHUNK, length)):
-            t = t_first + t_local
-            u = tl.load(u_row + t * su_l, mask=mask_d, other=0.0).to(tl.float32)
-            dt = tl.load(dt_row + t * sdt_l, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt += bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            Bt = tl.load(B_col + t * sB_l, mask=mask_n, other=0.0).to(tl.float32)
-            Ct = tl.load(C_col + t * sC_l, mask=mask_n, other=0.0).to(tl.float32)
-            h, y = _seq_step(h, A2, u, dt, Bt, Ct)
-            if HAS_D:
-                y += Dv * u
-            if HAS_Z:
-                zv = tl.load(z_row + t * sz_l, mask=mask_d, other=0.0).to(tl.float32)
-                y = y * zv * tl.sigmoid(zv)
-            tl.store(o_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+    h = tl.zeros([BLOCK_D, SEQ_STATES], tl.float32)
+    for t0 in range(0, length, SEQ_STEPS):
+        if STORE_STATES:  # noqa: SIM102 (a compile-time and a run-time condition)
+            if t0 % CHUNK == 0:
+                _store_row16(st_rows + (t0 // CHUNK) * ss_c, h, mask_d)
+        t = t_first + t0 + steps
+        mask = mask_d[:, None] & (t0 + steps < length)[None, :]
+        u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
+        dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _columns8(dt)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _columns8(dt * u)
+        bt = bt_rows + (t_first + t0) * sBT_l
+        ct = ct_rows + (t_first + t0) * sBT_l
+        h, y0 = _seq_step(h, A2, d0, v0, bt, ct)
+        h, y1 = _seq_step(h, A2, d1, v1, bt + sBT_l, ct + sBT_l)
+        h, y2 = _seq_step(h, A2, d2, v2, bt + 2 * sBT_l, ct + 2 * sBT_l)
+        h, y3 = _seq_step(h, A2, d3, v3, bt + 3 * sBT_l, ct + 3 * sBT_l)
+        h, y4 = _seq_step(h, A2, d4, v4, bt + 4 * sBT_l, ct + 4 * sBT_l)
+        h, y5 = _seq_step(h, A2, d5, v5, bt + 5 * sBT_l, ct + 5 * sBT_l)
+        h, y6 = _seq_step(h, A2, d6, v6, bt + 6 * sBT_l, ct + 6 * sBT_l)
+        h, y7 = _seq_step(h, A2, d7, v7, bt + 7 * sBT_l, ct + 7 * sBT_l)
+        y = _rows8(y0, y1, y2, y3, y4, y5, y6, y7)
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask, other=0.0).to(tl.float32)
+            y = y * zv * tl.sigmoid(zv)
+        tl.store(out_rows[:, None] + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=mask)
     if STORE_LAST:
-        tl.store(last_ptr + seq * sl_s + offs_n[:, None] * sl_n + offs_d[None, :] * sl_d, h, mask=mask_nd)
+        # masked steps have delta 0 and leave the state as it was: h is the state after `length` steps
+        _store_row16(last_ptr + seq * sl_s + offs_d * sl_d, h, mask_d)
 
 
 @triton.jit

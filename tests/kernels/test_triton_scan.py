@@ -96,10 +96,11 @@ def test_matches_reference_across_chunk_boundaries(length):
     compare(make_inputs(length=length, seed=length))
 
 
-@pytest.mark.parametrize("variant", ["state_loop", "seq"])
-def test_forward_without_gradients_keeps_two_state_slots(variant, monkeypatch):
-    """Under no_grad nothing is saved for a backward: the chunk carry uses two slots in turn (300 steps:
-    five chunks, so each slot is rewritten), with the same outputs and last state as a differentiated call."""
+@pytest.mark.parametrize("variant,kept_states", [("state_loop", 2), ("seq", 0)])
+def test_forward_without_gradients_keeps_no_chunk_states(variant, kept_states, monkeypatch):
+    """Under no_grad nothing is saved for a backward: the state-loop forward's chunk carry uses two
+    slots in turn (300 steps: five chunks, so each slot is rewritten), the sequential one none (its
+    carry stays in registers), with the same outputs and last state as a differentiated call."""
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": variant})
     inputs = make_inputs(dim=8, d_state=4, length=300, seed=31)
     args = [inputs[k] for k in NAMES]
@@ -110,10 +111,18 @@ def test_forward_without_gradients_keeps_two_state_slots(variant, monkeypatch):
     with torch.no_grad():
         out, last = triton_scan.selective_scan_triton(*args, delta_softplus=True, return_last_state=True)
     kept_out, kept_last = triton_scan.selective_scan_triton(*args, delta_softplus=True, return_last_state=True)
-    assert slots == [2, 5]
+    assert slots == [kept_states, 5]
     assert torch.equal(out, kept_out.detach()) and torch.equal(last, kept_last.detach())
     exact = [t.detach().double() if t is not None else None for t in args]
     assert rel_err(out, selective_scan_reference(*exact, delta_softplus=True)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("length,d_state", [(1, 16), (17, 16), (65, 5), (300, 16)])
+def test_sequential_forward_matches_reference(length, d_state, monkeypatch):
+    """The sequential forward (one channel a thread, 16 states padded, 8-step blocks) at lengths that
+    end inside a block and a chunk, under the backward's gradients."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq"})
+    compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
 
 
 @pytest.mark.parametrize("groups,with_z", [(2, False), (4, True)])
@@ -179,7 +188,9 @@ def _row(inputs, b, length):
     return row
 
 
-def test_varlen_per_row_lengths():
+@pytest.mark.parametrize("forward", ["state_loop", "seq"])
+def test_varlen_per_row_lengths(forward, monkeypatch):
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": forward})
     inputs = make_inputs(batch=4, length=70, groups=2, seed=3)
     lengths = torch.tensor([65, 1, 0, 30])
     args = [inputs[k] for k in NAMES]
@@ -210,7 +221,9 @@ def test_varlen_per_row_lengths():
             assert (grads[name][b, ..., n:] == 0).all(), name
 
 
-def test_varlen_packed_cu_seqlens():
+@pytest.mark.parametrize("forward", ["state_loop", "seq"])
+def test_varlen_packed_cu_seqlens(forward, monkeypatch):
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": forward})
     lengths = [64, 3, 70]
     total = sum(lengths) + 5  # a tail that belongs to no sequence
     inputs = make_inputs(batch=1, length=total, seed=4)
@@ -419,9 +432,14 @@ def test_backward_register_cap_keeps_the_last_wave_full():
     last wave mostly empty; then 12 (cap 168). 132 multiprocessors, dim 1536, d_state 16."""
     config = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132)
     assert (config.block_d_bwd, config.warps_bwd, config.bwd_maxnreg, config.adjoint) == (4, 1, 128, 5)
-    assert (config.block_d_fwd, config.warps_fwd) == (4, 1)  # 1-warp forward programs since v8
+    # the sequential forward since v10: 32 channels a 1-warp program
+    assert (config.fwd_variant, config.block_d_fwd, config.warps_fwd) == ("seq", 32, 1)
     # batch 8: 3,072 programs fill 1.45 waves of 2,112 slots but 1.94 waves of 1,584
-    assert triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132).bwd_maxnreg == 168
+    long_rows = triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132)
+    assert long_rows.bwd_maxnreg == 168
+    # and 2.9 warps per multiprocessor are too few for the sequential forward
+    assert (long_rows.fwd_variant, long_rows.block_d_fwd) == ("state_loop", 4)
+    assert triton_scan.scan_config(32, 1536, rows=32 * 1536, multiprocessors=132).fwd_variant == "state_loop"
     assert triton_scan._wave_fill(3072, 1584) == pytest.approx(3072 / 3168)
     # since v8 d_state 64 too; larger states keep 4-warp programs and no cap
     config64 = triton_scan.scan_config(64, 1536, rows=32 * 1536, multiprocessors=132)
