@@ -248,10 +248,13 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
     # v10: the sequential forward is the default for d_state <= 16 with rows enough (S1, not S2); H200
-    # 2026-11-27 23:10 UTC: S1 forward 1.56 ms (state loop 1.63), 2- and 4-warp programs 1.58 / 1.61; S2
-    # 10.7 ms (state loop 3.9); its time loop software-pipelined (loads through shared memory): S1 4.9 ms.
-    "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}],
-    "b8_L16384_N16": [{}, {"fwd_variant": "seq"}],
+    # 2026-11-27: S1 forward 1.56-1.58 ms (state loop 1.63), f+b 6.15-6.22 (6.67-6.70); 2- and 4-warp
+    # programs 1.58 / 1.61; S2 10.7 ms (state loop 3.9); time loop software-pipelined through shared
+    # memory 4.9 ms at S1; a channel on 2 / 4 lanes (seq_split) S1 1.97 / 1.57, S2 7.2 / 5.8; register
+    # prefetch of the next block (seq_prefetch, now the default without stored states) S1 1.46 but f+b 6.65.
+    # The next block's B and C lines prefetched into L1 (seq_l1_prefetch, the default), and without.
+    "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}, {"seq_l1_prefetch": False}, {"seq_prefetch": True}],
+    "b8_L16384_N16": [{}, {"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_split": 4}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x

@@ -8,8 +8,8 @@ backward recomputes the rest from those. Variants (chosen in `triton_scan.scan_c
   over the state index n with (channels, CHUNK) register tiles; the recurrence along time is a
   `tl.associative_scan`. y (forward) and du, ddelta, dz (backward) are summed over n in registers; dB
   and dC are summed over the program's channels before one atomic add per (n, chunk).
-- `_fwd_seq_kernel`: one channel per thread with its 16 states in registers, a sequential time loop
-  without cross-lane work (d_state <= 16).
+- `_fwd_seq_kernel`: one channel per thread (or per 2 or 4 lanes) with its 16 states in registers, a
+  sequential time loop without cross-lane work but one sum per 8 steps (d_state <= 16).
 - `_scan_fwd_kernel` + `_bwd_carry_kernel` + `_bwd_chunk_kernel`: a (channels, N, CHUNK) tile forward and
   a two-pass backward (a reverse sweep storing the adjoint at chunk starts, then all chunks in parallel).
 - `_state_update_kernel`: one decoding step.
@@ -468,49 +468,61 @@ def _rows8(c0, c1, c2, c3, c4, c5, c6, c7):
 
 
 @triton.jit
-def _load_row16(rows, mask_rows):
-    """A float32 row of 16 per pointer in `rows`, as four 16-byte loads joined inside the thread (a
-    direct (R, 16) load would spread each row over four lanes). The register order is a fixed
-    permutation of the columns, the same for every row read this way and undone by _store_row16."""
+def _load_states(rows, mask_rows, PER_ROW: tl.constexpr, MASKED: tl.constexpr = True):
+    """PER_ROW (4, 8 or 16) float32 values per pointer in `rows`, as 16-byte loads joined inside the
+    thread (a direct (R, 16) load would spread each row over four lanes). The register order is a fixed
+    permutation of the columns, the same for every row read this way and undone by _store_states.
+    MASKED False: rows always in range (padded copies), no masks and no zero fill."""
+    q = tl.arange(0, 4)
+    m = mask_rows[:, None] if MASKED else None
+    t0 = tl.load(rows[:, None] + q[None, :], mask=m, other=0.0 if MASKED else None)
+    if PER_ROW == 4:
+        x = t0
+    else:
+        t1 = tl.load(rows[:, None] + (q + 4)[None, :], mask=m, other=0.0 if MASKED else None)
+        if PER_ROW == 8:
+            x = tl.reshape(tl.join(t0, t1), [rows.shape[0], 8])
+        else:
+            t2 = tl.load(rows[:, None] + (q + 8)[None, :], mask=m, other=0.0 if MASKED else None)
+            t3 = tl.load(rows[:, None] + (q + 12)[None, :], mask=m, other=0.0 if MASKED else None)
+            x = tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [rows.shape[0], 16])
+    return x
+
+
+@triton.jit
+def _store_states(rows, x, mask_rows, PER_ROW: tl.constexpr):
+    """Inverse of _load_states."""
     q = tl.arange(0, 4)
     m = mask_rows[:, None]
-    t0 = tl.load(rows[:, None] + q[None, :], mask=m, other=0.0)
-    t1 = tl.load(rows[:, None] + (q + 4)[None, :], mask=m, other=0.0)
-    t2 = tl.load(rows[:, None] + (q + 8)[None, :], mask=m, other=0.0)
-    t3 = tl.load(rows[:, None] + (q + 12)[None, :], mask=m, other=0.0)
-    return tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [rows.shape[0], 16])
+    if PER_ROW == 4:
+        tl.store(rows[:, None] + q[None, :], x, mask=m)
+    elif PER_ROW == 8:
+        t0, t1 = tl.split(tl.reshape(x, [rows.shape[0], 4, 2]))
+        tl.store(rows[:, None] + q[None, :], t0, mask=m)
+        tl.store(rows[:, None] + (q + 4)[None, :], t1, mask=m)
+    else:
+        first, second = tl.split(tl.reshape(x, [rows.shape[0], 4, 2, 2]))
+        t0, t1 = tl.split(first)
+        t2, t3 = tl.split(second)
+        tl.store(rows[:, None] + q[None, :], t0, mask=m)
+        tl.store(rows[:, None] + (q + 4)[None, :], t1, mask=m)
+        tl.store(rows[:, None] + (q + 8)[None, :], t2, mask=m)
+        tl.store(rows[:, None] + (q + 12)[None, :], t3, mask=m)
 
 
 @triton.jit
-def _load_uniform_row16(rows):
-    """_load_row16 for rows that are always in range (padded copies): no masks, no zero fill."""
-    q = tl.arange(0, 4)
-    t0 = tl.load(rows[:, None] + q[None, :])
-    t1 = tl.load(rows[:, None] + (q + 4)[None, :])
-    t2 = tl.load(rows[:, None] + (q + 8)[None, :])
-    t3 = tl.load(rows[:, None] + (q + 12)[None, :])
-    return tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [rows.shape[0], 16])
+def _prefetch_l1(ptrs):
+    """A hint, no data: bring the lines at `ptrs` into L1 (PTX prefetch; GPU only, the interpreter has
+    no inline assembly)."""
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
-def _store_row16(rows, x, mask_rows):
-    """Inverse of _load_row16."""
-    first, second = tl.split(tl.reshape(x, [rows.shape[0], 4, 2, 2]))
-    t0, t1 = tl.split(first)
-    t2, t3 = tl.split(second)
-    q = tl.arange(0, 4)
-    m = mask_rows[:, None]
-    tl.store(rows[:, None] + q[None, :], t0, mask=m)
-    tl.store(rows[:, None] + (q + 4)[None, :], t1, mask=m)
-    tl.store(rows[:, None] + (q + 8)[None, :], t2, mask=m)
-    tl.store(rows[:, None] + (q + 12)[None, :], t3, mask=m)
-
-
-@triton.jit
-def _seq_step(h, A2, dt, dtu, Bt_rows, Ct_rows):
-    """One time step of (channels, 16) states; the sum over states for y stays in the thread."""
-    h = tl.exp2(A2 * dt[:, None]) * h + _load_uniform_row16(Bt_rows) * dtu[:, None]
-    return h, tl.sum(h * _load_uniform_row16(Ct_rows), axis=1)
+def _seq_step(h, A2, dt, dtu, Bt_rows, Ct_rows, PER_ROW: tl.constexpr):
+    """One time step of (rows, PER_ROW) states; the row's part of y is summed inside the thread."""
+    h = tl.exp2(A2 * dt[:, None]) * h + _load_states(Bt_rows, dt, PER_ROW, False) * dtu[:, None]
+    return h, tl.sum(h * _load_states(Ct_rows, dt, PER_ROW, False), axis=1)
 
 
 @triton.jit
@@ -523,67 +535,98 @@ def _fwd_seq_kernel(
     ss_s, ss_c, ss_d, sl_s, sl_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
+    PREFETCH_L1: tl.constexpr = False,
 ):
-    """Sequential in time, one channel a thread with its 16 states in registers: per element and
-    state one exp2 and four multiply-adds, no shuffles, no barriers. u, delta, z come 8 steps at a time
+    """Sequential in time: each thread owns one channel's 16 states (SPLIT 2 or 4: half or a quarter
+    of them, its neighbour lanes the rest, for more threads when there are few channel rows) in
+    registers: per element and state one exp2 and four multiply-adds, no barriers; the only cross-lane
+    work is summing y over a channel's SPLIT lanes once per 8 steps. u, delta, z come 8 steps at a time
     in one 16-byte load per row; B and C from time-major float32 copies (A2_ptr: A * log2(e), BT_ptr,
     CT_ptr: (batch, groups, steps, 16), zero-padded so every row read is in range)."""
+    PER_ROW: tl.constexpr = SEQ_STATES // SPLIT
+    BLOCK_R: tl.constexpr = BLOCK_D * SPLIT
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
     b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
 
+    offs_r = tl.arange(0, BLOCK_R)
+    chan = pid_d * BLOCK_D + offs_r // SPLIT  # each row: one channel and its states part * PER_ROW...
+    part = offs_r % SPLIT
+    mask_r = chan < dim
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     group = (pid_d * BLOCK_D) // channels_per_group
-    A2 = _load_row16(A2_ptr + offs_d * SEQ_STATES, mask_d)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A2 = _load_states(A2_ptr + chan * SEQ_STATES + part * PER_ROW, mask_r, PER_ROW)
+    if HAS_D:  # added on one row per channel
+        Dv = tl.load(D_ptr + chan, mask=mask_r & (part == 0), other=0.0).to(tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + chan, mask=mask_r, other=0.0).to(tl.float32)
     else:
-        bias = tl.zeros([BLOCK_D], tl.float32)
+        bias = tl.zeros([BLOCK_R], tl.float32)
     steps = tl.arange(0, SEQ_STEPS)
-    u_rows = u_ptr + b * su_b + offs_d * su_d
-    dt_rows = dt_ptr + b * sdt_b + offs_d * sdt_d
+    u_rows = u_ptr + b * su_b + chan * su_d
+    dt_rows = dt_ptr + b * sdt_b + chan * sdt_d
     z_rows = z_ptr + b * sz_b + offs_d * sz_d
     out_rows = out_ptr + b * so_b + offs_d * so_d
     # the same B_t / C_t row for every channel of the program (a broadcast load)
-    bt_rows = BT_ptr + b * sBT_b + group * sBT_g + offs_d * 0
-    ct_rows = CT_ptr + b * sBT_b + group * sBT_g + offs_d * 0
-    st_rows = states_ptr + seq * ss_s + offs_d * ss_d
+    bt_rows = BT_ptr + b * sBT_b + group * sBT_g + part * PER_ROW
+    ct_rows = CT_ptr + b * sBT_b + group * sBT_g + part * PER_ROW
+    st_rows = states_ptr + seq * ss_s + chan * ss_d + part * PER_ROW
 
-    h = tl.zeros([BLOCK_D, SEQ_STATES], tl.float32)
+    h = tl.zeros([BLOCK_R, PER_ROW], tl.float32)
+    if PREFETCH:  # the first block's u and delta rows; later blocks' arrive while the one before computes
+        first_mask = mask_r[:, None] & (steps < length)[None, :]
+        u_next = tl.load(u_rows[:, None] + (t_first + steps)[None, :] * su_l, mask=first_mask, other=0.0)
+        dt_next = tl.load(dt_rows[:, None] + (t_first + steps)[None, :] * sdt_l, mask=first_mask, other=0.0)
     for t0 in range(0, length, SEQ_STEPS):
         if STORE_STATES:  # noqa: SIM102 (a compile-time and a run-time condition)
             if t0 % CHUNK == 0:
-                _store_row16(st_rows + (t0 // CHUNK) * ss_c, h, mask_d)
+                _store_states(st_rows + (t0 // CHUNK) * ss_c, h, mask_r, PER_ROW)
         t = t_first + t0 + steps
-        mask = mask_d[:, None] & (t0 + steps < length)[None, :]
-        u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
-        dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+        in_time = (t0 + steps < length)[None, :]
+        mask = mask_r[:, None] & in_time
+        if PREFETCH:
+            u = u_next.to(tl.float32)
+            raw = dt_next.to(tl.float32)
+            next_mask = mask_r[:, None] & (steps + t0 + SEQ_STEPS < length)[None, :]
+            u_next = tl.load(u_rows[:, None] + (t + SEQ_STEPS)[None, :] * su_l, mask=next_mask, other=0.0)
+            dt_next = tl.load(dt_rows[:, None] + (t + SEQ_STEPS)[None, :] * sdt_l, mask=next_mask, other=0.0)
+            if HAS_BIAS:
+                raw = raw + bias[:, None]
+            dt = tl.where(mask, _softplus(raw) if SOFTPLUS else raw, 0.0)
+        else:
+            u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
+            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
         d0, d1, d2, d3, d4, d5, d6, d7 = _columns8(dt)
         v0, v1, v2, v3, v4, v5, v6, v7 = _columns8(dt * u)
         bt = bt_rows + (t_first + t0) * sBT_l
         ct = ct_rows + (t_first + t0) * sBT_l
-        h, y0 = _seq_step(h, A2, d0, v0, bt, ct)
-        h, y1 = _seq_step(h, A2, d1, v1, bt + sBT_l, ct + sBT_l)
-        h, y2 = _seq_step(h, A2, d2, v2, bt + 2 * sBT_l, ct + 2 * sBT_l)
-        h, y3 = _seq_step(h, A2, d3, v3, bt + 3 * sBT_l, ct + 3 * sBT_l)
-        h, y4 = _seq_step(h, A2, d4, v4, bt + 4 * sBT_l, ct + 4 * sBT_l)
-        h, y5 = _seq_step(h, A2, d5, v5, bt + 5 * sBT_l, ct + 5 * sBT_l)
-        h, y6 = _seq_step(h, A2, d6, v6, bt + 6 * sBT_l, ct + 6 * sBT_l)
-        h, y7 = _seq_step(h, A2, d7, v7, bt + 7 * sBT_l, ct + 7 * sBT_l)
+        if PREFETCH_L1:  # the next block's B and C rows (8 x 64 bytes each), while this block computes
+            for line in tl.static_range(0, SEQ_STEPS, 2):
+                _prefetch_l1(bt + (SEQ_STEPS + line) * sBT_l)
+                _prefetch_l1(ct + (SEQ_STEPS + line) * sBT_l)
+        h, y0 = _seq_step(h, A2, d0, v0, bt, ct, PER_ROW)
+        h, y1 = _seq_step(h, A2, d1, v1, bt + sBT_l, ct + sBT_l, PER_ROW)
+        h, y2 = _seq_step(h, A2, d2, v2, bt + 2 * sBT_l, ct + 2 * sBT_l, PER_ROW)
+        h, y3 = _seq_step(h, A2, d3, v3, bt + 3 * sBT_l, ct + 3 * sBT_l, PER_ROW)
+        h, y4 = _seq_step(h, A2, d4, v4, bt + 4 * sBT_l, ct + 4 * sBT_l, PER_ROW)
+        h, y5 = _seq_step(h, A2, d5, v5, bt + 5 * sBT_l, ct + 5 * sBT_l, PER_ROW)
+        h, y6 = _seq_step(h, A2, d6, v6, bt + 6 * sBT_l, ct + 6 * sBT_l, PER_ROW)
+        h, y7 = _seq_step(h, A2, d7, v7, bt + 7 * sBT_l, ct + 7 * sBT_l, PER_ROW)
         y = _rows8(y0, y1, y2, y3, y4, y5, y6, y7)
         if HAS_D:
             y += Dv[:, None] * u
+        if SPLIT > 1:  # a channel's rows sit in neighbouring lanes
+            y = tl.sum(tl.reshape(y, [BLOCK_D, SPLIT, SEQ_STEPS]), axis=1)
+        mask_out = mask_d[:, None] & in_time
         if HAS_Z:
-            zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask, other=0.0).to(tl.float32)
+            zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask_out, other=0.0).to(tl.float32)
             y = y * zv * tl.sigmoid(zv)
-        tl.store(out_rows[:, None] + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_rows[:, None] + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=mask_out)
     if STORE_LAST:
         # masked steps have delta 0 and leave the state as it was: h is the state after `length` steps
-        _store_row16(last_ptr + seq * sl_s + offs_d * sl_d, h, mask_d)
+        _store_states(last_ptr + seq * sl_s + chan * sl_d + part * PER_ROW, h, mask_r, PER_ROW)
 
 
 @triton.jit

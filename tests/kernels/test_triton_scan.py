@@ -117,11 +117,13 @@ def test_forward_without_gradients_keeps_no_chunk_states(variant, kept_states, m
     assert rel_err(out, selective_scan_reference(*exact, delta_softplus=True)) <= FP32_TOL
 
 
-@pytest.mark.parametrize("length,d_state", [(1, 16), (17, 16), (65, 5), (300, 16)])
-def test_sequential_forward_matches_reference(length, d_state, monkeypatch):
-    """The sequential forward (one channel a thread, 16 states padded, 8-step blocks) at lengths that
-    end inside a block and a chunk, under the backward's gradients."""
-    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq"})
+@pytest.mark.parametrize("length,d_state,split,prefetch",
+                         [(1, 16, 1, True), (17, 16, 2, False), (65, 5, 4, True), (300, 16, 1, False), (130, 13, 2, True)])
+def test_sequential_forward_matches_reference(length, d_state, split, prefetch, monkeypatch):
+    """The sequential forward (a channel's 16 padded states on 1, 2 or 4 lanes, 8-step blocks) at
+    lengths that end inside a block and a chunk, under the backward's gradients."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES",
+                        {"fwd_variant": "seq", "seq_split": split, "seq_prefetch": prefetch})
     compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
 
 
@@ -188,9 +190,9 @@ def _row(inputs, b, length):
     return row
 
 
-@pytest.mark.parametrize("forward", ["state_loop", "seq"])
+@pytest.mark.parametrize("forward", [{"fwd_variant": "state_loop"}, {"fwd_variant": "seq", "seq_split": 2}])
 def test_varlen_per_row_lengths(forward, monkeypatch):
-    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": forward})
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", forward)
     inputs = make_inputs(batch=4, length=70, groups=2, seed=3)
     lengths = torch.tensor([65, 1, 0, 30])
     args = [inputs[k] for k in NAMES]
@@ -221,9 +223,9 @@ def test_varlen_per_row_lengths(forward, monkeypatch):
             assert (grads[name][b, ..., n:] == 0).all(), name
 
 
-@pytest.mark.parametrize("forward", ["state_loop", "seq"])
+@pytest.mark.parametrize("forward", [{"fwd_variant": "state_loop"}, {"fwd_variant": "seq", "seq_split": 4}])
 def test_varlen_packed_cu_seqlens(forward, monkeypatch):
-    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": forward})
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", forward)
     lengths = [64, 3, 70]
     total = sum(lengths) + 5  # a tail that belongs to no sequence
     inputs = make_inputs(batch=1, length=total, seed=4)
