@@ -252,9 +252,12 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # programs 1.58 / 1.61; S2 10.7 ms (state loop 3.9); time loop software-pipelined through shared
     # memory 4.9 ms at S1; a channel on 2 / 4 lanes (seq_split) S1 1.97 / 1.57, S2 7.2 / 5.8; register
     # prefetch of the next block (seq_prefetch, now the default without stored states) S1 1.46 but f+b 6.65.
-    # The next block's B and C lines prefetched into L1 (seq_l1_prefetch, the default), and without.
-    "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}, {"seq_l1_prefetch": False}, {"seq_prefetch": True}],
-    "b8_L16384_N16": [{}, {"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_split": 4}],
+    # v11 (H200 22:50 UTC): the next block's B and C lines prefetched into L1 (seq_l1_prefetch, the default):
+    # S1 forward 1.46 -> 0.91 ms, f+b 6.17 -> 5.94; S2 sequential 10.7 -> 5.2 ms (state loop 3.9), 2 / 4 lanes
+    # 4.7. 23:05 UTC: 2 / 4 blocks ahead 0.93 / 0.95 ms at S1, with the u, delta, z rows 1.00 (not kept); S2
+    # best sequential 4.2 ms (2 lanes, 4 blocks ahead, rows). Kept for the next run: prefetch on and off.
+    "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}, {"seq_l1_prefetch": False}],
+    "b8_L16384_N16": [{}, {"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_split": 2}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x
