@@ -248,13 +248,13 @@ def floors(shape: Shape, dtype, bandwidth: float) -> dict:
 
 SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: triton_scan.ScanConfig fields)
     # v10: the sequential forward is the default for d_state <= 16 with rows enough (S1, not S2); H200
-    # 2026-11-27: S1 forward 1.56-1.58 ms (state loop 1.63), f+b 6.15-6.22 (6.67-6.70); 2- and 4-warp
+    # 2026-11-27 22:14-22:36 UTC: S1 forward 1.56-1.58 ms (state loop 1.63), f+b 6.15-6.22 (6.67-6.70); 2- and 4-warp
     # programs 1.58 / 1.61; S2 10.7 ms (state loop 3.9); time loop software-pipelined through shared
     # memory 4.9 ms at S1; a channel on 2 / 4 lanes (seq_split) S1 1.97 / 1.57, S2 7.2 / 5.8; register
     # prefetch of the next block (seq_prefetch, now the default without stored states) S1 1.46 but f+b 6.65.
-    # v11 (H200 22:50 UTC): the next block's B and C lines prefetched into L1 (seq_l1_prefetch, the default):
+    # v11 (H200 22:42 UTC): the next block's B and C lines prefetched into L1 (seq_l1_prefetch, the default):
     # S1 forward 1.46 -> 0.91 ms, f+b 6.17 -> 5.94; S2 sequential 10.7 -> 5.2 ms (state loop 3.9), 2 / 4 lanes
-    # 4.7. 23:05 UTC: 2 / 4 blocks ahead 0.93 / 0.95 ms at S1, with the u, delta, z rows 1.00 (not kept); S2
+    # 4.7. 22:47 UTC: 2 / 4 blocks ahead 0.93 / 0.95 ms at S1, with the u, delta, z rows 1.00 (not kept); S2
     # best sequential 4.2 ms (2 lanes, 4 blocks ahead, rows). Kept for the next run: prefetch on and off.
     "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}, {"seq_l1_prefetch": False}],
     "b8_L16384_N16": [{}, {"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_split": 2}],
