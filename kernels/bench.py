@@ -256,7 +256,7 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # S1 forward 1.46 -> 0.91 ms, f+b 6.17 -> 5.94; S2 sequential 10.7 -> 5.2 ms (state loop 3.9), 2 / 4 lanes
     # 4.7. 22:47 UTC: 2 / 4 blocks ahead 0.93 / 0.95 ms at S1, with the u, delta, z rows 1.00 (not kept); S2
     # best sequential 4.2 ms (2 lanes, 4 blocks ahead, rows). Kept for the next run: prefetch on and off.
-    # 22:58 UTC: the backward's next state index's B and C lines prefetched into L1 the same way: S1 f+b
+    # 22:52 UTC: the backward's next state index's B and C lines prefetched into L1 the same way: S1 f+b
     # 5.96 -> 6.14 ms, S2 14.99 -> 14.93, N 64 24.6 -> 25.3 (removed: its 16 warps per multiprocessor hide
     # those misses already, and the addresses cost 27 instructions per state index).
     "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}, {"seq_l1_prefetch": False}],
