@@ -259,8 +259,11 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # 22:52 UTC: the backward's next state index's B and C lines prefetched into L1 the same way: S1 f+b
     # 5.96 -> 6.14 ms, S2 14.99 -> 14.93, N 64 24.6 -> 25.3 (removed: its 16 warps per multiprocessor hide
     # those misses already, and the addresses cost 27 instructions per state index).
-    "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}, {"seq_l1_prefetch": False}],
-    "b8_L16384_N16": [{}, {"fwd_variant": "seq"}],
+    # v12 (22:57 UTC): time cut into pieces, a program each (seq_segments; a first pass for each piece's end
+    # state): S2 1 / 2 / 4 / 8 pieces 5.24 / 6.47 / 3.61 / 3.63 ms (state loop 3.94), S1 2 pieces 1.69 (1: 0.93).
+    # Now the default picks the pieces (S2: 4).
+    "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}],
+    "b8_L16384_N16": [{}, {"fwd_variant": "state_loop"}, {"seq_segments": 8}, {"seq_segments": 4, "seq_split": 2}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x

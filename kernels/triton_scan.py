@@ -45,6 +45,8 @@ BWD_TARGET_PROGRAMS = 1024
 SEQ_STATES = triton_scan_kernels.SEQ_STATES.value
 SEQ_STEPS = triton_scan_kernels.SEQ_STEPS.value
 SEQ_MIN_WARPS = 8  # per multiprocessor, for the sequential forward to be the default
+SEQ_RESIDENT_PROGRAMS = 12  # of its 1-warp programs per multiprocessor (136 registers; ncu: block limit 12)
+SEQ_MAX_SEGMENTS = 8  # pieces of time measured (kernels/NOTES.md v12)
 CHUNK = 64  # steps between saved states; the backward's time tile
 SMALL_STATE_FWD = 16  # d_state (padded) up to which the forward runs 1-warp programs of
 SMALL_STATE_FWD_CHANNELS = 4  # this many channels
@@ -90,6 +92,7 @@ class ScanConfig:
     seq_split: int = 1
     seq_prefetch: bool | None = None
     seq_l1_prefetch: bool = True
+    seq_segments: int = 1
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -147,16 +150,34 @@ def _bwd_register_cap(programs: int, multiprocessors: int) -> int:
     return loose if fill(tight) < MIN_LAST_WAVE_FILL and fill(loose) > fill(tight) else tight
 
 
-def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiprocessors: int = 1) -> ScanConfig:
-    """Kernel variants and tile sizes for a problem of `rows` = sequences x channels; a channel tile
-    never straddles two groups of B/C."""
+def _time_segments(rows: int, dense_length: int, multiprocessors: int, chunk: int) -> int:
+    """Pieces of time for the sequential forward of a dense batch: doubled while its 1-warp programs
+    still fit one wave (SEQ_RESIDENT_PROGRAMS a multiprocessor) and every piece keeps two chunks, at
+    most SEQ_MAX_SEGMENTS (H200, b8/L16384: 1 piece 5.2 ms, 2 6.5, 4 3.6, 8 3.6; b32/L2048: 1 piece 0.93
+    ms, 2 1.69: a second wave costs more than the pieces gain)."""
+    programs = triton.cdiv(rows, THREADS_PER_WARP)
+    segments = 1
+    while (dense_length and segments < SEQ_MAX_SEGMENTS
+           and programs * segments * 2 <= SEQ_RESIDENT_PROGRAMS * multiprocessors
+           and dense_length >= segments * 2 * 2 * chunk):
+        segments *= 2
+    return segments
+
+
+def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiprocessors: int = 1,
+                dense_length: int = 0) -> ScanConfig:
+    """Kernel variants and tile sizes for a problem of `rows` = sequences x channels (`dense_length`:
+    the length of a dense batch, 0 for per-row lengths or packed sequences); a channel tile never
+    straddles two groups of B/C."""
     over = CONFIG_OVERRIDES
     block_n = triton.next_power_of_2(max(d_state, 1))
-    # the sequential forward (v10) for d_state <= 16 when there are channel rows enough to keep
-    # SEQ_MIN_WARPS warps on every multiprocessor: one channel a thread has no cross-lane work but
-    # only its own dependency chain to hide latency with (H200: b32/L2048 forward 1.63 -> 1.56 ms and
-    # forward+backward 6.67 -> 6.18; b8/L16384, 2.9 warps per multiprocessor, 3.9 -> 10.7 ms)
-    enough_rows = rows >= SEQ_MIN_WARPS * THREADS_PER_WARP * multiprocessors
+    # the sequential forward (v10) for d_state <= 16 when its rows (channel rows times pieces of time)
+    # keep SEQ_MIN_WARPS warps on every multiprocessor: one channel a thread has no cross-lane work but
+    # only its own dependency chain to hide latency with (H200: b32/L2048 forward 1.63 -> 0.93 ms with
+    # the L1 prefetch of v11, forward+backward 6.67 -> 5.96; b8/L16384 in 4 pieces 3.9 -> 3.6 ms, in one
+    # piece, 2.9 warps per multiprocessor, 5.2)
+    segments = _time_segments(rows, dense_length, multiprocessors, over.get("chunk", CHUNK))
+    enough_rows = rows * segments >= SEQ_MIN_WARPS * THREADS_PER_WARP * multiprocessors
     fwd_variant = over.get("fwd_variant", "seq" if block_n <= SEQ_STATES and enough_rows else "state_loop")
     chunk = over.get("chunk", CHUNK)
     if fwd_variant == "seq" and (block_n > SEQ_STATES or chunk % SEQ_STEPS):
@@ -246,6 +267,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # the next block's B and C rows prefetched into L1 (PTX prefetch; ncu, S1: 43% of stalls waited
         # on L1 misses, 41% L1 hit rate: each 128-byte line holds two steps of B or C)
         seq_l1_prefetch=over.get("seq_l1_prefetch", True),
+        # time cut into this many pieces, a program each, for dense batches with few channel rows
+        seq_segments=over.get("seq_segments", segments),
     )
 
 
@@ -397,7 +420,8 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     d_state = A.shape[1]
     groups = B4.shape[1]
     cpg = dim // groups
-    cfg = scan_config(d_state, cpg, rows=seqs.count * dim, multiprocessors=_multiprocessors(u.device))
+    cfg = scan_config(d_state, cpg, rows=seqs.count * dim, multiprocessors=_multiprocessors(u.device),
+                      dense_length=seqs.max_len if seqs.dense else 0)
     n_chunks = max(1, triton.cdiv(seqs.max_len, cfg.chunk))
     out = torch.empty_like(u) if seqs.dense else torch.zeros_like(u)
     # without store_states (nothing to differentiate) the state-loop forward still carries its
@@ -455,19 +479,30 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     steps = length + SEQ_STEPS
     BT, CT = _time_major_rows(B4, steps), _time_major_rows(C4, steps)
     prefetch = not store_states if cfg.seq_prefetch is None else cfg.seq_prefetch
-    grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
-    _fwd_seq_kernel[grid](
-        u, delta, A2, BT, CT, D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, out, states, last,
-        seqs.batch_row, seqs.start, seqs.length, seqs.max_len, dim, dim // B4.shape[1],
-        *u.stride(), *delta.stride(), BT.stride(0), BT.stride(1), BT.stride(2),
-        *_strides3(z), *out.stride(), states.stride(0), states.stride(1), states.stride(2),
-        last.stride(0), last.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        VARLEN=not seqs.dense, STORE_STATES=store_states, STORE_LAST=True,
-        BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split, PREFETCH=prefetch,
-        PREFETCH_L1=cfg.seq_l1_prefetch and os.environ.get("TRITON_INTERPRET") != "1", num_warps=cfg.warps_fwd,
-    )
+    segments, segment_length = 1, length
+    if seqs.dense and cfg.seq_segments > 1:
+        segment_length = triton.cdiv(triton.cdiv(length, cfg.seq_segments), cfg.chunk) * cfg.chunk
+        segments = triton.cdiv(length, segment_length)
+    # each piece's end state from zero (part) and its sum of delta, for the pieces after it
+    part = torch.empty(seqs.count, segments, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+    dtsum = torch.empty(seqs.count, segments, dim, device=u.device, dtype=torch.float32)
+    grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count * segments)
+    common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                  VARLEN=not seqs.dense, BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split,
+                  PREFETCH=prefetch, PREFETCH_L1=cfg.seq_l1_prefetch and os.environ.get("TRITON_INTERPRET") != "1",
+                  SEGMENTS=segments, num_warps=cfg.warps_fwd)
+    for phase in (1, 2) if segments > 1 else (2,):
+        _fwd_seq_kernel[grid](
+            u, delta, A2, BT, CT, D if D is not None else u, z if z is not None else u,
+            delta_bias if delta_bias is not None else u, out, states, last,
+            seqs.batch_row, seqs.start, seqs.length, seqs.max_len, dim, dim // B4.shape[1],
+            part, dtsum, segment_length, part.stride(0), part.stride(1), part.stride(2),
+            dtsum.stride(0), dtsum.stride(1),
+            *u.stride(), *delta.stride(), BT.stride(0), BT.stride(1), BT.stride(2),
+            *_strides3(z), *out.stride(), states.stride(0), states.stride(1), states.stride(2),
+            last.stride(0), last.stride(1),
+            STORE_STATES=store_states and phase == 2, STORE_LAST=phase == 2, PHASE=phase, **common,
+        )
     return out, last[..., :d_state], states[..., :d_state]
 
 

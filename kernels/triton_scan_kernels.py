@@ -530,28 +530,40 @@ def _fwd_seq_kernel(
     u_ptr, dt_ptr, A2_ptr, BT_ptr, CT_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
     seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
     dim, channels_per_group,
+    part_ptr, dtsum_ptr, segment_length, sp_s, sp_g, sp_d, sds_s, sds_g,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sBT_b, sBT_g, sBT_l,
     sz_b, sz_d, sz_l, so_b, so_d, so_l,
     ss_s, ss_c, ss_d, sl_s, sl_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
-    PREFETCH_L1: tl.constexpr = False,
+    PREFETCH_L1: tl.constexpr = False, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2,
 ):
     """Sequential in time: each thread owns one channel's 16 states (SPLIT 2 or 4: half or a quarter
     of them, its neighbour lanes the rest, for more threads when there are few channel rows) in
     registers: per element and state one exp2 and four multiply-adds, no barriers; the only cross-lane
     work is summing y over a channel's SPLIT lanes once per 8 steps. u, delta, z come 8 steps at a time
     in one 16-byte load per row; B and C from time-major float32 copies (A2_ptr: A * log2(e), BT_ptr,
-    CT_ptr: (batch, groups, steps, 16), zero-padded so every row read is in range)."""
+    CT_ptr: (batch, groups, steps, 16), zero-padded so every row read is in range).
+
+    SEGMENTS > 1 (dense batches with few channel rows): time is cut into SEGMENTS pieces of
+    `segment_length` steps (a whole number of chunks), a program each. PHASE 1 runs every piece from a
+    zero state and writes its end state (`part_ptr`) and its sum of delta (`dtsum_ptr`: the piece's decay
+    is exp2(A2 * sum)); PHASE 2 starts each piece from the state the earlier pieces' results combine to
+    and writes y."""
     PER_ROW: tl.constexpr = SEQ_STATES // SPLIT
     BLOCK_R: tl.constexpr = BLOCK_D * SPLIT
     pid_d = tl.program_id(0)
-    seq = tl.program_id(1)
+    seq = tl.program_id(1) // SEGMENTS
+    segment = tl.program_id(1) % SEGMENTS
     b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
+    begin = segment * segment_length
+    end = tl.minimum(begin + segment_length, length) if SEGMENTS > 1 else length
+    if PHASE == 1:  # the last piece's end state is nobody's start
+        end = tl.where(segment == SEGMENTS - 1, begin, end)
 
     offs_r = tl.arange(0, BLOCK_R)
-    chan = pid_d * BLOCK_D + offs_r // SPLIT  # each row: one channel and its states part * PER_ROW...
+    chan = pid_d * BLOCK_D + offs_r // SPLIT  # each row: one channel, states part * PER_ROW onwards
     part = offs_r % SPLIT
     mask_r = chan < dim
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -560,6 +572,8 @@ def _fwd_seq_kernel(
     A2 = _load_states(A2_ptr + chan * SEQ_STATES + part * PER_ROW, mask_r, PER_ROW)
     if HAS_D:  # added on one row per channel
         Dv = tl.load(D_ptr + chan, mask=mask_r & (part == 0), other=0.0).to(tl.float32)
+    else:
+        Dv = tl.zeros([BLOCK_R], tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + chan, mask=mask_r, other=0.0).to(tl.float32)
     else:
@@ -573,23 +587,31 @@ def _fwd_seq_kernel(
     bt_rows = BT_ptr + b * sBT_b + group * sBT_g + part * PER_ROW
     ct_rows = CT_ptr + b * sBT_b + group * sBT_g + part * PER_ROW
     st_rows = states_ptr + seq * ss_s + chan * ss_d + part * PER_ROW
+    part_rows = part_ptr + seq * sp_s + chan * sp_d + part * PER_ROW
+    dtsum_rows = dtsum_ptr + seq * sds_s + chan
 
     h = tl.zeros([BLOCK_R, PER_ROW], tl.float32)
+    if PHASE == 2 and SEGMENTS > 1:  # the state entering this piece, from the earlier pieces' results
+        for earlier in range(0, segment):
+            total = tl.load(dtsum_rows + earlier * sds_g, mask=mask_r, other=0.0)
+            h = tl.exp2(A2 * total[:, None]) * h + _load_states(part_rows + earlier * sp_g, mask_r, PER_ROW)
+    dt_total = tl.zeros([BLOCK_R], tl.float32)
     if PREFETCH:  # the first block's u and delta rows; later blocks' arrive while the one before computes
-        first_mask = mask_r[:, None] & (steps < length)[None, :]
-        u_next = tl.load(u_rows[:, None] + (t_first + steps)[None, :] * su_l, mask=first_mask, other=0.0)
-        dt_next = tl.load(dt_rows[:, None] + (t_first + steps)[None, :] * sdt_l, mask=first_mask, other=0.0)
-    for t0 in range(0, length, SEQ_STEPS):
-        if STORE_STATES:  # noqa: SIM102 (a compile-time and a run-time condition)
+        first_mask = mask_r[:, None] & (begin + steps < end)[None, :]
+        u_next = tl.load(u_rows[:, None] + (t_first + begin + steps)[None, :] * su_l, mask=first_mask, other=0.0)
+        dt_next = tl.load(dt_rows[:, None] + (t_first + begin + steps)[None, :] * sdt_l, mask=first_mask,
+                          other=0.0)
+    for t0 in range(begin, end, SEQ_STEPS):
+        if STORE_STATES and PHASE == 2:  # noqa: SIM102 (a compile-time and a run-time condition)
             if t0 % CHUNK == 0:
                 _store_states(st_rows + (t0 // CHUNK) * ss_c, h, mask_r, PER_ROW)
         t = t_first + t0 + steps
-        in_time = (t0 + steps < length)[None, :]
+        in_time = (t0 + steps < end)[None, :]
         mask = mask_r[:, None] & in_time
         if PREFETCH:
             u = u_next.to(tl.float32)
             raw = dt_next.to(tl.float32)
-            next_mask = mask_r[:, None] & (steps + t0 + SEQ_STEPS < length)[None, :]
+            next_mask = mask_r[:, None] & (steps + t0 + SEQ_STEPS < end)[None, :]
             u_next = tl.load(u_rows[:, None] + (t + SEQ_STEPS)[None, :] * su_l, mask=next_mask, other=0.0)
             dt_next = tl.load(dt_rows[:, None] + (t + SEQ_STEPS)[None, :] * sdt_l, mask=next_mask, other=0.0)
             if HAS_BIAS:
@@ -605,7 +627,8 @@ def _fwd_seq_kernel(
         if PREFETCH_L1:  # the next block's B and C rows (8 x 64 bytes each), while this block computes
             for line in tl.static_range(0, SEQ_STEPS, 2):
                 _prefetch_l1(bt + (SEQ_STEPS + line) * sBT_l)
-                _prefetch_l1(ct + (SEQ_STEPS + line) * sBT_l)
+                if PHASE == 2:
+                    _prefetch_l1(ct + (SEQ_STEPS + line) * sBT_l)
         h, y0 = _seq_step(h, A2, d0, v0, bt, ct, PER_ROW)
         h, y1 = _seq_step(h, A2, d1, v1, bt + sBT_l, ct + sBT_l, PER_ROW)
         h, y2 = _seq_step(h, A2, d2, v2, bt + 2 * sBT_l, ct + 2 * sBT_l, PER_ROW)
@@ -614,19 +637,26 @@ def _fwd_seq_kernel(
         h, y5 = _seq_step(h, A2, d5, v5, bt + 5 * sBT_l, ct + 5 * sBT_l, PER_ROW)
         h, y6 = _seq_step(h, A2, d6, v6, bt + 6 * sBT_l, ct + 6 * sBT_l, PER_ROW)
         h, y7 = _seq_step(h, A2, d7, v7, bt + 7 * sBT_l, ct + 7 * sBT_l, PER_ROW)
-        y = _rows8(y0, y1, y2, y3, y4, y5, y6, y7)
-        if HAS_D:
-            y += Dv[:, None] * u
-        if SPLIT > 1:  # a channel's rows sit in neighbouring lanes
-            y = tl.sum(tl.reshape(y, [BLOCK_D, SPLIT, SEQ_STEPS]), axis=1)
-        mask_out = mask_d[:, None] & in_time
-        if HAS_Z:
-            zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask_out, other=0.0).to(tl.float32)
-            y = y * zv * tl.sigmoid(zv)
-        tl.store(out_rows[:, None] + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=mask_out)
-    if STORE_LAST:
-        # masked steps have delta 0 and leave the state as it was: h is the state after `length` steps
-        _store_states(last_ptr + seq * sl_s + chan * sl_d + part * PER_ROW, h, mask_r, PER_ROW)
+        if PHASE == 1:  # the piece's end state only: y is never formed (its C loads go unused)
+            dt_total += tl.sum(dt, axis=1)
+        else:
+            y = _rows8(y0, y1, y2, y3, y4, y5, y6, y7)
+            if HAS_D:
+                y += Dv[:, None] * u
+            if SPLIT > 1:  # a channel's rows sit in neighbouring lanes
+                y = tl.sum(tl.reshape(y, [BLOCK_D, SPLIT, SEQ_STEPS]), axis=1)
+            mask_out = mask_d[:, None] & in_time
+            if HAS_Z:
+                zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask_out, other=0.0).to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(out_rows[:, None] + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=mask_out)
+    if PHASE == 1:
+        _store_states(part_rows + segment * sp_g, h, mask_r, PER_ROW)
+        tl.store(dtsum_rows + segment * sds_g, dt_total, mask=mask_r & (part == 0))
+    elif STORE_LAST:  # noqa: SIM102 (a compile-time and a run-time condition)
+        if segment == SEGMENTS - 1:
+            # masked steps have delta 0 and leave the state as it was: h is the state after `length` steps
+            _store_states(last_ptr + seq * sl_s + chan * sl_d + part * PER_ROW, h, mask_r, PER_ROW)
 
 
 @triton.jit

@@ -117,13 +117,16 @@ def test_forward_without_gradients_keeps_no_chunk_states(variant, kept_states, m
     assert rel_err(out, selective_scan_reference(*exact, delta_softplus=True)) <= FP32_TOL
 
 
-@pytest.mark.parametrize("length,d_state,split,prefetch",
-                         [(1, 16, 1, True), (17, 16, 2, False), (65, 5, 4, True), (300, 16, 1, False), (130, 13, 2, True)])
-def test_sequential_forward_matches_reference(length, d_state, split, prefetch, monkeypatch):
-    """The sequential forward (a channel's 16 padded states on 1, 2 or 4 lanes, 8-step blocks) at
-    lengths that end inside a block and a chunk, under the backward's gradients."""
-    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES",
-                        {"fwd_variant": "seq", "seq_split": split, "seq_prefetch": prefetch})
+@pytest.mark.parametrize("length,d_state,split,prefetch,segments",
+                         [(1, 16, 1, True, 1), (17, 16, 2, False, 1), (65, 5, 4, True, 1), (140, 16, 1, False, 1),
+                          (130, 13, 2, True, 1), (140, 16, 1, False, 2), (100, 16, 2, True, 4), (1, 16, 1, False, 4),
+                          (150, 7, 4, False, 8)])
+def test_sequential_forward_matches_reference(length, d_state, split, prefetch, segments, monkeypatch):
+    """The sequential forward (a channel's 16 padded states on 1, 2 or 4 lanes, 8-step blocks, time cut
+    into pieces of whole chunks: more pieces than chunks leaves some empty) at lengths that end inside
+    a block and a chunk, under the backward's gradients."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq", "seq_split": split,
+                                                          "seq_prefetch": prefetch, "seq_segments": segments})
     compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
 
 
@@ -439,8 +442,15 @@ def test_backward_register_cap_keeps_the_last_wave_full():
     # batch 8: 3,072 programs fill 1.45 waves of 2,112 slots but 1.94 waves of 1,584
     long_rows = triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132)
     assert long_rows.bwd_maxnreg == 168
-    # and 2.9 warps per multiprocessor are too few for the sequential forward
+    # and 2.9 warps per multiprocessor are too few for the sequential forward, unless time is cut into
+    # pieces: a dense batch of 16,384 steps in 4 (programs fill one wave of 12 per multiprocessor)
     assert (long_rows.fwd_variant, long_rows.block_d_fwd) == ("state_loop", 4)
+    pieces = triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132, dense_length=16384)
+    assert (pieces.fwd_variant, pieces.seq_segments) == ("seq", 4)
+    assert triton_scan.scan_config(16, 1536, rows=4 * 1536, multiprocessors=132, dense_length=16384).seq_segments == 8
+    assert triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132, dense_length=2048).seq_segments == 1
+    # too short to cut: every piece keeps two chunks
+    assert triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132, dense_length=256).seq_segments == 2
     assert triton_scan.scan_config(32, 1536, rows=32 * 1536, multiprocessors=132).fwd_variant == "state_loop"
     assert triton_scan._wave_fill(3072, 1584) == pytest.approx(3072 / 3168)
     # since v8 d_state 64 too; larger states keep 4-warp programs and no cap
