@@ -118,9 +118,11 @@ def test_forward_without_gradients_keeps_no_chunk_states(variant, kept_states, m
 
 
 @pytest.mark.parametrize("length,d_state,split,prefetch,segments",
-                         [(1, 16, 1, True, 1), (17, 16, 2, False, 1), (65, 5, 4, True, 1), (140, 16, 1, False, 1),
-                          (130, 13, 2, True, 1), (140, 16, 1, False, 2), (100, 16, 2, True, 4), (1, 16, 1, False, 4),
-                          (150, 7, 4, False, 8)])
+                         [(1, 16, 1, True, 1), (17, 16, 2, False, 1), (65, 5, 4, True, 1),
+                          pytest.param(140, 16, 1, False, 1, marks=pytest.mark.slow),
+                          pytest.param(130, 13, 2, True, 1, marks=pytest.mark.slow), (140, 16, 1, False, 2),
+                          (100, 16, 2, True, 4), (1, 16, 1, False, 4),
+                          pytest.param(150, 7, 4, False, 8, marks=pytest.mark.slow)])
 def test_sequential_forward_matches_reference(length, d_state, split, prefetch, segments, monkeypatch):
     """The sequential forward (a channel's 16 padded states on 1, 2 or 4 lanes, 8-step blocks, time cut
     into pieces of whole chunks: more pieces than chunks leaves some empty) at lengths that end inside
@@ -347,7 +349,7 @@ def test_state_update_shape_errors():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"fwd_variant": "seq"},
+    [pytest.param({"fwd_variant": "seq"}, marks=pytest.mark.slow),
      {"bwd_stages": 3, "fwd_stages": 2, "block_d_bwd": 4, "warps_bwd": 2},
      {"adjoint": 0, "pair": 1, "block_d_bwd": 8},
      pytest.param({"adjoint": 1, "one_exp": True}, marks=pytest.mark.slow),
