@@ -423,13 +423,13 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     cfg = scan_config(d_state, cpg, rows=seqs.count * dim, multiprocessors=_multiprocessors(u.device),
                       dense_length=seqs.max_len if seqs.dense else 0)
     n_chunks = max(1, triton.cdiv(seqs.max_len, cfg.chunk))
-    out = torch.empty_like(u) if seqs.dense else torch.zeros_like(u)
-    # without store_states (nothing to differentiate) the state-loop forward still carries its
-    # chunk-end states through memory, in two slots used in turn: O(dim x N), not O(chunks x dim x N)
     if cfg.fwd_variant == "seq":
         out, last, states = _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs, store_states,
                                          cfg, n_chunks)
         return out, last, states, cfg
+    out = torch.empty_like(u) if seqs.dense else torch.zeros_like(u)
+    # without store_states (nothing to differentiate) the state-loop forward still carries its
+    # chunk-end states through memory, in two slots used in turn: O(dim x N), not O(chunks x dim x N)
     states = torch.empty(seqs.count, n_chunks if store_states else 2, dim, d_state,
                          device=u.device, dtype=torch.float32)
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
