@@ -470,16 +470,21 @@ def posterior_checks(post: PosteriorSummary, a_true: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------- the run
+def _run_with_truth(sim):
+    """Run one patient's simulator; its captured stays get the patient id and their truth rows."""
+    record = sim.run()
+    truth = {row.encounter_id: row for row in record.truth}
+    for c in sim.stays:
+        c.patient_id, c.truth = record.id, truth[c.encounter.id]
+    return record
+
+
 def simulate(patients: int, seed: int) -> list[StayCapture]:
     stays = []
     for index in tqdm(range(patients), desc="simulating", unit="patient"):
         sim = CapturingSimulator(seed, index)
-        record = sim.run()
-        truth = {row.encounter_id: row for row in record.truth}
-        for c in sim.stays:
-            c.patient_id = record.id
-            c.truth = truth[c.encounter.id]
-            stays.append(c)
+        _run_with_truth(sim)
+        stays.extend(sim.stays)
     return stays
 
 
@@ -767,11 +772,7 @@ def simulate_frailty(patients: int, seed: int) -> list[PatientCapture]:
     out = []
     for index in tqdm(range(patients), desc="simulating", unit="patient"):
         sim = FrailtyCapturingSimulator(seed, index)
-        record = sim.run()
-        truth = {row.encounter_id: row for row in record.truth}
-        sim.capture.patient_id = record.id
-        for c in sim.stays:
-            c.patient_id, c.truth = record.id, truth[c.encounter.id]
+        sim.capture.patient_id = _run_with_truth(sim).id
         sim.capture.stays = sim.stays
         out.append(sim.capture)
     return out

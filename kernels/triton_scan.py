@@ -176,10 +176,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     # only its own dependency chain to hide latency with (H200: b32/L2048 forward 1.63 -> 0.93 ms with
     # the L1 prefetch of v11, forward+backward 6.67 -> 5.96; b8/L16384 in 4 pieces 3.9 -> 3.6 ms, in one
     # piece, 2.9 warps per multiprocessor, 5.2)
-    segments = _time_segments(rows, dense_length, multiprocessors, over.get("chunk", CHUNK))
+    chunk = over.get("chunk", CHUNK)
+    segments = _time_segments(rows, dense_length, multiprocessors, chunk)
     enough_rows = rows * segments >= SEQ_MIN_WARPS * THREADS_PER_WARP * multiprocessors
     fwd_variant = over.get("fwd_variant", "seq" if block_n <= SEQ_STATES and enough_rows else "state_loop")
-    chunk = over.get("chunk", CHUNK)
     if fwd_variant == "seq" and (block_n > SEQ_STATES or chunk % SEQ_STEPS):
         fwd_variant = "state_loop"  # a thread holds all states of its channel: only for small d_state
     bwd_variant = over.get("bwd_variant", "state_loop")
@@ -289,7 +289,7 @@ def _ranges_per_group(channels_per_group: int, block_d: int, chunk_programs: int
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = _interpreting()
     for tensor in tensors:
         if not tensor.is_cuda and not interpreting:
             raise ValueError(
@@ -389,13 +389,18 @@ def _full_tiles(seqs: _Sequences, dim: int, block_d: int, chunk: int, d_state: i
     return seqs.dense and seqs.max_len % chunk == 0 and dim % block_d == 0 and d_state % pair == 0
 
 
+def _interpreting() -> bool:
+    """Kernels run under the Triton interpreter, which has no inline assembly."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _lane_flip_safe(cfg: ScanConfig, *tiles: torch.Tensor | None) -> bool:
     """The lane-shuffle flip assumes the layout Triton gives 1-warp (4, 64) tiles read with 16-byte
     loads: 8 steps per thread on lanes 0-7 of each channel's group. That needs 16-bit values (float32
     rows come 4 steps per thread: wrong gradients, H200 v9), time-contiguous, 16-byte aligned rows,
     compiled code (the interpreter has no inline assembly) and a Triton whose layouts were read
     (LANE_FLIP_TRITON; kernels/NOTES.md v8)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or not triton.__version__.startswith(LANE_FLIP_TRITON):
+    if _interpreting() or not triton.__version__.startswith(LANE_FLIP_TRITON):
         return False
     if cfg.warps_bwd != 1 or cfg.chunk != 64:
         return False
@@ -483,13 +488,17 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     if seqs.dense and cfg.seq_segments > 1:
         segment_length = triton.cdiv(triton.cdiv(length, cfg.seq_segments), cfg.chunk) * cfg.chunk
         segments = triton.cdiv(length, segment_length)
-    # each piece's end state from zero (part) and its sum of delta, for the pieces after it
-    part = torch.empty(seqs.count, segments, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
-    dtsum = torch.empty(seqs.count, segments, dim, device=u.device, dtype=torch.float32)
+    # each piece's end state from zero (part) and its sum of delta, for the pieces after it (one piece:
+    # never read, A2 stands in)
+    if segments > 1:
+        part = torch.empty(seqs.count, segments, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+        dtsum = torch.empty(seqs.count, segments, dim, device=u.device, dtype=torch.float32)
+    else:
+        part = dtsum = A2.view(1, 1, dim, SEQ_STATES)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count * segments)
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   VARLEN=not seqs.dense, BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split,
-                  PREFETCH=prefetch, PREFETCH_L1=cfg.seq_l1_prefetch and os.environ.get("TRITON_INTERPRET") != "1",
+                  PREFETCH=prefetch, PREFETCH_L1=cfg.seq_l1_prefetch and not _interpreting(),
                   SEGMENTS=segments, num_warps=cfg.warps_fwd)
     for phase in (1, 2) if segments > 1 else (2,):
         _fwd_seq_kernel[grid](

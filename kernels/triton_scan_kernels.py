@@ -572,8 +572,6 @@ def _fwd_seq_kernel(
     A2 = _load_states(A2_ptr + chan * SEQ_STATES + part * PER_ROW, mask_r, PER_ROW)
     if HAS_D:  # added on one row per channel
         Dv = tl.load(D_ptr + chan, mask=mask_r & (part == 0), other=0.0).to(tl.float32)
-    else:
-        Dv = tl.zeros([BLOCK_R], tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + chan, mask=mask_r, other=0.0).to(tl.float32)
     else:
