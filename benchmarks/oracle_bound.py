@@ -1165,12 +1165,17 @@ def main() -> None:
     }
     if args.mortality:
         report["mortality_30d"] = mortality_analysis(stays, grid, args.resamples, args.seed)
-    report["seconds"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(args.out)
+    _write_report(report, args.out, started)
     print_table(report)
+
+
+def _write_report(report: dict, out: Path, started: float) -> None:
+    """The report with the run's seconds, written to a temporary file and moved into place."""
+    report["seconds"] = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out)
 
 
 def run_frailty(args: argparse.Namespace, started: float) -> None:
@@ -1184,11 +1189,7 @@ def run_frailty(args: argparse.Namespace, started: float) -> None:
         "frailty_hidden": frailty_analysis(patients, args.frailty_grid_step, args.frailty_acuity_step,
                                            args.resamples, args.seed),
     }
-    report["seconds"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(args.out)
+    _write_report(report, args.out, started)
     print_frailty_table(report)
 
 
