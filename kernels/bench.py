@@ -45,6 +45,9 @@ SHAPES = {
     "b8_L16384_N16": Shape("b8_L16384_N16", 8, 16384, 1536, 16),
     "b32_L2048_N64": Shape("b32_L2048_N64", 32, 2048, 1536, 64),
 }
+ISSUE_SHAPES = tuple(SHAPES)  # the issue's three, timed by default
+# 1,056 programs of 32 channels: one wave of the sequential backward's 8 resident programs on 132 SMs
+SHAPES["b22_L2048_N16"] = Shape("b22_L2048_N16", 22, 2048, 1536, 16)
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device, seed: int, groups: int = 0, channel_major: bool = False):
@@ -262,8 +265,11 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # v12 (22:57 UTC): time cut into pieces, a program each (seq_segments; a first pass for each piece's end
     # state): S2 1 / 2 / 4 / 8 pieces 5.24 / 6.47 / 3.61 / 3.63 ms (state loop 3.94), S1 2 pieces 1.69 (1: 0.93).
     # Now the default picks the pieces (S2: 4).
-    "b32_L2048_N16": [{}, {"fwd_variant": "state_loop"}],
-    "b8_L16384_N16": [{}, {"fwd_variant": "state_loop"}, {"seq_segments": 8}, {"seq_segments": 4, "seq_split": 2}],
+    # v13: the sequential backward (bwd_variant "seq", after the sequential forward only)
+    "b32_L2048_N16": [{}, {"bwd_variant": "seq"}, {"bwd_variant": "seq", "seq_bwd_maxnreg": 200},
+                      {"bwd_variant": "seq", "seq_bwd_maxnreg": 184}],
+    "b8_L16384_N16": [{}, {"bwd_variant": "seq"}],
+    "b22_L2048_N16": [{}, {"bwd_variant": "seq"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x
@@ -340,7 +346,7 @@ def write_report(report: dict, out_dir: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mamba-src", default=".mamba_src/mamba_ssm-2.3.2.post1")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(ISSUE_SHAPES))
     parser.add_argument("--sweep", action="store_true", help="time the SWEEP tile configurations at the first shape")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--torch-shapes", default="b32_L2048_N16",

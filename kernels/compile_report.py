@@ -32,6 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from odyssey.kernels import triton_scan_kernels as kernels
+from odyssey.kernels import triton_seq_backward
 
 SM90 = GPUTarget("cuda", 90, 32)
 # integer arguments that are 1 in the dense channel-major layout (time stride, state stride of A)
@@ -54,6 +55,11 @@ KERNELS = {  # name: (kernel, constexprs, warps, register cap, float32 pointers)
     "seq": (kernels._fwd_seq_kernel,
             {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
             | {"STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 32}, 1, None, ("A2_ptr", "BT_ptr", "CT_ptr")),
+    # the sequential backward: 32 channels a warp, lane sums of dB/dC by inline PTX shuffles
+    "seqbwd": (triton_seq_backward._bwd_seq_kernel,
+               {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
+               | {"HAS_DLAST": False, "LANE_ASM": True}, 1, None,
+               ("A2_ptr", "BT_ptr", "CT_ptr", "ckpt_ptr", "dBC_ptr")),
 }
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+((?:@!?U?P[T\d]\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")
 REPORTED = ("SHFL", "MUFU", "FFMA", "FMUL", "FADD", "LDS", "LDSM", "STS", "LDL", "STL", "BAR", "REDG")
@@ -162,7 +168,7 @@ def _parse_set(items: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=sorted(KERNELS), action="append",
-                        help="bwd, fwd and/or seq (default: all)")
+                        help="bwd, fwd, seq and/or seqbwd (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a kernel constexpr (e.g. BLOCK_D=8, ADJOINT=0) or num_warps")
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (0: none; default: as launched)")

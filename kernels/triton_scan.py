@@ -33,6 +33,7 @@ from odyssey.kernels.triton_scan_kernels import (
     _scan_fwd_kernel,
     _state_update_kernel,
 )
+from odyssey.kernels.triton_seq_backward import BWD_BLOCK, _bwd_seq_kernel
 
 MAX_D_STATE = 256
 # Register budget of one program's tile in float32 elements, for the tile-shaped kernels.
@@ -61,7 +62,7 @@ THREADS_PER_WARP = 32
 LANE_FLIP_TRITON = ("3.6.",)
 
 FWD_VARIANTS = ("seq", "state_loop", "tile3d")
-BWD_VARIANTS = ("state_loop", "two_pass")
+BWD_VARIANTS = ("seq", "state_loop", "two_pass")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class ScanConfig:
     seq_prefetch: bool | None = None
     seq_l1_prefetch: bool = True
     seq_segments: int = 1
+    seq_bwd_l1_prefetch: bool = False
+    seq_bwd_maxnreg: int | None = None
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -182,7 +185,12 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     fwd_variant = over.get("fwd_variant", "seq" if block_n <= SEQ_STATES and enough_rows else "state_loop")
     if fwd_variant == "seq" and (block_n > SEQ_STATES or chunk % SEQ_STEPS):
         fwd_variant = "state_loop"  # a thread holds all states of its channel: only for small d_state
+    # the sequential backward ("seq", kernels/NOTES.md v13) is an option: 4-13% slower than the state loop
+    # at b32/L2048 on an H100 (latency-bound at 8 resident warps), 30% at b8/L16384
     bwd_variant = over.get("bwd_variant", "state_loop")
+    if bwd_variant == "seq" and (fwd_variant != "seq" or channels_per_group % THREADS_PER_WARP):
+        # it reads the sequential forward's padded states; a program is 32 channels of one group
+        bwd_variant = "state_loop"
     if fwd_variant not in FWD_VARIANTS or bwd_variant not in BWD_VARIANTS:
         raise ValueError(f"unknown scan variants {fwd_variant!r}, {bwd_variant!r}")
     # 1-warp forward programs of 4 channels for small d_state since v8: the per-state chunk-end
@@ -269,6 +277,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         seq_l1_prefetch=over.get("seq_l1_prefetch", True),
         # time cut into this many pieces, a program each, for dense batches with few channel rows
         seq_segments=over.get("seq_segments", segments),
+        # the sequential backward: the chunk before's u, delta, dout, z lines and the next checkpoint row
+        # prefetched into L1
+        seq_bwd_l1_prefetch=over.get("seq_bwd_l1_prefetch", False),
+        seq_bwd_maxnreg=over.get("seq_bwd_maxnreg"),
     )
 
 
@@ -543,6 +555,9 @@ def _backward(ctx, dout, dlast):
     dD = torch.zeros(dim, device=u.device, dtype=torch.float32) if D is not None else None
     dbias = torch.zeros(dim, device=u.device, dtype=torch.float32) if delta_bias is not None else None
     dummy = dA
+    if cfg.bwd_variant == "seq":
+        return _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, seqs, states, dout, dlast,
+                             du, ddelta, dz, dD, dbias, cfg)
     if cfg.bwd_variant == "state_loop":
         if cfg.bc_f32:  # no copy when they already are float32; dB, dC are float32 either way
             B4, C4 = B4.float(), C4.float()
@@ -602,6 +617,47 @@ def _backward(ctx, dout, dlast):
         BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
     )
     return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, states, dout, dlast,
+                  du, ddelta, dz, dD, dbias, cfg: ScanConfig):
+    """The sequential backward: reads the sequential forward's padded states, sums dA in (dim, 16) and
+    dB, dC in one time-major (batch, groups, steps, 32) buffer, handed back as (batch, groups, N, L)."""
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    groups = B4.shape[1]
+    count = seqs.count
+    padded = states.as_strided((*states.shape[:3], SEQ_STATES), states.stride())
+    A2 = torch.zeros(dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+    A2[:, :d_state] = A.float() * math.log2(math.e)
+    steps = length + SEQ_STEPS
+    BT, CT = _time_major_rows(B4, steps), _time_major_rows(C4, steps)
+    if dlast is not None:
+        dlast16 = torch.zeros(count, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+        dlast16[..., :d_state] = dlast
+    else:
+        dlast16 = A2.view(1, dim, SEQ_STATES)
+    ckpt = torch.empty(count, cfg.chunk // BWD_BLOCK.value, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+    dA16 = torch.zeros(dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+    dBC = torch.zeros(batch, groups, steps, 2 * SEQ_STATES, device=u.device, dtype=torch.float32)
+    _bwd_seq_kernel[(triton.cdiv(dim, THREADS_PER_WARP), count)](
+        u, delta, A2, BT, CT, D if D is not None else A2, z if z is not None else u,
+        delta_bias if delta_bias is not None else A2, dout, padded, dlast16, ckpt,
+        du, ddelta, dz if dz is not None else du, dA16, dBC,
+        dD if dD is not None else A2, dbias if dbias is not None else A2,
+        seqs.batch_row, seqs.start, seqs.length, seqs.max_len, dim, dim // groups,
+        *u.stride(), *delta.stride(), BT.stride(0), BT.stride(1), BT.stride(2),
+        *_strides3(z), *dout.stride(), padded.stride(0), padded.stride(1), padded.stride(2),
+        dlast16.stride(0), dlast16.stride(1), ckpt.stride(0), ckpt.stride(1), ckpt.stride(2),
+        *du.stride(), *ddelta.stride(), *_strides3(dz), dBC.stride(0), dBC.stride(1), dBC.stride(2),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
+        PREFETCH_L1=cfg.seq_bwd_l1_prefetch and not _interpreting(), num_warps=1,
+        **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
+    )
+    dB = dBC[:, :, :length, :d_state].transpose(-1, -2)
+    dC = dBC[:, :, :length, SEQ_STATES:SEQ_STATES + d_state].transpose(-1, -2)
+    return du, ddelta, dA16[:, :d_state].contiguous(), dB, dC, dD, dz, dbias
 
 
 def _differentiated(*tensors: torch.Tensor | None) -> bool:

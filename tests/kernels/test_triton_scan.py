@@ -28,6 +28,7 @@ _interpreted_only, test_module_in_fresh_process = make_guard(__file__)
 
 FP32_TOL = 1e-5
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+SEQ_BACKWARD = {"fwd_variant": "seq", "bwd_variant": "seq"}
 
 
 def rel_err(ours, ref):
@@ -132,6 +133,40 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
     compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
 
 
+@pytest.mark.parametrize("length,d_state,groups,dim,options",
+                         [(1, 16, 0, 32, {}), (17, 5, 2, 64, {}), (65, 16, 0, 32, {"with_z": False}),
+                          (64, 7, 0, 32, {"with_D": False, "with_bias": False}),
+                          pytest.param(130, 16, 3, 96, {}, marks=pytest.mark.slow)])
+def test_sequential_backward_matches_reference(length, d_state, groups, dim, options, monkeypatch):
+    """The sequential backward (a channel a thread, 4-step blocks recomputed from per-block checkpoints,
+    dB / dC summed across the warp's channels) at lengths ending inside a block and a chunk, with and
+    without the optional inputs and the last state's gradient. Its cross-lane sums run as inline PTX on
+    the GPU only (checked there by `odyssey.kernels.check_variant`); here their plain-sum stand-in."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", dict(SEQ_BACKWARD))
+    calls = []
+    real = triton_scan._backward_seq
+    monkeypatch.setattr(triton_scan, "_backward_seq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    compare(make_inputs(dim=dim, d_state=d_state, length=length, groups=groups, seed=length, **options))
+    assert calls == [1]
+
+
+def test_sequential_backward_needs_the_sequential_forward_and_whole_warps():
+    """It reads the sequential forward's padded states and sums dB / dC over 32 channels of one group."""
+    def backward(cpg=64, **overrides):
+        triton_scan.CONFIG_OVERRIDES.clear()
+        triton_scan.CONFIG_OVERRIDES.update(overrides)
+        try:
+            return triton_scan.scan_config(16, cpg).bwd_variant
+        finally:
+            triton_scan.CONFIG_OVERRIDES.clear()
+
+    assert backward(**SEQ_BACKWARD) == "seq"
+    assert backward(fwd_variant="state_loop", bwd_variant="seq") == "state_loop"
+    assert backward(**SEQ_BACKWARD, cpg=16) == "state_loop"
+    assert triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132, dense_length=2048).bwd_variant \
+        == "state_loop"  # measured slower (kernels/NOTES.md v13)
+
+
 @pytest.mark.parametrize("overrides", [{"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_segments": 2},
                                        {"fwd_variant": "state_loop"}])
 def test_forward_allocates_one_output(overrides, monkeypatch):
@@ -191,7 +226,9 @@ def test_channels_last_layout_is_read_without_copy():
     assert out.stride() == inputs["u"].stride()
 
 
-def test_poisoned_outputs_are_all_written(monkeypatch):
+@pytest.mark.parametrize("overrides,dim", [({}, 8), (SEQ_BACKWARD, 32)])
+def test_poisoned_outputs_are_all_written(overrides, dim, monkeypatch):
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", dict(overrides))
     real_empty_like, real_empty = torch.empty_like, torch.empty
 
     def poisoned_empty_like(t, *args, **kwargs):
@@ -204,7 +241,7 @@ def test_poisoned_outputs_are_all_written(monkeypatch):
 
     monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
     monkeypatch.setattr(torch, "empty", poisoned_empty)
-    compare(make_inputs(length=127, groups=2, seed=5))
+    compare(make_inputs(dim=dim, length=127, groups=2, seed=5))
 
 
 def _row(inputs, b, length):
@@ -218,10 +255,11 @@ def _row(inputs, b, length):
     return row
 
 
-@pytest.mark.parametrize("forward", [{"fwd_variant": "state_loop"}, {"fwd_variant": "seq", "seq_split": 2}])
-def test_varlen_per_row_lengths(forward, monkeypatch):
+@pytest.mark.parametrize("forward,dim", [({"fwd_variant": "state_loop"}, 8), ({"fwd_variant": "seq", "seq_split": 2}, 8),
+                                         (SEQ_BACKWARD, 64)])
+def test_varlen_per_row_lengths(forward, dim, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", forward)
-    inputs = make_inputs(batch=4, length=70, groups=2, seed=3)
+    inputs = make_inputs(batch=4, dim=dim, length=70, groups=2, seed=3)
     lengths = torch.tensor([65, 1, 0, 30])
     args = [inputs[k] for k in NAMES]
     out, last = triton_scan.selective_scan_varlen_triton(
@@ -251,18 +289,19 @@ def test_varlen_per_row_lengths(forward, monkeypatch):
             assert (grads[name][b, ..., n:] == 0).all(), name
 
 
-@pytest.mark.parametrize("forward", [{"fwd_variant": "state_loop"}, {"fwd_variant": "seq", "seq_split": 4}])
-def test_varlen_packed_cu_seqlens(forward, monkeypatch):
+@pytest.mark.parametrize("forward,dim", [({"fwd_variant": "state_loop"}, 8), ({"fwd_variant": "seq", "seq_split": 4}, 8),
+                                         (SEQ_BACKWARD, 32)])
+def test_varlen_packed_cu_seqlens(forward, dim, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", forward)
     lengths = [64, 3, 70]
     total = sum(lengths) + 5  # a tail that belongs to no sequence
-    inputs = make_inputs(batch=1, length=total, seed=4)
+    inputs = make_inputs(batch=1, dim=dim, length=total, seed=4)
     cu = torch.tensor([0, 64, 67, 137])
     args = [inputs[k] for k in NAMES]
     out, last = triton_scan.selective_scan_varlen_triton(
         *args, delta_softplus=True, return_last_state=True, cu_seqlens=cu
     )
-    assert last.shape == (3, 8, 4)
+    assert last.shape == (3, dim, 4)
     gen = torch.Generator().manual_seed(2)
     w_out, w_last = torch.randn(out.shape, generator=gen), torch.randn(last.shape, generator=gen)
     present = [k for k in NAMES if inputs[k] is not None]

@@ -1,0 +1,388 @@
+"""The sequential backward of the selective scan (d_state <= 16): the backward of `_fwd_seq_kernel`, an option
+(`bwd_variant="seq"`), measured slower than the state-loop backward (kernels/NOTES.md v13).
+
+Each thread owns one channel's 16 states, as in the sequential forward. Time runs backward chunk by chunk
+(the forward saved the state at every chunk start). Per chunk:
+
+1. a forward pass from the saved state writes the state at the start of every 4-step block (`ckpt`,
+   global scratch the program rereads soon, mostly from cache);
+2. blocks from last to first: the block's 4 states are recomputed into registers from its checkpoint,
+   then the adjoint g steps back through them.
+
+du, ddelta, dz are sums over the states and stay in the thread. dB and dC are sums over channels, that is
+over lanes: each step's 32 values a thread (g dtu and h dy for 16 states) are reduce-scattered across the
+warp in 5 butterfly rounds (31 shuffles; a plain per-value sum would take 160), leaving lane l with the
+warp's sum of value l, which it adds to a time-major (batch, groups, steps, 32) buffer: one coalesced
+128-byte atomic add per warp and step.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from odyssey.kernels.triton_scan_kernels import (
+    SEQ_STATES,
+    _halves,
+    _interleave,
+    _load_delta,
+    _prefetch_l1,
+    _sequence,
+)
+
+LN2 = tl.constexpr(0.6931471805599453)
+BWD_BLOCK = tl.constexpr(4)  # steps whose states sit in registers at once
+LANES = tl.constexpr(32)
+
+
+@triton.jit
+def _columns4(x):
+    """(R, 4) -> its four (R,) columns."""
+    rows: tl.constexpr = x.shape[0]
+    even, odd = _halves(x)
+    c0, c2 = _halves(even)
+    c1, c3 = _halves(odd)
+    return tl.reshape(c0, [rows]), tl.reshape(c1, [rows]), tl.reshape(c2, [rows]), tl.reshape(c3, [rows])
+
+
+@triton.jit
+def _rows4(c0, c1, c2, c3):
+    """Inverse of _columns4."""
+    return _interleave(_interleave(c0, c2), _interleave(c1, c3))
+
+
+@triton.jit
+def _lane_ids(like):
+    """The lane (0-31) of the thread that holds each element of the int32 tensor `like`."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _exchange(even, odd, mask):
+    """A reduce-scatter round between lanes l and l ^ mask: a lane whose `mask` bit is set keeps the odd
+    columns and receives its partner's, the other the even ones (two selects a value)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred keep_odd;
+        .reg .b32 lane, send, keep, got;
+        mov.u32 lane, %laneid;
+        and.b32 lane, lane, $3;
+        setp.ne.u32 keep_odd, lane, 0;
+        selp.b32 send, $1, $2, keep_odd;
+        selp.b32 keep, $2, $1, keep_odd;
+        shfl.sync.bfly.b32 got, send, $3, 0x1f, 0xffffffff;
+        add.f32 $0, keep, got;
+        }""",
+        "=r,r,r,r", [even, odd, mask], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _exchange_uniform(even, odd, mask):
+    """The same round without selects, for a column bit the lanes store XOR-ed with their `mask` bit (see
+    _quad_xor): every lane keeps its even columns and sends its odd ones."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 got;
+        shfl.sync.bfly.b32 got, $2, $3, 0x1f, 0xffffffff;
+        add.f32 $0, $1, got;
+        }""",
+        "=r,r,r,r", [even, odd, mask], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _all_reduce(x, mask):
+    """x + x of lane l ^ mask."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 got;
+        shfl.sync.bfly.b32 got, $1, $2, 0x1f, 0xffffffff;
+        add.f32 $0, $1, got;
+        }""",
+        "=r,r,r", [x, mask], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _round(x, MASK: tl.constexpr, UNIFORM: tl.constexpr):
+    even, odd = _halves(x)
+    mask = tl.full(even.shape, MASK, tl.int32)
+    return _exchange_uniform(even, odd, mask) if UNIFORM else _exchange(even, odd, mask)
+
+
+@triton.jit
+def _lane_sums(x, LANE_ASM: tl.constexpr):
+    """(32, 16) state rows, a row per lane -> (32,): the row on lane l gets register column l % 16 summed
+    over the 32 rows. Register columns are _load_states' order, j = column bits 0-1 picking the 16-byte
+    quad (with the lane's quad XOR applied, so the first two rounds need no selects), q = bits 2-3 the
+    value in it: 31 + 1 shuffles, 12 selects. Without inline assembly (the interpreter, quad XOR 0) the
+    same from a plain sum, row r standing for lane r."""
+    rows: tl.constexpr = x.shape[0]
+    if LANE_ASM:
+        x = _round(x, 1, True)
+        x = _round(x, 2, True)
+        x = _round(x, 4, False)
+        x = _round(x, 8, False)
+        out = _all_reduce(tl.reshape(x, [rows]), tl.full([rows], 16, tl.int32))
+    else:
+        total = tl.sum(x, axis=0)
+        cols = tl.arange(0, SEQ_STATES)
+        out = tl.sum(tl.where(cols[None, :] == (tl.arange(0, rows) % SEQ_STATES)[:, None], total[None, :], 0.0),
+                     axis=1)
+    return out
+
+
+@triton.jit
+def _lanes(offs_r, LANE_ASM: tl.constexpr):
+    return _lane_ids(offs_r) if LANE_ASM else offs_r % LANES
+
+
+@triton.jit
+def _quad_xor(lane, LANE_ASM: tl.constexpr):
+    """Which 16-byte quad of a state row a lane keeps in its first register quad: quad k is stored at
+    k ^ this, chosen so that a butterfly partner's odd columns line up with a lane's even ones."""
+    return 2 * (lane & 1) + ((lane >> 1) & 1) if LANE_ASM else lane * 0
+
+
+@triton.jit
+def _lane_columns(lane):
+    """Column of the (batch, groups, steps, 32) dB/dC buffer a lane's sum belongs to: lanes 0-15 dB, 16-31
+    dC, register column j = lane % 16 holding state 8 (j & 1) + 4 ((j >> 1) & 1) + (j >> 2)."""
+    j = lane & 15
+    return (lane >> 4) * SEQ_STATES + 8 * (j & 1) + 4 * ((j >> 1) & 1) + (j >> 2)
+
+
+@triton.jit
+def _quad_offsets(quad_xor, k: tl.constexpr):
+    return (4 * (k ^ quad_xor))[:, None] + tl.arange(0, 4)[None, :]
+
+
+@triton.jit
+def _load_row16(rows, quad_xor, mask_rows, MASKED: tl.constexpr = True):
+    """_load_states for 16 values a row, quad k read from quad k ^ quad_xor of the row."""
+    m = mask_rows[:, None] if MASKED else None
+    other = 0.0 if MASKED else None
+    t0 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 0), mask=m, other=other)
+    t1 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 1), mask=m, other=other)
+    t2 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 2), mask=m, other=other)
+    t3 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 3), mask=m, other=other)
+    return tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [rows.shape[0], 16])
+
+
+@triton.jit
+def _quads(x):
+    first, second = tl.split(tl.reshape(x, [x.shape[0], 4, 2, 2]))
+    t0, t1 = tl.split(first)
+    t2, t3 = tl.split(second)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _store_row16(rows, quad_xor, x, mask_rows):
+    """Inverse of _load_row16."""
+    t0, t1, t2, t3 = _quads(x)
+    m = mask_rows[:, None]
+    tl.store(rows[:, None] + _quad_offsets(quad_xor, 0), t0, mask=m)
+    tl.store(rows[:, None] + _quad_offsets(quad_xor, 1), t1, mask=m)
+    tl.store(rows[:, None] + _quad_offsets(quad_xor, 2), t2, mask=m)
+    tl.store(rows[:, None] + _quad_offsets(quad_xor, 3), t3, mask=m)
+
+
+@triton.jit
+def _add_row16(rows, quad_xor, x, mask_rows):
+    """Atomic add in _load_row16's layout."""
+    t0, t1, t2, t3 = _quads(x)
+    m = mask_rows[:, None]
+    tl.atomic_add(rows[:, None] + _quad_offsets(quad_xor, 0), t0, mask=m, sem="relaxed")
+    tl.atomic_add(rows[:, None] + _quad_offsets(quad_xor, 1), t1, mask=m, sem="relaxed")
+    tl.atomic_add(rows[:, None] + _quad_offsets(quad_xor, 2), t2, mask=m, sem="relaxed")
+    tl.atomic_add(rows[:, None] + _quad_offsets(quad_xor, 3), t3, mask=m, sem="relaxed")
+
+
+@triton.jit
+def _state_step(h, A2, dt, dtu, Bt_rows, quad_xor):
+    return tl.exp2(A2 * dt[:, None]) * h + _load_row16(Bt_rows, quad_xor, dt, False) * dtu[:, None]
+
+
+@triton.jit
+def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt_rows, Ct_rows, quad_xor, dA_acc, bc_ptrs, dC_lane,
+                  in_time, LANE_ASM: tl.constexpr):
+    """Step t backward. In: g of step t + 1 and that step's delta (its decay is recomputed here: one
+    register a row carried between steps instead of 16), h the state after step t. Out: g of step t, dA
+    summed on, and step t's sums over states of g B, g (h - drive) A2 and h C, and the row's dB/dC lane
+    sum."""
+    Bt = _load_row16(Bt_rows, quad_xor, dt, False)
+    Ct = _load_row16(Ct_rows, quad_xor, dt, False)
+    # "+ 0.0" keeps the compiler from reusing the recompute pass's decays (the same expression): holding
+    # them costs 48 registers and spills (local sm_90 compile: 208 B of stack), recomputing costs 16 exp2
+    g = tl.exp2(A2 * dt_next[:, None] + 0.0) * g + Ct * dy[:, None]
+    # g_t * decay_t * h_{t-1}, from the state after the step (no state before it kept)
+    g_prev = g * (h - Bt * dtu[:, None])
+    dA_acc += g_prev * dt[:, None]
+    gB = tl.sum(g * Bt, axis=1)
+    gA2 = tl.sum(g_prev * A2, axis=1)
+    y = tl.sum(h * Ct, axis=1)
+    sums = tl.where(dC_lane, _lane_sums(h * dy[:, None], LANE_ASM), _lane_sums(g * dtu[:, None], LANE_ASM))
+    # added at once: the compiler may not move the next step's B / C loads above this (possibly aliasing)
+    # atomic, which keeps them from being hoisted and held in registers for the whole block
+    tl.atomic_add(bc_ptrs, sums, mask=tl.full(dtu.shape, 1, tl.int1) & in_time, sem="relaxed")
+    return g, dA_acc, gB, gA2, y
+
+
+@triton.jit
+def _bwd_seq_kernel(
+    u_ptr, dt_ptr, A2_ptr, BT_ptr, CT_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, dlast_ptr, ckpt_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dBC_ptr, dD_ptr, dbias_ptr,
+    seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
+    dim, channels_per_group,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sBT_b, sBT_g, sBT_l,
+    sz_b, sz_d, sz_l, sdo_b, sdo_d, sdo_l,
+    ss_s, ss_c, ss_d, sl_s, sl_d, sk_s, sk_k, sk_d,
+    sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l, sbc_b, sbc_g, sbc_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr, CHUNK: tl.constexpr, LANE_ASM: tl.constexpr,
+    PREFETCH_L1: tl.constexpr = False,
+):
+    """One program: 32 channels (a warp, a channel a thread) of one sequence, time from last to first.
+    A2_ptr: A * log2(e) padded to 16 states; BT_ptr / CT_ptr: time-major float32 B and C rows
+    (batch, groups, steps, 16), zero-padded; states_ptr: the forward's chunk-start states (padded rows);
+    dlast_ptr: (sequences, dim, 16) padded; ckpt_ptr: (sequences, CHUNK / 4, dim, 16) scratch; dA_ptr:
+    (dim, 16); dBC_ptr: (batch, groups, steps, 32) float32, dB in columns 0-15 and dC in 16-31."""
+    BLOCK_R: tl.constexpr = LANES
+    pid_d = tl.program_id(0)
+    seq = tl.program_id(1)
+    b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
+    offs_r = tl.arange(0, BLOCK_R)
+    chan = pid_d * BLOCK_R + offs_r
+    mask_r = chan < dim
+    group = (pid_d * BLOCK_R) // channels_per_group
+    lane = _lanes(offs_r, LANE_ASM)
+    quad_xor = _quad_xor(lane, LANE_ASM)
+    dC_lane = lane >= SEQ_STATES
+    A2 = _load_row16(A2_ptr + chan * SEQ_STATES, quad_xor, mask_r)
+    if HAS_D:
+        Dv = tl.load(D_ptr + chan, mask=mask_r, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chan, mask=mask_r, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_R], tl.float32)
+    steps = tl.arange(0, BWD_BLOCK)
+    u_rows = u_ptr + b * su_b + chan * su_d
+    dt_rows = dt_ptr + b * sdt_b + chan * sdt_d
+    z_rows = z_ptr + b * sz_b + chan * sz_d
+    do_rows = dout_ptr + b * sdo_b + chan * sdo_d
+    du_rows = du_ptr + b * sdu_b + chan * sdu_d
+    ddt_rows = ddt_ptr + b * sddt_b + chan * sddt_d
+    dz_rows = dz_ptr + b * sdz_b + chan * sdz_d
+    # the same B_t / C_t row for every channel of the program (a broadcast load)
+    bt_rows = BT_ptr + b * sBT_b + group * sBT_g + offs_r * 0
+    ct_rows = CT_ptr + b * sBT_b + group * sBT_g + offs_r * 0
+    st_rows = states_ptr + seq * ss_s + chan * ss_d
+    ck_rows = ckpt_ptr + seq * sk_s + chan * sk_d
+    bc_cols = dBC_ptr + b * sbc_b + group * sbc_g + _lane_columns(lane)
+
+    if HAS_DLAST:
+        g = _load_row16(dlast_ptr + seq * sl_s + chan * sl_d, quad_xor, mask_r)
+    else:
+        g = tl.zeros([BLOCK_R, SEQ_STATES], tl.float32)
+    dt_next = tl.zeros([BLOCK_R], tl.float32)  # past the end: decay 1
+    dA_acc = tl.zeros([BLOCK_R, SEQ_STATES], tl.float32)
+    dD_acc = tl.zeros([BLOCK_R], tl.float32)
+    dbias_acc = tl.zeros([BLOCK_R], tl.float32)
+
+    n_chunks = tl.cdiv(length, CHUNK)
+    for c_rev in range(0, n_chunks):
+        c = n_chunks - 1 - c_rev
+        blocks = tl.cdiv(tl.minimum(CHUNK, length - c * CHUNK), BWD_BLOCK)
+        # 1. the chunk forward from its saved start state: each block's start state to the scratch
+        h = _load_row16(st_rows + c * ss_c, quad_xor, mask_r)
+        if PREFETCH_L1:  # noqa: SIM102 (compile-time and run-time) the chunk before's rows, read next
+            if c > 0:
+                t_before = t_first + (c - 1) * CHUNK
+                _prefetch_l1(u_rows + t_before * su_l)
+                _prefetch_l1(dt_rows + t_before * sdt_l)
+                _prefetch_l1(do_rows + t_before * sdo_l)
+                if HAS_Z:
+                    _prefetch_l1(z_rows + t_before * sz_l)
+        for k in range(0, blocks):
+            _store_row16(ck_rows + k * sk_k, quad_xor, h, mask_r)
+            t_local = c * CHUNK + k * BWD_BLOCK + steps
+            mask = mask_r[:, None] & (t_local < length)[None, :]
+            t = t_first + t_local
+            u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
+            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            d0, d1, d2, d3 = _columns4(dt)
+            v0, v1, v2, v3 = _columns4(dt * u)
+            bt = bt_rows + (t_first + c * CHUNK + k * BWD_BLOCK) * sBT_l
+            h = _state_step(h, A2, d0, v0, bt, quad_xor)
+            h = _state_step(h, A2, d1, v1, bt + sBT_l, quad_xor)
+            h = _state_step(h, A2, d2, v2, bt + 2 * sBT_l, quad_xor)
+            h = _state_step(h, A2, d3, v3, bt + 3 * sBT_l, quad_xor)
+        # 2. blocks from last to first: states recomputed, then the adjoint steps back through them
+        for k_rev in range(0, blocks):
+            k = blocks - 1 - k_rev
+            t0 = c * CHUNK + k * BWD_BLOCK
+            t_local = t0 + steps
+            in_time = t_local < length
+            mask = mask_r[:, None] & in_time[None, :]
+            t = t_first + t_local
+            u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
+            dt, dt_raw = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            dout = tl.load(do_rows[:, None] + t[None, :] * sdo_l, mask=mask, other=0.0).to(tl.float32)
+            dy = dout
+            if HAS_Z:
+                zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zv)
+                dy = dout * zv * sig
+                dz_of_y = dout * sig * (1.0 + zv * (1.0 - sig))  # dz = dz_of_y * y
+            if SOFTPLUS:
+                dt_raw = tl.sigmoid(dt_raw)  # d softplus / d raw
+            d0, d1, d2, d3 = _columns4(dt)
+            v0, v1, v2, v3 = _columns4(dt * u)
+            y0, y1, y2, y3 = _columns4(dy)
+            bt = bt_rows + (t_first + t0) * sBT_l
+            ct = ct_rows + (t_first + t0) * sBT_l
+            h0 = _load_row16(ck_rows + k * sk_k, quad_xor, mask_r, False)
+            if PREFETCH_L1:  # the block before's checkpoint row
+                _prefetch_l1(ck_rows + tl.maximum(k - 1, 0) * sk_k)
+            h1 = _state_step(h0, A2, d0, v0, bt, quad_xor)
+            h2 = _state_step(h1, A2, d1, v1, bt + sBT_l, quad_xor)
+            h3 = _state_step(h2, A2, d2, v2, bt + 2 * sBT_l, quad_xor)
+            h4 = _state_step(h3, A2, d3, v3, bt + 3 * sBT_l, quad_xor)
+            # dB / dC: one lane sum per step, added where the step lies inside the sequence
+            bc = bc_cols + (t_first + t0) * sbc_l
+            g, dA_acc, gB3, gA3, yc3 = _adjoint_step(
+                g, dt_next, h4, A2, d3, v3, y3, bt + 3 * sBT_l, ct + 3 * sBT_l, quad_xor, dA_acc, bc + 3 * sbc_l,
+                dC_lane, t0 + 3 < length, LANE_ASM)
+            g, dA_acc, gB2, gA2, yc2 = _adjoint_step(
+                g, d3, h3, A2, d2, v2, y2, bt + 2 * sBT_l, ct + 2 * sBT_l, quad_xor, dA_acc, bc + 2 * sbc_l,
+                dC_lane, t0 + 2 < length, LANE_ASM)
+            g, dA_acc, gB1, gA1, yc1 = _adjoint_step(
+                g, d2, h2, A2, d1, v1, y1, bt + sBT_l, ct + sBT_l, quad_xor, dA_acc, bc + sbc_l,
+                dC_lane, t0 + 1 < length, LANE_ASM)
+            g, dA_acc, gB0, gA0, yc0 = _adjoint_step(
+                g, d1, h1, A2, d0, v0, y0, bt, ct, quad_xor, dA_acc, bc, dC_lane, t0 < length, LANE_ASM)
+            dt_next = d0
+            gB = _rows4(gB0, gB1, gB2, gB3)
+            du = dt * gB
+            ddt = _rows4(gA0, gA1, gA2, gA3) * LN2 + u * gB
+            if HAS_D:
+                du += Dv[:, None] * dy
+                dD_acc += tl.sum(dy * u, axis=1)
+            if HAS_Z:
+                y = _rows4(yc0, yc1, yc2, yc3)
+                if HAS_D:
+                    y += Dv[:, None] * u
+                dz = dz_of_y * y
+                tl.store(dz_rows[:, None] + t[None, :] * sdz_l, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(du_rows[:, None] + t[None, :] * sdu_l, du.to(du_ptr.dtype.element_ty), mask=mask)
+            if SOFTPLUS:
+                ddt = ddt * dt_raw
+            ddt = tl.where(mask, ddt, 0.0)
+            dbias_acc += tl.sum(ddt, axis=1)
+            tl.store(ddt_rows[:, None] + t[None, :] * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+
+    _add_row16(dA_ptr + chan * SEQ_STATES, quad_xor, dA_acc, mask_r)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + chan, dD_acc, mask=mask_r, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + chan, dbias_acc, mask=mask_r, sem="relaxed")
