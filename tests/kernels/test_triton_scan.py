@@ -523,3 +523,21 @@ def test_backward_register_cap_keeps_the_last_wave_full():
     assert (config64.block_d_fwd, config64.warps_fwd) == (16, 4)
     config128 = triton_scan.scan_config(128, 1536, rows=32 * 1536, multiprocessors=132)
     assert (config128.warps_bwd, config128.bwd_maxnreg, config128.bwd_stages) == (4, None, 2)
+
+
+def test_gpu_check_script_runs_its_cases(monkeypatch):
+    """`python -m odyssey.kernels.check_variant` (run on the GPU before timing a variant): dense, grouped and
+    per-row-length cases against the float64 reference pass, and a wrong gradient fails."""
+    from odyssey.kernels import check_variant
+
+    monkeypatch.setattr(check_variant, "CASES", [(2, 32, 19, 16, 0, False), (3, 64, 20, 5, 2, True)])
+    assert check_variant.check(SEQ_BACKWARD, device="cpu")
+    real = triton_scan._backward_seq
+
+    def wrong_dA(*args, **kwargs):
+        du, ddelta, dA, *rest = real(*args, **kwargs)
+        return (du, ddelta, dA * 1.01, *rest)
+
+    monkeypatch.setattr(triton_scan, "_backward_seq", wrong_dA)
+    monkeypatch.setattr(check_variant, "CASES", [(2, 32, 19, 16, 0, False)])
+    assert not check_variant.check(SEQ_BACKWARD, device="cpu")
