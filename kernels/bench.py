@@ -265,11 +265,13 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # v12 (22:57 UTC): time cut into pieces, a program each (seq_segments; a first pass for each piece's end
     # state): S2 1 / 2 / 4 / 8 pieces 5.24 / 6.47 / 3.61 / 3.63 ms (state loop 3.94), S1 2 pieces 1.69 (1: 0.93).
     # Now the default picks the pieces (S2: 4).
-    # v13: the sequential backward (bwd_variant "seq", after the sequential forward only)
-    "b32_L2048_N16": [{}, {"bwd_variant": "seq"}, {"bwd_variant": "seq", "seq_bwd_maxnreg": 200},
-                      {"bwd_variant": "seq", "seq_bwd_maxnreg": 184}],
-    "b8_L16384_N16": [{}, {"bwd_variant": "seq"}],
-    "b22_L2048_N16": [{}, {"bwd_variant": "seq"}],
+    # v13 (H100, 2026-11-28 00:39-01:09 UTC): the sequential backward, a channel a thread, 6.75-6.90 ms
+    # f+b at S1 against the state loop's 6.10 (chunk in 2 / 4 pieces 7.15 / 7.57; register caps spill);
+    # S2 20.1 vs 15.0; one wave (b22) 4.37 vs 4.24. A channel on 2 lanes (seq_bwd_split 2, now the default
+    # where the forward is sequential in one piece): S1 5.58 ms.
+    "b32_L2048_N16": [{}, {"bwd_variant": "state_loop"}, {"seq_bwd_split": 1}],
+    "b8_L16384_N16": [{}],
+    "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x

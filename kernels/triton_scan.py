@@ -48,6 +48,7 @@ SEQ_STEPS = triton_scan_kernels.SEQ_STEPS.value
 SEQ_MIN_WARPS = 8  # per multiprocessor, for the sequential forward to be the default
 SEQ_RESIDENT_PROGRAMS = 12  # of its 1-warp programs per multiprocessor (136 registers; ncu: block limit 12)
 SEQ_MAX_SEGMENTS = 8  # pieces of time measured (kernels/NOTES.md v12)
+SEQ_BWD_SPLIT = 2  # lanes a channel in the sequential backward (kernels/NOTES.md v13)
 CHUNK = 64  # steps between saved states; the backward's time tile
 SMALL_STATE_FWD = 16  # d_state (padded) up to which the forward runs 1-warp programs of
 SMALL_STATE_FWD_CHANNELS = 4  # this many channels
@@ -94,8 +95,8 @@ class ScanConfig:
     seq_prefetch: bool | None = None
     seq_l1_prefetch: bool = True
     seq_segments: int = 1
-    seq_bwd_l1_prefetch: bool = False
     seq_bwd_maxnreg: int | None = None
+    seq_bwd_split: int = SEQ_BWD_SPLIT
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -185,11 +186,16 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     fwd_variant = over.get("fwd_variant", "seq" if block_n <= SEQ_STATES and enough_rows else "state_loop")
     if fwd_variant == "seq" and (block_n > SEQ_STATES or chunk % SEQ_STEPS):
         fwd_variant = "state_loop"  # a thread holds all states of its channel: only for small d_state
-    # the sequential backward ("seq", kernels/NOTES.md v13) is an option: 4-13% slower than the state loop
-    # at b32/L2048 on an H100 (latency-bound at 8 resident warps), 30% at b8/L16384
-    bwd_variant = over.get("bwd_variant", "state_loop")
-    if bwd_variant == "seq" and (fwd_variant != "seq" or channels_per_group % THREADS_PER_WARP):
-        # it reads the sequential forward's padded states; a program is 32 channels of one group
+    # the sequential backward (kernels/NOTES.md v13) after the sequential forward when time is not cut into
+    # pieces, a channel on 2 lanes (8 states a thread, 168 registers, 12 resident warps): H100, b32/L2048
+    # f+b 6.10 -> 5.58 ms (a channel a thread, 255 registers: 6.84); at b8/L16384 (one piece: 384
+    # warps) it was 20.1 ms against the state loop's 15.0
+    seq_segments = over.get("seq_segments", segments)
+    seq_bwd_split = over.get("seq_bwd_split", SEQ_BWD_SPLIT)
+    seq_bwd_fits = fwd_variant == "seq" and channels_per_group % (THREADS_PER_WARP // seq_bwd_split) == 0
+    bwd_variant = over.get("bwd_variant", "seq" if seq_bwd_fits and seq_segments == 1 else "state_loop")
+    if bwd_variant == "seq" and not seq_bwd_fits:
+        # it reads the sequential forward's padded states; a program is a warp's channels of one group
         bwd_variant = "state_loop"
     if fwd_variant not in FWD_VARIANTS or bwd_variant not in BWD_VARIANTS:
         raise ValueError(f"unknown scan variants {fwd_variant!r}, {bwd_variant!r}")
@@ -276,11 +282,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # on L1 misses, 41% L1 hit rate: each 128-byte line holds two steps of B or C)
         seq_l1_prefetch=over.get("seq_l1_prefetch", True),
         # time cut into this many pieces, a program each, for dense batches with few channel rows
-        seq_segments=over.get("seq_segments", segments),
-        # the sequential backward: the chunk before's u, delta, dout, z lines and the next checkpoint row
-        # prefetched into L1
-        seq_bwd_l1_prefetch=over.get("seq_bwd_l1_prefetch", False),
+        seq_segments=seq_segments,
         seq_bwd_maxnreg=over.get("seq_bwd_maxnreg"),
+        # lanes per channel of the sequential backward (1 or 2: 16 or 8 states a thread)
+        seq_bwd_split=seq_bwd_split,
     )
 
 
@@ -640,7 +645,7 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
     ckpt = torch.empty(count, cfg.chunk // BWD_BLOCK.value, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
     dA16 = torch.zeros(dim, SEQ_STATES, device=u.device, dtype=torch.float32)
     dBC = torch.zeros(batch, groups, steps, 2 * SEQ_STATES, device=u.device, dtype=torch.float32)
-    _bwd_seq_kernel[(triton.cdiv(dim, THREADS_PER_WARP), count)](
+    _bwd_seq_kernel[(triton.cdiv(dim, THREADS_PER_WARP // cfg.seq_bwd_split), count)](
         u, delta, A2, BT, CT, D if D is not None else A2, z if z is not None else u,
         delta_bias if delta_bias is not None else A2, dout, padded, dlast16, ckpt,
         du, ddelta, dz if dz is not None else du, dA16, dBC,
@@ -652,7 +657,7 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
         *du.stride(), *ddelta.stride(), *_strides3(dz), dBC.stride(0), dBC.stride(1), dBC.stride(2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
         VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
-        PREFETCH_L1=cfg.seq_bwd_l1_prefetch and not _interpreting(), num_warps=1,
+        SPLIT=cfg.seq_bwd_split, num_warps=1,
         **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
     )
     dB = dBC[:, :, :length, :d_state].transpose(-1, -2)

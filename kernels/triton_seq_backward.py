@@ -26,7 +26,6 @@ from odyssey.kernels.triton_scan_kernels import (
     _halves,
     _interleave,
     _load_delta,
-    _prefetch_l1,
     _sequence,
 )
 
@@ -110,24 +109,43 @@ def _round(x, MASK: tl.constexpr, UNIFORM: tl.constexpr):
 
 
 @triton.jit
-def _lane_sums(x, LANE_ASM: tl.constexpr):
-    """(32, 16) state rows, a row per lane -> (32,): the row on lane l gets register column l % 16 summed
-    over the 32 rows. Register columns are _load_states' order, j = column bits 0-1 picking the 16-byte
-    quad (with the lane's quad XOR applied, so the first two rounds need no selects), q = bits 2-3 the
-    value in it: 31 + 1 shuffles, 12 selects. Without inline assembly (the interpreter, quad XOR 0) the
-    same from a plain sum, row r standing for lane r."""
+def _lane_sums(x, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr):
+    """(32, 16 / SPLIT) state rows, a row per lane (a channel on SPLIT neighbouring lanes, lane bit 0 the part
+    when SPLIT is 2) -> (32,): lane l gets register column (l // SPLIT) % columns summed over the lanes of its
+    part. Register columns are _load_states' order; the bits that pick a 16-byte quad come first, and the
+    lanes store quads XOR-ed (_quad_xor) so that those rounds need no selects; the last round is an
+    all-reduce over lane bit 4. SPLIT 1: 31 + 1 shuffles and 12 selects; SPLIT 2: 15 + 1 and 6. Without
+    inline assembly (the interpreter, quad XOR 0) the same from plain sums, row r standing for lane r."""
     rows: tl.constexpr = x.shape[0]
+    columns: tl.constexpr = x.shape[1]
     if LANE_ASM:
-        x = _round(x, 1, True)
+        if SPLIT == 1:
+            x = _round(x, 1, True)
         x = _round(x, 2, True)
         x = _round(x, 4, False)
         x = _round(x, 8, False)
         out = _all_reduce(tl.reshape(x, [rows]), tl.full([rows], 16, tl.int32))
     else:
-        total = tl.sum(x, axis=0)
-        cols = tl.arange(0, SEQ_STATES)
-        out = tl.sum(tl.where(cols[None, :] == (tl.arange(0, rows) % SEQ_STATES)[:, None], total[None, :], 0.0),
-                     axis=1)
+        r = tl.arange(0, rows)
+        same_part = (r[:, None] % SPLIT) == (r[None, :] % SPLIT)  # [lane, other lane]
+        column = (r // SPLIT) % columns
+        picked = tl.sum(tl.where(tl.arange(0, columns)[None, :] == column[:, None], 1.0, 0.0)[:, None, :]
+                        * tl.where(same_part, 1.0, 0.0)[:, :, None] * x[None, :, :], axis=2)
+        out = tl.sum(picked, axis=1)
+    return out
+
+
+@triton.jit
+def _channel_sum(x, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr):
+    """(32, m) per-lane partial sums over a channel's states -> the channel's sums on both of its lanes."""
+    if SPLIT == 1:
+        out = x
+    elif LANE_ASM:
+        out = _all_reduce(x, tl.full(x.shape, 1, tl.int32))
+    else:
+        rows: tl.constexpr = x.shape[0]
+        pairs = tl.sum(tl.reshape(x, [rows // 2, 2, x.shape[1]]), axis=1)
+        out = tl.reshape(tl.broadcast_to(pairs[:, None, :], [rows // 2, 2, x.shape[1]]), [rows, x.shape[1]])
     return out
 
 
@@ -137,18 +155,30 @@ def _lanes(offs_r, LANE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _quad_xor(lane, LANE_ASM: tl.constexpr):
-    """Which 16-byte quad of a state row a lane keeps in its first register quad: quad k is stored at
-    k ^ this, chosen so that a butterfly partner's odd columns line up with a lane's even ones."""
-    return 2 * (lane & 1) + ((lane >> 1) & 1) if LANE_ASM else lane * 0
+def _quad_xor(lane, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr):
+    """Which 16-byte quad of its state row a lane keeps first: quad k is stored at k ^ this, chosen so that
+    in the select-free rounds a butterfly partner's odd columns line up with a lane's even ones."""
+    if not LANE_ASM:
+        out = lane * 0
+    elif SPLIT == 1:
+        out = 2 * (lane & 1) + ((lane >> 1) & 1)
+    else:
+        out = (lane >> 1) & 1
+    return out
 
 
 @triton.jit
-def _lane_columns(lane):
+def _lane_columns(lane, SPLIT: tl.constexpr):
     """Column of the (batch, groups, steps, 32) dB/dC buffer a lane's sum belongs to: lanes 0-15 dB, 16-31
-    dC, register column j = lane % 16 holding state 8 (j & 1) + 4 ((j >> 1) & 1) + (j >> 2)."""
-    j = lane & 15
-    return (lane >> 4) * SEQ_STATES + 8 * (j & 1) + 4 * ((j >> 1) & 1) + (j >> 2)
+    dC. SPLIT 1: register column j = lane % 16 holds state 8 (j & 1) + 4 ((j >> 1) & 1) + (j >> 2); SPLIT 2:
+    part p = lane & 1, register column j = (lane >> 1) & 7 holds state 8 p + 4 (j & 1) + (j >> 1)."""
+    if SPLIT == 1:
+        j = lane & 15
+        state = 8 * (j & 1) + 4 * ((j >> 1) & 1) + (j >> 2)
+    else:
+        j = (lane >> 1) & 7
+        state = 8 * (lane & 1) + 4 * (j & 1) + (j >> 1)
+    return (lane >> 4) * SEQ_STATES + state
 
 
 @triton.jit
@@ -157,61 +187,62 @@ def _quad_offsets(quad_xor, k: tl.constexpr):
 
 
 @triton.jit
-def _load_row16(rows, quad_xor, mask_rows, MASKED: tl.constexpr = True):
-    """_load_states for 16 values a row, quad k read from quad k ^ quad_xor of the row."""
+def _load_row(rows, quad_xor, mask_rows, PER_ROW: tl.constexpr, MASKED: tl.constexpr = True):
+    """_load_states for 16 or 8 values a row, quad k read from quad k ^ quad_xor of the row."""
     m = mask_rows[:, None] if MASKED else None
     other = 0.0 if MASKED else None
     t0 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 0), mask=m, other=other)
     t1 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 1), mask=m, other=other)
-    t2 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 2), mask=m, other=other)
-    t3 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 3), mask=m, other=other)
-    return tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [rows.shape[0], 16])
+    if PER_ROW == 8:
+        x = tl.reshape(tl.join(t0, t1), [rows.shape[0], 8])
+    else:
+        t2 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 2), mask=m, other=other)
+        t3 = tl.load(rows[:, None] + _quad_offsets(quad_xor, 3), mask=m, other=other)
+        x = tl.reshape(tl.join(tl.join(t0, t1), tl.join(t2, t3)), [rows.shape[0], 16])
+    return x
 
 
 @triton.jit
-def _quads(x):
-    first, second = tl.split(tl.reshape(x, [x.shape[0], 4, 2, 2]))
-    t0, t1 = tl.split(first)
-    t2, t3 = tl.split(second)
-    return t0, t1, t2, t3
+def _write_row(rows, quad_xor, x, mask_rows, ATOMIC: tl.constexpr):
+    """Inverse of _load_row: a store, or an atomic add."""
+    PER_ROW: tl.constexpr = x.shape[1]
+    if PER_ROW == 8:
+        t0, t1 = tl.split(tl.reshape(x, [x.shape[0], 4, 2]))
+        _write_quad(rows, quad_xor, 0, t0, mask_rows, ATOMIC)
+        _write_quad(rows, quad_xor, 1, t1, mask_rows, ATOMIC)
+    else:
+        first, second = tl.split(tl.reshape(x, [x.shape[0], 4, 2, 2]))
+        t0, t1 = tl.split(first)
+        t2, t3 = tl.split(second)
+        _write_quad(rows, quad_xor, 0, t0, mask_rows, ATOMIC)
+        _write_quad(rows, quad_xor, 1, t1, mask_rows, ATOMIC)
+        _write_quad(rows, quad_xor, 2, t2, mask_rows, ATOMIC)
+        _write_quad(rows, quad_xor, 3, t3, mask_rows, ATOMIC)
 
 
 @triton.jit
-def _store_row16(rows, quad_xor, x, mask_rows):
-    """Inverse of _load_row16."""
-    t0, t1, t2, t3 = _quads(x)
-    m = mask_rows[:, None]
-    tl.store(rows[:, None] + _quad_offsets(quad_xor, 0), t0, mask=m)
-    tl.store(rows[:, None] + _quad_offsets(quad_xor, 1), t1, mask=m)
-    tl.store(rows[:, None] + _quad_offsets(quad_xor, 2), t2, mask=m)
-    tl.store(rows[:, None] + _quad_offsets(quad_xor, 3), t3, mask=m)
-
-
-@triton.jit
-def _add_row16(rows, quad_xor, x, mask_rows):
-    """Atomic add in _load_row16's layout."""
-    t0, t1, t2, t3 = _quads(x)
-    m = mask_rows[:, None]
-    tl.atomic_add(rows[:, None] + _quad_offsets(quad_xor, 0), t0, mask=m, sem="relaxed")
-    tl.atomic_add(rows[:, None] + _quad_offsets(quad_xor, 1), t1, mask=m, sem="relaxed")
-    tl.atomic_add(rows[:, None] + _quad_offsets(quad_xor, 2), t2, mask=m, sem="relaxed")
-    tl.atomic_add(rows[:, None] + _quad_offsets(quad_xor, 3), t3, mask=m, sem="relaxed")
+def _write_quad(rows, quad_xor, k: tl.constexpr, values, mask_rows, ATOMIC: tl.constexpr):
+    ptrs = rows[:, None] + _quad_offsets(quad_xor, k)
+    if ATOMIC:
+        tl.atomic_add(ptrs, values, mask=mask_rows[:, None], sem="relaxed")
+    else:
+        tl.store(ptrs, values, mask=mask_rows[:, None])
 
 
 @triton.jit
 def _state_step(h, A2, dt, dtu, Bt_rows, quad_xor):
-    return tl.exp2(A2 * dt[:, None]) * h + _load_row16(Bt_rows, quad_xor, dt, False) * dtu[:, None]
+    return tl.exp2(A2 * dt[:, None]) * h + _load_row(Bt_rows, quad_xor, dt, h.shape[1], False) * dtu[:, None]
 
 
 @triton.jit
 def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt_rows, Ct_rows, quad_xor, dA_acc, bc_ptrs, dC_lane,
-                  in_time, LANE_ASM: tl.constexpr):
+                  in_time, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr):
     """Step t backward. In: g of step t + 1 and that step's delta (its decay is recomputed here: one
     register a row carried between steps instead of 16), h the state after step t. Out: g of step t, dA
     summed on, and step t's sums over states of g B, g (h - drive) A2 and h C, and the row's dB/dC lane
     sum."""
-    Bt = _load_row16(Bt_rows, quad_xor, dt, False)
-    Ct = _load_row16(Ct_rows, quad_xor, dt, False)
+    Bt = _load_row(Bt_rows, quad_xor, dt, h.shape[1], False)
+    Ct = _load_row(Ct_rows, quad_xor, dt, h.shape[1], False)
     # "+ 0.0" keeps the compiler from reusing the recompute pass's decays (the same expression): holding
     # them costs 48 registers and spills (local sm_90 compile: 208 B of stack), recomputing costs 16 exp2
     g = tl.exp2(A2 * dt_next[:, None] + 0.0) * g + Ct * dy[:, None]
@@ -221,7 +252,8 @@ def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt_rows, Ct_rows, quad_xor, dA
     gB = tl.sum(g * Bt, axis=1)
     gA2 = tl.sum(g_prev * A2, axis=1)
     y = tl.sum(h * Ct, axis=1)
-    sums = tl.where(dC_lane, _lane_sums(h * dy[:, None], LANE_ASM), _lane_sums(g * dtu[:, None], LANE_ASM))
+    sums = tl.where(dC_lane, _lane_sums(h * dy[:, None], SPLIT, LANE_ASM),
+                    _lane_sums(g * dtu[:, None], SPLIT, LANE_ASM))
     # added at once: the compiler may not move the next step's B / C loads above this (possibly aliasing)
     # atomic, which keeps them from being hoisted and held in registers for the whole block
     tl.atomic_add(bc_ptrs, sums, mask=tl.full(dtu.shape, 1, tl.int1) & in_time, sem="relaxed")
@@ -240,25 +272,30 @@ def _bwd_seq_kernel(
     sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l, sbc_b, sbc_g, sbc_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr, CHUNK: tl.constexpr, LANE_ASM: tl.constexpr,
-    PREFETCH_L1: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1,
 ):
-    """One program: 32 channels (a warp, a channel a thread) of one sequence, time from last to first.
+    """One program: a warp of one sequence, time from last to first: 32 channels a channel a thread, or
+    (SPLIT 2) 16 channels a channel on two neighbouring lanes, 8 states each (half the registers a thread).
     A2_ptr: A * log2(e) padded to 16 states; BT_ptr / CT_ptr: time-major float32 B and C rows
     (batch, groups, steps, 16), zero-padded; states_ptr: the forward's chunk-start states (padded rows);
     dlast_ptr: (sequences, dim, 16) padded; ckpt_ptr: (sequences, CHUNK / 4, dim, 16) scratch; dA_ptr:
     (dim, 16); dBC_ptr: (batch, groups, steps, 32) float32, dB in columns 0-15 and dC in 16-31."""
     BLOCK_R: tl.constexpr = LANES
+    CHANNELS: tl.constexpr = LANES // SPLIT
+    PER_ROW: tl.constexpr = SEQ_STATES // SPLIT
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
     b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
     offs_r = tl.arange(0, BLOCK_R)
-    chan = pid_d * BLOCK_R + offs_r
+    chan = pid_d * CHANNELS + offs_r // SPLIT
+    part = offs_r % SPLIT  # a row's states start at part * PER_ROW
     mask_r = chan < dim
-    group = (pid_d * BLOCK_R) // channels_per_group
+    first_part = mask_r & (part == 0)  # the row that writes its channel's outputs
+    group = (pid_d * CHANNELS) // channels_per_group
     lane = _lanes(offs_r, LANE_ASM)
-    quad_xor = _quad_xor(lane, LANE_ASM)
+    quad_xor = _quad_xor(lane, SPLIT, LANE_ASM)
     dC_lane = lane >= SEQ_STATES
-    A2 = _load_row16(A2_ptr + chan * SEQ_STATES, quad_xor, mask_r)
+    A2 = _load_row(A2_ptr + chan * SEQ_STATES + part * PER_ROW, quad_xor, mask_r, PER_ROW)
     if HAS_D:
         Dv = tl.load(D_ptr + chan, mask=mask_r, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -274,18 +311,18 @@ def _bwd_seq_kernel(
     ddt_rows = ddt_ptr + b * sddt_b + chan * sddt_d
     dz_rows = dz_ptr + b * sdz_b + chan * sdz_d
     # the same B_t / C_t row for every channel of the program (a broadcast load)
-    bt_rows = BT_ptr + b * sBT_b + group * sBT_g + offs_r * 0
-    ct_rows = CT_ptr + b * sBT_b + group * sBT_g + offs_r * 0
-    st_rows = states_ptr + seq * ss_s + chan * ss_d
-    ck_rows = ckpt_ptr + seq * sk_s + chan * sk_d
-    bc_cols = dBC_ptr + b * sbc_b + group * sbc_g + _lane_columns(lane)
+    bt_rows = BT_ptr + b * sBT_b + group * sBT_g + part * PER_ROW
+    ct_rows = CT_ptr + b * sBT_b + group * sBT_g + part * PER_ROW
+    st_rows = states_ptr + seq * ss_s + chan * ss_d + part * PER_ROW
+    ck_rows = ckpt_ptr + seq * sk_s + chan * sk_d + part * PER_ROW
+    bc_cols = dBC_ptr + b * sbc_b + group * sbc_g + _lane_columns(lane, SPLIT)
 
     if HAS_DLAST:
-        g = _load_row16(dlast_ptr + seq * sl_s + chan * sl_d, quad_xor, mask_r)
+        g = _load_row(dlast_ptr + seq * sl_s + chan * sl_d + part * PER_ROW, quad_xor, mask_r, PER_ROW)
     else:
-        g = tl.zeros([BLOCK_R, SEQ_STATES], tl.float32)
+        g = tl.zeros([BLOCK_R, PER_ROW], tl.float32)
     dt_next = tl.zeros([BLOCK_R], tl.float32)  # past the end: decay 1
-    dA_acc = tl.zeros([BLOCK_R, SEQ_STATES], tl.float32)
+    dA_acc = tl.zeros([BLOCK_R, PER_ROW], tl.float32)
     dD_acc = tl.zeros([BLOCK_R], tl.float32)
     dbias_acc = tl.zeros([BLOCK_R], tl.float32)
 
@@ -294,17 +331,9 @@ def _bwd_seq_kernel(
         c = n_chunks - 1 - c_rev
         blocks = tl.cdiv(tl.minimum(CHUNK, length - c * CHUNK), BWD_BLOCK)
         # 1. the chunk forward from its saved start state: each block's start state to the scratch
-        h = _load_row16(st_rows + c * ss_c, quad_xor, mask_r)
-        if PREFETCH_L1:  # noqa: SIM102 (compile-time and run-time) the chunk before's rows, read next
-            if c > 0:
-                t_before = t_first + (c - 1) * CHUNK
-                _prefetch_l1(u_rows + t_before * su_l)
-                _prefetch_l1(dt_rows + t_before * sdt_l)
-                _prefetch_l1(do_rows + t_before * sdo_l)
-                if HAS_Z:
-                    _prefetch_l1(z_rows + t_before * sz_l)
+        h = _load_row(st_rows + c * ss_c, quad_xor, mask_r, PER_ROW)
         for k in range(0, blocks):
-            _store_row16(ck_rows + k * sk_k, quad_xor, h, mask_r)
+            _write_row(ck_rows + k * sk_k, quad_xor, h, mask_r, False)
             t_local = c * CHUNK + k * BWD_BLOCK + steps
             mask = mask_r[:, None] & (t_local < length)[None, :]
             t = t_first + t_local
@@ -341,9 +370,7 @@ def _bwd_seq_kernel(
             y0, y1, y2, y3 = _columns4(dy)
             bt = bt_rows + (t_first + t0) * sBT_l
             ct = ct_rows + (t_first + t0) * sBT_l
-            h0 = _load_row16(ck_rows + k * sk_k, quad_xor, mask_r, False)
-            if PREFETCH_L1:  # the block before's checkpoint row
-                _prefetch_l1(ck_rows + tl.maximum(k - 1, 0) * sk_k)
+            h0 = _load_row(ck_rows + k * sk_k, quad_xor, mask_r, PER_ROW, False)
             h1 = _state_step(h0, A2, d0, v0, bt, quad_xor)
             h2 = _state_step(h1, A2, d1, v1, bt + sBT_l, quad_xor)
             h3 = _state_step(h2, A2, d2, v2, bt + 2 * sBT_l, quad_xor)
@@ -352,37 +379,38 @@ def _bwd_seq_kernel(
             bc = bc_cols + (t_first + t0) * sbc_l
             g, dA_acc, gB3, gA3, yc3 = _adjoint_step(
                 g, dt_next, h4, A2, d3, v3, y3, bt + 3 * sBT_l, ct + 3 * sBT_l, quad_xor, dA_acc, bc + 3 * sbc_l,
-                dC_lane, t0 + 3 < length, LANE_ASM)
+                dC_lane, t0 + 3 < length, SPLIT, LANE_ASM)
             g, dA_acc, gB2, gA2, yc2 = _adjoint_step(
                 g, d3, h3, A2, d2, v2, y2, bt + 2 * sBT_l, ct + 2 * sBT_l, quad_xor, dA_acc, bc + 2 * sbc_l,
-                dC_lane, t0 + 2 < length, LANE_ASM)
+                dC_lane, t0 + 2 < length, SPLIT, LANE_ASM)
             g, dA_acc, gB1, gA1, yc1 = _adjoint_step(
                 g, d2, h2, A2, d1, v1, y1, bt + sBT_l, ct + sBT_l, quad_xor, dA_acc, bc + sbc_l,
-                dC_lane, t0 + 1 < length, LANE_ASM)
+                dC_lane, t0 + 1 < length, SPLIT, LANE_ASM)
             g, dA_acc, gB0, gA0, yc0 = _adjoint_step(
-                g, d1, h1, A2, d0, v0, y0, bt, ct, quad_xor, dA_acc, bc, dC_lane, t0 < length, LANE_ASM)
+                g, d1, h1, A2, d0, v0, y0, bt, ct, quad_xor, dA_acc, bc, dC_lane, t0 < length, SPLIT, LANE_ASM)
             dt_next = d0
-            gB = _rows4(gB0, gB1, gB2, gB3)
+            out_mask = mask & (part == 0)[:, None]  # a channel's SPLIT rows hold the same sums
+            gB = _channel_sum(_rows4(gB0, gB1, gB2, gB3), SPLIT, LANE_ASM)
             du = dt * gB
-            ddt = _rows4(gA0, gA1, gA2, gA3) * LN2 + u * gB
+            ddt = _channel_sum(_rows4(gA0, gA1, gA2, gA3), SPLIT, LANE_ASM) * LN2 + u * gB
             if HAS_D:
                 du += Dv[:, None] * dy
                 dD_acc += tl.sum(dy * u, axis=1)
             if HAS_Z:
-                y = _rows4(yc0, yc1, yc2, yc3)
+                y = _channel_sum(_rows4(yc0, yc1, yc2, yc3), SPLIT, LANE_ASM)
                 if HAS_D:
                     y += Dv[:, None] * u
                 dz = dz_of_y * y
-                tl.store(dz_rows[:, None] + t[None, :] * sdz_l, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-            tl.store(du_rows[:, None] + t[None, :] * sdu_l, du.to(du_ptr.dtype.element_ty), mask=mask)
+                tl.store(dz_rows[:, None] + t[None, :] * sdz_l, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(du_rows[:, None] + t[None, :] * sdu_l, du.to(du_ptr.dtype.element_ty), mask=out_mask)
             if SOFTPLUS:
                 ddt = ddt * dt_raw
             ddt = tl.where(mask, ddt, 0.0)
             dbias_acc += tl.sum(ddt, axis=1)
-            tl.store(ddt_rows[:, None] + t[None, :] * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+            tl.store(ddt_rows[:, None] + t[None, :] * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=out_mask)
 
-    _add_row16(dA_ptr + chan * SEQ_STATES, quad_xor, dA_acc, mask_r)
+    _write_row(dA_ptr + chan * SEQ_STATES + part * PER_ROW, quad_xor, dA_acc, mask_r, True)
     if HAS_D:
-        tl.atomic_add(dD_ptr + chan, dD_acc, mask=mask_r, sem="relaxed")
+        tl.atomic_add(dD_ptr + chan, dD_acc, mask=first_part, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + chan, dbias_acc, mask=mask_r, sem="relaxed")
+        tl.atomic_add(dbias_ptr + chan, dbias_acc, mask=first_part, sem="relaxed")

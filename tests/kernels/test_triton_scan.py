@@ -133,16 +133,19 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
     compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
 
 
-@pytest.mark.parametrize("length,d_state,groups,dim,options",
-                         [(1, 16, 0, 32, {}), (17, 5, 2, 64, {}), (65, 16, 0, 32, {"with_z": False}),
-                          (64, 7, 0, 32, {"with_D": False, "with_bias": False}),
-                          pytest.param(130, 16, 3, 96, {}, marks=pytest.mark.slow)])
-def test_sequential_backward_matches_reference(length, d_state, groups, dim, options, monkeypatch):
-    """The sequential backward (a channel a thread, 4-step blocks recomputed from per-block checkpoints,
-    dB / dC summed across the warp's channels) at lengths ending inside a block and a chunk, with and
-    without the optional inputs and the last state's gradient. Its cross-lane sums run as inline PTX on
-    the GPU only (checked there by `odyssey.kernels.check_variant`); here their plain-sum stand-in."""
-    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", dict(SEQ_BACKWARD))
+@pytest.mark.parametrize("length,d_state,groups,dim,split,options",
+                         [(1, 16, 0, 32, 1, {}), (17, 5, 2, 64, 1, {}), (65, 16, 0, 32, 1, {"with_z": False}),
+                          (1, 16, 0, 16, 2, {}), (17, 5, 2, 32, 2, {}), (70, 16, 0, 16, 2, {"with_z": False}),
+                          (64, 7, 0, 32, 2, {"with_D": False, "with_bias": False}),
+                          pytest.param(64, 7, 0, 32, 1, {"with_D": False, "with_bias": False}, marks=pytest.mark.slow),
+                          pytest.param(130, 16, 3, 96, 1, {}, marks=pytest.mark.slow),
+                          pytest.param(130, 16, 3, 48, 2, {}, marks=pytest.mark.slow)])
+def test_sequential_backward_matches_reference(length, d_state, groups, dim, split, options, monkeypatch):
+    """The sequential backward (a channel a thread or on 2 lanes, 4-step blocks recomputed from per-block
+    checkpoints, dB / dC summed across the warp's channels) at lengths ending inside a block and a chunk,
+    with and without the optional inputs and the last state's gradient. Its cross-lane sums run as inline
+    PTX on the GPU only (checked there by `odyssey.kernels.check_variant`); here their plain-sum stand-in."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**SEQ_BACKWARD, "seq_bwd_split": split})
     calls = []
     real = triton_scan._backward_seq
     monkeypatch.setattr(triton_scan, "_backward_seq", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -150,8 +153,9 @@ def test_sequential_backward_matches_reference(length, d_state, groups, dim, opt
     assert calls == [1]
 
 
-def test_sequential_backward_needs_the_sequential_forward_and_whole_warps():
-    """It reads the sequential forward's padded states and sums dB / dC over 32 channels of one group."""
+def test_sequential_backward_is_the_default_after_an_unsplit_sequential_forward():
+    """It reads the sequential forward's padded states and sums dB / dC over a warp's channels of one group
+    (32 / split); at b32/L2048 it is the default (2 lanes a channel), at b8/L16384 (time in pieces) not."""
     def backward(cpg=64, **overrides):
         triton_scan.CONFIG_OVERRIDES.clear()
         triton_scan.CONFIG_OVERRIDES.update(overrides)
@@ -162,9 +166,13 @@ def test_sequential_backward_needs_the_sequential_forward_and_whole_warps():
 
     assert backward(**SEQ_BACKWARD) == "seq"
     assert backward(fwd_variant="state_loop", bwd_variant="seq") == "state_loop"
-    assert backward(**SEQ_BACKWARD, cpg=16) == "state_loop"
-    assert triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132, dense_length=2048).bwd_variant \
-        == "state_loop"  # measured slower (kernels/NOTES.md v13)
+    assert backward(**SEQ_BACKWARD, cpg=8) == "state_loop"
+    assert backward(**SEQ_BACKWARD, cpg=16, seq_bwd_split=1) == "state_loop"
+    s1 = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132, dense_length=2048)
+    assert (s1.fwd_variant, s1.bwd_variant, s1.seq_bwd_split) == ("seq", "seq", 2)
+    s2 = triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132, dense_length=16384)
+    assert (s2.fwd_variant, s2.seq_segments, s2.bwd_variant) == ("seq", 4, "state_loop")
+    assert triton_scan.scan_config(64, 1536, rows=32 * 1536, multiprocessors=132).bwd_variant == "state_loop"
 
 
 @pytest.mark.parametrize("overrides", [{"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_segments": 2},
@@ -466,7 +474,7 @@ def test_full_tiles_needs_whole_chunks_tiles_and_pairs():
 def test_lane_flip_only_where_the_tile_layout_is_known(monkeypatch):
     """The inline-PTX flip needs compiled code, the 1-warp 4-channel tiles and 16-byte aligned,
     time-contiguous rows; anything else falls back to tl.flip."""
-    flip = {"lane_flip": True}
+    flip = {"lane_flip": True, "bwd_variant": "state_loop"}  # the state-loop backward's flips
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", flip)
     config = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132)
     u = torch.zeros(2, 16, 128, dtype=torch.bfloat16)
@@ -496,9 +504,10 @@ def test_overrides_from_the_environment():
         triton_scan.overrides_from_env({env: '{"no_such_field": 1}'})
 
 
-def test_backward_register_cap_keeps_the_last_wave_full():
-    """4-channel backward programs: 16 resident per multiprocessor (cap 128) unless that leaves the
-    last wave mostly empty; then 12 (cap 168). 132 multiprocessors, dim 1536, d_state 16."""
+def test_backward_register_cap_keeps_the_last_wave_full(monkeypatch):
+    """4-channel state-loop backward programs: 16 resident per multiprocessor (cap 128) unless that leaves
+    the last wave mostly empty; then 12 (cap 168). 132 multiprocessors, dim 1536, d_state 16."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"bwd_variant": "state_loop"})
     config = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132)
     assert (config.block_d_bwd, config.warps_bwd, config.bwd_maxnreg, config.adjoint) == (4, 1, 128, 5)
     # the sequential forward since v10: 32 channels a 1-warp program
