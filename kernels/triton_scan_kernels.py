@@ -10,7 +10,8 @@ backward recomputes the rest from those. Variants (chosen in `triton_scan.scan_c
   and dC are summed over the program's channels before one atomic add per (n, chunk).
 - `_fwd_seq_kernel`: one channel per thread (or per 2 or 4 lanes) with its 16 states in registers, a
   sequential time loop without cross-lane work but one sum per 8 steps (d_state <= 16).
-- `_bwd_seq_kernel` (in `triton_seq_backward`, an option): the backward of `_fwd_seq_kernel` in its layout.
+- `_bwd_seq_kernel` (in `triton_seq_backward`): the backward of `_fwd_seq_kernel` in its layout, a channel on one
+  or two lanes; the default after a sequential forward in one piece of time.
 - `_scan_fwd_kernel` + `_bwd_carry_kernel` + `_bwd_chunk_kernel`: a (channels, N, CHUNK) tile forward and
   a two-pass backward (a reverse sweep storing the adjoint at chunk starts, then all chunks in parallel).
 - `_state_update_kernel`: one decoding step.

@@ -1,19 +1,20 @@
-"""The sequential backward of the selective scan (d_state <= 16): the backward of `_fwd_seq_kernel`, an option
-(`bwd_variant="seq"`), measured slower than the state-loop backward (kernels/NOTES.md v13).
+"""The sequential backward of the selective scan (d_state <= 16): the backward of `_fwd_seq_kernel`, the
+default after a sequential forward in one piece of time (kernels/NOTES.md v13).
 
-Each thread owns one channel's 16 states, as in the sequential forward. Time runs backward chunk by chunk
-(the forward saved the state at every chunk start). Per chunk:
+A channel's 16 states sit on one lane (SPLIT 1) or on two neighbouring lanes, 8 states each (SPLIT 2, the
+default: half the registers, 12 resident warps instead of 8). Time runs backward chunk by chunk (the forward
+saved the state at every chunk start). Per chunk:
 
 1. a forward pass from the saved state writes the state at the start of every 4-step block (`ckpt`,
    global scratch the program rereads soon, mostly from cache);
 2. blocks from last to first: the block's 4 states are recomputed into registers from its checkpoint,
    then the adjoint g steps back through them.
 
-du, ddelta, dz are sums over the states and stay in the thread. dB and dC are sums over channels, that is
-over lanes: each step's 32 values a thread (g dtu and h dy for 16 states) are reduce-scattered across the
-warp in 5 butterfly rounds (31 shuffles; a plain per-value sum would take 160), leaving lane l with the
-warp's sum of value l, which it adds to a time-major (batch, groups, steps, 32) buffer: one coalesced
-128-byte atomic add per warp and step.
+du, ddelta, dz are sums over a channel's states: in the thread, plus one shuffle with SPLIT 2. dB and dC are
+sums over channels, that is over lanes: each step's g dtu and h dy values are reduce-scattered across the
+warp in butterfly rounds (inline PTX; 32 shuffles a step where a per-value warp sum would take 160). Lane l
+ends with the warp's total of one value and adds it to a time-major (batch, groups, steps, 32) buffer: one
+coalesced 128-byte atomic add per warp and step.
 """
 
 from __future__ import annotations
