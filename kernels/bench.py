@@ -269,8 +269,10 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # f+b at S1 against the state loop's 6.10 (chunk in 2 / 4 pieces 7.15 / 7.57; register caps spill);
     # S2 20.1 vs 15.0; one wave (b22) 4.37 vs 4.24. A channel on 2 lanes (seq_bwd_split 2, now the default
     # where the forward is sequential in one piece): S1 5.58 ms.
-    "b32_L2048_N16": [{}, {"bwd_variant": "state_loop"}, {"seq_bwd_split": 1}],
-    "b8_L16384_N16": [{}],
+    "b32_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
+    # time pieces for the sequential backward (default count by the forward's rule for its programs: 2 at S2)
+    "b8_L16384_N16": [{}, {"bwd_variant": "seq"}, {"bwd_variant": "seq", "seq_bwd_segments": 4},
+                      {"bwd_variant": "seq", "seq_bwd_segments": 8}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.

@@ -97,6 +97,7 @@ class ScanConfig:
     seq_segments: int = 1
     seq_bwd_maxnreg: int | None = None
     seq_bwd_split: int = SEQ_BWD_SPLIT
+    seq_bwd_segments: int = 1
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -286,6 +287,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         seq_bwd_maxnreg=over.get("seq_bwd_maxnreg"),
         # lanes per channel of the sequential backward (1 or 2: 16 or 8 states a thread)
         seq_bwd_split=seq_bwd_split,
+        # time pieces of the sequential backward (dense batches with few rows), counted for its programs of
+        # 32 / seq_bwd_split channels as the forward's are
+        seq_bwd_segments=over.get("seq_bwd_segments",
+                                  _time_segments(rows * seq_bwd_split, dense_length, multiprocessors, chunk)),
     )
 
 
@@ -642,24 +647,38 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
         dlast16[..., :d_state] = dlast
     else:
         dlast16 = A2.view(1, dim, SEQ_STATES)
-    ckpt = torch.empty(count, cfg.chunk // BWD_BLOCK.value, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+    segments, segment_length = 1, length
+    if seqs.dense and cfg.seq_bwd_segments > 1:
+        segment_length = triton.cdiv(triton.cdiv(length, cfg.seq_bwd_segments), cfg.chunk) * cfg.chunk
+        segments = triton.cdiv(length, segment_length)
+    if segments > 1:  # each piece's g at its start from zero, and its carry exponent
+        part = torch.empty(count, segments, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
+        usum = torch.empty(count, segments, dim, device=u.device, dtype=torch.float32)
+    else:
+        part = usum = A2.view(1, 1, dim, SEQ_STATES)
+    ckpt = torch.empty(count * segments, cfg.chunk // BWD_BLOCK.value, dim, SEQ_STATES, device=u.device,
+                       dtype=torch.float32)
     dA16 = torch.zeros(dim, SEQ_STATES, device=u.device, dtype=torch.float32)
     dBC = torch.zeros(batch, groups, steps, 2 * SEQ_STATES, device=u.device, dtype=torch.float32)
-    _bwd_seq_kernel[(triton.cdiv(dim, THREADS_PER_WARP // cfg.seq_bwd_split), count)](
-        u, delta, A2, BT, CT, D if D is not None else A2, z if z is not None else u,
-        delta_bias if delta_bias is not None else A2, dout, padded, dlast16, ckpt,
-        du, ddelta, dz if dz is not None else du, dA16, dBC,
-        dD if dD is not None else A2, dbias if dbias is not None else A2,
-        seqs.batch_row, seqs.start, seqs.length, seqs.max_len, dim, dim // groups,
-        *u.stride(), *delta.stride(), BT.stride(0), BT.stride(1), BT.stride(2),
-        *_strides3(z), *dout.stride(), padded.stride(0), padded.stride(1), padded.stride(2),
-        dlast16.stride(0), dlast16.stride(1), ckpt.stride(0), ckpt.stride(1), ckpt.stride(2),
-        *du.stride(), *ddelta.stride(), *_strides3(dz), dBC.stride(0), dBC.stride(1), dBC.stride(2),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
-        SPLIT=cfg.seq_bwd_split, num_warps=1,
-        **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
-    )
+    grid = (triton.cdiv(dim, THREADS_PER_WARP // cfg.seq_bwd_split), count * segments)
+    for phase in (1, 2) if segments > 1 else (2,):
+        _bwd_seq_kernel[grid](
+            u, delta, A2, BT, CT, D if D is not None else A2, z if z is not None else u,
+            delta_bias if delta_bias is not None else A2, dout, padded, dlast16, ckpt,
+            du, ddelta, dz if dz is not None else du, dA16, dBC,
+            dD if dD is not None else A2, dbias if dbias is not None else A2,
+            seqs.batch_row, seqs.start, seqs.length, seqs.max_len, dim, dim // groups,
+            part, usum, segment_length, part.stride(0), part.stride(1), part.stride(2), usum.stride(0),
+            usum.stride(1),
+            *u.stride(), *delta.stride(), BT.stride(0), BT.stride(1), BT.stride(2),
+            *_strides3(z), *dout.stride(), padded.stride(0), padded.stride(1), padded.stride(2),
+            dlast16.stride(0), dlast16.stride(1), ckpt.stride(0), ckpt.stride(1), ckpt.stride(2),
+            *du.stride(), *ddelta.stride(), *_strides3(dz), dBC.stride(0), dBC.stride(1), dBC.stride(2),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+            VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
+            SPLIT=cfg.seq_bwd_split, SEGMENTS=segments, PHASE=phase, num_warps=1,
+            **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
+        )
     dB = dBC[:, :, :length, :d_state].transpose(-1, -2)
     dC = dBC[:, :, :length, SEQ_STATES:SEQ_STATES + d_state].transpose(-1, -2)
     return du, ddelta, dA16[:, :d_state].contiguous(), dB, dC, dD, dz, dbias

@@ -28,6 +28,7 @@ from odyssey.kernels.triton_scan_kernels import (
     _interleave,
     _load_delta,
     _sequence,
+    _softplus,
 )
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -262,31 +263,49 @@ def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt_rows, Ct_rows, quad_xor, dA
 
 
 @triton.jit
+def _source_step(g, A2, dt_next, dy, Ct_rows, quad_xor):
+    """The adjoint's step alone (phase 1 of time pieces)."""
+    return tl.exp2(A2 * dt_next[:, None]) * g + _load_row(Ct_rows, quad_xor, dy, g.shape[1], False) * dy[:, None]
+
+
+@triton.jit
 def _bwd_seq_kernel(
     u_ptr, dt_ptr, A2_ptr, BT_ptr, CT_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, dlast_ptr, ckpt_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dBC_ptr, dD_ptr, dbias_ptr,
     seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
     dim, channels_per_group,
+    part_ptr, usum_ptr, segment_length, sp_s, sp_g, sp_d, sus_s, sus_g,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sBT_b, sBT_g, sBT_l,
     sz_b, sz_d, sz_l, sdo_b, sdo_d, sdo_l,
     ss_s, ss_c, ss_d, sl_s, sl_d, sk_s, sk_k, sk_d,
     sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l, sbc_b, sbc_g, sbc_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr, CHUNK: tl.constexpr, LANE_ASM: tl.constexpr,
-    SPLIT: tl.constexpr = 1,
+    SPLIT: tl.constexpr = 1, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2,
 ):
     """One program: a warp of one sequence, time from last to first: 32 channels a channel a thread, or
     (SPLIT 2) 16 channels a channel on two neighbouring lanes, 8 states each (half the registers a thread).
     A2_ptr: A * log2(e) padded to 16 states; BT_ptr / CT_ptr: time-major float32 B and C rows
     (batch, groups, steps, 16), zero-padded; states_ptr: the forward's chunk-start states (padded rows);
     dlast_ptr: (sequences, dim, 16) padded; ckpt_ptr: (sequences, CHUNK / 4, dim, 16) scratch; dA_ptr:
-    (dim, 16); dBC_ptr: (batch, groups, steps, 32) float32, dB in columns 0-15 and dC in 16-31."""
+    (dim, 16); dBC_ptr: (batch, groups, steps, 32) float32, dB in columns 0-15 and dC in 16-31.
+
+    SEGMENTS > 1 (dense batches with few channel rows): time is cut into pieces of `segment_length` steps (whole
+    chunks), a program each, as in the forward. PHASE 1 runs the adjoint alone over every piece but the first,
+    from zero at its end, and writes g at its first step (`part_ptr`) and U, the sum of delta over its steps
+    after the first and the step after it (`usum_ptr`: the piece carries g from its end to its start by
+    exp2(A2 * U)). PHASE 2 starts each piece from the later pieces' results combined."""
     BLOCK_R: tl.constexpr = LANES
     CHANNELS: tl.constexpr = LANES // SPLIT
     PER_ROW: tl.constexpr = SEQ_STATES // SPLIT
     pid_d = tl.program_id(0)
-    seq = tl.program_id(1)
+    seq = tl.program_id(1) // SEGMENTS
+    segment = tl.program_id(1) % SEGMENTS
     b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
+    begin = segment * segment_length
+    end = tl.minimum(begin + segment_length, length) if SEGMENTS > 1 else length
+    if PHASE == 1:  # the first piece's result is nobody's input
+        end = tl.where(segment == 0, begin, end)
     offs_r = tl.arange(0, BLOCK_R)
     chan = pid_d * CHANNELS + offs_r // SPLIT
     part = offs_r % SPLIT  # a row's states start at part * PER_ROW
@@ -315,22 +334,63 @@ def _bwd_seq_kernel(
     bt_rows = BT_ptr + b * sBT_b + group * sBT_g + part * PER_ROW
     ct_rows = CT_ptr + b * sBT_b + group * sBT_g + part * PER_ROW
     st_rows = states_ptr + seq * ss_s + chan * ss_d + part * PER_ROW
-    ck_rows = ckpt_ptr + seq * sk_s + chan * sk_d + part * PER_ROW
+    ck_rows = ckpt_ptr + (seq * SEGMENTS + segment) * sk_s + chan * sk_d + part * PER_ROW
+    part_rows = part_ptr + seq * sp_s + chan * sp_d + part * PER_ROW
+    usum_rows = usum_ptr + seq * sus_s + chan
     bc_cols = dBC_ptr + b * sbc_b + group * sbc_g + _lane_columns(lane, SPLIT)
 
-    if HAS_DLAST:
+    if HAS_DLAST and PHASE == 2:
         g = _load_row(dlast_ptr + seq * sl_s + chan * sl_d + part * PER_ROW, quad_xor, mask_r, PER_ROW)
     else:
         g = tl.zeros([BLOCK_R, PER_ROW], tl.float32)
-    dt_next = tl.zeros([BLOCK_R], tl.float32)  # past the end: decay 1
+    if PHASE == 2 and SEGMENTS > 1:  # g entering this piece at its end, from the later pieces' results
+        for later in range(0, SEGMENTS - 1 - segment):
+            q = SEGMENTS - 1 - later
+            u_sum = tl.load(usum_rows + q * sus_g, mask=mask_r, other=0.0)
+            g = _load_row(part_rows + q * sp_g, quad_xor, mask_r, PER_ROW) + tl.exp2(A2 * u_sum[:, None]) * g
+    # delta of the step after the piece (0 past the sequence: decay 1)
+    after = mask_r & (offs_r * 0 + end < length)
+    dt_next = tl.load(dt_rows + (t_first + end) * sdt_l, mask=after, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_next += bias
+    if SOFTPLUS:
+        dt_next = _softplus(dt_next)
+    dt_next = tl.where(after, dt_next, 0.0)
     dA_acc = tl.zeros([BLOCK_R, PER_ROW], tl.float32)
     dD_acc = tl.zeros([BLOCK_R], tl.float32)
     dbias_acc = tl.zeros([BLOCK_R], tl.float32)
 
-    n_chunks = tl.cdiv(length, CHUNK)
+    if PHASE == 1:  # the adjoint alone, from zero at the piece's end
+        u_sum = tl.zeros([BLOCK_R], tl.float32)
+        n_blocks = tl.cdiv(end - begin, BWD_BLOCK)
+        for k_rev in range(0, n_blocks):
+            t0 = begin + (n_blocks - 1 - k_rev) * BWD_BLOCK
+            t_local = t0 + steps
+            mask = mask_r[:, None] & (t_local < length)[None, :]
+            t = t_first + t_local
+            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            dy = tl.load(do_rows[:, None] + t[None, :] * sdo_l, mask=mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask, other=0.0).to(tl.float32)
+                dy = dy * zv * tl.sigmoid(zv)
+            d0, d1, d2, d3 = _columns4(dt)
+            y0, y1, y2, y3 = _columns4(dy)
+            ct = ct_rows + (t_first + t0) * sBT_l
+            u_sum += dt_next + d3 + d2 + d1
+            g = _source_step(g, A2, dt_next, y3, ct + 3 * sBT_l, quad_xor)
+            g = _source_step(g, A2, d3, y2, ct + 2 * sBT_l, quad_xor)
+            g = _source_step(g, A2, d2, y1, ct + sBT_l, quad_xor)
+            g = _source_step(g, A2, d1, y0, ct, quad_xor)
+            dt_next = d0
+        _write_row(part_rows + segment * sp_g, quad_xor, g, mask_r, False)
+        tl.store(usum_rows + segment * sus_g, u_sum, mask=first_part)
+        return
+
+    c_first = begin // CHUNK
+    n_chunks = tl.cdiv(end, CHUNK) - c_first
     for c_rev in range(0, n_chunks):
-        c = n_chunks - 1 - c_rev
-        blocks = tl.cdiv(tl.minimum(CHUNK, length - c * CHUNK), BWD_BLOCK)
+        c = c_first + n_chunks - 1 - c_rev
+        blocks = tl.cdiv(tl.minimum(CHUNK, end - c * CHUNK), BWD_BLOCK)
         # 1. the chunk forward from its saved start state: each block's start state to the scratch
         h = _load_row(st_rows + c * ss_c, quad_xor, mask_r, PER_ROW)
         for k in range(0, blocks):

@@ -550,3 +550,15 @@ def test_gpu_check_script_runs_its_cases(monkeypatch):
     monkeypatch.setattr(triton_scan, "_backward_seq", wrong_dA)
     monkeypatch.setattr(check_variant, "CASES", [(2, 32, 19, 16, 0, False)])
     assert not check_variant.check(SEQ_BACKWARD, device="cpu")
+
+
+@pytest.mark.parametrize("length,pieces,split,forward_pieces",
+                         [(200, 2, 2, 1), (200, 4, 1, 2), (130, 2, 1, 1),
+                          pytest.param(256, 4, 2, 4, marks=pytest.mark.slow)])
+def test_sequential_backward_in_time_pieces(length, pieces, split, forward_pieces, monkeypatch):
+    """Time cut into pieces of whole chunks for the sequential backward: a first pass gives every piece but
+    the first its adjoint from zero and its carry exponent, the second starts each piece from the later
+    pieces' results (last piece shorter; the last state's gradient enters at the end)."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**SEQ_BACKWARD, "seq_bwd_split": split,
+                                                          "seq_bwd_segments": pieces, "seq_segments": forward_pieces})
+    compare(make_inputs(dim=32, d_state=16, length=length, seed=length + pieces))
