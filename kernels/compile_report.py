@@ -55,10 +55,10 @@ KERNELS = {  # name: (kernel, constexprs, warps, register cap, float32 pointers)
     "seq": (kernels._fwd_seq_kernel,
             {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
             | {"STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 32}, 1, None, ("A2_ptr", "BT_ptr", "CT_ptr")),
-    # the sequential backward: 32 channels a warp, lane sums of dB/dC by inline PTX shuffles
+    # the sequential backward: 16 channels a warp on 2 lanes each, lane sums of dB/dC by inline PTX shuffles
     "seqbwd": (triton_seq_backward._bwd_seq_kernel,
                {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
-               | {"HAS_DLAST": False, "LANE_ASM": True}, 1, None,
+               | {"HAS_DLAST": False, "LANE_ASM": True, "SPLIT": 2}, 1, None,
                ("A2_ptr", "BT_ptr", "CT_ptr", "ckpt_ptr", "dBC_ptr")),
 }
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+((?:@!?U?P[T\d]\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")

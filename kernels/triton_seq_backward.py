@@ -116,7 +116,7 @@ def _lane_sums(x, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr):
     when SPLIT is 2) -> (32,): lane l gets register column (l // SPLIT) % columns summed over the lanes of its
     part. Register columns are _load_states' order; the bits that pick a 16-byte quad come first, and the
     lanes store quads XOR-ed (_quad_xor) so that those rounds need no selects; the last round is an
-    all-reduce over lane bit 4. SPLIT 1: 31 + 1 shuffles and 12 selects; SPLIT 2: 15 + 1 and 6. Without
+    all-reduce over lane bit 4: 15 + 1 shuffles and 6 selects for a (32, 16) tile, 7 + 1 and 6 for (32, 8). Without
     inline assembly (the interpreter, quad XOR 0) the same from plain sums, row r standing for lane r."""
     rows: tl.constexpr = x.shape[0]
     columns: tl.constexpr = x.shape[1]
@@ -287,7 +287,7 @@ def _bwd_seq_kernel(
     (SPLIT 2) 16 channels a channel on two neighbouring lanes, 8 states each (half the registers a thread).
     A2_ptr: A * log2(e) padded to 16 states; BT_ptr / CT_ptr: time-major float32 B and C rows
     (batch, groups, steps, 16), zero-padded; states_ptr: the forward's chunk-start states (padded rows);
-    dlast_ptr: (sequences, dim, 16) padded; ckpt_ptr: (sequences, CHUNK / 4, dim, 16) scratch; dA_ptr:
+    dlast_ptr: (sequences, dim, 16) padded; ckpt_ptr: (sequences x SEGMENTS, CHUNK / 4, dim, 16) scratch; dA_ptr:
     (dim, 16); dBC_ptr: (batch, groups, steps, 32) float32, dB in columns 0-15 and dC in 16-31.
 
     SEGMENTS > 1 (dense batches with few channel rows): time is cut into pieces of `segment_length` steps (whole
