@@ -72,10 +72,13 @@ def check(overrides: dict, device="cuda") -> bool:
             errors = {"out": _rel(out, ref[0]), "last": _rel(last, ref[1])}
             errors.update({k: _rel(a, b) for k, a, b in zip(NAMES, g_ours, g_ref, strict=True)})
             worst = max(errors, key=errors.get)
+            cfg = triton_scan.scan_config(d_state, dim // max(groups, 1), rows=batch * dim,
+                                          multiprocessors=triton_scan._multiprocessors(out.device),
+                                          dense_length=0 if ragged else length)
             passed = errors[worst] <= tol
             ok &= passed
             print(f"{'ok ' if passed else 'FAIL'} b{batch} d{dim} L{length} N{d_state} G{groups} ragged={ragged} {dtype}: "
-                  f"worst {worst} {errors[worst]:.2e} (tol {tol:.0e}) cfg {triton_scan.scan_config(d_state, dim // max(groups, 1), rows=batch * dim, multiprocessors=triton_scan._multiprocessors(out.device)).bwd_variant}",
+                  f"worst {worst} {errors[worst]:.2e} (tol {tol:.0e}) backward {cfg.bwd_variant}",
                   flush=True)
     triton_scan.CONFIG_OVERRIDES.clear()
     return ok

@@ -490,6 +490,28 @@ def _time_major_rows(X4: torch.Tensor, steps: int) -> torch.Tensor:
     return rows
 
 
+def _padded_A2(A: torch.Tensor) -> torch.Tensor:
+    """A * log2(e) as (dim, SEQ_STATES) float32, zero-padded: the sequential kernels' exp2 argument rows."""
+    A2 = torch.zeros(A.shape[0], SEQ_STATES, device=A.device, dtype=torch.float32)
+    A2[:, :A.shape[1]] = A.float() * math.log2(math.e)
+    return A2
+
+
+def _time_pieces(seqs: _Sequences, length: int, pieces: int, chunk: int, A2: torch.Tensor):
+    """Time cut into `pieces` of whole chunks for a sequential kernel (dense batches only): (pieces,
+    piece length, a (sequences, pieces, dim, SEQ_STATES) buffer of per-piece states, a (sequences, pieces,
+    dim) buffer of per-piece sums). One piece: no buffers, A2 stands in (never read)."""
+    if not seqs.dense or pieces <= 1:
+        stand_in = A2.view(1, 1, *A2.shape)
+        return 1, length, stand_in, stand_in
+    piece_length = triton.cdiv(triton.cdiv(length, pieces), chunk) * chunk
+    pieces = triton.cdiv(length, piece_length)
+    dim = A2.shape[0]
+    states = torch.empty(seqs.count, pieces, dim, SEQ_STATES, device=A2.device, dtype=torch.float32)
+    sums = torch.empty(seqs.count, pieces, dim, device=A2.device, dtype=torch.float32)
+    return pieces, piece_length, states, sums
+
+
 def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, store_states: bool,
                  cfg: ScanConfig, n_chunks: int):
     """The sequential forward: states padded to SEQ_STATES in its buffers, handed back as views of
@@ -500,23 +522,13 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     states = torch.empty(seqs.count, n_chunks if store_states else 0, dim, SEQ_STATES,
                          device=u.device, dtype=torch.float32)
     last = torch.empty(seqs.count, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
-    A2 = torch.zeros(dim, SEQ_STATES, device=u.device, dtype=torch.float32)
-    A2[:, :d_state] = A.float() * math.log2(math.e)
+    A2 = _padded_A2(A)
     # every 8-step block reads whole rows: pad time past the last block of the latest sequence
     steps = length + SEQ_STEPS
     BT, CT = _time_major_rows(B4, steps), _time_major_rows(C4, steps)
     prefetch = not store_states if cfg.seq_prefetch is None else cfg.seq_prefetch
-    segments, segment_length = 1, length
-    if seqs.dense and cfg.seq_segments > 1:
-        segment_length = triton.cdiv(triton.cdiv(length, cfg.seq_segments), cfg.chunk) * cfg.chunk
-        segments = triton.cdiv(length, segment_length)
-    # each piece's end state from zero (part) and its sum of delta, for the pieces after it (one piece:
-    # never read, A2 stands in)
-    if segments > 1:
-        part = torch.empty(seqs.count, segments, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
-        dtsum = torch.empty(seqs.count, segments, dim, device=u.device, dtype=torch.float32)
-    else:
-        part = dtsum = A2.view(1, 1, dim, SEQ_STATES)
+    # each piece's end state from zero (part) and its sum of delta, for the pieces after it
+    segments, segment_length, part, dtsum = _time_pieces(seqs, length, cfg.seq_segments, cfg.chunk, A2)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count * segments)
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   VARLEN=not seqs.dense, BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split,
@@ -559,15 +571,15 @@ def _backward(ctx, dout, dlast):
     du = alloc(u)
     ddelta = alloc(delta)
     dz = alloc(z) if z is not None else None
+    dD = torch.zeros(dim, device=u.device, dtype=torch.float32) if D is not None else None
+    dbias = torch.zeros(dim, device=u.device, dtype=torch.float32) if delta_bias is not None else None
+    if cfg.bwd_variant == "seq":  # its own padded dA and time-major dB/dC buffers
+        return _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, seqs, states, dout, dlast,
+                             du, ddelta, dz, dD, dbias, cfg)
     dA = torch.zeros(dim, d_state, device=u.device, dtype=torch.float32)
     dB = torch.zeros(B4.shape, device=u.device, dtype=torch.float32)
     dC = torch.zeros(C4.shape, device=u.device, dtype=torch.float32)
-    dD = torch.zeros(dim, device=u.device, dtype=torch.float32) if D is not None else None
-    dbias = torch.zeros(dim, device=u.device, dtype=torch.float32) if delta_bias is not None else None
     dummy = dA
-    if cfg.bwd_variant == "seq":
-        return _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, seqs, states, dout, dlast,
-                             du, ddelta, dz, dD, dbias, cfg)
     if cfg.bwd_variant == "state_loop":
         if cfg.bc_f32:  # no copy when they already are float32; dB, dC are float32 either way
             B4, C4 = B4.float(), C4.float()
@@ -638,8 +650,7 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
     groups = B4.shape[1]
     count = seqs.count
     padded = states.as_strided((*states.shape[:3], SEQ_STATES), states.stride())
-    A2 = torch.zeros(dim, SEQ_STATES, device=u.device, dtype=torch.float32)
-    A2[:, :d_state] = A.float() * math.log2(math.e)
+    A2 = _padded_A2(A)
     steps = length + SEQ_STEPS
     BT, CT = _time_major_rows(B4, steps), _time_major_rows(C4, steps)
     if dlast is not None:
@@ -647,15 +658,8 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
         dlast16[..., :d_state] = dlast
     else:
         dlast16 = A2.view(1, dim, SEQ_STATES)
-    segments, segment_length = 1, length
-    if seqs.dense and cfg.seq_bwd_segments > 1:
-        segment_length = triton.cdiv(triton.cdiv(length, cfg.seq_bwd_segments), cfg.chunk) * cfg.chunk
-        segments = triton.cdiv(length, segment_length)
-    if segments > 1:  # each piece's g at its start from zero, and its carry exponent
-        part = torch.empty(count, segments, dim, SEQ_STATES, device=u.device, dtype=torch.float32)
-        usum = torch.empty(count, segments, dim, device=u.device, dtype=torch.float32)
-    else:
-        part = usum = A2.view(1, 1, dim, SEQ_STATES)
+    # each piece's g at its start from zero, and its carry exponent
+    segments, segment_length, part, usum = _time_pieces(seqs, length, cfg.seq_bwd_segments, cfg.chunk, A2)
     ckpt = torch.empty(count * segments, cfg.chunk // BWD_BLOCK.value, dim, SEQ_STATES, device=u.device,
                        dtype=torch.float32)
     dA16 = torch.zeros(dim, SEQ_STATES, device=u.device, dtype=torch.float32)
