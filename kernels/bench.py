@@ -269,16 +269,20 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # f+b at S1 against the state loop's 6.10 (chunk in 2 / 4 pieces 7.15 / 7.57; register caps spill);
     # S2 20.1 vs 15.0; one wave (b22) 4.37 vs 4.24. A channel on 2 lanes (seq_bwd_split 2, now the default
     # where the forward is sequential in one piece): S1 5.58 ms.
-    "b32_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
-    # time pieces for the sequential backward (default count by the forward's rule for its programs: 2 at S2)
-    "b8_L16384_N16": [{}, {"bwd_variant": "seq"}, {"bwd_variant": "seq", "seq_bwd_segments": 4},
-                      {"bwd_variant": "seq", "seq_bwd_segments": 8}],
+    # v14: softplus's log as lg2.approx in the backward kernels (approx_log, the default; False is v13's libdevice
+    # logf) and in the forward ones (approx_log_fwd, off: ncu at S1, the sequential forward under gradients 0.90 ->
+    # 1.15 ms with it); at S2 the sequential backward in 8 pieces of time (the default since v14; H200 03:12 UTC,
+    # with approx_log everywhere: 4 / 8 / 16 pieces f+b 13.26 / 12.77 / 12.58 ms against the state loop's 14.59,
+    # 16 pieces over mamba-ssm's peak memory)
+    "b32_L2048_N16": [{}, {"approx_log_fwd": True}, {"approx_log": False}, {"bwd_variant": "state_loop"}],
+    "b8_L16384_N16": [{}, {"approx_log_fwd": True}, {"approx_log": False}, {"bwd_variant": "state_loop"},
+                      {"seq_bwd_segments": 4}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x
     # slower forward and backward (48.1 vs 24.7 ms); bc_f32 off alone 1220 MiB, +8% f+b. Not adopted.
-    "b32_L2048_N64": [{}, {"chunk": 128}, {"chunk": 128, "bc_f32": False}, {"bc_f32": False}],
+    "b32_L2048_N64": [{}, {"approx_log": False}],
 }
 
 

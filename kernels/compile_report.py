@@ -42,7 +42,7 @@ FLOAT32_POINTERS = ("A_ptr", "D_ptr", "bias_ptr", "states_ptr", "last_ptr", "dla
                     "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr", "gstates_ptr")
 INT32_POINTERS = ("seq_batch_ptr", "seq_start_ptr", "seq_len_ptr")
 COMMON = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "VARLEN": False,
-          "BLOCK_N": 16, "CHUNK": 64, "STAGES": 2}
+          "BLOCK_N": 16, "CHUNK": 64, "STAGES": 2, "APPROX_LOG": True}
 KERNELS = {  # name: (kernel, constexprs, warps, register cap, float32 pointers) as triton_scan (v8)
     # launches them at b32/L2048/d_state 16: the backward capped at 128 registers, unpipelined,
     # unmasked, on float32 copies of B and C; the forward in 1-warp programs of 4 channels
@@ -53,11 +53,11 @@ KERNELS = {  # name: (kernel, constexprs, warps, register cap, float32 pointers)
             {**COMMON, "STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 4, "PAIR": 2}, 1, None, ()),
     # the sequential forward (v10): 32 channels a warp, B and C from time-major float32 copies
     "seq": (kernels._fwd_seq_kernel,
-            {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
-            | {"STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 32}, 1, None, ("A2_ptr", "BT_ptr", "CT_ptr")),
+            {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK", "APPROX_LOG")}
+            | {"STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 32, "PREFETCH_L1": True}, 1, None, ("A2_ptr", "BT_ptr", "CT_ptr")),
     # the sequential backward: 16 channels a warp on 2 lanes each, lane sums of dB/dC by inline PTX shuffles
     "seqbwd": (triton_seq_backward._bwd_seq_kernel,
-               {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
+               {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK", "APPROX_LOG")}
                | {"HAS_DLAST": False, "LANE_ASM": True, "SPLIT": 2}, 1, None,
                ("A2_ptr", "BT_ptr", "CT_ptr", "ckpt_ptr", "dBC_ptr")),
 }

@@ -49,6 +49,12 @@ SEQ_MIN_WARPS = 8  # per multiprocessor, for the sequential forward to be the de
 SEQ_RESIDENT_PROGRAMS = 12  # of its 1-warp programs per multiprocessor (136 registers; ncu: block limit 12)
 SEQ_MAX_SEGMENTS = 8  # pieces of time measured (kernels/NOTES.md v12)
 SEQ_BWD_SPLIT = 2  # lanes a channel in the sequential backward (kernels/NOTES.md v13)
+# The sequential backward's time pieces (kernels/NOTES.md v14): none while its programs fill this many waves of
+# SEQ_RESIDENT_PROGRAMS a multiprocessor (b32/L2048: 3,072 programs, 1.9 waves; a piece more would also put its
+# checkpoint scratch, 50 MB a piece, over mamba-ssm's peak), else doubled while they stay within
+# SEQ_BWD_PIECE_WAVES waves (b8/L16384: 768 programs in 8 pieces)
+SEQ_BWD_ONE_PIECE_WAVES = 1.5
+SEQ_BWD_PIECE_WAVES = 4
 CHUNK = 64  # steps between saved states; the backward's time tile
 SMALL_STATE_FWD = 16  # d_state (padded) up to which the forward runs 1-warp programs of
 SMALL_STATE_FWD_CHANNELS = 4  # this many channels
@@ -98,6 +104,9 @@ class ScanConfig:
     seq_bwd_maxnreg: int | None = None
     seq_bwd_split: int = SEQ_BWD_SPLIT
     seq_bwd_segments: int = 1
+    approx_log: bool = True
+    approx_log_fwd: bool = False
+    seq_maxnreg: int | None = None
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -169,6 +178,21 @@ def _time_segments(rows: int, dense_length: int, multiprocessors: int, chunk: in
     return segments
 
 
+def _seq_bwd_segments(rows: int, split: int, dense_length: int, multiprocessors: int, chunk: int) -> int:
+    """Pieces of time for the sequential backward (H200, b8/L16384, f+b: the state loop 14.6 ms; the sequential
+    backward in 4 / 8 / 16 pieces 13.3 / 12.8 / 12.6, the last over mamba-ssm's peak memory)."""
+    programs = triton.cdiv(rows * split, THREADS_PER_WARP)
+    wave = SEQ_RESIDENT_PROGRAMS * multiprocessors
+    segments = 1
+    if programs >= SEQ_BWD_ONE_PIECE_WAVES * wave:
+        return segments
+    while (dense_length and segments < SEQ_MAX_SEGMENTS
+           and programs * segments * 2 <= SEQ_BWD_PIECE_WAVES * wave
+           and dense_length >= segments * 2 * 2 * chunk):
+        segments *= 2
+    return segments
+
+
 def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiprocessors: int = 1,
                 dense_length: int = 0) -> ScanConfig:
     """Kernel variants and tile sizes for a problem of `rows` = sequences x channels (`dense_length`:
@@ -187,14 +211,14 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     fwd_variant = over.get("fwd_variant", "seq" if block_n <= SEQ_STATES and enough_rows else "state_loop")
     if fwd_variant == "seq" and (block_n > SEQ_STATES or chunk % SEQ_STEPS):
         fwd_variant = "state_loop"  # a thread holds all states of its channel: only for small d_state
-    # the sequential backward (kernels/NOTES.md v13) after the sequential forward when time is not cut into
-    # pieces, a channel on 2 lanes (8 states a thread, 168 registers, 12 resident warps): H100, b32/L2048
-    # f+b 6.10 -> 5.58 ms (a channel a thread, 255 registers: 6.84); at b8/L16384 (one piece: 384
-    # warps) it was 20.1 ms against the state loop's 15.0
+    # the sequential backward (kernels/NOTES.md v13) after the sequential forward, a channel on 2 lanes (8 states
+    # a thread, 168 registers, 12 resident warps): H100, b32/L2048 f+b 6.10 -> 5.58 ms (a channel a thread, 255
+    # registers: 6.84); with few rows in pieces of time (v14, H200, b8/L16384: 14.6 -> 12.8 ms in 8 pieces; in
+    # one piece, 384 warps, it was 20.1 ms against the state loop's 15.0)
     seq_segments = over.get("seq_segments", segments)
     seq_bwd_split = over.get("seq_bwd_split", SEQ_BWD_SPLIT)
     seq_bwd_fits = fwd_variant == "seq" and channels_per_group % (THREADS_PER_WARP // seq_bwd_split) == 0
-    bwd_variant = over.get("bwd_variant", "seq" if seq_bwd_fits and seq_segments == 1 else "state_loop")
+    bwd_variant = over.get("bwd_variant", "seq" if seq_bwd_fits else "state_loop")
     if bwd_variant == "seq" and not seq_bwd_fits:
         # it reads the sequential forward's padded states; a program is a warp's channels of one group
         bwd_variant = "state_loop"
@@ -290,7 +314,16 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # time pieces of the sequential backward (dense batches with few rows), counted for its programs of
         # 32 / seq_bwd_split channels as the forward's are
         seq_bwd_segments=over.get("seq_bwd_segments",
-                                  _time_segments(rows * seq_bwd_split, dense_length, multiprocessors, chunk)),
+                                  _seq_bwd_segments(rows, seq_bwd_split, dense_length, multiprocessors, chunk)),
+        # softplus's logarithm as one lg2.approx instead of libdevice's polynomial (GPU only), in the backward
+        # kernels (approx_log) and the forward ones (approx_log_fwd). H200, ncu at b32/L2048: the sequential
+        # backward 4.14 -> 4.06 ms (2.34 -> 2.08 G instructions), but the sequential forward under gradients
+        # 0.90 -> 1.15 ms with 14% fewer instructions (long-scoreboard stalls per instruction 2.2 -> 4.6;
+        # 110 registers instead of 136); kernels/NOTES.md v14
+        approx_log=over.get("approx_log", True),
+        approx_log_fwd=over.get("approx_log_fwd", False),
+        # a register cap for the sequential forward (110 registers: 16 resident warps; 96: 20)
+        seq_maxnreg=over.get("seq_maxnreg"),
     )
 
 
@@ -438,6 +471,11 @@ def _lane_flip_safe(cfg: ScanConfig, *tiles: torch.Tensor | None) -> bool:
     return True
 
 
+def _approx_log(cfg: ScanConfig, forward: bool = False) -> bool:
+    """Whether a kernel's softplus takes lg2.approx (inline PTX: not under the interpreter)."""
+    return (cfg.approx_log_fwd if forward else cfg.approx_log) and not _interpreting()
+
+
 def _strides3(t: torch.Tensor | None):
     return (0, 0, 0) if t is None else tuple(t.stride())
 
@@ -462,7 +500,7 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
     kernel = {"state_loop": _fwd_state_loop_kernel, "tile3d": _scan_fwd_kernel}
-    extra = {}
+    extra = {"APPROX_LOG": _approx_log(cfg, forward=True)}
     if cfg.fwd_variant == "state_loop":
         full = cfg.unmasked_fwd and _full_tiles(seqs, dim, cfg.block_d_fwd, cfg.chunk, d_state, cfg.pair)
         extra = {"PAIR": cfg.pair, "STAGES": cfg.fwd_stages, "FULL": full, "END_TILE": cfg.fwd_end_tile}
@@ -533,7 +571,8 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   VARLEN=not seqs.dense, BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split,
                   PREFETCH=prefetch, PREFETCH_L1=cfg.seq_l1_prefetch and not _interpreting(),
-                  SEGMENTS=segments, num_warps=cfg.warps_fwd)
+                  SEGMENTS=segments, APPROX_LOG=_approx_log(cfg, forward=True), num_warps=cfg.warps_fwd,
+                  **({"maxnreg": cfg.seq_maxnreg} if cfg.seq_maxnreg else {}))
     for phase in (1, 2) if segments > 1 else (2,):
         _fwd_seq_kernel[grid](
             u, delta, A2, BT, CT, D if D is not None else u, z if z is not None else u,
@@ -599,7 +638,7 @@ def _backward(ctx, dout, dlast):
             *du.stride(), *ddelta.stride(), *_strides3(dz), *dB.stride(), *dC.stride(),
             C_rev, *C_rev.stride(), length,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
-            HAS_DLAST=dlast is not None, STAGES=cfg.bwd_stages,
+            HAS_DLAST=dlast is not None, STAGES=cfg.bwd_stages, APPROX_LOG=_approx_log(cfg),
             ADJOINT=cfg.adjoint, ONE_EXP=cfg.one_exp, REDUCE_DBC=cfg.reduce_dbc,
             LANE_FLIP=cfg.lane_flip and _lane_flip_safe(cfg, u, delta, z, dout, du, ddelta, dz),
             FULL=cfg.unmasked_bwd and _full_tiles(seqs, dim, cfg.block_d_bwd, cfg.chunk, d_state),
@@ -619,7 +658,7 @@ def _backward(ctx, dout, dlast):
         *dout.stride(), *delta.stride(), *A.stride(), *C4.stride(), *_strides3(z),
         *gstates.stride(), *(dlast.stride() if dlast is not None else (0, 0, 0)),
         HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
-        HAS_DLAST=dlast is not None,
+        HAS_DLAST=dlast is not None, APPROX_LOG=_approx_log(cfg),
         BLOCK_D=cfg.block_d_carry, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_carry,
     )
 
@@ -636,7 +675,8 @@ def _backward(ctx, dout, dlast):
         *_strides3(z), *dout.stride(), *states.stride(),
         *du.stride(), *ddelta.stride(), *_strides3(dz), *dB.stride(), *dC.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
-        BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, num_warps=cfg.warps_bwd,
+        BLOCK_D=cfg.block_d_bwd, BLOCK_N=cfg.block_n, CHUNK=cfg.chunk, APPROX_LOG=_approx_log(cfg),
+        num_warps=cfg.warps_bwd,
     )
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
@@ -680,7 +720,7 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
             *du.stride(), *ddelta.stride(), *_strides3(dz), dBC.stride(0), dBC.stride(1), dBC.stride(2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
-            SPLIT=cfg.seq_bwd_split, SEGMENTS=segments, PHASE=phase, num_warps=1,
+            SPLIT=cfg.seq_bwd_split, SEGMENTS=segments, PHASE=phase, APPROX_LOG=_approx_log(cfg), num_warps=1,
             **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
         )
     dB = dBC[:, :, :length, :d_state].transpose(-1, -2)

@@ -11,7 +11,7 @@ backward recomputes the rest from those. Variants (chosen in `triton_scan.scan_c
 - `_fwd_seq_kernel`: one channel per thread (or per 2 or 4 lanes) with its 16 states in registers, a
   sequential time loop without cross-lane work but one sum per 8 steps (d_state <= 16).
 - `_bwd_seq_kernel` (in `triton_seq_backward`): the backward of `_fwd_seq_kernel` in its layout, a channel on one
-  or two lanes; the default after a sequential forward in one piece of time.
+  or two lanes; the default after a sequential forward (with few rows in pieces of time, NOTES v14).
 - `_scan_fwd_kernel` + `_bwd_carry_kernel` + `_bwd_chunk_kernel`: a (channels, N, CHUNK) tile forward and
   a two-pass backward (a reverse sweep storing the adjoint at chunk starts, then all chunks in parallel).
 - `_state_update_kernel`: one decoding step.
@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch.nn.functional.softplus's default: above it softplus(x) == x
 
 
@@ -87,17 +88,26 @@ def _flip_time(x, LANE_FLIP: tl.constexpr):
 
 
 @triton.jit
-def _softplus(x):
-    return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(x)))
+def _softplus(x, APPROX_LOG: tl.constexpr = False):
+    """log(1 + e^x). APPROX_LOG (GPU only): the logarithm as one `lg2.approx` (MUFU) instead of libdevice's
+    logf polynomial, ~25 instructions: a sixth of the sequential forward's loop (kernels/NOTES.md v14). Its
+    absolute error near 1, ~4e-7, is of the order of rounding 1 + e^x to float32 (6e-8) that both forms pay."""
+    e = 1.0 + tl.exp2(x * LOG2E)
+    if APPROX_LOG:
+        log = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [e], dtype=tl.float32, is_pure=True,
+                                        pack=1) * LN2
+    else:
+        log = tl.log(e)
+    return tl.where(x > SOFTPLUS_THRESHOLD, x, log)
 
 
 @triton.jit
-def _load_delta(ptr, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _load_delta(ptr, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, APPROX_LOG: tl.constexpr = False):
     """Effective step delta' (and the pre-softplus value) with masked positions set to 0."""
     raw = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias[:, None]
-    eff = _softplus(raw) if SOFTPLUS else raw
+    eff = _softplus(raw, APPROX_LOG) if SOFTPLUS else raw
     return tl.where(mask, eff, 0.0), raw
 
 
@@ -129,6 +139,7 @@ def _scan_fwd_kernel(
     VARLEN: tl.constexpr,
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    APPROX_LOG: tl.constexpr = False,
 ):
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
@@ -169,7 +180,7 @@ def _scan_fwd_kernel(
         t = t_first + t_local
         mask_dt = mask_d[:, None] & mask_t[None, :]
         u = tl.load(u_row + t[None, :] * su_l, mask=mask_dt, other=0.0).to(tl.float32)
-        dt, _ = _load_delta(dt_row + t[None, :] * sdt_l, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+        dt, _ = _load_delta(dt_row + t[None, :] * sdt_l, mask_dt, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
         mask_nt = mask_n[:, None] & mask_t[None, :]
         Bt = tl.load(B_row + t[None, :] * sB_l, mask=mask_nt, other=0.0).to(tl.float32)
         Ct = tl.load(C_row + t[None, :] * sC_l, mask=mask_nt, other=0.0).to(tl.float32)
@@ -203,6 +214,7 @@ def _bwd_carry_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
     VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    APPROX_LOG: tl.constexpr = False,
 ):
     """Stores g entering each chunk from the right: gstates[seq, c] = dL/dh at the chunk's last step
     coming from later steps (times the next step's decay), seeded with the last state's gradient."""
@@ -244,7 +256,7 @@ def _bwd_carry_kernel(
         t = t_first + t_local
         mask_dt = mask_d[:, None] & mask_t[None, :]
         mask_next = mask_d[:, None] & (t_local + 1 < length)[None, :]
-        dt_next, _ = _load_delta(dt_row + (t + 1)[None, :] * sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = _load_delta(dt_row + (t + 1)[None, :] * sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
         dy = tl.load(do_row + t[None, :] * sdo_l, mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_Z:
             zv = tl.load(z_row + t[None, :] * sz_l, mask=mask_dt, other=0.0).to(tl.float32)
@@ -278,6 +290,7 @@ def _bwd_chunk_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    APPROX_LOG: tl.constexpr = False,
 ):
     c = tl.program_id(0)
     seq = tl.program_id(1)
@@ -322,9 +335,9 @@ def _bwd_chunk_kernel(
             u = tl.load(u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l,
                         mask=mask_dt, other=0.0).to(tl.float32)
             dt_ptrs = dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l
-            dt, dt_raw = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+            dt, dt_raw = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
             mask_next = mask_d[:, None] & mask_next_t[None, :]
-            dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
+            dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
             dy = tl.load(dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l,
                          mask=mask_dt, other=0.0).to(tl.float32)
 
@@ -540,6 +553,7 @@ def _fwd_seq_kernel(
     VARLEN: tl.constexpr, STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
     PREFETCH_L1: tl.constexpr = False, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2,
+    APPROX_LOG: tl.constexpr = False,
 ):
     """Sequential in time: each thread owns one channel's 16 states (SPLIT 2 or 4: half or a quarter
     of them, its neighbour lanes the rest, for more threads when there are few channel rows) in
@@ -616,10 +630,10 @@ def _fwd_seq_kernel(
             dt_next = tl.load(dt_rows[:, None] + (t + SEQ_STEPS)[None, :] * sdt_l, mask=next_mask, other=0.0)
             if HAS_BIAS:
                 raw = raw + bias[:, None]
-            dt = tl.where(mask, _softplus(raw) if SOFTPLUS else raw, 0.0)
+            dt = tl.where(mask, _softplus(raw, APPROX_LOG) if SOFTPLUS else raw, 0.0)
         else:
             u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
-            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
         d0, d1, d2, d3, d4, d5, d6, d7 = _columns8(dt)
         v0, v1, v2, v3, v4, v5, v6, v7 = _columns8(dt * u)
         bt = bt_rows + (t_first + t0) * sBT_l
@@ -677,6 +691,7 @@ def _bwd_state_loop_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 1,
     ONE_EXP: tl.constexpr = False, ADJOINT: tl.constexpr = 0,
     REDUCE_DBC: tl.constexpr = True, FULL: tl.constexpr = False, LANE_FLIP: tl.constexpr = False,
+    APPROX_LOG: tl.constexpr = False,
 ):
     """Backward over chunks from last to first, one state index n at a time on (channels, CHUNK) tiles:
     the forward scan restarts from the saved chunk-start state, the adjoint scan from the carry of
@@ -731,9 +746,9 @@ def _bwd_state_loop_kernel(
         dt_ptrs = dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l
         do_ptrs = dout_ptr + b * sdo_b + offs_d[:, None] * sdo_d + t[None, :] * sdo_l
         z_ptrs = z_ptr + b * sz_b + offs_d[:, None] * sz_d + t[None, :] * sz_l
-        dt, _ = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS)
+        dt, _ = _load_delta(dt_ptrs, mask_dt, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
         if not ONE_EXP or ADJOINT >= 3:  # one exp per element-state goes with the reverse scan only
-            dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
+            dt_next, _ = _load_delta(dt_ptrs + sdt_l, mask_next, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
         dy = tl.load(do_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_Z:
             zv = tl.load(z_ptrs, mask=mask_dt, other=0.0).to(tl.float32)
@@ -832,7 +847,7 @@ def _bwd_state_loop_kernel(
         u = tl.load(u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l,
                     mask=mask_dt, other=0.0).to(tl.float32)
         _, dt_raw = _load_delta(dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l,
-                                mask_dt, bias, HAS_BIAS, SOFTPLUS)
+                                mask_dt, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
         du = dt * gB_acc
         ddt = u * gB_acc + gA_acc
         if HAS_D:
@@ -914,6 +929,7 @@ def _fwd_state_loop_kernel(
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PAIR: tl.constexpr = 1,
     STAGES: tl.constexpr = 1, FULL: tl.constexpr = False, END_TILE: tl.constexpr = False,
+    APPROX_LOG: tl.constexpr = False,
 ):
     """Forward one state index n at a time on (channels, CHUNK) tiles, y summed over n in registers
     (for large d_state, where a thread cannot hold all states of a channel)."""
@@ -951,7 +967,7 @@ def _fwd_state_loop_kernel(
         u = tl.load(u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l,
                     mask=mask_dt, other=0.0).to(tl.float32)
         dt, _ = _load_delta(dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l,
-                            mask_dt, bias, HAS_BIAS, SOFTPLUS)
+                            mask_dt, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
         dtu = dt * u
         y = tl.zeros([BLOCK_D, CHUNK], tl.float32)
         B_base = B_ptr + b * sB_b + group * sB_g + t * sB_l

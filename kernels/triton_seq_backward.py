@@ -1,5 +1,5 @@
 """The sequential backward of the selective scan (d_state <= 16): the backward of `_fwd_seq_kernel`, the
-default after a sequential forward in one piece of time (kernels/NOTES.md v13).
+default after a sequential forward (kernels/NOTES.md v13; with few rows in pieces of time, v14).
 
 A channel's 16 states sit on one lane (SPLIT 1) or on two neighbouring lanes, 8 states each (SPLIT 2, the
 default: half the registers, 12 resident warps instead of 8). Time runs backward chunk by chunk (the forward
@@ -281,7 +281,7 @@ def _bwd_seq_kernel(
     sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l, sdz_b, sdz_d, sdz_l, sbc_b, sbc_g, sbc_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr, CHUNK: tl.constexpr, LANE_ASM: tl.constexpr,
-    SPLIT: tl.constexpr = 1, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2,
+    SPLIT: tl.constexpr = 1, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2, APPROX_LOG: tl.constexpr = False,
 ):
     """One program: a warp of one sequence, time from last to first: 32 channels a channel a thread, or
     (SPLIT 2) 16 channels a channel on two neighbouring lanes, 8 states each (half the registers a thread).
@@ -354,7 +354,7 @@ def _bwd_seq_kernel(
     if HAS_BIAS:
         dt_next += bias
     if SOFTPLUS:
-        dt_next = _softplus(dt_next)
+        dt_next = _softplus(dt_next, APPROX_LOG)
     dt_next = tl.where(after, dt_next, 0.0)
     dA_acc = tl.zeros([BLOCK_R, PER_ROW], tl.float32)
     dD_acc = tl.zeros([BLOCK_R], tl.float32)
@@ -368,7 +368,7 @@ def _bwd_seq_kernel(
             t_local = t0 + steps
             mask = mask_r[:, None] & (t_local < length)[None, :]
             t = t_first + t_local
-            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
             dy = tl.load(do_rows[:, None] + t[None, :] * sdo_l, mask=mask, other=0.0).to(tl.float32)
             if HAS_Z:
                 zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask, other=0.0).to(tl.float32)
@@ -399,7 +399,7 @@ def _bwd_seq_kernel(
             mask = mask_r[:, None] & (t_local < length)[None, :]
             t = t_first + t_local
             u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
-            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
             d0, d1, d2, d3 = _columns4(dt)
             v0, v1, v2, v3 = _columns4(dt * u)
             bt = bt_rows + (t_first + c * CHUNK + k * BWD_BLOCK) * sBT_l
@@ -416,7 +416,7 @@ def _bwd_seq_kernel(
             mask = mask_r[:, None] & in_time[None, :]
             t = t_first + t_local
             u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
-            dt, dt_raw = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+            dt, dt_raw = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
             dout = tl.load(do_rows[:, None] + t[None, :] * sdo_l, mask=mask, other=0.0).to(tl.float32)
             dy = dout
             if HAS_Z:

@@ -153,9 +153,11 @@ def test_sequential_backward_matches_reference(length, d_state, groups, dim, spl
     assert calls == [1]
 
 
-def test_sequential_backward_is_the_default_after_an_unsplit_sequential_forward():
+def test_sequential_backward_follows_the_sequential_forward():
     """It reads the sequential forward's padded states and sums dB / dC over a warp's channels of one group
-    (32 / split); at b32/L2048 it is the default (2 lanes a channel), at b8/L16384 (time in pieces) not."""
+    (32 / split, 2 lanes a channel by default). Where its programs are few it runs in pieces of time of its own:
+    768 at b8/L16384 in 8 pieces stay within 4 waves of 1,584 (132 multiprocessors); 3,072 at b32/L2048
+    fill 1.9 waves and run in one piece."""
     def backward(cpg=64, **overrides):
         triton_scan.CONFIG_OVERRIDES.clear()
         triton_scan.CONFIG_OVERRIDES.update(overrides)
@@ -169,10 +171,15 @@ def test_sequential_backward_is_the_default_after_an_unsplit_sequential_forward(
     assert backward(**SEQ_BACKWARD, cpg=8) == "state_loop"
     assert backward(**SEQ_BACKWARD, cpg=16, seq_bwd_split=1) == "state_loop"
     s1 = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132, dense_length=2048)
-    assert (s1.fwd_variant, s1.bwd_variant, s1.seq_bwd_split) == ("seq", "seq", 2)
+    assert (s1.fwd_variant, s1.bwd_variant, s1.seq_bwd_split, s1.seq_bwd_segments) == ("seq", "seq", 2, 1)
     s2 = triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132, dense_length=16384)
-    assert (s2.fwd_variant, s2.seq_segments, s2.bwd_variant) == ("seq", 4, "state_loop")
+    assert (s2.fwd_variant, s2.seq_segments, s2.bwd_variant, s2.seq_bwd_segments) == ("seq", 4, "seq", 8)
+    # every piece keeps two chunks; per-row lengths or packed sequences are never cut
+    assert triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132, dense_length=256).seq_bwd_segments == 2
+    assert triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132).seq_bwd_segments == 1
     assert triton_scan.scan_config(64, 1536, rows=32 * 1536, multiprocessors=132).bwd_variant == "state_loop"
+    # softplus's lg2.approx in the backward kernels only (the forward's measured slower with it)
+    assert (s1.approx_log, s1.approx_log_fwd) == (True, False)
 
 
 @pytest.mark.parametrize("overrides", [{"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_segments": 2},
