@@ -274,9 +274,13 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # 1.15 ms with it); at S2 the sequential backward in 8 pieces of time (the default since v14; H200 03:12 UTC,
     # with approx_log everywhere: 4 / 8 / 16 pieces f+b 13.26 / 12.77 / 12.58 ms against the state loop's 14.59,
     # 16 pieces over mamba-ssm's peak memory)
-    "b32_L2048_N16": [{}, {"approx_log_fwd": True}, {"approx_log": False}, {"bwd_variant": "state_loop"}],
-    "b8_L16384_N16": [{}, {"approx_log_fwd": True}, {"approx_log": False}, {"bwd_variant": "state_loop"},
-                      {"seq_bwd_segments": 4}],
+    # (H200 03:17 UTC, f+b ms: S1 default 5.050, approx_log_fwd 5.271, no approx_log 5.121, state-loop backward
+    # 5.901; S2 13.096, 12.940, 13.577, 14.902, 4 pieces 13.568.) The forward's register prefetch of the next
+    # block's u and delta under gradients (seq_prefetch; 03:32 UTC, with a v14 default that had it off): S1 4.968
+    # -> 5.016 ms, S2 12.889 -> 12.362, now the default in pieces; with approx_log_fwd too 5.007 / 12.274, alone
+    # 5.282 / 12.737
+    "b32_L2048_N16": [{}, {"seq_prefetch": True}, {"approx_log": False}, {"bwd_variant": "state_loop"}],
+    "b8_L16384_N16": [{}, {"seq_prefetch": False}, {"approx_log_fwd": True}, {"bwd_variant": "state_loop"}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.

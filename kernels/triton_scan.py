@@ -300,8 +300,9 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # lanes per channel of the sequential forward (1, 2, 4): more threads for few channel rows
         seq_split=seq_split,
         # the next 8-step block's u and delta loaded while this one computes (register prefetch); None:
-        # only when no chunk states are stored (H200, b32/L2048: no_grad forward 1.58 -> 1.46 ms, but
-        # forward+backward 6.17 -> 6.65)
+        # when no chunk states are stored (H200, b32/L2048: no_grad forward 1.58 -> 1.46 ms, but
+        # forward+backward 6.17 -> 6.65; v14, 5.02 against 4.97) or time is cut into pieces (v14, H200,
+        # b8/L16384 f+b 12.89 -> 12.36 ms)
         seq_prefetch=over.get("seq_prefetch"),
         # the next block's B and C rows prefetched into L1 (PTX prefetch; ncu, S1: 43% of stalls waited
         # on L1 misses, 41% L1 hit rate: each 128-byte line holds two steps of B or C)
@@ -564,9 +565,9 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     # every 8-step block reads whole rows: pad time past the last block of the latest sequence
     steps = length + SEQ_STEPS
     BT, CT = _time_major_rows(B4, steps), _time_major_rows(C4, steps)
-    prefetch = not store_states if cfg.seq_prefetch is None else cfg.seq_prefetch
     # each piece's end state from zero (part) and its sum of delta, for the pieces after it
     segments, segment_length, part, dtsum = _time_pieces(seqs, length, cfg.seq_segments, cfg.chunk, A2)
+    prefetch = (not store_states or segments > 1) if cfg.seq_prefetch is None else cfg.seq_prefetch
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count * segments)
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   VARLEN=not seqs.dense, BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split,
