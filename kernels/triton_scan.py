@@ -323,7 +323,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # 110 registers instead of 136); kernels/NOTES.md v14
         approx_log=over.get("approx_log", True),
         approx_log_fwd=over.get("approx_log_fwd", False),
-        # a register cap for the sequential forward (110 registers: 16 resident warps; 96: 20)
+        # a register cap for the sequential forward (136 registers, 12 resident warps; 110 with approx_log_fwd; a
+        # cap of 96, 20 warps: S1 forward 0.90 -> 1.24 ms, v14)
         seq_maxnreg=over.get("seq_maxnreg"),
     )
 
@@ -504,7 +505,7 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     extra = {"APPROX_LOG": _approx_log(cfg, forward=True)}
     if cfg.fwd_variant == "state_loop":
         full = cfg.unmasked_fwd and _full_tiles(seqs, dim, cfg.block_d_fwd, cfg.chunk, d_state, cfg.pair)
-        extra = {"PAIR": cfg.pair, "STAGES": cfg.fwd_stages, "FULL": full, "END_TILE": cfg.fwd_end_tile}
+        extra.update(PAIR=cfg.pair, STAGES=cfg.fwd_stages, FULL=full, END_TILE=cfg.fwd_end_tile)
     if cfg.maxnreg:
         extra["maxnreg"] = cfg.maxnreg
     kernel[cfg.fwd_variant][grid](

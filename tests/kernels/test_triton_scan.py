@@ -8,6 +8,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -539,6 +540,18 @@ def test_backward_register_cap_keeps_the_last_wave_full(monkeypatch):
     assert (config64.block_d_fwd, config64.warps_fwd) == (16, 4)
     config128 = triton_scan.scan_config(128, 1536, rows=32 * 1536, multiprocessors=132)
     assert (config128.warps_bwd, config128.bwd_maxnreg, config128.bwd_stages) == (4, None, 2)
+
+
+def test_approximate_log_goes_to_the_kernels_it_was_measured_for(monkeypatch):
+    """lg2.approx is inline PTX: never under the interpreter; on the GPU the backward kernels take approx_log and
+    the forward ones approx_log_fwd (kernels/NOTES.md v14)."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {})
+    config = triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132, dense_length=2048)
+    assert not triton_scan._approx_log(config) and not triton_scan._approx_log(config, forward=True)
+    monkeypatch.setattr(triton_scan, "_interpreting", lambda: False)
+    assert triton_scan._approx_log(config) and not triton_scan._approx_log(config, forward=True)
+    swapped = dataclasses.replace(config, approx_log=False, approx_log_fwd=True)
+    assert not triton_scan._approx_log(swapped) and triton_scan._approx_log(swapped, forward=True)
 
 
 def test_gpu_check_script_runs_its_cases(monkeypatch):
