@@ -279,8 +279,10 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # block's u and delta under gradients (seq_prefetch; 03:32 UTC, with a v14 default that had it off): S1 4.968
     # -> 5.016 ms, S2 12.889 -> 12.362, now the default in pieces; with approx_log_fwd too 5.007 / 12.274, alone
     # 5.282 / 12.737
-    "b32_L2048_N16": [{}, {"seq_prefetch": True}, {"approx_log": False}, {"bwd_variant": "state_loop"}],
-    "b8_L16384_N16": [{}, {"seq_prefetch": False}, {"approx_log_fwd": True}, {"bwd_variant": "state_loop"}],
+    # v14e (03:51 UTC): the sequential backward's B / C rows read a step ahead (seq_bwd_bc_ahead), f+b: S1 5.052 ->
+    # 4.867 ms (now the default in one piece of time), S2 in pieces 12.529 -> 12.730 (not taken there)
+    "b32_L2048_N16": [{}, {"seq_bwd_bc_ahead": False}, {"approx_log": False}, {"bwd_variant": "state_loop"}],
+    "b8_L16384_N16": [{}, {"seq_bwd_bc_ahead": True}, {"seq_prefetch": False}, {"bwd_variant": "state_loop"}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.

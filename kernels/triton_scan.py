@@ -107,6 +107,7 @@ class ScanConfig:
     approx_log: bool = True
     approx_log_fwd: bool = False
     seq_maxnreg: int | None = None
+    seq_bwd_bc_ahead: bool = False
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -222,6 +223,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     if bwd_variant == "seq" and not seq_bwd_fits:
         # it reads the sequential forward's padded states; a program is a warp's channels of one group
         bwd_variant = "state_loop"
+    seq_bwd_segments = over.get("seq_bwd_segments",
+                                _seq_bwd_segments(rows, seq_bwd_split, dense_length, multiprocessors, chunk))
     if fwd_variant not in FWD_VARIANTS or bwd_variant not in BWD_VARIANTS:
         raise ValueError(f"unknown scan variants {fwd_variant!r}, {bwd_variant!r}")
     # 1-warp forward programs of 4 channels for small d_state since v8: the per-state chunk-end
@@ -312,10 +315,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         seq_bwd_maxnreg=over.get("seq_bwd_maxnreg"),
         # lanes per channel of the sequential backward (1 or 2: 16 or 8 states a thread)
         seq_bwd_split=seq_bwd_split,
-        # time pieces of the sequential backward (dense batches with few rows), counted for its programs of
-        # 32 / seq_bwd_split channels as the forward's are
-        seq_bwd_segments=over.get("seq_bwd_segments",
-                                  _seq_bwd_segments(rows, seq_bwd_split, dense_length, multiprocessors, chunk)),
+        # time pieces of the sequential backward (dense batches with few rows; _seq_bwd_segments)
+        seq_bwd_segments=seq_bwd_segments,
         # softplus's logarithm as one lg2.approx instead of libdevice's polynomial (GPU only), in the backward
         # kernels (approx_log) and the forward ones (approx_log_fwd). H200, ncu at b32/L2048: the sequential
         # backward 4.14 -> 4.06 ms (2.34 -> 2.08 G instructions), but the sequential forward under gradients
@@ -326,6 +327,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # a register cap for the sequential forward (136 registers, 12 resident warps; 110 with approx_log_fwd; a
         # cap of 96, 20 warps: S1 forward 0.90 -> 1.24 ms, v14)
         seq_maxnreg=over.get("seq_maxnreg"),
+        # the sequential backward's adjoint steps read the next step's B and C rows a step ahead, before this
+        # step's math and its dB/dC atomic add (same 168 registers in the local compile); in one piece of time
+        # only (v14e, H200, f+b: b32/L2048 5.05 -> 4.87 ms; b8/L16384 in 8 pieces 12.53 -> 12.73)
+        seq_bwd_bc_ahead=over.get("seq_bwd_bc_ahead", seq_bwd_segments == 1),
     )
 
 
@@ -722,7 +727,8 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
             *du.stride(), *ddelta.stride(), *_strides3(dz), dBC.stride(0), dBC.stride(1), dBC.stride(2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
-            SPLIT=cfg.seq_bwd_split, SEGMENTS=segments, PHASE=phase, APPROX_LOG=_approx_log(cfg), num_warps=1,
+            SPLIT=cfg.seq_bwd_split, SEGMENTS=segments, PHASE=phase, APPROX_LOG=_approx_log(cfg),
+            BC_AHEAD=cfg.seq_bwd_bc_ahead, num_warps=1,
             **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
         )
     dB = dBC[:, :, :length, :d_state].transpose(-1, -2)

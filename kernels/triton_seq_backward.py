@@ -237,14 +237,18 @@ def _state_step(h, A2, dt, dtu, Bt_rows, quad_xor):
 
 
 @triton.jit
-def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt_rows, Ct_rows, quad_xor, dA_acc, bc_ptrs, dC_lane,
-                  in_time, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr):
+def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt, Ct, next_bt_rows, next_ct_rows, quad_xor, dA_acc, bc_ptrs,
+                  dC_lane, in_time, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr, AHEAD: tl.constexpr,
+                  HAS_NEXT: tl.constexpr):
     """Step t backward. In: g of step t + 1 and that step's delta (its decay is recomputed here: one
-    register a row carried between steps instead of 16), h the state after step t. Out: g of step t, dA
-    summed on, and step t's sums over states of g B, g (h - drive) A2 and h C, and the row's dB/dC lane
-    sum."""
-    Bt = _load_row(Bt_rows, quad_xor, dt, h.shape[1], False)
-    Ct = _load_row(Ct_rows, quad_xor, dt, h.shape[1], False)
+    register a row carried between steps instead of 16), h the state after step t, step t's B and C rows. Out: g
+    of step t, dA summed on, step t's sums over states of g B, g (h - drive) A2 and h C, the row's dB/dC lane sum
+    added in, and step t - 1's B and C rows (HAS_NEXT), read before that atomic add (AHEAD) or after it."""
+    B_next = Bt
+    C_next = Ct
+    if HAS_NEXT and AHEAD:  # a step ahead: in flight while this step computes
+        B_next = _load_row(next_bt_rows, quad_xor, dt, h.shape[1], False)
+        C_next = _load_row(next_ct_rows, quad_xor, dt, h.shape[1], False)
     # "+ 0.0" keeps the compiler from reusing the recompute pass's decays (the same expression): holding
     # them costs 48 registers and spills (local sm_90 compile: 208 B of stack), recomputing costs 16 exp2
     g = tl.exp2(A2 * dt_next[:, None] + 0.0) * g + Ct * dy[:, None]
@@ -256,10 +260,13 @@ def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt_rows, Ct_rows, quad_xor, dA
     y = tl.sum(h * Ct, axis=1)
     sums = tl.where(dC_lane, _lane_sums(h * dy[:, None], SPLIT, LANE_ASM),
                     _lane_sums(g * dtu[:, None], SPLIT, LANE_ASM))
-    # added at once: the compiler may not move the next step's B / C loads above this (possibly aliasing)
-    # atomic, which keeps them from being hoisted and held in registers for the whole block
+    # added at once: the compiler may not move later B / C loads above this (possibly aliasing) atomic, which
+    # keeps them from being hoisted and held in registers for the whole block
     tl.atomic_add(bc_ptrs, sums, mask=tl.full(dtu.shape, 1, tl.int1) & in_time, sem="relaxed")
-    return g, dA_acc, gB, gA2, y
+    if HAS_NEXT and not AHEAD:
+        B_next = _load_row(next_bt_rows, quad_xor, dt, h.shape[1], False)
+        C_next = _load_row(next_ct_rows, quad_xor, dt, h.shape[1], False)
+    return g, dA_acc, gB, gA2, y, B_next, C_next
 
 
 @triton.jit
@@ -282,6 +289,7 @@ def _bwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr, CHUNK: tl.constexpr, LANE_ASM: tl.constexpr,
     SPLIT: tl.constexpr = 1, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2, APPROX_LOG: tl.constexpr = False,
+    BC_AHEAD: tl.constexpr = False,
 ):
     """One program: a warp of one sequence, time from last to first: 32 channels a channel a thread, or
     (SPLIT 2) 16 channels a channel on two neighbouring lanes, 8 states each (half the registers a thread).
@@ -438,17 +446,20 @@ def _bwd_seq_kernel(
             h4 = _state_step(h3, A2, d3, v3, bt + 3 * sBT_l, quad_xor)
             # dB / dC: one lane sum per step, added where the step lies inside the sequence
             bc = bc_cols + (t_first + t0) * sbc_l
-            g, dA_acc, gB3, gA3, yc3 = _adjoint_step(
-                g, dt_next, h4, A2, d3, v3, y3, bt + 3 * sBT_l, ct + 3 * sBT_l, quad_xor, dA_acc, bc + 3 * sbc_l,
-                dC_lane, t0 + 3 < length, SPLIT, LANE_ASM)
-            g, dA_acc, gB2, gA2, yc2 = _adjoint_step(
-                g, d3, h3, A2, d2, v2, y2, bt + 2 * sBT_l, ct + 2 * sBT_l, quad_xor, dA_acc, bc + 2 * sbc_l,
-                dC_lane, t0 + 2 < length, SPLIT, LANE_ASM)
-            g, dA_acc, gB1, gA1, yc1 = _adjoint_step(
-                g, d2, h2, A2, d1, v1, y1, bt + sBT_l, ct + sBT_l, quad_xor, dA_acc, bc + sbc_l,
-                dC_lane, t0 + 1 < length, SPLIT, LANE_ASM)
-            g, dA_acc, gB0, gA0, yc0 = _adjoint_step(
-                g, d1, h1, A2, d0, v0, y0, bt, ct, quad_xor, dA_acc, bc, dC_lane, t0 < length, SPLIT, LANE_ASM)
+            B3 = _load_row(bt + 3 * sBT_l, quad_xor, d3, PER_ROW, False)
+            C3 = _load_row(ct + 3 * sBT_l, quad_xor, d3, PER_ROW, False)
+            g, dA_acc, gB3, gA3, yc3, B2, C2 = _adjoint_step(
+                g, dt_next, h4, A2, d3, v3, y3, B3, C3, bt + 2 * sBT_l, ct + 2 * sBT_l, quad_xor, dA_acc,
+                bc + 3 * sbc_l, dC_lane, t0 + 3 < length, SPLIT, LANE_ASM, BC_AHEAD, True)
+            g, dA_acc, gB2, gA2, yc2, B1, C1 = _adjoint_step(
+                g, d3, h3, A2, d2, v2, y2, B2, C2, bt + sBT_l, ct + sBT_l, quad_xor, dA_acc, bc + 2 * sbc_l,
+                dC_lane, t0 + 2 < length, SPLIT, LANE_ASM, BC_AHEAD, True)
+            g, dA_acc, gB1, gA1, yc1, B0, C0 = _adjoint_step(
+                g, d2, h2, A2, d1, v1, y1, B1, C1, bt, ct, quad_xor, dA_acc, bc + sbc_l,
+                dC_lane, t0 + 1 < length, SPLIT, LANE_ASM, BC_AHEAD, True)
+            g, dA_acc, gB0, gA0, yc0, _, _ = _adjoint_step(
+                g, d1, h1, A2, d0, v0, y0, B0, C0, bt, ct, quad_xor, dA_acc, bc, dC_lane, t0 < length, SPLIT,
+                LANE_ASM, BC_AHEAD, False)
             dt_next = d0
             out_mask = mask & (part == 0)[:, None]  # a channel's SPLIT rows hold the same sums
             gB = _channel_sum(_rows4(gB0, gB1, gB2, gB3), SPLIT, LANE_ASM)

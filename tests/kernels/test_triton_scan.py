@@ -138,19 +138,23 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
                          [(1, 16, 0, 32, 1, {}), (17, 5, 2, 64, 1, {}), (65, 16, 0, 32, 1, {"with_z": False}),
                           (1, 16, 0, 16, 2, {}), (17, 5, 2, 32, 2, {}), (70, 16, 0, 16, 2, {"with_z": False}),
                           (64, 7, 0, 32, 2, {"with_D": False, "with_bias": False}),
+                          (70, 16, 2, 32, 2, {"config": {"seq_bwd_bc_ahead": False}}),
                           pytest.param(64, 7, 0, 32, 1, {"with_D": False, "with_bias": False}, marks=pytest.mark.slow),
                           pytest.param(130, 16, 3, 96, 1, {}, marks=pytest.mark.slow),
                           pytest.param(130, 16, 3, 48, 2, {}, marks=pytest.mark.slow)])
 def test_sequential_backward_matches_reference(length, d_state, groups, dim, split, options, monkeypatch):
     """The sequential backward (a channel a thread or on 2 lanes, 4-step blocks recomputed from per-block
-    checkpoints, dB / dC summed across the warp's channels) at lengths ending inside a block and a chunk,
+    checkpoints, dB / dC summed across the warp's channels; B / C rows read a step ahead) at lengths ending inside
+    a block and a chunk,
     with and without the optional inputs and the last state's gradient. Its cross-lane sums run as inline
     PTX on the GPU only (checked there by `odyssey.kernels.check_variant`); here their plain-sum stand-in."""
-    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**SEQ_BACKWARD, "seq_bwd_split": split})
+    inputs = {key: value for key, value in options.items() if key != "config"}
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**SEQ_BACKWARD, "seq_bwd_split": split,
+                                                          **options.get("config", {})})
     calls = []
     real = triton_scan._backward_seq
     monkeypatch.setattr(triton_scan, "_backward_seq", lambda *a, **k: calls.append(1) or real(*a, **k))
-    compare(make_inputs(dim=dim, d_state=d_state, length=length, groups=groups, seed=length, **options))
+    compare(make_inputs(dim=dim, d_state=d_state, length=length, groups=groups, seed=length, **inputs))
     assert calls == [1]
 
 
@@ -179,8 +183,10 @@ def test_sequential_backward_follows_the_sequential_forward():
     assert triton_scan.scan_config(16, 1536, rows=8 * 1536, multiprocessors=132, dense_length=256).seq_bwd_segments == 2
     assert triton_scan.scan_config(16, 1536, rows=32 * 1536, multiprocessors=132).seq_bwd_segments == 1
     assert triton_scan.scan_config(64, 1536, rows=32 * 1536, multiprocessors=132).bwd_variant == "state_loop"
-    # softplus's lg2.approx in the backward kernels only (the forward's measured slower with it)
+    # softplus's lg2.approx in the backward kernels only (the forward's measured slower with it); B / C rows a
+    # step ahead in one piece of time only
     assert (s1.approx_log, s1.approx_log_fwd) == (True, False)
+    assert (s1.seq_bwd_bc_ahead, s2.seq_bwd_bc_ahead) == (True, False)
 
 
 @pytest.mark.parametrize("overrides", [{"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_segments": 2},
