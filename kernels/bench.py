@@ -281,8 +281,11 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # 5.282 / 12.737
     # v14e (03:51 UTC): the sequential backward's B / C rows read a step ahead (seq_bwd_bc_ahead), f+b: S1 5.052 ->
     # 4.867 ms (now the default in one piece of time), S2 in pieces 12.529 -> 12.730 (not taken there)
-    "b32_L2048_N16": [{}, {"seq_bwd_bc_ahead": False}, {"approx_log": False}, {"bwd_variant": "state_loop"}],
-    "b8_L16384_N16": [{}, {"seq_bwd_bc_ahead": True}, {"seq_prefetch": False}, {"bwd_variant": "state_loop"}],
+    # Next (untimed): the forward's B / C rows a step ahead (seq_bc_ahead), alone and with approx_log_fwd
+    "b32_L2048_N16": [{}, {"seq_bc_ahead": True}, {"seq_bc_ahead": True, "approx_log_fwd": True},
+                      {"seq_bwd_bc_ahead": False}, {"bwd_variant": "state_loop"}],
+    "b8_L16384_N16": [{}, {"seq_bc_ahead": True}, {"seq_bc_ahead": True, "approx_log_fwd": True},
+                      {"seq_bwd_bc_ahead": True}, {"bwd_variant": "state_loop"}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.

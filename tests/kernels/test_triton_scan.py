@@ -122,7 +122,8 @@ def test_forward_without_gradients_keeps_no_chunk_states(variant, kept_states, m
 @pytest.mark.parametrize("length,d_state,split,prefetch,segments",
                          [(1, 16, 1, True, 1), (17, 16, 2, False, 1), (65, 5, 4, True, 1),
                           pytest.param(140, 16, 1, False, 1, marks=pytest.mark.slow),
-                          pytest.param(130, 13, 2, True, 1, marks=pytest.mark.slow), (140, 16, 1, False, 2),
+                          pytest.param(130, 13, 2, True, 1, marks=pytest.mark.slow),
+                          pytest.param(140, 16, 1, False, 2, marks=pytest.mark.slow),
                           (100, 16, 2, True, 4), (1, 16, 1, False, 4),
                           pytest.param(150, 7, 4, False, 8, marks=pytest.mark.slow)])
 def test_sequential_forward_matches_reference(length, d_state, split, prefetch, segments, monkeypatch):
@@ -132,6 +133,17 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq", "seq_split": split,
                                                           "seq_prefetch": prefetch, "seq_segments": segments})
     compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
+
+
+@pytest.mark.parametrize("length,split,segments,prefetch",
+                         [(72, 1, 2, True), pytest.param(130, 2, 2, False, marks=pytest.mark.slow)])
+def test_sequential_forward_with_rows_a_step_ahead(length, split, segments, prefetch, monkeypatch):
+    """seq_bc_ahead: each step's B / C rows loaded a step ahead, the next block's first rows carried across blocks
+    (and across the end of a piece: they are read from the padding past the last block), under gradients."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq", "seq_split": split,
+                                                          "seq_segments": segments, "seq_prefetch": prefetch,
+                                                          "seq_bc_ahead": True})
+    compare(make_inputs(dim=8, d_state=16, length=length, groups=2, seed=length))
 
 
 @pytest.mark.parametrize("length,d_state,groups,dim,split,options",
