@@ -45,3 +45,16 @@ def test_pick_overrides_takes_the_fastest_row_that_agrees_and_loses_nowhere():
     report["sweep"]["s2"][2]["fwd_bwd_ms"] = 17.5
     assert pick_overrides(report) == {}
     assert pick_overrides({"timings": {}}) == {}
+
+
+def test_sweep_rows_name_real_shapes_and_config_fields():
+    """A typo in a sweep row would only show as an error row on the GPU, after device time is spent."""
+    from odyssey.kernels.bench import SHAPES, SWEEP
+    from odyssey.kernels.triton_scan import ScanConfig
+
+    fields = set(ScanConfig.__dataclass_fields__) | {"ranges"}
+    for shape, rows in SWEEP.items():
+        assert shape in SHAPES
+        assert {} in rows, f"{shape}: the default row is the sweep's baseline"
+        for overrides in rows:
+            assert set(overrides) <= fields, f"{shape}: {sorted(set(overrides) - fields)}"
