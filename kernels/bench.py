@@ -286,6 +286,7 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
                       {"seq_bwd_bc_ahead": False}, {"bwd_variant": "state_loop"}],
     "b8_L16384_N16": [{}, {"seq_bc_ahead": True}, {"seq_bc_ahead": True, "approx_log_fwd": True},
                       {"seq_bc_ahead": True, "seq_prefetch": True, "seq_segments": 1},
+                      {"seq_bc_ahead": True, "seq_prefetch": True, "seq_segments": 1, "seq_split": 2},
                       {"seq_bwd_bc_ahead": True}, {"bwd_variant": "state_loop"}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
