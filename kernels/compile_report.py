@@ -42,23 +42,25 @@ FLOAT32_POINTERS = ("A_ptr", "D_ptr", "bias_ptr", "states_ptr", "last_ptr", "dla
                     "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr", "gstates_ptr")
 INT32_POINTERS = ("seq_batch_ptr", "seq_start_ptr", "seq_len_ptr")
 COMMON = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "VARLEN": False,
-          "BLOCK_N": 16, "CHUNK": 64, "STAGES": 2, "APPROX_LOG": True}
+          "BLOCK_N": 16, "CHUNK": 64, "STAGES": 2}
 KERNELS = {  # name: (kernel, constexprs, warps, register cap, float32 pointers) as triton_scan (v8)
     # launches them at b32/L2048/d_state 16: the backward capped at 128 registers, unpipelined,
     # unmasked, on float32 copies of B and C; the forward in 1-warp programs of 4 channels
     "bwd": (kernels._bwd_state_loop_kernel,
-            {**COMMON, "HAS_DLAST": False, "BLOCK_D": 4, "ADJOINT": 3, "STAGES": 1, "FULL": True}, 1, 128,
+            {**COMMON, "HAS_DLAST": False, "BLOCK_D": 4, "ADJOINT": 3, "STAGES": 1, "FULL": True, "APPROX_LOG": True},
+            1, 128,
             ("B_ptr", "C_ptr")),
     "fwd": (kernels._fwd_state_loop_kernel,
             {**COMMON, "STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 4, "PAIR": 2}, 1, None, ()),
     # the sequential forward (v10): 32 channels a warp, B and C from time-major float32 copies
     "seq": (kernels._fwd_seq_kernel,
-            {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK", "APPROX_LOG")}
+            {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
             | {"STORE_STATES": True, "STORE_LAST": True, "BLOCK_D": 32, "PREFETCH_L1": True}, 1, None, ("A2_ptr", "BT_ptr", "CT_ptr")),
-    # the sequential backward: 16 channels a warp on 2 lanes each, lane sums of dB/dC by inline PTX shuffles
+    # the sequential backward: 16 channels a warp on 2 lanes each, lane sums of dB/dC by inline PTX shuffles, B / C
+    # rows a step ahead (one piece of time); softplus's lg2.approx in the backward kernels only (v14)
     "seqbwd": (triton_seq_backward._bwd_seq_kernel,
-               {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK", "APPROX_LOG")}
-               | {"HAS_DLAST": False, "LANE_ASM": True, "SPLIT": 2}, 1, None,
+               {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
+               | {"HAS_DLAST": False, "LANE_ASM": True, "SPLIT": 2, "APPROX_LOG": True, "BC_AHEAD": True}, 1, None,
                ("A2_ptr", "BT_ptr", "CT_ptr", "ckpt_ptr", "dBC_ptr")),
 }
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+((?:@!?U?P[T\d]\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")
