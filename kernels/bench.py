@@ -281,13 +281,15 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # 5.282 / 12.737
     # v14e (03:51 UTC): the sequential backward's B / C rows read a step ahead (seq_bwd_bc_ahead), f+b: S1 5.052 ->
     # 4.867 ms (now the default in one piece of time), S2 in pieces 12.529 -> 12.730 (not taken there)
-    # Next (untimed): the forward's B / C rows a step ahead (seq_bc_ahead), alone and with approx_log_fwd
-    "b32_L2048_N16": [{}, {"seq_bc_ahead": True}, {"seq_bc_ahead": True, "approx_log_fwd": True},
-                      {"seq_bwd_bc_ahead": False}, {"bwd_variant": "state_loop"}],
-    "b8_L16384_N16": [{}, {"seq_bc_ahead": True}, {"seq_bc_ahead": True, "approx_log_fwd": True},
-                      {"seq_bc_ahead": True, "seq_prefetch": True, "seq_segments": 1},
-                      {"seq_bc_ahead": True, "seq_prefetch": True, "seq_segments": 1, "seq_split": 2},
-                      {"seq_bwd_bc_ahead": True}, {"bwd_variant": "state_loop"}],
+    # v15 (H200, 2026-11-28 05:25 UTC): the forward's B / C rows a step ahead (seq_bc_ahead) loses: S1 forward 0.92
+    # -> 1.17 ms (f+b 4.79 -> 5.03; with approx_log_fwd 1.20 / 4.89), S2 3.62 -> 3.88 (f+b 12.36 -> 12.61; one
+    # piece with the register prefetch 7.79 / 14.82, on 2 lanes 7.18 / 13.52). The backward's B / C ahead
+    # re-checked: S1 off 5.01 (on 4.79), S2 on 12.55 (off 12.36).
+    # The sequential backward's checkpoint reads past L1 (".cg"; 05:49 UTC): S1 f+b 4.91 -> 4.85 ms, S2 12.54 ->
+    # 12.52, ncu S1 backward 3.82 -> 3.83 ms with L1 hit rate 60.8% -> 51.7%: the u, delta, dout, z rows do not miss
+    # for want of L1 room (removed; kernels/NOTES.md v15)
+    "b32_L2048_N16": [{}, {"seq_bwd_bc_ahead": False}, {"bwd_variant": "state_loop"}],
+    "b8_L16384_N16": [{}, {"seq_bwd_bc_ahead": True}, {"bwd_variant": "state_loop"}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
@@ -352,10 +354,10 @@ def pick_overrides(report: dict, max_disagreement: float = 1e-3, slack: float = 
     return best
 
 
-def write_report(report: dict, out_dir: str) -> str:
+def write_report(report: dict, out_dir: str, name: str = "kernels_bench.json") -> str:
     """Written after the timings and again at the end, so a run cut short keeps what it measured."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "kernels_bench.json")
+    path = os.path.join(out_dir, name)
     with open(path + ".tmp", "w") as handle:
         json.dump(report, handle, indent=2)
     os.replace(path + ".tmp", path)

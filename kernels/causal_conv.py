@@ -13,11 +13,13 @@ x and the output gradient backward; `auto` takes `triton` for CUDA tensors when 
 
 from __future__ import annotations
 
-import importlib
+import json
 import os
 
 import torch
 import torch.nn.functional as F
+
+from odyssey.kernels.triton_support import triton_kernels_usable
 
 MAX_TRITON_TAPS = 4
 # (channels, time) tiles: the largest that compile for sm_90 without spilling (4 warps; checked with
@@ -26,6 +28,41 @@ BLOCK_D_FWD, BLOCK_T_FWD = 32, 64
 BLOCK_D_BWD, BLOCK_T_BWD = 16, 64
 # time steps one backward program walks, summing the weight gradient before its atomic adds
 BWD_SPAN = 1024
+WARPS = 4
+# The backward: "seq", a channel a thread walking SEQ_SPAN steps backward (_causal_conv_bwd_seq_kernel), or
+# "tile", the (channels, time) tile kernel. H200, 2026-11-28, pretraining benchmark in one call: 2k 768,667 ->
+# 787,920 tokens/s, 16k 665,558 -> 680,228 (+2.5%, +2.2%). The same design in the forward was slower than the
+# tile kernel (0.22-0.31 ms against 0.18 at b32/L2048/1536 channels; not kept).
+BWD_VARIANT = "seq"
+SEQ_SPAN = 1024
+# overrides for benchmarks (kernels/conv_bench.py), filled at import from $ODYSSEY_CONV_OVERRIDES (a JSON
+# object) so that a whole-model benchmark can time a same-run baseline
+OVERRIDE_KEYS = ("block_d_fwd", "block_t_fwd", "warps_fwd", "block_d_bwd", "block_t_bwd", "warps_bwd", "span",
+                 "bwd_variant", "seq_span")
+OVERRIDES_ENV = "ODYSSEY_CONV_OVERRIDES"
+
+
+def overrides_from_env(environ=os.environ) -> dict:
+    text = environ.get(OVERRIDES_ENV, "").strip()
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"${OVERRIDES_ENV} is not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(value, dict) or set(value) - set(OVERRIDE_KEYS):
+        raise ValueError(f"${OVERRIDES_ENV} must be a JSON object with keys among {OVERRIDE_KEYS}, got {text!r}")
+    return value
+
+
+TILE_OVERRIDES: dict[str, int | str] = overrides_from_env()
+
+
+def _tile(name: str, default):
+    if set(TILE_OVERRIDES) - set(OVERRIDE_KEYS):
+        raise ValueError(f"unknown conv overrides {sorted(set(TILE_OVERRIDES) - set(OVERRIDE_KEYS))}; "
+                         f"known: {OVERRIDE_KEYS}")
+    return TILE_OVERRIDES.get(name, default)
+
+
 CONV_BACKENDS = ("torch", "triton")
 
 
@@ -85,12 +122,13 @@ class CausalConv1dTriton(torch.autograd.Function):
         taps = _padded_taps(conv_weight_2d(weight, dim))
         out = torch.empty_like(x)
         mask_ptr, mask_strides = _mask_args(mask, x)
-        grid = (triton_cdiv(length, BLOCK_T_FWD), triton_cdiv(dim, BLOCK_D_FWD), batch)
+        block_d, block_t = _tile("block_d_fwd", BLOCK_D_FWD), _tile("block_t_fwd", BLOCK_T_FWD)
+        grid = (triton_cdiv(length, block_t), triton_cdiv(dim, block_d), batch)
         _causal_conv_fwd_kernel[grid](
             x, taps, bias if bias is not None else taps, mask_ptr, out, dim, length,
             *x.stride(), *taps.stride(), *mask_strides, *out.stride(),
             HAS_BIAS=bias is not None, HAS_MASK=mask is not None, SILU=bool(silu), WIDE=_wide(x, out),
-            BLOCK_D=BLOCK_D_FWD, BLOCK_T=BLOCK_T_FWD, num_warps=4,
+            BLOCK_D=block_d, BLOCK_T=block_t, num_warps=_tile("warps_fwd", WARPS),
         )
         ctx.save_for_backward(x, taps, bias if bias is not None else taps.new_empty(0),
                               mask if mask is not None else taps.new_empty(0))
@@ -100,7 +138,7 @@ class CausalConv1dTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from odyssey.kernels.causal_conv_kernels import _causal_conv_bwd_kernel
+        from odyssey.kernels.causal_conv_kernels import _causal_conv_bwd_kernel, _causal_conv_bwd_seq_kernel
 
         x, taps, bias, mask = ctx.saved_tensors
         batch, dim, length = x.shape
@@ -108,14 +146,22 @@ class CausalConv1dTriton(torch.autograd.Function):
         dw = torch.zeros_like(taps)
         dbias = torch.zeros(dim, device=x.device, dtype=torch.float32) if ctx.has_bias else None
         mask_ptr, mask_strides = _mask_args(mask if ctx.has_mask else None, x)
-        grid = (triton_cdiv(length, BWD_SPAN), triton_cdiv(dim, BLOCK_D_BWD), batch)
-        _causal_conv_bwd_kernel[grid](
-            x, taps, bias if ctx.has_bias else taps, mask_ptr, dout, dx, dw,
-            dbias if dbias is not None else dw, dim, length,
-            *x.stride(), *taps.stride(), *mask_strides, *dout.stride(), *dx.stride(),
-            HAS_BIAS=ctx.has_bias, HAS_MASK=ctx.has_mask, SILU=ctx.silu, WIDE=_wide(x, dout, dx),
-            BLOCK_D=BLOCK_D_BWD, BLOCK_T=BLOCK_T_BWD, SPAN=BWD_SPAN, num_warps=4,
-        )
+        args = (x, taps, bias if ctx.has_bias else taps, mask_ptr, dout, dx, dw, dbias if dbias is not None else dw,
+                dim, length, *x.stride(), *taps.stride(), *mask_strides, *dout.stride(), *dx.stride())
+        flags = dict(HAS_BIAS=ctx.has_bias, HAS_MASK=ctx.has_mask, SILU=ctx.silu, WIDE=_wide(x, dout, dx))
+        variant = _tile("bwd_variant", BWD_VARIANT)
+        if variant == "seq":
+            span = _tile("seq_span", SEQ_SPAN)
+            grid = (triton_cdiv(dim, 32), batch, triton_cdiv(length, span))
+            _causal_conv_bwd_seq_kernel[grid](*args, **flags, SPAN=span, num_warps=1)
+        elif variant == "tile":
+            block_d, block_t, span = _tile("block_d_bwd", BLOCK_D_BWD), _tile("block_t_bwd", BLOCK_T_BWD), _tile(
+                "span", BWD_SPAN)
+            grid = (triton_cdiv(length, span), triton_cdiv(dim, block_d), batch)
+            _causal_conv_bwd_kernel[grid](*args, **flags, BLOCK_D=block_d, BLOCK_T=block_t, SPAN=span,
+                                          num_warps=_tile("warps_bwd", WARPS))
+        else:
+            raise ValueError(f"unknown conv backward variant {variant!r}; choose seq or tile")
         dweight = dw[:, MAX_TRITON_TAPS - ctx.taps:].to(ctx.weight_dtype).reshape(ctx.weight_shape)
         if dbias is not None:
             dbias = dbias.to(bias.dtype)
@@ -123,15 +169,7 @@ class CausalConv1dTriton(torch.autograd.Function):
 
 
 def _triton_usable(x: torch.Tensor, taps: int) -> bool:
-    if taps > MAX_TRITON_TAPS:
-        return False
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        importlib.import_module("odyssey.kernels.causal_conv_kernels")
-    except Exception:  # Triton missing or broken: the torch path still works
-        return False
-    return True
+    return taps <= MAX_TRITON_TAPS and triton_kernels_usable(x, "odyssey.kernels.causal_conv_kernels")
 
 
 def resolve_conv_backend(backend: str, x: torch.Tensor, taps: int) -> str:

@@ -31,13 +31,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from odyssey.kernels import causal_conv_kernels, triton_seq_backward
 from odyssey.kernels import triton_scan_kernels as kernels
-from odyssey.kernels import triton_seq_backward
 
 SM90 = GPUTarget("cuda", 90, 32)
 # integer arguments that are 1 in the dense channel-major layout (time stride, state stride of A)
 UNIT_STRIDES = ("su_l", "sdt_l", "sz_l", "sdo_l", "so_l", "sdu_l", "sddt_l", "sdz_l", "sB_l", "sC_l",
-                "sdB_l", "sdC_l", "sCr_l", "sA_n", "ss_n", "sl_n", "sg_n")
+                "sdB_l", "sdC_l", "sCr_l", "sA_n", "ss_n", "sl_n", "sg_n", "sx_l", "sg_l", "sdx_l", "sm_l", "sw_k")
 FLOAT32_POINTERS = ("A_ptr", "D_ptr", "bias_ptr", "states_ptr", "last_ptr", "dlast_ptr", "carry_ptr",
                     "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr", "gstates_ptr")
 INT32_POINTERS = ("seq_batch_ptr", "seq_start_ptr", "seq_len_ptr")
@@ -62,6 +62,14 @@ KERNELS = {  # name: (kernel, constexprs, warps, register cap, float32 pointers)
                {key: COMMON[key] for key in ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "VARLEN", "CHUNK")}
                | {"HAS_DLAST": False, "LANE_ASM": True, "SPLIT": 2, "APPROX_LOG": True, "BC_AHEAD": True}, 1, None,
                ("A2_ptr", "BT_ptr", "CT_ptr", "ckpt_ptr", "dBC_ptr")),
+    # the conv's forward (tiles of 32 channels x 64 steps, 4 warps) and backward (a channel a thread), as the lean
+    # mixer calls them (bias, SiLU, no mask)
+    "convfwd": (causal_conv_kernels._causal_conv_fwd_kernel,
+                {"HAS_BIAS": True, "HAS_MASK": False, "SILU": True, "WIDE": False, "BLOCK_D": 32, "BLOCK_T": 64}, 4,
+                None, ("w_ptr", "mask_ptr")),
+    "convbwd": (causal_conv_kernels._causal_conv_bwd_seq_kernel,
+                {"HAS_BIAS": True, "HAS_MASK": False, "SILU": True, "WIDE": False, "SPAN": 512}, 1, None,
+                ("w_ptr", "mask_ptr", "dw_ptr")),
 }
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+((?:@!?U?P[T\d]\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")
 REPORTED = ("SHFL", "MUFU", "FFMA", "FMUL", "FADD", "LDS", "LDSM", "STS", "LDL", "STL", "BAR", "REDG")
@@ -170,7 +178,7 @@ def _parse_set(items: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=sorted(KERNELS), action="append",
-                        help="bwd, fwd, seq and/or seqbwd (default: all)")
+                        help="bwd, fwd, seq, seqbwd, convfwd and/or convbwd (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a kernel constexpr (e.g. BLOCK_D=8, ADJOINT=0) or num_warps")
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap (0: none; default: as launched)")

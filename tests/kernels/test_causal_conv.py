@@ -141,3 +141,53 @@ def test_backward_spans_sum_the_weight_gradient_across_programs(monkeypatch):
     ref = run(causal_conv.causal_conv1d_torch, x, weight, bias, mask, True, dout)
     for a, b in zip(ours, ref, strict=True):
         assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("overrides", [{"bwd_variant": "tile"}, {"bwd_variant": "seq", "seq_span": 16},
+                                       {"bwd_variant": "seq", "seq_span": 48}, {"bwd_variant": "seq"}])
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 130])
+def test_both_backwards_match_reference_across_spans(monkeypatch, overrides, length):
+    """The sequential backward's 16-step blocks, its spans (the block past a span's end, the atomic adds of
+    several spans) and the tile backward, with bias, padding mask and SiLU, against the torch reference."""
+    for key, value in overrides.items():
+        monkeypatch.setitem(causal_conv.TILE_OVERRIDES, key, value)
+    gen = torch.Generator().manual_seed(length)
+    batch, dim = 2, 40
+    x = channel_major(batch, dim, length, gen)
+    weight, bias = torch.randn(dim, 1, 4, generator=gen), torch.randn(dim, generator=gen)
+    mask = torch.ones(batch, length)
+    mask[1, : length // 3] = 0
+    dout = torch.randn(batch, dim, length, generator=gen)
+    ours = run(triton_conv, x, weight, bias, mask, True, dout)
+    ref = run(causal_conv.causal_conv1d_torch, x, weight, bias, mask, True, dout)
+    for name, a, b in zip(("out", "dx", "dweight", "dbias"), ours, ref, strict=True):
+        assert rel_err(a, b) <= 1e-5, name
+
+
+def test_unknown_overrides_are_refused(monkeypatch):
+    x = torch.randn(1, 8, 5, requires_grad=True)
+    monkeypatch.setitem(causal_conv.TILE_OVERRIDES, "bwd_variant", "fancy")
+    out = causal_conv.causal_conv1d(x, torch.randn(8, 4), backend="triton")
+    with pytest.raises(ValueError, match="seq or tile"):
+        out.sum().backward()
+    monkeypatch.delitem(causal_conv.TILE_OVERRIDES, "bwd_variant")
+    monkeypatch.setitem(causal_conv.TILE_OVERRIDES, "seq_spam", 8)
+    with pytest.raises(ValueError, match="seq_spam"):
+        causal_conv.causal_conv1d(x, torch.randn(8, 4), backend="triton")
+    with pytest.raises(ValueError, match="ODYSSEY_CONV_OVERRIDES"):
+        causal_conv.overrides_from_env({"ODYSSEY_CONV_OVERRIDES": "{bad json"})
+    with pytest.raises(ValueError, match="keys among"):
+        causal_conv.overrides_from_env({"ODYSSEY_CONV_OVERRIDES": '{"spann": 4}'})
+    assert causal_conv.overrides_from_env({"ODYSSEY_CONV_OVERRIDES": '{"bwd_variant": "tile"}'}) == {
+        "bwd_variant": "tile"}
+
+
+def test_conv_bench_rows_and_check():
+    """The GPU benchmark's configurations name real override keys, and its float32 check passes here."""
+    from odyssey.kernels import conv_bench
+
+    assert conv_bench.CONFIGS[0] == {}
+    for row in conv_bench.CONFIGS:
+        assert set(row) <= set(causal_conv.OVERRIDE_KEYS), row
+    result = conv_bench.check(2, 40, 37, torch.device("cpu"), masked=True)
+    assert result["passed"], result
