@@ -12,6 +12,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from odyssey.kernels.rms_norm import rms_norm
+
 from .configuration_ehrmamba import EHRMambaConfig
 from .embeddings import EHRMambaEmbeddings, LearnedSinusoid
 from .mixer import EHRMambaMixer, MixerState
@@ -51,18 +53,25 @@ class EHRMambaPretrainingOutput(ModelOutput):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32 (as Mamba's)."""
+    """Root-mean-square norm computed in float32 (as Mamba's).
 
-    def __init__(self, hidden_size: int, eps: float):
+    `autocast_output`: on CUDA under autocast, return the autocast dtype (what the next matrix product
+    reads) from the fused kernel, instead of float32 rows that autocast then copies (the blocks' norms)."""
+
+    def __init__(self, hidden_size: int, eps: float, autocast_output: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.autocast_output = autocast_output
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
         if hidden_states.is_cuda and dtype == torch.float32 and self.weight.dtype == torch.float32:
+            out_dtype = dtype
+            if self.autocast_output and torch.is_autocast_enabled("cuda"):
+                out_dtype = torch.get_autocast_dtype("cuda")
             # one fused kernel each way instead of ~6 elementwise passes (the same function in float32)
-            return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
+            return rms_norm(hidden_states, self.weight, self.eps, out_dtype)
         x = hidden_states.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -74,7 +83,7 @@ class EHRMambaBlock(GradientCheckpointingLayer):
     def __init__(self, config: EHRMambaConfig, layer_idx: int):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, autocast_output=True)
         self.mixer = EHRMambaMixer(config, layer_idx=layer_idx)
 
     def forward(self, hidden_states, attention_mask=None, return_state: bool = False):
