@@ -220,11 +220,15 @@ def profile_step(kind, model, batch, length, args, device, autocast_dtype) -> st
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     train_steps(kind, model, optimizer, batch, length, 1, device, autocast_dtype, args.vocab)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         train_steps(kind, model, optimizer, batch, length, 1, device, autocast_dtype, args.vocab)
     optimizer.zero_grad(set_to_none=True)
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_by, row_limit=PROFILE_ROWS, max_name_column_width=70)
+    by_kernel = prof.key_averages().table(sort_by=sort_by, row_limit=PROFILE_ROWS, max_name_column_width=70)
+    # the same by input shapes: which tensors the copies, casts and elementwise ops touch
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by=f"self_{sort_by}", row_limit=PROFILE_ROWS, max_name_column_width=50, max_shapes_column_width=90)
+    return f"{by_kernel}\n--- by input shapes ---\n{by_shape}"
 
 
 def layout_check(args, device, length: int = 1024, batch: int = 2) -> dict:
