@@ -1,22 +1,10 @@
 """The model's GPU path: the mixer hands its strided views to the Triton scan (run by Triton's CPU
 interpreter here) and gets the torch backend's outputs and gradients back."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from interpreted import TINY_MODEL_SCRIPT, run_interpreted
 
-SCRIPT = r"""
-import torch
-from odyssey.models import EHRMambaConfig, EHRMambaForPretraining
-
-torch.manual_seed(0)
-config = EHRMambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, embedding_dropout=0.0)
-model = EHRMambaForPretraining(config)
-ids = torch.randint(1, 50, (2, 19))
-mask = torch.ones_like(ids)
-mask[1, :5] = 0
+SCRIPT = TINY_MODEL_SCRIPT.replace("LAYERS", "2") + r"""
 results = {}
 for backend in ("torch", "triton"):
     for layer in model.backbone.layers:
@@ -35,8 +23,4 @@ print("ok")
 
 @pytest.mark.slow
 def test_model_on_the_triton_backend_matches_the_torch_backend():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    run_interpreted(SCRIPT)

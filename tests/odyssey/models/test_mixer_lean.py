@@ -1,12 +1,10 @@
 """The mixer's lean (channel-major) layout: same outputs, gradients and states as transformers'
 MambaMixer and as our unfused layout; on the Triton kernels too (CPU interpreter, in a subprocess)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreted import run_interpreted
 from test_ehrmamba_mixer import make_pair, relative_error
 
 
@@ -92,8 +90,4 @@ print("ok")
 
 
 def test_lean_layout_on_the_triton_kernels_matches_the_unfused_torch_path():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    run_interpreted(SCRIPT)
