@@ -24,6 +24,8 @@ from odyssey.kernels.triton_support import triton_kernels_usable
 NORM_BACKENDS = ("torch", "triton")
 BACKEND_ENV = "ODYSSEY_NORM_BACKEND"
 PROGRAMS_PER_MULTIPROCESSOR = 4
+ROW_ELEMENTS = 4096  # elements of a (rows, features) step: 16 a thread with 8 warps
+WARPS = 8
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None):
@@ -43,9 +45,10 @@ def _launch_shape(rows: int, device: torch.device) -> tuple[int, int]:
     return per_program, -(-rows // per_program)
 
 
-
-ROW_ELEMENTS = 4096  # elements of a (rows, features) step: 16 a thread with 8 warps
-WARPS = 8
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (rows, features) with unit column stride (a view when it has one)."""
+    rows2 = x.reshape(-1, x.shape[-1])
+    return rows2 if rows2.stride(-1) == 1 else rows2.contiguous()
 
 
 def _block(features: int) -> tuple[int, int, int]:
@@ -61,11 +64,8 @@ class RMSNormTriton(torch.autograd.Function):
     def forward(ctx, x, weight, eps, out_dtype):
         from odyssey.kernels.rms_norm_kernels import _rms_norm_fwd_kernel
 
-        features = x.shape[-1]
-        rows2 = x.reshape(-1, features)
-        if rows2.stride(-1) != 1:
-            rows2 = rows2.contiguous()
-        rows = rows2.shape[0]
+        rows2 = _rows(x)
+        rows, features = rows2.shape
         y = torch.empty(rows, features, device=x.device, dtype=out_dtype)
         rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
         per_program, programs = _launch_shape(rows, x.device)
@@ -83,9 +83,7 @@ class RMSNormTriton(torch.autograd.Function):
 
         rows2, weight, rstd = ctx.saved_tensors
         rows, features = rows2.shape
-        dy2 = dy.reshape(-1, features)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
+        dy2 = _rows(dy)
         dx = torch.empty_like(rows2)
         per_program, programs = _launch_shape(rows, rows2.device)
         dw_parts = torch.zeros(max(programs, 1), features, device=rows2.device, dtype=torch.float32)
