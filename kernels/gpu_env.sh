@@ -7,8 +7,13 @@
 REPO=$(pwd)
 MAMBA_SRC=$REPO/.mamba_src/mamba_ssm-2.3.2.post1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-if [ -f .mamba_src/prebuilt/selective_scan_cuda.so.gz ]; then
-  gunzip -c .mamba_src/prebuilt/selective_scan_cuda.so.gz > "$MAMBA_SRC/selective_scan_cuda.cpython-312-x86_64-linux-gnu.so"
+# the extension gzipped (37 MB), whole or in parts of < 16 MiB (the most one file from $OUT may be):
+#   in the call that builds it: gzip -c $so | split -b 15M -d - $OUT/selective_scan_cuda.so.gz.part
+PREBUILT=.mamba_src/prebuilt/selective_scan_cuda.so.gz
+if [ -f "$PREBUILT" ]; then
+  gunzip -c "$PREBUILT" > "$MAMBA_SRC/selective_scan_cuda.cpython-312-x86_64-linux-gnu.so"
+elif compgen -G "$PREBUILT.part*" > /dev/null; then
+  cat "$PREBUILT".part* | gunzip -c > "$MAMBA_SRC/selective_scan_cuda.cpython-312-x86_64-linux-gnu.so"
 fi
 mkdir -p /tmp/shim/odyssey
 touch /tmp/shim/odyssey/__init__.py
