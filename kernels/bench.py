@@ -281,7 +281,7 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # 5.282 / 12.737
     # v14e (03:51 UTC): the sequential backward's B / C rows read a step ahead (seq_bwd_bc_ahead), f+b: S1 5.052 ->
     # 4.867 ms (now the default in one piece of time), S2 in pieces 12.529 -> 12.730 (not taken there)
-    # v15 (H200, 2026-11-28 05:25 UTC): the forward's B / C rows a step ahead (seq_bc_ahead) loses: S1 forward 0.92
+    # v15 (H200, 2026-11-28 05:25 UTC): the forward's B / C rows a step ahead (seq_bc_ahead, since removed) loses: S1 forward 0.92
     # -> 1.17 ms (f+b 4.79 -> 5.03; with approx_log_fwd 1.20 / 4.89), S2 3.62 -> 3.88 (f+b 12.36 -> 12.61; one
     # piece with the register prefetch 7.79 / 14.82, on 2 lanes 7.18 / 13.52). The backward's B / C ahead
     # re-checked: S1 off 5.01 (on 4.79), S2 on 12.55 (off 12.36).

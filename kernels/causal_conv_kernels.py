@@ -99,6 +99,15 @@ def _causal_conv_fwd_kernel(
 
 
 @triton.jit
+def _silu_grad(g, pre, SILU: tl.constexpr):
+    """Gradient wrt the pre-activation from the output gradient g."""
+    if SILU:
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
 def _pre_grad(g_base, g_offs, m_row, t, shift, stride_gl, stride_ml, mask_d, length, pre,
               HAS_MASK: tl.constexpr, SILU: tl.constexpr):
     """Gradient wrt the pre-activation at time t + shift (0 past the sequence end)."""
@@ -108,10 +117,7 @@ def _pre_grad(g_base, g_offs, m_row, t, shift, stride_gl, stride_ml, mask_d, len
                 other=0.0).to(tl.float32)
     if HAS_MASK:
         g = g * tl.load(m_row + ts * stride_ml, mask=ok_t, other=0.0).to(tl.float32)[None, :]
-    if SILU:
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return g
+    return _silu_grad(g, pre, SILU)
 
 
 @triton.jit
@@ -177,15 +183,6 @@ def _causal_conv_bwd_kernel(
         db += tl.sum(g0, axis=1)
 
     _add_tap_grads(dw_ptr, dbias_ptr, offs_d, dw0, dw1, dw2, dw3, db, mask_d, HAS_BIAS)
-
-
-@triton.jit
-def _silu_grad(g, pre, SILU: tl.constexpr):
-    """Gradient wrt the pre-activation from the output gradient g."""
-    if SILU:
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return g
 
 
 @triton.jit

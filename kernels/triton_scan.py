@@ -108,7 +108,6 @@ class ScanConfig:
     approx_log_fwd: bool = False
     seq_maxnreg: int | None = None
     seq_bwd_bc_ahead: bool = False
-    seq_bc_ahead: bool = False
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -332,9 +331,6 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # step's math and its dB/dC atomic add (same 168 registers in the local compile); in one piece of time
         # only (v14e, H200, f+b: b32/L2048 5.05 -> 4.87 ms; b8/L16384 in 8 pieces 12.53 -> 12.73)
         seq_bwd_bc_ahead=over.get("seq_bwd_bc_ahead", seq_bwd_segments == 1),
-        # the same in the sequential forward, the next block's first rows carried across blocks (untimed; the
-        # lead of kernels/NOTES.md v14 for the forward with approx_log_fwd, which has registers to spare)
-        seq_bc_ahead=over.get("seq_bc_ahead", False),
     )
 
 
@@ -582,7 +578,7 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   VARLEN=not seqs.dense, BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split,
                   PREFETCH=prefetch, PREFETCH_L1=cfg.seq_l1_prefetch and not _interpreting(),
-                  SEGMENTS=segments, APPROX_LOG=_approx_log(cfg, forward=True), BC_AHEAD=cfg.seq_bc_ahead,
+                  SEGMENTS=segments, APPROX_LOG=_approx_log(cfg, forward=True),
                   num_warps=cfg.warps_fwd,
                   **({"maxnreg": cfg.seq_maxnreg} if cfg.seq_maxnreg else {}))
     for phase in (1, 2) if segments > 1 else (2,):

@@ -535,49 +535,11 @@ def _prefetch_l1(ptrs):
 
 @triton.jit
 def _seq_step(h, A2, dt, dtu, Bt_rows, Ct_rows, PER_ROW: tl.constexpr):
-    """One time step of (rows, PER_ROW) states; the row's part of y is summed inside the thread. (Written out
-    rather than through _seq_step_on: that form, the same operations, compiles to 86 registers instead of 136
-    and other timings; kernels/NOTES.md v14.)"""
+    """One time step of (rows, PER_ROW) states; the row's part of y is summed inside the thread. (Written out:
+    a helper taking already-loaded rows, the same operations, compiled to 86 registers instead of 136 and other
+    timings; kernels/NOTES.md v14.)"""
     h = tl.exp2(A2 * dt[:, None]) * h + _load_states(Bt_rows, dt, PER_ROW, False) * dtu[:, None]
     return h, tl.sum(h * _load_states(Ct_rows, dt, PER_ROW, False), axis=1)
-
-
-@triton.jit
-def _seq_step_on(h, A2, dt, dtu, Bt, Ct):
-    """_seq_step on B_t and C_t rows already loaded."""
-    h = tl.exp2(A2 * dt[:, None]) * h + Bt * dtu[:, None]
-    return h, tl.sum(h * Ct, axis=1)
-
-
-@triton.jit
-def _rows_at(bt, ct, k: tl.constexpr, sBT_l, like, PER_ROW: tl.constexpr):
-    """The B and C rows of step k of the block at bt / ct."""
-    return _load_states(bt + k * sBT_l, like, PER_ROW, False), _load_states(ct + k * sBT_l, like, PER_ROW, False)
-
-
-@triton.jit
-def _block_ahead(h, A2, d0, d1, d2, d3, d4, d5, d6, d7, v0, v1, v2, v3, v4, v5, v6, v7, bt, ct, b0, c0, sBT_l,
-                 PER_ROW: tl.constexpr):
-    """The 8 steps of a block with each step's B and C rows loaded a step ahead: b0 / c0 (the block's first
-    rows) come from the block before, and the next block's first rows are returned (time-major copies are
-    padded by a block, so they are in range)."""
-    b1, c1 = _rows_at(bt, ct, 1, sBT_l, d0, PER_ROW)
-    h, y0 = _seq_step_on(h, A2, d0, v0, b0, c0)
-    b2, c2 = _rows_at(bt, ct, 2, sBT_l, d0, PER_ROW)
-    h, y1 = _seq_step_on(h, A2, d1, v1, b1, c1)
-    b3, c3 = _rows_at(bt, ct, 3, sBT_l, d0, PER_ROW)
-    h, y2 = _seq_step_on(h, A2, d2, v2, b2, c2)
-    b4, c4 = _rows_at(bt, ct, 4, sBT_l, d0, PER_ROW)
-    h, y3 = _seq_step_on(h, A2, d3, v3, b3, c3)
-    b5, c5 = _rows_at(bt, ct, 5, sBT_l, d0, PER_ROW)
-    h, y4 = _seq_step_on(h, A2, d4, v4, b4, c4)
-    b6, c6 = _rows_at(bt, ct, 6, sBT_l, d0, PER_ROW)
-    h, y5 = _seq_step_on(h, A2, d5, v5, b5, c5)
-    b7, c7 = _rows_at(bt, ct, 7, sBT_l, d0, PER_ROW)
-    h, y6 = _seq_step_on(h, A2, d6, v6, b6, c6)
-    b_next, c_next = _rows_at(bt, ct, 8, sBT_l, d0, PER_ROW)
-    h, y7 = _seq_step_on(h, A2, d7, v7, b7, c7)
-    return h, y0, y1, y2, y3, y4, y5, y6, y7, b_next, c_next
 
 
 @triton.jit
@@ -593,7 +555,7 @@ def _fwd_seq_kernel(
     VARLEN: tl.constexpr, STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
     PREFETCH_L1: tl.constexpr = False, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2,
-    APPROX_LOG: tl.constexpr = False, BC_AHEAD: tl.constexpr = False,
+    APPROX_LOG: tl.constexpr = False,
 ):
     """Sequential in time: each thread owns one channel's 16 states (SPLIT 2 or 4: half or a quarter
     of them, its neighbour lanes the rest, for more threads when there are few channel rows) in
@@ -655,9 +617,6 @@ def _fwd_seq_kernel(
         u_next = tl.load(u_rows[:, None] + (t_first + begin + steps)[None, :] * su_l, mask=first_mask, other=0.0)
         dt_next = tl.load(dt_rows[:, None] + (t_first + begin + steps)[None, :] * sdt_l, mask=first_mask,
                           other=0.0)
-    # BC_AHEAD: the first step's B and C rows, carried from block to block
-    b_first = _load_states(bt_rows + (t_first + begin) * sBT_l, mask_r, PER_ROW, False)
-    c_first = _load_states(ct_rows + (t_first + begin) * sBT_l, mask_r, PER_ROW, False)
     for t0 in range(begin, end, SEQ_STEPS):
         if STORE_STATES and PHASE == 2:  # noqa: SIM102 (a compile-time and a run-time condition)
             if t0 % CHUNK == 0:
@@ -686,19 +645,14 @@ def _fwd_seq_kernel(
                 _prefetch_l1(bt + (SEQ_STEPS + line) * sBT_l)
                 if PHASE == 2:
                     _prefetch_l1(ct + (SEQ_STEPS + line) * sBT_l)
-        if BC_AHEAD:
-            h, y0, y1, y2, y3, y4, y5, y6, y7, b_first, c_first = _block_ahead(
-                h, A2, d0, d1, d2, d3, d4, d5, d6, d7, v0, v1, v2, v3, v4, v5, v6, v7, bt, ct, b_first, c_first,
-                sBT_l, PER_ROW)
-        else:
-            h, y0 = _seq_step(h, A2, d0, v0, bt, ct, PER_ROW)
-            h, y1 = _seq_step(h, A2, d1, v1, bt + sBT_l, ct + sBT_l, PER_ROW)
-            h, y2 = _seq_step(h, A2, d2, v2, bt + 2 * sBT_l, ct + 2 * sBT_l, PER_ROW)
-            h, y3 = _seq_step(h, A2, d3, v3, bt + 3 * sBT_l, ct + 3 * sBT_l, PER_ROW)
-            h, y4 = _seq_step(h, A2, d4, v4, bt + 4 * sBT_l, ct + 4 * sBT_l, PER_ROW)
-            h, y5 = _seq_step(h, A2, d5, v5, bt + 5 * sBT_l, ct + 5 * sBT_l, PER_ROW)
-            h, y6 = _seq_step(h, A2, d6, v6, bt + 6 * sBT_l, ct + 6 * sBT_l, PER_ROW)
-            h, y7 = _seq_step(h, A2, d7, v7, bt + 7 * sBT_l, ct + 7 * sBT_l, PER_ROW)
+        h, y0 = _seq_step(h, A2, d0, v0, bt, ct, PER_ROW)
+        h, y1 = _seq_step(h, A2, d1, v1, bt + sBT_l, ct + sBT_l, PER_ROW)
+        h, y2 = _seq_step(h, A2, d2, v2, bt + 2 * sBT_l, ct + 2 * sBT_l, PER_ROW)
+        h, y3 = _seq_step(h, A2, d3, v3, bt + 3 * sBT_l, ct + 3 * sBT_l, PER_ROW)
+        h, y4 = _seq_step(h, A2, d4, v4, bt + 4 * sBT_l, ct + 4 * sBT_l, PER_ROW)
+        h, y5 = _seq_step(h, A2, d5, v5, bt + 5 * sBT_l, ct + 5 * sBT_l, PER_ROW)
+        h, y6 = _seq_step(h, A2, d6, v6, bt + 6 * sBT_l, ct + 6 * sBT_l, PER_ROW)
+        h, y7 = _seq_step(h, A2, d7, v7, bt + 7 * sBT_l, ct + 7 * sBT_l, PER_ROW)
         if PHASE == 1:  # the piece's end state only: y is never formed (its C loads go unused)
             dt_total += tl.sum(dt, axis=1)
         else:

@@ -135,17 +135,6 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
     compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
 
 
-@pytest.mark.parametrize("length,split,segments,prefetch",
-                         [(72, 1, 2, True), pytest.param(130, 2, 2, False, marks=pytest.mark.slow)])
-def test_sequential_forward_with_rows_a_step_ahead(length, split, segments, prefetch, monkeypatch):
-    """seq_bc_ahead: each step's B / C rows loaded a step ahead, the next block's first rows carried across blocks
-    (and across the end of a piece: they are read from the padding past the last block), under gradients."""
-    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq", "seq_split": split,
-                                                          "seq_segments": segments, "seq_prefetch": prefetch,
-                                                          "seq_bc_ahead": True})
-    compare(make_inputs(dim=8, d_state=16, length=length, groups=2, seed=length))
-
-
 @pytest.mark.parametrize("length,d_state,groups,dim,split,options",
                          [(1, 16, 0, 32, 1, {}), (17, 5, 2, 64, 1, {}), (65, 16, 0, 32, 1, {"with_z": False}),
                           (1, 16, 0, 16, 2, {}), (17, 5, 2, 32, 2, {}), (70, 16, 0, 16, 2, {"with_z": False}),
