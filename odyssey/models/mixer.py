@@ -39,6 +39,58 @@ from odyssey.kernels.step import conv_chunk, selective_chunk
 from .configuration_ehrmamba import EHRMambaConfig
 
 
+class _InProjection(torch.autograd.Function):
+    """in_proj as W @ tokens^T, its two row blocks (x and the gate) returned as two outputs.
+
+    Their gradients come from different kernels (the conv's backward and the scan's). Autograd's backward
+    of a split would join them into one (2 x inter, tokens) copy before the product; here each block's
+    gradient is multiplied on its own: the weight gradient's two halves written in place, the input
+    gradient accumulated by the second product's epilogue (addmm, beta 1). Inputs come already cast
+    (`in_projection`), so the backward needs no autocast state.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens, weight, bias, first_rows: int):
+        xz = torch.mm(weight, tokens.t()) if bias is None else torch.addmm(bias[:, None], weight, tokens.t())
+        ctx.save_for_backward(tokens, weight)
+        ctx.first_rows, ctx.has_bias = first_rows, bias is not None
+        return xz[:first_rows], xz[first_rows:]
+
+    @staticmethod
+    def backward(ctx, d_first, d_second):
+        tokens, weight = ctx.saved_tensors
+        rows = (slice(None, ctx.first_rows), slice(ctx.first_rows, None))
+        grads = [None if grad is None else grad.to(tokens.dtype) for grad in (d_first, d_second)]
+        d_tokens = d_weight = d_bias = None
+        if ctx.needs_input_grad[1]:
+            d_weight = weight.new_zeros(weight.shape)
+            for grad, block in zip(grads, rows, strict=True):
+                if grad is not None:
+                    torch.mm(grad, tokens, out=d_weight[block])
+        if ctx.needs_input_grad[0]:
+            for grad, block in zip(grads, rows, strict=True):
+                if grad is not None:
+                    part = weight[block]
+                    d_tokens = torch.mm(grad.t(), part) if d_tokens is None else d_tokens.addmm_(grad.t(), part)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_bias = weight.new_zeros(weight.shape[0])
+            for grad, block in zip(grads, rows, strict=True):
+                if grad is not None:
+                    d_bias[block] = grad.sum(1)
+        return d_tokens, d_weight, d_bias, None
+
+
+def in_projection(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, first_rows: int):
+    """(tokens, hidden) -> the row blocks [:first_rows] and [first_rows:] of W @ tokens^T (+ bias), as
+    channel-major (rows, tokens) views of one product, with autocast's casts applied as for torch.mm."""
+    device_type = tokens.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        tokens, weight = tokens.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return _InProjection.apply(tokens, weight, bias, first_rows)
+
+
 @dataclass
 class MixerState:
     """Recurrent state of one mixer: the last `conv_kernel` conv inputs and the SSM state (float32)."""
@@ -161,11 +213,8 @@ class EHRMambaMixer(nn.Module):
             return channels_first.transpose(0, 1).reshape(channels_first.shape[1], batch * length)
 
         tokens = hidden_states.reshape(batch * length, self.hidden_size)
-        xz = torch.mm(self.in_proj.weight, tokens.t())
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias[:, None]
-        # split (not two slices): autograd joins the two gradients with one cat, not two zero-filled copies
-        x, gate = (per_channel(rows) for rows in torch.split(xz, inter, dim=0))
+        x, gate = (per_channel(rows) for rows in in_projection(tokens, self.in_proj.weight, self.in_proj.bias,
+                                                               inter))
         x_conv = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, mask=attention_mask,
                                backend=self.conv_backend)
         x_rows = as_rows(x_conv)

@@ -7,6 +7,8 @@ import torch
 from interpreted import run_interpreted
 from test_ehrmamba_mixer import make_pair, relative_error
 
+from odyssey.models.mixer import in_projection
+
 
 def lean(mixer, conv_backend="torch"):
     mixer.layout, mixer.conv_backend = "lean", conv_backend
@@ -91,3 +93,46 @@ print("ok")
 
 def test_lean_layout_on_the_triton_kernels_matches_the_unfused_torch_path():
     run_interpreted(SCRIPT)
+
+
+def _in_projection_reference(tokens, weight, bias, first_rows):
+    xz = torch.mm(weight, tokens.t()) if bias is None else torch.addmm(bias[:, None], weight, tokens.t())
+    return torch.split(xz, [first_rows, xz.shape[0] - first_rows], dim=0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("used", ["both", "first", "second"])
+def test_in_projection_matches_one_product_and_split(with_bias, used):
+    """The lean path's in_proj: outputs and every gradient as mm + split, also when only one block is used."""
+    torch.manual_seed(0)
+    tokens = torch.randn(50, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(14, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(14, dtype=torch.float64, requires_grad=True) if with_bias else None
+    leaves = [tokens, weight] + ([bias] if with_bias else [])
+    up_first, up_second = torch.randn(6, 50, dtype=torch.float64), torch.randn(8, 50, dtype=torch.float64)
+
+    def grads(function):
+        first, second = function(tokens, weight, bias, 6)
+        loss = (first * up_first).sum() * (used != "second") + (second * up_second).sum() * (used != "first")
+        return [first, second, *torch.autograd.grad(loss, leaves)]
+
+    for ours, expected in zip(grads(in_projection), grads(_in_projection_reference), strict=True):
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_in_projection_casts_as_autocast_does():
+    """Under autocast the product runs in the autocast dtype and the weight's gradient comes back float32."""
+    torch.manual_seed(1)
+    tokens = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(20, 16, requires_grad=True)
+    results = []
+    for function in (in_projection, _in_projection_reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first, second = function(tokens, weight, None, 8)
+        loss = first.float().square().sum() + second.float().sum()
+        results.append((first.dtype, *torch.autograd.grad(loss, [tokens, weight])))
+    (dtype, d_tokens, d_weight), (ref_dtype, ref_tokens, ref_weight) = results
+    assert dtype == ref_dtype == torch.bfloat16
+    assert d_weight.dtype == torch.float32 and d_tokens.dtype == torch.float32
+    torch.testing.assert_close(d_weight, ref_weight, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(d_tokens, ref_tokens, rtol=1e-2, atol=1e-2)
