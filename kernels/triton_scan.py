@@ -108,6 +108,7 @@ class ScanConfig:
     approx_log_fwd: bool = False
     seq_maxnreg: int | None = None
     seq_bwd_bc_ahead: bool = False
+    seq_bwd_share: bool = False
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -331,6 +332,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # step's math and its dB/dC atomic add (same 168 registers in the local compile); in one piece of time
         # only (v14e, H200, f+b: b32/L2048 5.05 -> 4.87 ms; b8/L16384 in 8 pieces 12.53 -> 12.73)
         seq_bwd_bc_ahead=over.get("seq_bwd_bc_ahead", seq_bwd_segments == 1),
+        # with a channel on two lanes, each lane does the per-channel work (softplus, the gate, the outputs) of two
+        # of a block's four steps and the lanes exchange the results, instead of both doing all four; in one piece
+        # of time only (v16, H200, f+b: b32/L2048 4.88 -> 4.68 ms; b8/L16384 in 8 pieces 12.53 -> 12.63)
+        seq_bwd_share=over.get("seq_bwd_share", seq_bwd_segments == 1) and seq_bwd_split == 2,
     )
 
 
@@ -729,7 +734,7 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
             SPLIT=cfg.seq_bwd_split, SEGMENTS=segments, PHASE=phase, APPROX_LOG=_approx_log(cfg),
-            BC_AHEAD=cfg.seq_bwd_bc_ahead, num_warps=1,
+            BC_AHEAD=cfg.seq_bwd_bc_ahead, SHARE=cfg.seq_bwd_share, num_warps=1,
             **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
         )
     dB = dBC[:, :, :length, :d_state].transpose(-1, -2)

@@ -152,6 +152,54 @@ def _channel_sum(x, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _partner(x, LANE_ASM: tl.constexpr):
+    """(32, m): each row replaced by the other row of its channel (lane l ^ 1)."""
+    if LANE_ASM:
+        out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", "=r,r", [x],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        rows: tl.constexpr = x.shape[0]
+        m: tl.constexpr = x.shape[1]
+        even, odd = tl.split(tl.permute(tl.reshape(x, [rows // 2, 2, m]), (0, 2, 1)))
+        out = tl.reshape(tl.permute(tl.join(odd, even), (0, 2, 1)), [rows, m])
+    return out
+
+
+@triton.jit
+def _step_halves(x):
+    """(R, 4) -> its steps 0-1 and its steps 2-3, (R, 2) each."""
+    rows: tl.constexpr = x.shape[0]
+    return tl.split(tl.permute(tl.reshape(x, [rows, 2, 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _own_half(x, upper):
+    """A channel's (R, 4) block row -> the two steps its lane works on: 0-1 on the first lane, 2-3 on the second."""
+    low, high = _step_halves(x)
+    return tl.where(upper[:, None], high, low)
+
+
+@triton.jit
+def _gathered_columns(own, upper, LANE_ASM: tl.constexpr):
+    """A lane's two steps of a per-channel value and its partner's -> the block's four (R,) step columns."""
+    theirs = _partner(own, LANE_ASM)
+    c0, c1 = tl.split(tl.where(upper[:, None], theirs, own))
+    c2, c3 = tl.split(tl.where(upper[:, None], own, theirs))
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _scattered_sum(c0, c1, c2, c3, upper, LANE_ASM: tl.constexpr):
+    """Four (R,) step columns of per-lane partial sums -> the channel's sums over both lanes at the lane's two
+    steps (a reduce-scatter: 2 shuffles where an all-reduce of the four takes 4)."""
+    low = tl.join(c0, c1)
+    high = tl.join(c2, c3)
+    kept = tl.where(upper[:, None], high, low)
+    sent = tl.where(upper[:, None], low, high)
+    return kept + _partner(sent, LANE_ASM)
+
+
+@triton.jit
 def _lanes(offs_r, LANE_ASM: tl.constexpr):
     return _lane_ids(offs_r) if LANE_ASM else offs_r % LANES
 
@@ -289,7 +337,7 @@ def _bwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr, CHUNK: tl.constexpr, LANE_ASM: tl.constexpr,
     SPLIT: tl.constexpr = 1, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2, APPROX_LOG: tl.constexpr = False,
-    BC_AHEAD: tl.constexpr = False,
+    BC_AHEAD: tl.constexpr = False, SHARE: tl.constexpr = False,
 ):
     """One program: a warp of one sequence, time from last to first: 32 channels a channel a thread, or
     (SPLIT 2) 16 channels a channel on two neighbouring lanes, 8 states each (half the registers a thread).
@@ -348,6 +396,10 @@ def _bwd_seq_kernel(
     part_rows = part_ptr + seq * sp_s + chan * sp_d + part * PER_ROW
     usum_rows = usum_ptr + seq * sus_s + chan
     bc_cols = dBC_ptr + b * sbc_b + group * sbc_g + _lane_columns(lane, SPLIT)
+    # SHARE (SPLIT 2): the per-channel work of a block (softplus, the gate, the outputs) split between a channel's
+    # two lanes, two steps each, instead of done by both
+    upper = part == 1
+    own_steps = 2 * part[:, None] + tl.arange(0, 2)[None, :]
 
     if HAS_DLAST and PHASE == 2:
         g = _load_row(dlast_ptr + seq * sl_s + chan * sl_d + part * PER_ROW, quad_xor, mask_r, PER_ROW)
@@ -409,9 +461,18 @@ def _bwd_seq_kernel(
             mask = mask_r[:, None] & (t_local < length)[None, :]
             t = t_first + t_local
             u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
-            dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
-            d0, d1, d2, d3 = _columns4(dt)
-            v0, v1, v2, v3 = _columns4(dt * u)
+            if SHARE:
+                own_local = c * CHUNK + k * BWD_BLOCK + own_steps
+                own_mask = mask_r[:, None] & (own_local < length)
+                dt_own, _ = _load_delta(dt_rows[:, None] + (t_first + own_local) * sdt_l, own_mask, bias, HAS_BIAS,
+                                        SOFTPLUS, APPROX_LOG)
+                d0, d1, d2, d3 = _gathered_columns(dt_own, upper, LANE_ASM)
+                u0, u1, u2, u3 = _columns4(u)
+                v0, v1, v2, v3 = d0 * u0, d1 * u1, d2 * u2, d3 * u3
+            else:
+                dt, _ = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
+                d0, d1, d2, d3 = _columns4(dt)
+                v0, v1, v2, v3 = _columns4(dt * u)
             bt = bt_rows + (t_first + c * CHUNK + k * BWD_BLOCK) * sBT_l
             h = _state_step(h, A2, d0, v0, bt, quad_xor)
             h = _state_step(h, A2, d1, v1, bt + sBT_l, quad_xor)
@@ -426,19 +487,37 @@ def _bwd_seq_kernel(
             mask = mask_r[:, None] & in_time[None, :]
             t = t_first + t_local
             u = tl.load(u_rows[:, None] + t[None, :] * su_l, mask=mask, other=0.0).to(tl.float32)
-            dt, dt_raw = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
-            dout = tl.load(do_rows[:, None] + t[None, :] * sdo_l, mask=mask, other=0.0).to(tl.float32)
+            if SHARE:  # this lane's two steps: `own_*` (R, 2) tiles
+                own_local = t0 + own_steps
+                own_mask = mask_r[:, None] & (own_local < length)
+                t_own = t_first + own_local
+                dt, dt_raw = _load_delta(dt_rows[:, None] + t_own * sdt_l, own_mask, bias, HAS_BIAS, SOFTPLUS,
+                                         APPROX_LOG)
+                dout = tl.load(do_rows[:, None] + t_own * sdo_l, mask=own_mask, other=0.0).to(tl.float32)
+            else:
+                dt, dt_raw = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS,
+                                         APPROX_LOG)
+                dout = tl.load(do_rows[:, None] + t[None, :] * sdo_l, mask=mask, other=0.0).to(tl.float32)
             dy = dout
             if HAS_Z:
-                zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask, other=0.0).to(tl.float32)
+                if SHARE:
+                    zv = tl.load(z_rows[:, None] + t_own * sz_l, mask=own_mask, other=0.0).to(tl.float32)
+                else:
+                    zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(zv)
                 dy = dout * zv * sig
                 dz_of_y = dout * sig * (1.0 + zv * (1.0 - sig))  # dz = dz_of_y * y
             if SOFTPLUS:
                 dt_raw = tl.sigmoid(dt_raw)  # d softplus / d raw
-            d0, d1, d2, d3 = _columns4(dt)
-            v0, v1, v2, v3 = _columns4(dt * u)
-            y0, y1, y2, y3 = _columns4(dy)
+            if SHARE:
+                d0, d1, d2, d3 = _gathered_columns(dt, upper, LANE_ASM)
+                u0, u1, u2, u3 = _columns4(u)
+                v0, v1, v2, v3 = d0 * u0, d1 * u1, d2 * u2, d3 * u3
+                y0, y1, y2, y3 = _gathered_columns(dy, upper, LANE_ASM)
+            else:
+                d0, d1, d2, d3 = _columns4(dt)
+                v0, v1, v2, v3 = _columns4(dt * u)
+                y0, y1, y2, y3 = _columns4(dy)
             bt = bt_rows + (t_first + t0) * sBT_l
             ct = ct_rows + (t_first + t0) * sBT_l
             h0 = _load_row(ck_rows + k * sk_k, quad_xor, mask_r, PER_ROW, False)
@@ -463,28 +542,42 @@ def _bwd_seq_kernel(
                 g, d1, h1, A2, d0, v0, y0, B0, C0, bt, ct, quad_xor, dA_acc, bc, dC_lane, t0 < length, SPLIT,
                 LANE_ASM, BC_AHEAD, False)
             dt_next = d0
-            out_mask = mask & (part == 0)[:, None]  # a channel's SPLIT rows hold the same sums
-            gB = _channel_sum(_rows4(gB0, gB1, gB2, gB3), SPLIT, LANE_ASM)
+            if SHARE:  # each lane writes its own two steps
+                out_mask = own_mask
+                out_t = t_own
+                u = _own_half(u, upper)
+                gB = _scattered_sum(gB0, gB1, gB2, gB3, upper, LANE_ASM)
+                gA = _scattered_sum(gA0, gA1, gA2, gA3, upper, LANE_ASM)
+            else:
+                out_mask = mask & (part == 0)[:, None]  # a channel's SPLIT rows hold the same sums
+                out_t = t[None, :]
+                own_mask = mask
+                gB = _channel_sum(_rows4(gB0, gB1, gB2, gB3), SPLIT, LANE_ASM)
+                gA = _channel_sum(_rows4(gA0, gA1, gA2, gA3), SPLIT, LANE_ASM)
             du = dt * gB
-            ddt = _channel_sum(_rows4(gA0, gA1, gA2, gA3), SPLIT, LANE_ASM) * LN2 + u * gB
+            ddt = gA * LN2 + u * gB
             if HAS_D:
                 du += Dv[:, None] * dy
                 dD_acc += tl.sum(dy * u, axis=1)
             if HAS_Z:
-                y = _channel_sum(_rows4(yc0, yc1, yc2, yc3), SPLIT, LANE_ASM)
+                if SHARE:
+                    y = _scattered_sum(yc0, yc1, yc2, yc3, upper, LANE_ASM)
+                else:
+                    y = _channel_sum(_rows4(yc0, yc1, yc2, yc3), SPLIT, LANE_ASM)
                 if HAS_D:
                     y += Dv[:, None] * u
                 dz = dz_of_y * y
-                tl.store(dz_rows[:, None] + t[None, :] * sdz_l, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(du_rows[:, None] + t[None, :] * sdu_l, du.to(du_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(dz_rows[:, None] + out_t * sdz_l, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(du_rows[:, None] + out_t * sdu_l, du.to(du_ptr.dtype.element_ty), mask=out_mask)
             if SOFTPLUS:
                 ddt = ddt * dt_raw
-            ddt = tl.where(mask, ddt, 0.0)
+            ddt = tl.where(own_mask, ddt, 0.0)
             dbias_acc += tl.sum(ddt, axis=1)
-            tl.store(ddt_rows[:, None] + t[None, :] * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(ddt_rows[:, None] + out_t * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=out_mask)
 
     _write_row(dA_ptr + chan * SEQ_STATES + part * PER_ROW, quad_xor, dA_acc, mask_r, True)
+    sum_rows = mask_r if SHARE else first_part  # shared: each lane holds its steps' part of the sums
     if HAS_D:
-        tl.atomic_add(dD_ptr + chan, dD_acc, mask=first_part, sem="relaxed")
+        tl.atomic_add(dD_ptr + chan, dD_acc, mask=sum_rows, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + chan, dbias_acc, mask=first_part, sem="relaxed")
+        tl.atomic_add(dbias_ptr + chan, dbias_acc, mask=sum_rows, sem="relaxed")

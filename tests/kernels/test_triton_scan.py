@@ -140,12 +140,14 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
                           (1, 16, 0, 16, 2, {}), (17, 5, 2, 32, 2, {}), (70, 16, 0, 16, 2, {"with_z": False}),
                           (64, 7, 0, 32, 2, {"with_D": False, "with_bias": False}),
                           (70, 16, 2, 32, 2, {"config": {"seq_bwd_bc_ahead": False}}),
+                          (66, 7, 2, 32, 2, {"config": {"seq_bwd_share": False}}),
                           pytest.param(64, 7, 0, 32, 1, {"with_D": False, "with_bias": False}, marks=pytest.mark.slow),
                           pytest.param(130, 16, 3, 96, 1, {}, marks=pytest.mark.slow),
                           pytest.param(130, 16, 3, 48, 2, {}, marks=pytest.mark.slow)])
 def test_sequential_backward_matches_reference(length, d_state, groups, dim, split, options, monkeypatch):
     """The sequential backward (a channel a thread or on 2 lanes, 4-step blocks recomputed from per-block
-    checkpoints, dB / dC summed across the warp's channels; B / C rows read a step ahead) at lengths ending inside
+    checkpoints, dB / dC summed across the warp's channels; B / C rows read a step ahead; on 2 lanes the per-channel
+    work split between them, or not) at lengths ending inside
     a block and a chunk,
     with and without the optional inputs and the last state's gradient. Its cross-lane sums run as inline
     PTX on the GPU only (checked there by `odyssey.kernels.check_variant`); here their plain-sum stand-in."""
@@ -164,13 +166,16 @@ def test_sequential_backward_follows_the_sequential_forward():
     (32 / split, 2 lanes a channel by default). Where its programs are few it runs in pieces of time of its own:
     768 at b8/L16384 in 8 pieces stay within 4 waves of 1,584 (132 multiprocessors); 3,072 at b32/L2048
     fill 1.9 waves and run in one piece."""
-    def backward(cpg=64, **overrides):
+    def backward_config(cpg=64, **overrides):
         triton_scan.CONFIG_OVERRIDES.clear()
         triton_scan.CONFIG_OVERRIDES.update(overrides)
         try:
-            return triton_scan.scan_config(16, cpg).bwd_variant
+            return triton_scan.scan_config(16, cpg)
         finally:
             triton_scan.CONFIG_OVERRIDES.clear()
+
+    def backward(cpg=64, **overrides):
+        return backward_config(cpg, **overrides).bwd_variant
 
     assert backward(**SEQ_BACKWARD) == "seq"
     assert backward(fwd_variant="state_loop", bwd_variant="seq") == "state_loop"
@@ -188,6 +193,9 @@ def test_sequential_backward_follows_the_sequential_forward():
     # step ahead in one piece of time only
     assert (s1.approx_log, s1.approx_log_fwd) == (True, False)
     assert (s1.seq_bwd_bc_ahead, s2.seq_bwd_bc_ahead) == (True, False)
+    # the per-channel work split between a channel's two lanes: in one piece of time, with two lanes a channel
+    assert (s1.seq_bwd_share, s2.seq_bwd_share) == (True, False)
+    assert backward_config(seq_bwd_split=1).seq_bwd_share is False
 
 
 @pytest.mark.parametrize("overrides", [{"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_segments": 2},
@@ -579,13 +587,16 @@ def test_gpu_check_script_runs_its_cases(monkeypatch):
     assert not check_variant.check(SEQ_BACKWARD, device="cpu")
 
 
-@pytest.mark.parametrize("length,pieces,split,forward_pieces",
-                         [(130, 2, 2, 1), (200, 4, 1, 2), pytest.param(130, 2, 1, 1, marks=pytest.mark.slow),
-                          pytest.param(256, 4, 2, 4, marks=pytest.mark.slow)])
-def test_sequential_backward_in_time_pieces(length, pieces, split, forward_pieces, monkeypatch):
+@pytest.mark.parametrize("length,pieces,split,forward_pieces,share",
+                         [(130, 2, 2, 1, False), (200, 4, 1, 2, False),
+                          pytest.param(130, 2, 2, 1, True, marks=pytest.mark.slow),
+                          pytest.param(130, 2, 1, 1, False, marks=pytest.mark.slow),
+                          pytest.param(256, 4, 2, 4, False, marks=pytest.mark.slow)])
+def test_sequential_backward_in_time_pieces(length, pieces, split, forward_pieces, share, monkeypatch):
     """Time cut into pieces of whole chunks for the sequential backward: a first pass gives every piece but
     the first its adjoint from zero and its carry exponent, the second starts each piece from the later
     pieces' results (last piece shorter; the last state's gradient enters at the end)."""
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**SEQ_BACKWARD, "seq_bwd_split": split,
-                                                          "seq_bwd_segments": pieces, "seq_segments": forward_pieces})
+                                                          "seq_bwd_segments": pieces, "seq_segments": forward_pieces,
+                                                          "seq_bwd_share": share})
     compare(make_inputs(dim=32, d_state=16, length=length, seed=length + pieces))
