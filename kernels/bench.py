@@ -288,12 +288,13 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # The sequential backward's checkpoint reads past L1 (".cg"; 05:49 UTC): S1 f+b 4.91 -> 4.85 ms, S2 12.54 ->
     # 12.52, ncu S1 backward 3.82 -> 3.83 ms with L1 hit rate 60.8% -> 51.7%: the u, delta, dout, z rows do not miss
     # for want of L1 room (removed; kernels/NOTES.md v15)
-    # v16 (session 12): the per-channel work of a block split between a channel's two lanes (seq_bwd_share)
-    # (H200 07:13 UTC, f+b: S1 4.884 -> 4.680 ms, now the default in one piece; S2 in 8 pieces 12.529 -> 12.634).
-    # With it the backward compiles to 144 registers without spills (168 by default: 12 resident warps, 144: 14)
-    "b32_L2048_N16": [{}, {"seq_bwd_share": False}, {"seq_bwd_maxnreg": 144}, {"seq_bwd_maxnreg": 136},
-                      {"seq_bwd_maxnreg": 128}, {"seq_split": 2}],
-    "b8_L16384_N16": [{}, {"seq_bwd_share": True, "seq_bwd_maxnreg": 144}],
+    # v16 (session 12): the per-channel work of a block split between a channel's two lanes (seq_bwd_share, now the
+    # default in one piece of time). H200, f+b: 07:13 UTC S1 4.884 -> 4.680 ms, S2 in 8 pieces 12.529 -> 12.634; 07:34
+    # UTC (the final form, alternating rows) S1 4.708 / 4.762 against 4.867 / 4.891 unshared. Register caps on it
+    # (07:19 UTC; 144 compiles without spills, 14 resident warps) 144 / 136 / 128: 4.96 / 5.12 / 5.48 against 4.79;
+    # the forward on 2 lanes a channel (seq_split 2) 0.92 -> 1.16 ms
+    "b32_L2048_N16": [{}, {"seq_bwd_share": False}],
+    "b8_L16384_N16": [{}, {"seq_bwd_share": True}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.

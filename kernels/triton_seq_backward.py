@@ -10,7 +10,9 @@ saved the state at every chunk start). Per chunk:
 2. blocks from last to first: the block's 4 states are recomputed into registers from its checkpoint,
    then the adjoint g steps back through them.
 
-du, ddelta, dz are sums over a channel's states: in the thread, plus one shuffle with SPLIT 2. dB and dC are
+du, ddelta, dz are sums over a channel's states: in the thread, plus one shuffle with SPLIT 2. With SHARE (SPLIT 2,
+the default in one piece of time) the two lanes of a channel split the per-channel work of a block, two steps each,
+exchanging delta and dy and reduce-scattering those sums (kernels/NOTES.md v16). dB and dC are
 sums over channels, that is over lanes: each step's g dtu and h dy values are reduce-scattered across the
 warp in butterfly rounds (inline PTX; 32 shuffles a step where a per-value warp sum would take 160). Lane l
 ends with the warp's total of one value and adds it to a time-major (batch, groups, steps, 32) buffer: one
@@ -177,6 +179,18 @@ def _own_half(x, upper):
     """A channel's (R, 4) block row -> the two steps its lane works on: 0-1 on the first lane, 2-3 on the second."""
     low, high = _step_halves(x)
     return tl.where(upper[:, None], high, low)
+
+
+@triton.jit
+def _own_delta(raw4, upper, own_mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, APPROX_LOG: tl.constexpr):
+    """_load_delta on a lane's two steps of a loaded (R, 4) block row. The row is read whole by both lanes of a
+    channel (the addresses the unshared path uses): with per-lane step offsets in the loads, the kernel compiled
+    for lengths not divisible by 16 read wrong values for the second lane on the GPU (v16)."""
+    raw = _own_half(raw4, upper).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    eff = _softplus(raw, APPROX_LOG) if SOFTPLUS else raw
+    return tl.where(own_mask, eff, 0.0), raw
 
 
 @triton.jit
@@ -464,8 +478,8 @@ def _bwd_seq_kernel(
             if SHARE:
                 own_local = c * CHUNK + k * BWD_BLOCK + own_steps
                 own_mask = mask_r[:, None] & (own_local < length)
-                dt_own, _ = _load_delta(dt_rows[:, None] + (t_first + own_local) * sdt_l, own_mask, bias, HAS_BIAS,
-                                        SOFTPLUS, APPROX_LOG)
+                raw4 = tl.load(dt_rows[:, None] + t[None, :] * sdt_l, mask=mask, other=0.0)
+                dt_own, _ = _own_delta(raw4, upper, own_mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
                 d0, d1, d2, d3 = _gathered_columns(dt_own, upper, LANE_ASM)
                 u0, u1, u2, u3 = _columns4(u)
                 v0, v1, v2, v3 = d0 * u0, d1 * u1, d2 * u2, d3 * u3
@@ -491,9 +505,10 @@ def _bwd_seq_kernel(
                 own_local = t0 + own_steps
                 own_mask = mask_r[:, None] & (own_local < length)
                 t_own = t_first + own_local
-                dt, dt_raw = _load_delta(dt_rows[:, None] + t_own * sdt_l, own_mask, bias, HAS_BIAS, SOFTPLUS,
-                                         APPROX_LOG)
-                dout = tl.load(do_rows[:, None] + t_own * sdo_l, mask=own_mask, other=0.0).to(tl.float32)
+                raw4 = tl.load(dt_rows[:, None] + t[None, :] * sdt_l, mask=mask, other=0.0)
+                dt, dt_raw = _own_delta(raw4, upper, own_mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
+                dout = _own_half(tl.load(do_rows[:, None] + t[None, :] * sdo_l, mask=mask, other=0.0),
+                                 upper).to(tl.float32)
             else:
                 dt, dt_raw = _load_delta(dt_rows[:, None] + t[None, :] * sdt_l, mask, bias, HAS_BIAS, SOFTPLUS,
                                          APPROX_LOG)
@@ -501,7 +516,8 @@ def _bwd_seq_kernel(
             dy = dout
             if HAS_Z:
                 if SHARE:
-                    zv = tl.load(z_rows[:, None] + t_own * sz_l, mask=own_mask, other=0.0).to(tl.float32)
+                    zv = _own_half(tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask, other=0.0),
+                                   upper).to(tl.float32)
                 else:
                     zv = tl.load(z_rows[:, None] + t[None, :] * sz_l, mask=mask, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(zv)
