@@ -109,6 +109,7 @@ class ScanConfig:
     seq_maxnreg: int | None = None
     seq_bwd_bc_ahead: bool = False
     seq_bwd_share: bool = False
+    seq_bwd_ghat: bool = False
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -255,6 +256,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     capped = small_state and block_d_bwd == SMALL_STATE_BWD_CHANNELS
     bwd_maxnreg = over.get("bwd_maxnreg", _bwd_register_cap(max(rows, 1) // block_d_bwd, multiprocessors)
                            if capped else None)
+    # the sequential backward's per-channel work split between a channel's two lanes, and its adjoint as g-hat
+    # (below): timed in one piece of time only
+    seq_bwd_share = over.get("seq_bwd_share", seq_bwd_segments == 1) and seq_bwd_split == 2
+    seq_bwd_ghat = over.get("seq_bwd_ghat", seq_bwd_share)
     return ScanConfig(
         block_n=block_n,
         chunk=chunk,
@@ -313,7 +318,7 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         seq_l1_prefetch=over.get("seq_l1_prefetch", True),
         # time cut into this many pieces, a program each, for dense batches with few channel rows
         seq_segments=seq_segments,
-        seq_bwd_maxnreg=over.get("seq_bwd_maxnreg"),
+        seq_bwd_maxnreg=over.get("seq_bwd_maxnreg", 168 if seq_bwd_ghat else None),
         # lanes per channel of the sequential backward (1 or 2: 16 or 8 states a thread)
         seq_bwd_split=seq_bwd_split,
         # time pieces of the sequential backward (dense batches with few rows; _seq_bwd_segments)
@@ -335,7 +340,12 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # with a channel on two lanes, each lane does the per-channel work (softplus, the gate, the outputs) of two
         # of a block's four steps and the lanes exchange the results, instead of both doing all four; in one piece
         # of time only (v16, H200, f+b: b32/L2048 4.88 -> 4.68 ms; b8/L16384 in 8 pieces 12.53 -> 12.63)
-        seq_bwd_share=over.get("seq_bwd_share", seq_bwd_segments == 1) and seq_bwd_split == 2,
+        seq_bwd_share=seq_bwd_share,
+        # the adjoint carried as g-hat = decay * g, so that g decay h_{t-1} is g-hat h_{t-1} (one instruction an
+        # element-state less; the block's first state stays live: 246 registers uncapped, 168 without spills when
+        # capped, which seq_bwd_maxnreg then defaults to). Local compile: reverse loop 975 -> 944. With the shared
+        # per-channel work only (timed there: v16, H200, S1 f+b 4.70 -> 4.60 ms)
+        seq_bwd_ghat=seq_bwd_ghat,
     )
 
 
@@ -734,7 +744,7 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
             SPLIT=cfg.seq_bwd_split, SEGMENTS=segments, PHASE=phase, APPROX_LOG=_approx_log(cfg),
-            BC_AHEAD=cfg.seq_bwd_bc_ahead, SHARE=cfg.seq_bwd_share, num_warps=1,
+            BC_AHEAD=cfg.seq_bwd_bc_ahead, SHARE=cfg.seq_bwd_share, GHAT=cfg.seq_bwd_ghat, num_warps=1,
             **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
         )
     dB = dBC[:, :, :length, :d_state].transpose(-1, -2)

@@ -12,7 +12,8 @@ saved the state at every chunk start). Per chunk:
 
 du, ddelta, dz are sums over a channel's states: in the thread, plus one shuffle with SPLIT 2. With SHARE (SPLIT 2,
 the default in one piece of time) the two lanes of a channel split the per-channel work of a block, two steps each,
-exchanging delta and dy and reduce-scattering those sums (kernels/NOTES.md v16). dB and dC are
+exchanging delta and dy and reduce-scattering those sums, and the adjoint is carried as g-hat = decay * g (GHAT:
+g decay h_{t-1} is then g-hat h_{t-1}, one instruction an element-state less; kernels/NOTES.md v16). dB and dC are
 sums over channels, that is over lanes: each step's g dtu and h dy values are reduce-scattered across the
 warp in butterfly rounds (inline PTX; 32 shuffles a step where a per-value warp sum would take 160). Lane l
 ends with the warp's total of one value and adds it to a time-major (batch, groups, steps, 32) buffer: one
@@ -301,7 +302,7 @@ def _state_step(h, A2, dt, dtu, Bt_rows, quad_xor):
 @triton.jit
 def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt, Ct, next_bt_rows, next_ct_rows, quad_xor, dA_acc, bc_ptrs,
                   dC_lane, in_time, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr, AHEAD: tl.constexpr,
-                  HAS_NEXT: tl.constexpr):
+                  HAS_NEXT: tl.constexpr, h_prev=None, GHAT: tl.constexpr = False):
     """Step t backward. In: g of step t + 1 and that step's delta (its decay is recomputed here: one
     register a row carried between steps instead of 16), h the state after step t, step t's B and C rows. Out: g
     of step t, dA summed on, step t's sums over states of g B, g (h - drive) A2 and h C, the row's dB/dC lane sum
@@ -313,9 +314,14 @@ def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt, Ct, next_bt_rows, next_ct_
         C_next = _load_row(next_ct_rows, quad_xor, dt, h.shape[1], False)
     # "+ 0.0" keeps the compiler from reusing the recompute pass's decays (the same expression): holding
     # them costs 48 registers and spills (local sm_90 compile: 208 B of stack), recomputing costs 16 exp2
-    g = tl.exp2(A2 * dt_next[:, None] + 0.0) * g + Ct * dy[:, None]
-    # g_t * decay_t * h_{t-1}, from the state after the step (no state before it kept)
-    g_prev = g * (h - Bt * dtu[:, None])
+    if GHAT:  # g carries g-hat_{t+1} = decay_{t+1} g_{t+1}; g_t decay_t h_{t-1} = g-hat_t h_{t-1}
+        g = g + Ct * dy[:, None]
+        g_hat = tl.exp2(A2 * dt[:, None] + 0.0) * g
+        g_prev = g_hat * h_prev
+    else:
+        g = tl.exp2(A2 * dt_next[:, None] + 0.0) * g + Ct * dy[:, None]
+        # g_t * decay_t * h_{t-1}, from the state after the step (no state before it kept)
+        g_prev = g * (h - Bt * dtu[:, None])
     dA_acc += g_prev * dt[:, None]
     gB = tl.sum(g * Bt, axis=1)
     gA2 = tl.sum(g_prev * A2, axis=1)
@@ -328,6 +334,8 @@ def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt, Ct, next_bt_rows, next_ct_
     if HAS_NEXT and not AHEAD:
         B_next = _load_row(next_bt_rows, quad_xor, dt, h.shape[1], False)
         C_next = _load_row(next_ct_rows, quad_xor, dt, h.shape[1], False)
+    if GHAT:
+        g = g_hat
     return g, dA_acc, gB, gA2, y, B_next, C_next
 
 
@@ -351,7 +359,7 @@ def _bwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr, CHUNK: tl.constexpr, LANE_ASM: tl.constexpr,
     SPLIT: tl.constexpr = 1, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2, APPROX_LOG: tl.constexpr = False,
-    BC_AHEAD: tl.constexpr = False, SHARE: tl.constexpr = False,
+    BC_AHEAD: tl.constexpr = False, SHARE: tl.constexpr = False, GHAT: tl.constexpr = False,
 ):
     """One program: a warp of one sequence, time from last to first: 32 channels a channel a thread, or
     (SPLIT 2) 16 channels a channel on two neighbouring lanes, 8 states each (half the registers a thread).
@@ -462,6 +470,8 @@ def _bwd_seq_kernel(
         tl.store(usum_rows + segment * sus_g, u_sum, mask=first_part)
         return
 
+    if GHAT:  # the carried adjoint as g-hat: g entering at the end times the decay of the step after it
+        g = tl.exp2(A2 * dt_next[:, None]) * g
     c_first = begin // CHUNK
     n_chunks = tl.cdiv(end, CHUNK) - c_first
     for c_rev in range(0, n_chunks):
@@ -547,16 +557,16 @@ def _bwd_seq_kernel(
             C3 = _load_row(ct + 3 * sBT_l, quad_xor, d3, PER_ROW, False)
             g, dA_acc, gB3, gA3, yc3, B2, C2 = _adjoint_step(
                 g, dt_next, h4, A2, d3, v3, y3, B3, C3, bt + 2 * sBT_l, ct + 2 * sBT_l, quad_xor, dA_acc,
-                bc + 3 * sbc_l, dC_lane, t0 + 3 < length, SPLIT, LANE_ASM, BC_AHEAD, True)
+                bc + 3 * sbc_l, dC_lane, t0 + 3 < length, SPLIT, LANE_ASM, BC_AHEAD, True, h3, GHAT)
             g, dA_acc, gB2, gA2, yc2, B1, C1 = _adjoint_step(
                 g, d3, h3, A2, d2, v2, y2, B2, C2, bt + sBT_l, ct + sBT_l, quad_xor, dA_acc, bc + 2 * sbc_l,
-                dC_lane, t0 + 2 < length, SPLIT, LANE_ASM, BC_AHEAD, True)
+                dC_lane, t0 + 2 < length, SPLIT, LANE_ASM, BC_AHEAD, True, h2, GHAT)
             g, dA_acc, gB1, gA1, yc1, B0, C0 = _adjoint_step(
                 g, d2, h2, A2, d1, v1, y1, B1, C1, bt, ct, quad_xor, dA_acc, bc + sbc_l,
-                dC_lane, t0 + 1 < length, SPLIT, LANE_ASM, BC_AHEAD, True)
+                dC_lane, t0 + 1 < length, SPLIT, LANE_ASM, BC_AHEAD, True, h1, GHAT)
             g, dA_acc, gB0, gA0, yc0, _, _ = _adjoint_step(
                 g, d1, h1, A2, d0, v0, y0, B0, C0, bt, ct, quad_xor, dA_acc, bc, dC_lane, t0 < length, SPLIT,
-                LANE_ASM, BC_AHEAD, False)
+                LANE_ASM, BC_AHEAD, False, h0, GHAT)
             dt_next = d0
             if SHARE:  # each lane writes its own two steps
                 out_mask = own_mask

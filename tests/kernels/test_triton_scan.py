@@ -139,7 +139,7 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
                          [(1, 16, 0, 32, 1, {}), (17, 5, 2, 64, 1, {}), (65, 16, 0, 32, 1, {"with_z": False}),
                           (1, 16, 0, 16, 2, {}), (17, 5, 2, 32, 2, {}), (70, 16, 0, 16, 2, {"with_z": False}),
                           (64, 7, 0, 32, 2, {"with_D": False, "with_bias": False}),
-                          (70, 16, 2, 32, 2, {"config": {"seq_bwd_bc_ahead": False}}),
+                          (70, 16, 2, 32, 2, {"config": {"seq_bwd_bc_ahead": False, "seq_bwd_ghat": False}}),
                           (66, 7, 2, 32, 2, {"config": {"seq_bwd_share": False}}),
                           pytest.param(64, 7, 0, 32, 1, {"with_D": False, "with_bias": False}, marks=pytest.mark.slow),
                           pytest.param(130, 16, 3, 96, 1, {}, marks=pytest.mark.slow),
@@ -147,7 +147,7 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
 def test_sequential_backward_matches_reference(length, d_state, groups, dim, split, options, monkeypatch):
     """The sequential backward (a channel a thread or on 2 lanes, 4-step blocks recomputed from per-block
     checkpoints, dB / dC summed across the warp's channels; B / C rows read a step ahead; on 2 lanes the per-channel
-    work split between them, or not) at lengths ending inside
+    work split between them and the adjoint carried as g-hat, or not) at lengths ending inside
     a block and a chunk,
     with and without the optional inputs and the last state's gradient. Its cross-lane sums run as inline
     PTX on the GPU only (checked there by `odyssey.kernels.check_variant`); here their plain-sum stand-in."""
@@ -195,6 +195,8 @@ def test_sequential_backward_follows_the_sequential_forward():
     assert (s1.seq_bwd_bc_ahead, s2.seq_bwd_bc_ahead) == (True, False)
     # the per-channel work split between a channel's two lanes: in one piece of time, with two lanes a channel
     assert (s1.seq_bwd_share, s2.seq_bwd_share) == (True, False)
+    # with it the adjoint carried as g-hat, under a 168-register cap (its compile without one takes 246)
+    assert (s1.seq_bwd_ghat, s1.seq_bwd_maxnreg, s2.seq_bwd_ghat, s2.seq_bwd_maxnreg) == (True, 168, False, None)
     assert backward_config(seq_bwd_split=1).seq_bwd_share is False
 
 
