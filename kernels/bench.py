@@ -295,8 +295,11 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # the forward on 2 lanes a channel (seq_split 2) 0.92 -> 1.16 ms
     # The adjoint carried as g-hat = decay * g under a 168-register cap (seq_bwd_ghat; 07:48 UTC, alternating rows):
     # S1 f+b 4.700 / 4.709 -> 4.628 / 4.570 ms, now the default with the shared per-channel work
-    "b32_L2048_N16": [{}, {"seq_bwd_ghat": False}],
-    "b8_L16384_N16": [{}, {"seq_bwd_share": True, "seq_bwd_ghat": True}],
+    # Built after the session's device time ran out, untimed: the backward's row strides as constants
+    # (seq_bwd_row_strides; local compile -6.5% instructions a block, same registers)
+    "b32_L2048_N16": [{}, {"seq_bwd_row_strides": True}, {}, {"seq_bwd_row_strides": True}, {"seq_bwd_ghat": False}],
+    "b8_L16384_N16": [{}, {"seq_bwd_row_strides": True}, {"seq_bwd_share": True, "seq_bwd_ghat": True},
+                      {"seq_bwd_share": True, "seq_bwd_ghat": True, "seq_bwd_row_strides": True}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.

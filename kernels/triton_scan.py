@@ -110,6 +110,7 @@ class ScanConfig:
     seq_bwd_bc_ahead: bool = False
     seq_bwd_share: bool = False
     seq_bwd_ghat: bool = False
+    seq_bwd_row_strides: bool = False
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -346,6 +347,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # capped, which seq_bwd_maxnreg then defaults to). Local compile: reverse loop 975 -> 944. With the shared
         # per-channel work only (timed there: v16, H200, S1 f+b 4.70 -> 4.60 ms)
         seq_bwd_ghat=seq_bwd_ghat,
+        # the B / C rows' and dB / dC rows' time strides as compile-time constants (they are 16 and 32 floats as
+        # allocated), so that a step's row offsets are immediates of the loads: local compile of the S1 default,
+        # reverse loop 944 -> 894 and chunk pass 233 -> 207 instructions a block, same 168 registers. Not yet timed
+        seq_bwd_row_strides=over.get("seq_bwd_row_strides", False),
     )
 
 
@@ -728,6 +733,8 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
     dA16 = torch.zeros(dim, SEQ_STATES, device=u.device, dtype=torch.float32)
     dBC = torch.zeros(batch, groups, steps, 2 * SEQ_STATES, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, THREADS_PER_WARP // cfg.seq_bwd_split), count * segments)
+    if cfg.seq_bwd_row_strides and (BT.stride(2), dBC.stride(2)) != (SEQ_STATES, 2 * SEQ_STATES):
+        raise AssertionError(f"row strides {BT.stride(2)}, {dBC.stride(2)} are not the kernel's constants")
     for phase in (1, 2) if segments > 1 else (2,):
         _bwd_seq_kernel[grid](
             u, delta, A2, BT, CT, D if D is not None else A2, z if z is not None else u,
@@ -744,7 +751,8 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
             SPLIT=cfg.seq_bwd_split, SEGMENTS=segments, PHASE=phase, APPROX_LOG=_approx_log(cfg),
-            BC_AHEAD=cfg.seq_bwd_bc_ahead, SHARE=cfg.seq_bwd_share, GHAT=cfg.seq_bwd_ghat, num_warps=1,
+            BC_AHEAD=cfg.seq_bwd_bc_ahead, SHARE=cfg.seq_bwd_share, GHAT=cfg.seq_bwd_ghat,
+            ROW_STRIDES=cfg.seq_bwd_row_strides, num_warps=1,
             **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
         )
     dB = dBC[:, :, :length, :d_state].transpose(-1, -2)

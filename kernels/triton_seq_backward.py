@@ -360,6 +360,7 @@ def _bwd_seq_kernel(
     VARLEN: tl.constexpr, HAS_DLAST: tl.constexpr, CHUNK: tl.constexpr, LANE_ASM: tl.constexpr,
     SPLIT: tl.constexpr = 1, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2, APPROX_LOG: tl.constexpr = False,
     BC_AHEAD: tl.constexpr = False, SHARE: tl.constexpr = False, GHAT: tl.constexpr = False,
+    ROW_STRIDES: tl.constexpr = False,
 ):
     """One program: a warp of one sequence, time from last to first: 32 channels a channel a thread, or
     (SPLIT 2) 16 channels a channel on two neighbouring lanes, 8 states each (half the registers a thread).
@@ -373,6 +374,9 @@ def _bwd_seq_kernel(
     from zero at its end, and writes g at its first step (`part_ptr`) and U, the sum of delta over its steps
     after the first and the step after it (`usum_ptr`: the piece carries g from its end to its start by
     exp2(A2 * U)). PHASE 2 starts each piece from the later pieces' results combined."""
+    if ROW_STRIDES:  # the B / C rows and the dB / dC rows as the launcher allocates them: offsets become immediates
+        sBT_l = SEQ_STATES
+        sbc_l = 2 * SEQ_STATES
     BLOCK_R: tl.constexpr = LANES
     CHANNELS: tl.constexpr = LANES // SPLIT
     PER_ROW: tl.constexpr = SEQ_STATES // SPLIT

@@ -140,7 +140,7 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
                           (1, 16, 0, 16, 2, {}), (17, 5, 2, 32, 2, {}), (70, 16, 0, 16, 2, {"with_z": False}),
                           (64, 7, 0, 32, 2, {"with_D": False, "with_bias": False}),
                           (70, 16, 2, 32, 2, {"config": {"seq_bwd_bc_ahead": False, "seq_bwd_ghat": False}}),
-                          (66, 7, 2, 32, 2, {"config": {"seq_bwd_share": False}}),
+                          (66, 7, 2, 32, 2, {"config": {"seq_bwd_share": False, "seq_bwd_row_strides": True}}),
                           pytest.param(64, 7, 0, 32, 1, {"with_D": False, "with_bias": False}, marks=pytest.mark.slow),
                           pytest.param(130, 16, 3, 96, 1, {}, marks=pytest.mark.slow),
                           pytest.param(130, 16, 3, 48, 2, {}, marks=pytest.mark.slow)])
@@ -589,16 +589,18 @@ def test_gpu_check_script_runs_its_cases(monkeypatch):
     assert not check_variant.check(SEQ_BACKWARD, device="cpu")
 
 
-@pytest.mark.parametrize("length,pieces,split,forward_pieces,share",
-                         [(130, 2, 2, 1, False), (200, 4, 1, 2, False),
-                          pytest.param(130, 2, 2, 1, True, marks=pytest.mark.slow),
-                          pytest.param(130, 2, 1, 1, False, marks=pytest.mark.slow),
-                          pytest.param(256, 4, 2, 4, False, marks=pytest.mark.slow)])
-def test_sequential_backward_in_time_pieces(length, pieces, split, forward_pieces, share, monkeypatch):
+@pytest.mark.parametrize("length,pieces,split,forward_pieces,config",
+                         [(130, 2, 2, 1, {}), (200, 4, 1, 2, {}),
+                          pytest.param(130, 2, 2, 1, {"seq_bwd_share": True}, marks=pytest.mark.slow),
+                          pytest.param(200, 4, 2, 1, {"seq_bwd_share": True, "seq_bwd_row_strides": True},
+                                       marks=pytest.mark.slow),
+                          pytest.param(130, 2, 1, 1, {}, marks=pytest.mark.slow),
+                          pytest.param(256, 4, 2, 4, {}, marks=pytest.mark.slow)])
+def test_sequential_backward_in_time_pieces(length, pieces, split, forward_pieces, config, monkeypatch):
     """Time cut into pieces of whole chunks for the sequential backward: a first pass gives every piece but
     the first its adjoint from zero and its carry exponent, the second starts each piece from the later
     pieces' results (last piece shorter; the last state's gradient enters at the end)."""
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**SEQ_BACKWARD, "seq_bwd_split": split,
                                                           "seq_bwd_segments": pieces, "seq_segments": forward_pieces,
-                                                          "seq_bwd_share": share})
+                                                          **config})
     compare(make_inputs(dim=32, d_state=16, length=length, seed=length + pieces))
