@@ -306,7 +306,9 @@ def _adjoint_step(g, dt_next, h, A2, dt, dtu, dy, Bt, Ct, next_bt_rows, next_ct_
     """Step t backward. In: g of step t + 1 and that step's delta (its decay is recomputed here: one
     register a row carried between steps instead of 16), h the state after step t, step t's B and C rows. Out: g
     of step t, dA summed on, step t's sums over states of g B, g (h - drive) A2 and h C, the row's dB/dC lane sum
-    added in, and step t - 1's B and C rows (HAS_NEXT), read before that atomic add (AHEAD) or after it."""
+    added in, and step t - 1's B and C rows (HAS_NEXT), read before that atomic add (AHEAD) or after it.
+    GHAT: g in and out is g-hat (decay * g) of step t + 1 and of step t, h_prev the state before step t, and
+    dt_next is not read."""
     B_next = Bt
     C_next = Ct
     if HAS_NEXT and AHEAD:  # a step ahead: in flight while this step computes
