@@ -156,7 +156,9 @@ def _channel_sum(x, SPLIT: tl.constexpr, LANE_ASM: tl.constexpr):
 
 @triton.jit
 def _partner(x, LANE_ASM: tl.constexpr):
-    """(32, m): each row replaced by the other row of its channel (lane l ^ 1)."""
+    """(32, m): each row replaced by the other row of its channel (lane l ^ 1). The shuffle is right only when row r
+    sits on lane r, which Triton's layout choice decides: operands must come from row-per-lane tiles (see
+    _own_delta)."""
     if LANE_ASM:
         out = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", "=r,r", [x],
                                         dtype=tl.float32, is_pure=True, pack=1)
@@ -185,8 +187,9 @@ def _own_half(x, upper):
 @triton.jit
 def _own_delta(raw4, upper, own_mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, APPROX_LOG: tl.constexpr):
     """_load_delta on a lane's two steps of a loaded (R, 4) block row. The row is read whole by both lanes of a
-    channel (the addresses the unshared path uses): with per-lane step offsets in the loads, the kernel compiled
-    for lengths not divisible by 16 read wrong values for the second lane on the GPU (v16)."""
+    channel (the addresses the unshared path uses). Loading each lane's two steps through per-lane offsets let
+    Triton give those (R, 2) loads a [16, 2]-lanes layout when the channel stride is not a multiple of 16, and
+    _partner's xor-1 shuffle then swapped a lane's two steps instead of exchanging with the other lane (v16)."""
     raw = _own_half(raw4, upper).to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias[:, None]
