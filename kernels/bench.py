@@ -296,8 +296,8 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # The adjoint carried as g-hat = decay * g under a 168-register cap (seq_bwd_ghat; 07:48 UTC, alternating rows):
     # S1 f+b 4.700 / 4.709 -> 4.628 / 4.570 ms, now the default with the shared per-channel work
     # Built after the session's device time ran out, untimed: the backward's row strides as constants
-    # (seq_bwd_row_strides; local compile -6.5% instructions a block, same registers)
-    "b32_L2048_N16": [{}, {"seq_bwd_row_strides": True}, {}, {"seq_bwd_row_strides": True}, {"seq_bwd_ghat": False}],
+    # (seq_bwd_row_strides; local compile -6.5% instructions a block, same registers). Time with --sweep-rounds 3.
+    "b32_L2048_N16": [{}, {"seq_bwd_row_strides": True}, {"seq_bwd_ghat": False}],
     "b8_L16384_N16": [{}, {"seq_bwd_row_strides": True}, {"seq_bwd_share": True, "seq_bwd_ghat": True},
                       {"seq_bwd_share": True, "seq_bwd_ghat": True, "seq_bwd_row_strides": True}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
@@ -309,13 +309,26 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
 }
 
 
-def sweep_shape(triton_scan, shape: Shape, device, variants: list[dict]) -> list[dict]:
-    """Time each override set; each must agree with the default configuration's outputs and gradients."""
-    rows = []
+def median_of_rounds(timings: list[dict]) -> dict:
+    """Per-key median of several `measure` results of one configuration, with its forward+backward times by
+    round (`fwd_bwd_rounds_ms`)."""
+    keys = timings[0].keys()
+    summary = {key: float(statistics.median(t[key] for t in timings)) for key in keys}
+    summary["fwd_bwd_rounds_ms"] = [t["fwd_bwd_ms"] for t in timings]
+    return summary
+
+
+def sweep_shape(triton_scan, shape: Shape, device, variants: list[dict], rounds: int = 1) -> list[dict]:
+    """Time each override set; each must agree with the default configuration's outputs and gradients.
+
+    With `rounds` > 1 the variants are timed in turn, round after round, and each row reports the medians:
+    a drift of the card's clocks during the sweep then reaches every row alike (single timings of one
+    configuration varied by 2-4% within a call, kernels/NOTES.md v16)."""
     inputs = make_inputs(shape, torch.bfloat16, device, seed=11)
     dout = torch.randn(shape.batch, shape.dim, shape.length, device=device, dtype=torch.bfloat16)
     triton_scan.CONFIG_OVERRIDES.clear()
     ref_out, ref_grads = run_scan(triton_scan.selective_scan_triton, inputs, dout)
+    rows, timings = [], []
     for overrides in variants:
         triton_scan.CONFIG_OVERRIDES.clear()
         triton_scan.CONFIG_OVERRIDES.update(overrides)
@@ -323,12 +336,23 @@ def sweep_shape(triton_scan, shape: Shape, device, variants: list[dict]) -> list
             out, grads = run_scan(triton_scan.selective_scan_triton, inputs, dout)
             agree = max([rel_err(out, ref_out)] + [rel_err(grads[k], ref_grads[k]) for k in GRAD_NAMES])
             del out, grads
-            row = {"overrides": overrides, "agreement": agree,
-                   **measure(triton_scan.selective_scan_triton, shape, torch.bfloat16, device, 20, 6)}
+            rows.append({"overrides": overrides, "agreement": agree})
+            timings.append([])
         except Exception as exc:  # a configuration that fails to compile or run is reported, not fatal
-            row = {"overrides": overrides, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            rows.append({"overrides": overrides, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            timings.append(None)
         torch.cuda.empty_cache()
-        rows.append(row)
+    for _ in range(rounds):
+        for row, samples in zip(rows, timings, strict=True):
+            if samples is None:
+                continue
+            triton_scan.CONFIG_OVERRIDES.clear()
+            triton_scan.CONFIG_OVERRIDES.update(row["overrides"])
+            samples.append(measure(triton_scan.selective_scan_triton, shape, torch.bfloat16, device, 20, 6))
+            torch.cuda.empty_cache()
+    for row, samples in zip(rows, timings, strict=True):
+        if samples:
+            row.update(median_of_rounds(samples) if rounds > 1 else samples[0])
         print("sweep", shape.name, json.dumps(row), flush=True)
     triton_scan.CONFIG_OVERRIDES.clear()
     return rows
@@ -379,6 +403,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mamba-src", default=".mamba_src/mamba_ssm-2.3.2.post1")
     parser.add_argument("--shapes", default=",".join(ISSUE_SHAPES))
     parser.add_argument("--sweep", action="store_true", help="time the SWEEP tile configurations at the first shape")
+    parser.add_argument("--sweep-rounds", type=int, default=1,
+                        help="time the sweep's rows in turn this many times and report medians")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--torch-shapes", default="b32_L2048_N16",
                         help="shapes at which the (slow) torch backend is timed")
@@ -471,7 +497,8 @@ def main(argv=None) -> int:
     if args.sweep:
         report["sweep"] = {}
         for shape in shapes:
-            report["sweep"][shape.name] = sweep_shape(triton_scan, shape, device, SWEEP.get(shape.name, []))
+            report["sweep"][shape.name] = sweep_shape(triton_scan, shape, device, SWEEP.get(shape.name, []),
+                                                      rounds=args.sweep_rounds)
             write_report(report, args.out)
 
     path = write_report(report, args.out)

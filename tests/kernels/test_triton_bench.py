@@ -58,3 +58,39 @@ def test_sweep_rows_name_real_shapes_and_config_fields():
         assert {} in rows, f"{shape}: the default row is the sweep's baseline"
         for overrides in rows:
             assert set(overrides) <= fields, f"{shape}: {sorted(set(overrides) - fields)}"
+
+
+def test_sweep_rounds_time_the_rows_in_turn_and_report_medians(monkeypatch):
+    """With rounds, every row that runs is timed once per round, rows in turn; a row that fails is reported once,
+    untimed; each row carries the median of its rounds."""
+    from odyssey.kernels import bench
+
+    class FakeScan:
+        CONFIG_OVERRIDES: dict = {}
+
+        @staticmethod
+        def selective_scan_triton(*args, **kwargs):
+            raise AssertionError("run_scan is replaced")
+
+    def fake_run_scan(fn, inputs, dout):
+        if FakeScan.CONFIG_OVERRIDES.get("broken"):
+            raise RuntimeError("does not compile")
+        out = torch.ones(2)
+        return out, {name: torch.ones(2) for name in GRAD_NAMES}
+
+    order, clock = [], iter([3.0, 9.0, 1.0, 8.0, 2.0, 7.0])
+
+    def fake_measure(fn, shape, dtype, device, reps_fwd, reps_bwd):
+        order.append(dict(FakeScan.CONFIG_OVERRIDES))
+        ms = next(clock)
+        return {"fwd_ms": ms / 4, "fwd_bwd_ms": ms, "fwd_peak_mib": 10.0, "fwd_bwd_peak_mib": 20.0}
+
+    monkeypatch.setattr(bench, "run_scan", fake_run_scan)
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    shape = Shape("tiny", batch=1, length=4, dim=2, d_state=2)
+    rows = bench.sweep_shape(FakeScan, shape, "cpu", [{}, {"broken": True}, {"fast": True}], rounds=3)
+    assert order == [{}, {"fast": True}] * 3
+    assert rows[0]["fwd_bwd_rounds_ms"] == [3.0, 1.0, 2.0] and rows[0]["fwd_bwd_ms"] == 2.0
+    assert rows[2]["fwd_bwd_rounds_ms"] == [9.0, 8.0, 7.0] and rows[2]["fwd_ms"] == 2.0
+    assert "error" in rows[1] and "fwd_bwd_ms" not in rows[1]
+    assert rows[2]["agreement"] == 0.0 and FakeScan.CONFIG_OVERRIDES == {}
