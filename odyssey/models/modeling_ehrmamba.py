@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from odyssey.kernels.cross_entropy import cross_entropy
 from odyssey.kernels.rms_norm import rms_norm
 
 from .configuration_ehrmamba import EHRMambaConfig
@@ -278,11 +279,13 @@ def next_token_loss(
     count over all gradient-accumulation micro-batches and devices), the sum divided by it, so that
     accumulated gradients weight every token equally.
     """
-    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    targets = labels[:, 1:].reshape(-1).to(shifted_logits.device)
+    # every position's logits against the next label, the last position's target ignored: the logits stay one view
+    # (no copy of the shifted slice); `odyssey.kernels.cross_entropy` (torch's, or a fused Triton kernel)
+    rows = logits.reshape(-1, logits.shape[-1])
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).to(rows.device)
     if num_items_in_batch is None:
-        return F.cross_entropy(shifted_logits, targets, ignore_index=IGNORE_INDEX)
-    total = F.cross_entropy(shifted_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return cross_entropy(rows, targets, ignore_index=IGNORE_INDEX)
+    total = cross_entropy(rows, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
