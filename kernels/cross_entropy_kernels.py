@@ -35,8 +35,12 @@ def _cross_entropy_fwd_kernel(x_ptr, target_ptr, loss_ptr, stats_ptr, vocab, sx_
     log_sum = tl.log(tl.sum(total * tl.exp(top - row_max), axis=0))
     target = tl.load(target_ptr + row)
     counted = target != ignore_index
-    picked = tl.load(row_ptr + tl.where(counted, target, 0), mask=counted, other=0.0).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(counted, (row_max - picked) + log_sum, 0.0))
+    in_range = (target >= 0) & (target < vocab)
+    picked = tl.load(row_ptr + tl.where(counted & in_range, target, 0), mask=counted & in_range,
+                     other=0.0).to(tl.float32)
+    loss = tl.where(counted, (row_max - picked) + log_sum, 0.0)
+    # a target outside the vocabulary is never read; its loss is NaN so that it shows (torch raises instead)
+    tl.store(loss_ptr + row, tl.where(counted & ~in_range, float("nan"), loss))
     tl.store(stats_ptr + 2 * row, row_max)
     tl.store(stats_ptr + 2 * row + 1, log_sum)
 

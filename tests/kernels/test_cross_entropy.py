@@ -69,6 +69,12 @@ def test_all_targets_ignored_gives_torchs_nan_mean_and_zero_gradient():
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
+def test_a_target_outside_the_vocabulary_gives_a_nan_loss_not_a_stray_read():
+    logits = torch.randn(3, 5)
+    loss = cross_entropy.cross_entropy(logits, torch.tensor([1, 7, -100]), backend="triton")
+    assert torch.isnan(loss)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="rows, vocab"):
         cross_entropy.cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long))
