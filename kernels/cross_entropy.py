@@ -17,14 +17,11 @@ tensors); $ODYSSEY_LOSS_BACKEND names a backend for every `auto` call (how a ben
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from odyssey.kernels.triton_support import triton_kernels_usable
+from odyssey.kernels.triton_support import use_triton
 
-LOSS_BACKENDS = ("torch", "triton")
 BACKEND_ENV = "ODYSSEY_LOSS_BACKEND"
 MAX_BLOCK = 4096  # vocabulary elements a step of a row: 16 a thread with 8 warps
 AUTO_TRITON = False  # see the module doc
@@ -76,10 +73,6 @@ class CrossEntropyTriton(torch.autograd.Function):
         return dx, None, None, None
 
 
-def _triton_usable(x: torch.Tensor) -> bool:
-    return triton_kernels_usable(x, "odyssey.kernels.cross_entropy_kernels")
-
-
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
                   backend: str = "auto") -> torch.Tensor:
     """Cross-entropy of (rows, vocab) logits against (rows,) targets (see the module doc)."""
@@ -88,16 +81,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                          f"{tuple(targets.shape)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"unknown reduction {reduction!r}; choose mean or sum")
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "").strip() or "auto"
-    if backend not in ("auto", *LOSS_BACKENDS):
-        raise ValueError(f"unknown loss backend {backend!r} (argument or ${BACKEND_ENV}); choose one of "
-                         f"{('auto', *LOSS_BACKENDS)}")
-    use_triton = backend == "triton" or (backend == "auto" and AUTO_TRITON and logits.is_cuda and _triton_usable(logits))
-    if not use_triton:
+    if not use_triton(backend, BACKEND_ENV, "loss", logits, "odyssey.kernels.cross_entropy_kernels", AUTO_TRITON):
         return cross_entropy_torch(logits, targets, ignore_index, reduction)
-    if not _triton_usable(logits):
-        raise ValueError(f"the triton loss needs CUDA tensors (or TRITON_INTERPRET=1) and Triton; got {logits.device}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     return CrossEntropyTriton.apply(logits, targets.contiguous(), ignore_index, reduction)

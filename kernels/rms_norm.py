@@ -14,14 +14,12 @@ tensors when Triton imports, unless $ODYSSEY_NORM_BACKEND names one (a benchmark
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-from odyssey.kernels.triton_support import triton_kernels_usable
+from odyssey.kernels.triton_support import use_triton
 
-NORM_BACKENDS = ("torch", "triton")
 BACKEND_ENV = "ODYSSEY_NORM_BACKEND"
 PROGRAMS_PER_MULTIPROCESSOR = 4
 ROW_ELEMENTS = 4096  # elements of a (rows, features) step: 16 a thread with 8 warps
@@ -95,24 +93,12 @@ class RMSNormTriton(torch.autograd.Function):
         return dx.view(ctx.shape), dw_parts.sum(0).to(weight.dtype), None, None
 
 
-def _triton_usable(x: torch.Tensor) -> bool:
-    return triton_kernels_usable(x, "odyssey.kernels.rms_norm_kernels")
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None,
              backend: str = "auto") -> torch.Tensor:
     """RMSNorm of x's last dimension with `weight`, returned in `out_dtype` (see the module doc)."""
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight must be ({x.shape[-1]},) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "").strip() or "auto"
-    if backend not in ("auto", *NORM_BACKENDS):
-        raise ValueError(f"unknown norm backend {backend!r} (argument or ${BACKEND_ENV}); choose one of "
-                         f"{('auto', *NORM_BACKENDS)}")
     out_dtype = out_dtype or x.dtype
-    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and _triton_usable(x))
-    if use_triton:
-        if not _triton_usable(x):
-            raise ValueError(f"the triton norm needs CUDA tensors (or TRITON_INTERPRET=1) and Triton; got {x.device}")
+    if use_triton(backend, BACKEND_ENV, "norm", x, "odyssey.kernels.rms_norm_kernels"):
         return RMSNormTriton.apply(x, weight, eps, out_dtype)
     return rms_norm_torch(x, weight, eps, out_dtype)
