@@ -62,7 +62,8 @@ def test_sweep_rows_name_real_shapes_and_config_fields():
 
 def test_sweep_rounds_time_the_rows_in_turn_and_report_medians(monkeypatch):
     """With rounds, every row that runs is timed once per round, rows in turn; a row that fails is reported once,
-    untimed; each row carries the median of its rounds."""
+    untimed; each row carries the median of its rounds. A row wrong only at an odd length (as the first form of
+    v16 was) disagrees."""
     from odyssey.kernels import bench
 
     class FakeScan:
@@ -75,10 +76,11 @@ def test_sweep_rounds_time_the_rows_in_turn_and_report_medians(monkeypatch):
     def fake_run_scan(fn, inputs, dout):
         if FakeScan.CONFIG_OVERRIDES.get("broken"):
             raise RuntimeError("does not compile")
-        out = torch.ones(2)
+        wrong = FakeScan.CONFIG_OVERRIDES.get("wrong_at_odd_lengths") and inputs["u"].shape[-1] % 2
+        out = torch.ones(2) * (2.0 if wrong else 1.0)
         return out, {name: torch.ones(2) for name in GRAD_NAMES}
 
-    order, clock = [], iter([3.0, 9.0, 1.0, 8.0, 2.0, 7.0])
+    order, clock = [], iter([3.0, 9.0, 5.0, 1.0, 8.0, 5.0, 2.0, 7.0, 5.0])
 
     def fake_measure(fn, shape, dtype, device, reps_fwd, reps_bwd):
         order.append(dict(FakeScan.CONFIG_OVERRIDES))
@@ -88,8 +90,10 @@ def test_sweep_rounds_time_the_rows_in_turn_and_report_medians(monkeypatch):
     monkeypatch.setattr(bench, "run_scan", fake_run_scan)
     monkeypatch.setattr(bench, "measure", fake_measure)
     shape = Shape("tiny", batch=1, length=4, dim=2, d_state=2)
-    rows = bench.sweep_shape(FakeScan, shape, "cpu", [{}, {"broken": True}, {"fast": True}], rounds=3)
-    assert order == [{}, {"fast": True}] * 3
+    rows = bench.sweep_shape(FakeScan, shape, "cpu", [{}, {"broken": True}, {"fast": True},
+                                                     {"wrong_at_odd_lengths": True}], rounds=3)
+    assert rows[3]["agreement_full"] == 0.0 and rows[3]["agreement"] == rows[3]["agreement_odd_length"] > 0.5
+    assert order[:2] == [{}, {"fast": True}] and order[::3] == [{}] * 3
     assert rows[0]["fwd_bwd_rounds_ms"] == [3.0, 1.0, 2.0] and rows[0]["fwd_bwd_ms"] == 2.0
     assert rows[2]["fwd_bwd_rounds_ms"] == [9.0, 8.0, 7.0] and rows[2]["fwd_ms"] == 2.0
     assert "error" in rows[1] and "fwd_bwd_ms" not in rows[1]
