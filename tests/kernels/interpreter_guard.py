@@ -9,6 +9,7 @@ and runs its whole file again in a child process where the interpreter is on fro
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import sys
 import pytest
 import triton.language.standard as triton_standard
 from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 FRESH_PROCESS_TEST = "test_module_in_fresh_process"
 FRESH_PROCESS_TIMEOUT_S = 900
@@ -23,6 +25,14 @@ FRESH_PROCESS_TIMEOUT_S = 900
 
 def interpreter_active() -> bool:
     return isinstance(triton_standard.sigmoid, InterpretedFunction)
+
+
+def reload_for_interpreter(kernels, *users) -> None:
+    """Reload the Triton kernels module `kernels`, then the modules `users` that bound its functions, when its
+    kernels were decorated compiled (imported before TRITON_INTERPRET=1 was set in this process)."""
+    if any(isinstance(value, JITFunction) for value in vars(kernels).values()):
+        for module in (kernels, *users):
+            importlib.reload(module)
 
 
 def make_guard(module_file: str):

@@ -4,17 +4,13 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from interpreter_guard import make_guard  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from interpreter_guard import make_guard, reload_for_interpreter  # noqa: E402
 
 from odyssey.kernels import causal_conv, causal_conv_kernels  # noqa: E402
 
-if not isinstance(causal_conv_kernels._causal_conv_fwd_kernel, InterpretedFunction):
-    importlib.reload(causal_conv_kernels)
+reload_for_interpreter(causal_conv_kernels)
 
 # Triton imported compiled before this module (another test folder first): rerun this file in a child
 _interpreted_only, test_module_in_fresh_process = make_guard(__file__)

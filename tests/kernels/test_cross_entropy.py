@@ -4,18 +4,14 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from interpreter_guard import make_guard  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from interpreter_guard import make_guard, reload_for_interpreter  # noqa: E402
 
 from odyssey.kernels import cross_entropy, cross_entropy_kernels  # noqa: E402
 
-if not isinstance(cross_entropy_kernels._cross_entropy_fwd_kernel, InterpretedFunction):
-    importlib.reload(cross_entropy_kernels)
+reload_for_interpreter(cross_entropy_kernels)
 
 _interpreted_only, test_module_in_fresh_process = make_guard(__file__)
 

@@ -9,20 +9,16 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import dataclasses  # noqa: E402
-import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from interpreter_guard import make_guard  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from interpreter_guard import make_guard, reload_for_interpreter  # noqa: E402
 
 from odyssey.kernels import triton_scan, triton_scan_kernels  # noqa: E402
 from odyssey.kernels.reference import selective_scan_reference  # noqa: E402
 from odyssey.kernels.step import selective_state_update  # noqa: E402
 
-if not isinstance(triton_scan_kernels._scan_fwd_kernel, InterpretedFunction):
-    importlib.reload(triton_scan_kernels)
-    importlib.reload(triton_scan)
+reload_for_interpreter(triton_scan_kernels, triton_scan)
 
 # Triton imported compiled before this module (another test folder first): rerun this file in a child
 _interpreted_only, test_module_in_fresh_process = make_guard(__file__)
