@@ -104,7 +104,13 @@ def _softplus(x, APPROX_LOG: tl.constexpr = False):
 @triton.jit
 def _load_delta(ptr, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, APPROX_LOG: tl.constexpr = False):
     """Effective step delta' (and the pre-softplus value) with masked positions set to 0."""
-    raw = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    return _effective_delta(tl.load(ptr, mask=mask, other=0.0), mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
+
+
+@triton.jit
+def _effective_delta(raw, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, APPROX_LOG: tl.constexpr):
+    """_load_delta of loaded (rows, steps) values."""
+    raw = raw.to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias[:, None]
     eff = _softplus(raw, APPROX_LOG) if SOFTPLUS else raw

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from odyssey.kernels.triton_scan_kernels import (
     SEQ_STATES,
+    _effective_delta,
     _halves,
     _interleave,
     _load_delta,
@@ -190,11 +191,7 @@ def _own_delta(raw4, upper, own_mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl
     channel (the addresses the unshared path uses). Loading each lane's two steps through per-lane offsets let
     Triton give those (R, 2) loads a [16, 2]-lanes layout when the channel stride is not a multiple of 16, and
     _partner's xor-1 shuffle then swapped a lane's two steps instead of exchanging with the other lane (v16)."""
-    raw = _own_half(raw4, upper).to(tl.float32)
-    if HAS_BIAS:
-        raw = raw + bias[:, None]
-    eff = _softplus(raw, APPROX_LOG) if SOFTPLUS else raw
-    return tl.where(own_mask, eff, 0.0), raw
+    return _effective_delta(_own_half(raw4, upper), own_mask, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
 
 
 @triton.jit
