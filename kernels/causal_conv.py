@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from odyssey.kernels.triton_support import triton_kernels_usable
+from odyssey.kernels.triton_support import use_triton
 
 MAX_TRITON_TAPS = 4
 # (channels, time) tiles: the largest that compile for sm_90 without spilling (4 warps; checked with
@@ -61,9 +61,6 @@ def _tile(name: str, default):
         raise ValueError(f"unknown conv overrides {sorted(set(TILE_OVERRIDES) - set(OVERRIDE_KEYS))}; "
                          f"known: {OVERRIDE_KEYS}")
     return TILE_OVERRIDES.get(name, default)
-
-
-CONV_BACKENDS = ("torch", "triton")
 
 
 def conv_weight_2d(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -168,20 +165,13 @@ class CausalConv1dTriton(torch.autograd.Function):
         return dx, dweight, dbias, None, None
 
 
-def _triton_usable(x: torch.Tensor, taps: int) -> bool:
-    return taps <= MAX_TRITON_TAPS and triton_kernels_usable(x, "odyssey.kernels.causal_conv_kernels")
-
-
 def resolve_conv_backend(backend: str, x: torch.Tensor, taps: int) -> str:
     """The backend a call runs: `auto` is `triton` for CUDA tensors with K <= 4 when Triton imports."""
-    if backend == "auto":
-        return "triton" if x.is_cuda and _triton_usable(x, taps) else "torch"
-    if backend not in CONV_BACKENDS:
-        raise ValueError(f"unknown conv backend {backend!r}; choose one of {('auto', *CONV_BACKENDS)}")
-    if backend == "triton" and not _triton_usable(x, taps):
-        raise ValueError(f"the triton conv needs CUDA tensors (or TRITON_INTERPRET=1), Triton, and at most "
-                         f"{MAX_TRITON_TAPS} taps; got device {x.device} and {taps} taps")
-    return backend
+    if backend == "triton" and taps > MAX_TRITON_TAPS:
+        raise ValueError(f"the triton conv takes at most {MAX_TRITON_TAPS} taps; got {taps}")
+    usable = use_triton(backend, None, "conv", x, "odyssey.kernels.causal_conv_kernels",
+                        auto_triton=taps <= MAX_TRITON_TAPS)
+    return "triton" if usable else "torch"
 
 
 def causal_conv1d(x, weight, bias=None, mask=None, silu=True, backend="auto"):

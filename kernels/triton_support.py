@@ -19,16 +19,17 @@ def triton_kernels_usable(x: torch.Tensor, module: str) -> bool:
     return True
 
 
-def use_triton(backend: str, env_var: str, what: str, x: torch.Tensor, module: str, auto_triton: bool = True) -> bool:
-    """Whether a call asking for `backend` ("auto", "torch" or "triton"; "auto" first takes $env_var when set, as a
-    benchmark's same-run baseline does) runs the Triton kernels of `module` on x. `auto` is Triton for CUDA tensors
-    where the kernels run (and `auto_triton`), torch otherwise; an unknown name, or "triton" where the kernels
-    cannot run, is refused naming `what`."""
-    if backend == "auto":
+def use_triton(backend: str, env_var: str | None, what: str, x: torch.Tensor, module: str,
+               auto_triton: bool = True) -> bool:
+    """Whether a call asking for `backend` ("auto", "torch" or "triton"; "auto" first takes $env_var when one is named
+    and set, as a benchmark's same-run baseline does) runs the Triton kernels of `module` on x. `auto` is Triton for
+    CUDA tensors where the kernels run (and `auto_triton`), torch otherwise; an unknown name, or "triton" where the
+    kernels cannot run, is refused naming `what`."""
+    if backend == "auto" and env_var:
         backend = os.environ.get(env_var, "").strip() or "auto"
     if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown {what} backend {backend!r} (argument or ${env_var}); choose one of "
-                         "('auto', 'torch', 'triton')")
+        source = f" (argument or ${env_var})" if env_var else ""
+        raise ValueError(f"unknown {what} backend {backend!r}{source}; choose one of ('auto', 'torch', 'triton')")
     if backend == "torch" or (backend == "auto" and not (auto_triton and x.is_cuda)):
         return False
     usable = triton_kernels_usable(x, module)
