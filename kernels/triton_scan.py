@@ -258,8 +258,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     bwd_maxnreg = over.get("bwd_maxnreg", _bwd_register_cap(max(rows, 1) // block_d_bwd, multiprocessors)
                            if capped else None)
     # the sequential backward's per-channel work split between a channel's two lanes, and its adjoint as g-hat
-    # (below): timed in one piece of time only
-    seq_bwd_share = over.get("seq_bwd_share", seq_bwd_segments == 1) and seq_bwd_split == 2
+    # (below); in pieces of time the two pay only together with the constant row strides (v16c)
+    seq_bwd_share = over.get("seq_bwd_share", True) and seq_bwd_split == 2
     seq_bwd_ghat = over.get("seq_bwd_ghat", seq_bwd_share)
     return ScanConfig(
         block_n=block_n,
@@ -340,17 +340,20 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         seq_bwd_bc_ahead=over.get("seq_bwd_bc_ahead", seq_bwd_segments == 1),
         # with a channel on two lanes, each lane does the per-channel work (softplus, the gate, the outputs) of two
         # of a block's four steps and the lanes exchange the results, instead of both doing all four; in one piece
-        # of time only (v16, H200, f+b: b32/L2048 4.88 -> 4.68 ms; b8/L16384 in 8 pieces 12.53 -> 12.63)
+        # of time (v16, H200, f+b: b32/L2048 4.88 -> 4.68 ms; b8/L16384 in 8 pieces alone 12.53 -> 12.63, with g-hat
+        # and the constant row strides 12.52 -> 12.32, v16c)
         seq_bwd_share=seq_bwd_share,
         # the adjoint carried as g-hat = decay * g, so that g decay h_{t-1} is g-hat h_{t-1} (one instruction an
         # element-state less; the block's first state stays live: 246 registers uncapped, 168 without spills when
         # capped, which seq_bwd_maxnreg then defaults to). Local compile: reverse loop 975 -> 944. With the shared
-        # per-channel work only (timed there: v16, H200, S1 f+b 4.70 -> 4.60 ms)
+        # per-channel work only (timed there: v16, H200, S1 f+b 4.70 -> 4.60 ms; v16c 4.76 -> 4.65)
         seq_bwd_ghat=seq_bwd_ghat,
         # the B / C rows' and dB / dC rows' time strides as compile-time constants (they are 16 and 32 floats as
         # allocated), so that a step's row offsets are immediates of the loads: local compile of the S1 default,
-        # reverse loop 944 -> 894 and chunk pass 233 -> 207 instructions a block, same 168 registers. Not yet timed
-        seq_bwd_row_strides=over.get("seq_bwd_row_strides", False),
+        # reverse loop 944 -> 894 and chunk pass 233 -> 207 instructions a block, same 168 registers. H200 (v16c,
+        # medians of 3 alternating rounds): b32/L2048 4.653 -> 4.655 ms (even), b8/L16384 in 8 pieces with the
+        # shared work and g-hat 12.43 -> 12.32
+        seq_bwd_row_strides=over.get("seq_bwd_row_strides", True),
     )
 
 

@@ -135,7 +135,8 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
                          [(1, 16, 0, 32, 1, {}), (17, 5, 2, 64, 1, {}), (65, 16, 0, 32, 1, {"with_z": False}),
                           (1, 16, 0, 16, 2, {}), (17, 5, 2, 32, 2, {}), (70, 16, 0, 16, 2, {"with_z": False}),
                           (64, 7, 0, 32, 2, {"with_D": False, "with_bias": False}),
-                          (70, 16, 2, 32, 2, {"config": {"seq_bwd_bc_ahead": False, "seq_bwd_ghat": False}}),
+                          (70, 16, 2, 32, 2, {"config": {"seq_bwd_bc_ahead": False, "seq_bwd_ghat": False,
+                                                            "seq_bwd_row_strides": False}}),
                           (66, 7, 2, 32, 2, {"config": {"seq_bwd_share": False, "seq_bwd_row_strides": True}}),
                           pytest.param(64, 7, 0, 32, 1, {"with_D": False, "with_bias": False}, marks=pytest.mark.slow),
                           pytest.param(130, 16, 3, 96, 1, {}, marks=pytest.mark.slow),
@@ -189,11 +190,14 @@ def test_sequential_backward_follows_the_sequential_forward():
     # step ahead in one piece of time only
     assert (s1.approx_log, s1.approx_log_fwd) == (True, False)
     assert (s1.seq_bwd_bc_ahead, s2.seq_bwd_bc_ahead) == (True, False)
-    # the per-channel work split between a channel's two lanes: in one piece of time, with two lanes a channel
-    assert (s1.seq_bwd_share, s2.seq_bwd_share) == (True, False)
-    # with it the adjoint carried as g-hat, under a 168-register cap (its compile without one takes 246)
-    assert (s1.seq_bwd_ghat, s1.seq_bwd_maxnreg, s2.seq_bwd_ghat, s2.seq_bwd_maxnreg) == (True, 168, False, None)
-    assert backward_config(seq_bwd_split=1).seq_bwd_share is False
+    # the per-channel work split between a channel's two lanes (with two lanes a channel), with it the adjoint
+    # carried as g-hat under a 168-register cap (its compile without one takes 246), and the B / C rows' strides as
+    # constants: in one piece of time and in pieces
+    for config in (s1, s2):
+        assert (config.seq_bwd_share, config.seq_bwd_ghat, config.seq_bwd_maxnreg) == (True, True, 168)
+        assert config.seq_bwd_row_strides
+    unshared = backward_config(seq_bwd_split=1)
+    assert (unshared.seq_bwd_share, unshared.seq_bwd_ghat, unshared.seq_bwd_maxnreg) == (False, False, None)
 
 
 @pytest.mark.parametrize("overrides", [{"fwd_variant": "seq"}, {"fwd_variant": "seq", "seq_segments": 2},
@@ -587,9 +591,9 @@ def test_gpu_check_script_runs_its_cases(monkeypatch):
 
 @pytest.mark.parametrize("length,pieces,split,forward_pieces,config",
                          [(130, 2, 2, 1, {}), (200, 4, 1, 2, {}),
-                          pytest.param(130, 2, 2, 1, {"seq_bwd_share": True}, marks=pytest.mark.slow),
-                          pytest.param(200, 4, 2, 1, {"seq_bwd_share": True, "seq_bwd_row_strides": True},
+                          pytest.param(130, 2, 2, 1, {"seq_bwd_share": False, "seq_bwd_row_strides": False},
                                        marks=pytest.mark.slow),
+                          pytest.param(200, 4, 2, 1, {"seq_bwd_ghat": False}, marks=pytest.mark.slow),
                           pytest.param(130, 2, 1, 1, {}, marks=pytest.mark.slow),
                           pytest.param(256, 4, 2, 4, {}, marks=pytest.mark.slow)])
 def test_sequential_backward_in_time_pieces(length, pieces, split, forward_pieces, config, monkeypatch):
