@@ -46,6 +46,8 @@ SHAPES = {
     "b32_L2048_N64": Shape("b32_L2048_N64", 32, 2048, 1536, 64),
     # 1,056 programs of 32 channels: one wave of the sequential backward's 8 resident programs on 132 SMs
     "b22_L2048_N16": Shape("b22_L2048_N16", 22, 2048, 1536, 16),
+    # the pretraining benchmark's scan at 16k (65,536 tokens a step)
+    "b4_L16384_N16": Shape("b4_L16384_N16", 4, 16384, 1536, 16),
 }
 ISSUE_SHAPES = ("b32_L2048_N16", "b8_L16384_N16", "b32_L2048_N64")  # the issue's, timed by default
 
@@ -301,6 +303,9 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     "b8_L16384_N16": [{}, {"seq_bwd_row_strides": True}, {"seq_bwd_share": True, "seq_bwd_ghat": True},
                       {"seq_bwd_share": True, "seq_bwd_ghat": True, "seq_bwd_row_strides": True}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
+    # pieces of time at the pretraining benchmark's 16k shape (defaults: 8 and 8)
+    "b4_L16384_N16": [{}, {"seq_segments": 4}, {"seq_segments": 16}, {"seq_bwd_segments": 4},
+                      {"seq_bwd_segments": 16}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x
