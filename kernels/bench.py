@@ -297,15 +297,17 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # the forward on 2 lanes a channel (seq_split 2) 0.92 -> 1.16 ms
     # The adjoint carried as g-hat = decay * g under a 168-register cap (seq_bwd_ghat; 07:48 UTC, alternating rows):
     # S1 f+b 4.700 / 4.709 -> 4.628 / 4.570 ms, now the default with the shared per-channel work
-    # Built after the session's device time ran out, untimed: the backward's row strides as constants
-    # (seq_bwd_row_strides; local compile -6.5% instructions a block, same registers). Time with --sweep-rounds 3.
-    "b32_L2048_N16": [{}, {"seq_bwd_row_strides": True}, {"seq_bwd_ghat": False}],
-    "b8_L16384_N16": [{}, {"seq_bwd_row_strides": True}, {"seq_bwd_share": True, "seq_bwd_ghat": True},
-                      {"seq_bwd_share": True, "seq_bwd_ghat": True, "seq_bwd_row_strides": True}],
+    # v16c (session 13, 09:24 UTC, medians of 3 alternating rounds, f+b): constant row strides S1 4.653 -> 4.655 ms,
+    # S2 12.522 -> 12.447; g-hat off at S1 4.764; at S2 shared work + g-hat 12.435, with the constant strides 12.322
+    # (all three now the defaults wherever a channel is on two lanes)
+    # Built after session 13's device time ran out, untimed: the forward's first pass in 2 or 4 parts a piece
+    # (seq_first_pass_parts; 96 registers against the second pass's 134, so twice the programs fit one wave)
+    "b32_L2048_N16": [{}],
+    "b8_L16384_N16": [{}, {"seq_first_pass_parts": 2}, {"seq_first_pass_parts": 4}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
-    # pieces of time at the pretraining benchmark's 16k shape (defaults: 8 and 8)
-    "b4_L16384_N16": [{}, {"seq_segments": 4}, {"seq_segments": 16}, {"seq_bwd_segments": 4},
-                      {"seq_bwd_segments": 16}],
+    # pieces of time at the pretraining benchmark's 16k shape (H200, session 13, 09:41 UTC, f+b medians of 2: default,
+    # 8 and 8 pieces, 6.187 ms; forward 4 / 16 pieces 7.072 / 6.188; backward 4 / 16 pieces 6.154 / 6.162)
+    "b4_L16384_N16": [{}, {"seq_first_pass_parts": 2}, {"seq_first_pass_parts": 4}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x

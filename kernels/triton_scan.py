@@ -101,6 +101,7 @@ class ScanConfig:
     seq_prefetch: bool | None = None
     seq_l1_prefetch: bool = True
     seq_segments: int = 1
+    seq_first_pass_parts: int = 1
     seq_bwd_maxnreg: int | None = None
     seq_bwd_split: int = SEQ_BWD_SPLIT
     seq_bwd_segments: int = 1
@@ -319,6 +320,11 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         seq_l1_prefetch=over.get("seq_l1_prefetch", True),
         # time cut into this many pieces, a program each, for dense batches with few channel rows
         seq_segments=seq_segments,
+        # the forward's first pass (each piece's end state from zero) in this many parts a piece, a program each:
+        # it runs in 96 registers against the second pass's 134 (local compile), so twice the programs still fit
+        # one wave, and it is latency-bound like the second (b4/L16384: the forward 1.84 ms, twice S1's 0.92 per
+        # token). Not yet timed
+        seq_first_pass_parts=over.get("seq_first_pass_parts", 1),
         seq_bwd_maxnreg=over.get("seq_bwd_maxnreg", 168 if seq_bwd_ghat else None),
         # lanes per channel of the sequential backward (1 or 2: 16 or 8 states a thread)
         seq_bwd_split=seq_bwd_split,
@@ -594,10 +600,14 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     # every 8-step block reads whole rows: pad time past the last block of the latest sequence
     steps = length + SEQ_STEPS
     BT, CT = _time_major_rows(B4, steps), _time_major_rows(C4, steps)
-    # each piece's end state from zero (part) and its sum of delta, for the pieces after it
+    # each piece's end state from zero (part) and its sum of delta, for the pieces after it; the first pass may
+    # cut each piece into parts of whole 8-step blocks
     segments, segment_length, part, dtsum = _time_pieces(seqs, length, cfg.seq_segments, cfg.chunk, A2)
+    parts = cfg.seq_first_pass_parts if segments > 1 and segment_length % (cfg.seq_first_pass_parts * SEQ_STEPS) == 0 else 1
+    if parts > 1:
+        part = part.new_empty(seqs.count, segments * parts, *part.shape[2:])
+        dtsum = dtsum.new_empty(seqs.count, segments * parts, dim)
     prefetch = (not store_states or segments > 1) if cfg.seq_prefetch is None else cfg.seq_prefetch
-    grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count * segments)
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   VARLEN=not seqs.dense, BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split,
                   PREFETCH=prefetch, PREFETCH_L1=cfg.seq_l1_prefetch and not _interpreting(),
@@ -605,16 +615,18 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
                   num_warps=cfg.warps_fwd,
                   **({"maxnreg": cfg.seq_maxnreg} if cfg.seq_maxnreg else {}))
     for phase in (1, 2) if segments > 1 else (2,):
-        _fwd_seq_kernel[grid](
+        programs = segments * parts if phase == 1 else segments  # the first pass: a program a part
+        _fwd_seq_kernel[(triton.cdiv(dim, cfg.block_d_fwd), seqs.count * programs)](
             u, delta, A2, BT, CT, D if D is not None else u, z if z is not None else u,
             delta_bias if delta_bias is not None else u, out, states, last,
             seqs.batch_row, seqs.start, seqs.length, seqs.max_len, dim, dim // B4.shape[1],
-            part, dtsum, segment_length, part.stride(0), part.stride(1), part.stride(2),
-            dtsum.stride(0), dtsum.stride(1),
+            part, dtsum, segment_length // (parts if phase == 1 else 1), part.stride(0), part.stride(1),
+            part.stride(2), dtsum.stride(0), dtsum.stride(1),
             *u.stride(), *delta.stride(), BT.stride(0), BT.stride(1), BT.stride(2),
             *_strides3(z), *out.stride(), states.stride(0), states.stride(1), states.stride(2),
             last.stride(0), last.stride(1),
-            STORE_STATES=store_states and phase == 2, STORE_LAST=phase == 2, PHASE=phase, **common,
+            STORE_STATES=store_states and phase == 2, STORE_LAST=phase == 2, PHASE=phase, PARTS=parts,
+            **{**common, "SEGMENTS": programs},
         )
     return out, last[..., :d_state], states[..., :d_state]
 

@@ -561,7 +561,7 @@ def _fwd_seq_kernel(
     VARLEN: tl.constexpr, STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
     PREFETCH_L1: tl.constexpr = False, SEGMENTS: tl.constexpr = 1, PHASE: tl.constexpr = 2,
-    APPROX_LOG: tl.constexpr = False,
+    APPROX_LOG: tl.constexpr = False, PARTS: tl.constexpr = 1,
 ):
     """Sequential in time: each thread owns one channel's 16 states (SPLIT 2 or 4: half or a quarter
     of them, its neighbour lanes the rest, for more threads when there are few channel rows) in
@@ -574,7 +574,8 @@ def _fwd_seq_kernel(
     `segment_length` steps (a whole number of chunks), a program each. PHASE 1 runs every piece from a
     zero state and writes its end state (`part_ptr`) and its sum of delta (`dtsum_ptr`: the piece's decay
     is exp2(A2 * sum)); PHASE 2 starts each piece from the state the earlier pieces' results combine to
-    and writes y."""
+    and writes y. PARTS > 1: the first pass runs in pieces PARTS times shorter (SEGMENTS counts those), and the
+    second combines the PARTS results of each earlier piece."""
     PER_ROW: tl.constexpr = SEQ_STATES // SPLIT
     BLOCK_R: tl.constexpr = BLOCK_D * SPLIT
     pid_d = tl.program_id(0)
@@ -584,7 +585,7 @@ def _fwd_seq_kernel(
     begin = segment * segment_length
     end = tl.minimum(begin + segment_length, length) if SEGMENTS > 1 else length
     if PHASE == 1:  # the last piece's end state is nobody's start
-        end = tl.where(segment == SEGMENTS - 1, begin, end)
+        end = tl.where(segment >= SEGMENTS - PARTS, begin, end)
 
     offs_r = tl.arange(0, BLOCK_R)
     chan = pid_d * BLOCK_D + offs_r // SPLIT  # each row: one channel, states part * PER_ROW onwards
@@ -614,7 +615,7 @@ def _fwd_seq_kernel(
 
     h = tl.zeros([BLOCK_R, PER_ROW], tl.float32)
     if PHASE == 2 and SEGMENTS > 1:  # the state entering this piece, from the earlier pieces' results
-        for earlier in range(0, segment):
+        for earlier in range(0, segment * PARTS):
             total = tl.load(dtsum_rows + earlier * sds_g, mask=mask_r, other=0.0)
             h = tl.exp2(A2 * total[:, None]) * h + _load_states(part_rows + earlier * sp_g, mask_r, PER_ROW)
     dt_total = tl.zeros([BLOCK_R], tl.float32)

@@ -131,6 +131,31 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
     compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
 
 
+@pytest.mark.parametrize("length,pieces,parts", [(150, 2, 2), (300, 4, 2), pytest.param(300, 4, 4, marks=pytest.mark.slow)])
+def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypatch):
+    """The forward's first pass in parts of each piece of time, a program each (the last piece's parts idle, a
+    part past the sequence's end adds nothing), combined by the second pass: the same outputs and gradients as the
+    reference. Pieces of 128 steps at lengths 150 and 300 (the last piece shorter, at 300 one piece fewer than
+    asked for)."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq", "seq_segments": pieces,
+                                                          "seq_first_pass_parts": parts})
+    launches = []
+    real = triton_scan._fwd_seq_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["PHASE"], kwargs["SEGMENTS"], kwargs["PARTS"], grid[1]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_scan, "_fwd_seq_kernel", Recorder())
+    compare(make_inputs(dim=8, d_state=16, length=length, groups=2, seed=length + parts))
+    first, second = launches[0], launches[1]
+    used = -(-length // 128)  # the pieces of 128 steps the sequence needs
+    assert first == (1, used * parts, parts, 2 * used * parts) and second == (2, used, parts, 2 * used)
+
+
 @pytest.mark.parametrize("length,d_state,groups,dim,split,options",
                          [(1, 16, 0, 32, 1, {}), (17, 5, 2, 64, 1, {}), (65, 16, 0, 32, 1, {"with_z": False}),
                           (1, 16, 0, 16, 2, {}), (17, 5, 2, 32, 2, {}), (70, 16, 0, 16, 2, {"with_z": False}),
