@@ -102,6 +102,7 @@ class ScanConfig:
     seq_l1_prefetch: bool = True
     seq_segments: int = 1
     seq_first_pass_parts: int = 1
+    approx_log_first_pass: bool = False
     seq_bwd_maxnreg: int | None = None
     seq_bwd_split: int = SEQ_BWD_SPLIT
     seq_bwd_segments: int = 1
@@ -325,6 +326,9 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # one wave, and it is latency-bound like the second (b4/L16384: the forward 1.84 ms, twice S1's 0.92 per
         # token). Not yet timed
         seq_first_pass_parts=over.get("seq_first_pass_parts", 1),
+        # softplus's lg2.approx in that first pass alone (local compile: 910 -> 744 instructions a block, the same 96
+        # registers, unlike the second pass, where approx_log_fwd lost registers and latency hiding). Not yet timed
+        approx_log_first_pass=over.get("approx_log_first_pass", False),
         seq_bwd_maxnreg=over.get("seq_bwd_maxnreg", 168 if seq_bwd_ghat else None),
         # lanes per channel of the sequential backward (1 or 2: 16 or 8 states a thread)
         seq_bwd_split=seq_bwd_split,
@@ -611,22 +615,23 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   VARLEN=not seqs.dense, BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split,
                   PREFETCH=prefetch, PREFETCH_L1=cfg.seq_l1_prefetch and not _interpreting(),
-                  SEGMENTS=segments, APPROX_LOG=_approx_log(cfg, forward=True),
                   num_warps=cfg.warps_fwd,
                   **({"maxnreg": cfg.seq_maxnreg} if cfg.seq_maxnreg else {}))
     for phase in (1, 2) if segments > 1 else (2,):
-        programs = segments * parts if phase == 1 else segments  # the first pass: a program a part
+        first = phase == 1
+        programs = segments * parts if first else segments  # the first pass: a program a part
+        approx_log = _approx_log(cfg, forward=True) or (first and cfg.approx_log_first_pass and not _interpreting())
         _fwd_seq_kernel[(triton.cdiv(dim, cfg.block_d_fwd), seqs.count * programs)](
             u, delta, A2, BT, CT, D if D is not None else u, z if z is not None else u,
             delta_bias if delta_bias is not None else u, out, states, last,
             seqs.batch_row, seqs.start, seqs.length, seqs.max_len, dim, dim // B4.shape[1],
-            part, dtsum, segment_length // (parts if phase == 1 else 1), part.stride(0), part.stride(1),
+            part, dtsum, segment_length // parts if first else segment_length, part.stride(0), part.stride(1),
             part.stride(2), dtsum.stride(0), dtsum.stride(1),
             *u.stride(), *delta.stride(), BT.stride(0), BT.stride(1), BT.stride(2),
             *_strides3(z), *out.stride(), states.stride(0), states.stride(1), states.stride(2),
             last.stride(0), last.stride(1),
-            STORE_STATES=store_states and phase == 2, STORE_LAST=phase == 2, PHASE=phase, PARTS=parts,
-            **{**common, "SEGMENTS": programs},
+            STORE_STATES=store_states and not first, STORE_LAST=not first, PHASE=phase, SEGMENTS=programs, PARTS=parts,
+            APPROX_LOG=approx_log, **common,
         )
     return out, last[..., :d_state], states[..., :d_state]
 

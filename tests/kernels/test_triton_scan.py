@@ -156,6 +156,28 @@ def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypat
     assert first == (1, used * parts, parts, 2 * used * parts) and second == (2, used, parts, 2 * used)
 
 
+def test_first_pass_softplus_log_choice_reaches_only_the_first_pass(monkeypatch):
+    """`approx_log_first_pass` gives lg2.approx (GPU only: inline PTX) to the first pass over pieces of time and
+    leaves the second pass's softplus as `approx_log_fwd` says; recorded at the launches, nothing run."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((kwargs["PHASE"], kwargs["APPROX_LOG"]))
+
+    monkeypatch.setattr(triton_scan, "_fwd_seq_kernel", Recorder())
+    monkeypatch.setattr(triton_scan, "_interpreting", lambda: False)  # as on a GPU
+    monkeypatch.setattr(triton_scan, "_check_device", lambda *tensors: None)
+    inputs = make_inputs(dim=8, d_state=16, length=300, groups=2, seed=3)
+    for first_pass, expected in ((True, [(1, True), (2, False)]), (False, [(1, False), (2, False)])):
+        monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq", "seq_segments": 2,
+                                                              "approx_log_first_pass": first_pass})
+        launches.clear()
+        with torch.no_grad():
+            triton_scan.selective_scan_triton(*[inputs[k] for k in NAMES], delta_softplus=True)
+        assert launches == expected
+
+
 @pytest.mark.parametrize("length,d_state,groups,dim,split,options",
                          [(1, 16, 0, 32, 1, {}), (17, 5, 2, 64, 1, {}), (65, 16, 0, 32, 1, {"with_z": False}),
                           (1, 16, 0, 16, 2, {}), (17, 5, 2, 32, 2, {}), (70, 16, 0, 16, 2, {"with_z": False}),
