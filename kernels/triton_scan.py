@@ -349,9 +349,9 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # only (v14e, H200, f+b: b32/L2048 5.05 -> 4.87 ms; b8/L16384 in 8 pieces 12.53 -> 12.73)
         seq_bwd_bc_ahead=over.get("seq_bwd_bc_ahead", seq_bwd_segments == 1),
         # with a channel on two lanes, each lane does the per-channel work (softplus, the gate, the outputs) of two
-        # of a block's four steps and the lanes exchange the results, instead of both doing all four; in one piece
-        # of time (v16, H200, f+b: b32/L2048 4.88 -> 4.68 ms; b8/L16384 in 8 pieces alone 12.53 -> 12.63, with g-hat
-        # and the constant row strides 12.52 -> 12.32, v16c)
+        # of a block's four steps and the lanes exchange the results, instead of both doing all four (v16, H200, f+b:
+        # b32/L2048 4.88 -> 4.68 ms; b8/L16384 in 8 pieces of time alone 12.53 -> 12.63, with g-hat and the constant
+        # row strides 12.52 -> 12.32, v16c)
         seq_bwd_share=seq_bwd_share,
         # the adjoint carried as g-hat = decay * g, so that g decay h_{t-1} is g-hat h_{t-1} (one instruction an
         # element-state less; the block's first state stays live: 246 registers uncapped, 168 without spills when
@@ -607,7 +607,9 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     # each piece's end state from zero (part) and its sum of delta, for the pieces after it; the first pass may
     # cut each piece into parts of whole 8-step blocks
     segments, segment_length, part, dtsum = _time_pieces(seqs, length, cfg.seq_segments, cfg.chunk, A2)
-    parts = cfg.seq_first_pass_parts if segments > 1 and segment_length % (cfg.seq_first_pass_parts * SEQ_STEPS) == 0 else 1
+    parts = cfg.seq_first_pass_parts
+    if segments == 1 or segment_length % (parts * SEQ_STEPS):
+        parts = 1
     if parts > 1:
         part = part.new_empty(seqs.count, segments * parts, *part.shape[2:])
         dtsum = dtsum.new_empty(seqs.count, segments * parts, dim)

@@ -131,6 +131,23 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
     compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
 
 
+def record_forward_launches(monkeypatch, run: bool) -> list:
+    """Replace the sequential forward kernel by a recorder of (programs along axis 1, launch keywords), which also
+    launches the real kernel when `run`."""
+    launches = []
+    real = triton_scan._fwd_seq_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid[1], kwargs))
+                return real[grid](*args, **kwargs) if run else None
+            return launch
+
+    monkeypatch.setattr(triton_scan, "_fwd_seq_kernel", Recorder())
+    return launches
+
+
 @pytest.mark.parametrize("length,pieces,parts", [(150, 2, 2), (300, 4, 2), pytest.param(300, 4, 4, marks=pytest.mark.slow)])
 def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypatch):
     """The forward's first pass in parts of each piece of time, a program each (the last piece's parts idle, a
@@ -139,33 +156,17 @@ def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypat
     asked for)."""
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq", "seq_segments": pieces,
                                                           "seq_first_pass_parts": parts})
-    launches = []
-    real = triton_scan._fwd_seq_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((kwargs["PHASE"], kwargs["SEGMENTS"], kwargs["PARTS"], grid[1]))
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(triton_scan, "_fwd_seq_kernel", Recorder())
+    launches = record_forward_launches(monkeypatch, run=True)
     compare(make_inputs(dim=8, d_state=16, length=length, groups=2, seed=length + parts))
-    first, second = launches[0], launches[1]
     used = -(-length // 128)  # the pieces of 128 steps the sequence needs
-    assert first == (1, used * parts, parts, 2 * used * parts) and second == (2, used, parts, 2 * used)
+    assert [(k["PHASE"], k["SEGMENTS"], k["PARTS"], programs) for programs, k in launches[:2]] == [
+        (1, used * parts, parts, 2 * used * parts), (2, used, parts, 2 * used)]
 
 
 def test_first_pass_softplus_log_choice_reaches_only_the_first_pass(monkeypatch):
     """`approx_log_first_pass` gives lg2.approx (GPU only: inline PTX) to the first pass over pieces of time and
     leaves the second pass's softplus as `approx_log_fwd` says; recorded at the launches, nothing run."""
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((kwargs["PHASE"], kwargs["APPROX_LOG"]))
-
-    monkeypatch.setattr(triton_scan, "_fwd_seq_kernel", Recorder())
+    launches = record_forward_launches(monkeypatch, run=False)
     monkeypatch.setattr(triton_scan, "_interpreting", lambda: False)  # as on a GPU
     monkeypatch.setattr(triton_scan, "_check_device", lambda *tensors: None)
     inputs = make_inputs(dim=8, d_state=16, length=300, groups=2, seed=3)
@@ -175,7 +176,7 @@ def test_first_pass_softplus_log_choice_reaches_only_the_first_pass(monkeypatch)
         launches.clear()
         with torch.no_grad():
             triton_scan.selective_scan_triton(*[inputs[k] for k in NAMES], delta_softplus=True)
-        assert launches == expected
+        assert [(k["PHASE"], k["APPROX_LOG"]) for _, k in launches] == expected
 
 
 @pytest.mark.parametrize("length,d_state,groups,dim,split,options",
