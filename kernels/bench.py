@@ -304,13 +304,16 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # (seq_first_pass_parts; 96 registers against the second pass's 134, so twice the programs fit one wave)
     "b32_L2048_N16": [{}],
     # and softplus's lg2.approx in that pass alone (approx_log_first_pass; 910 -> 744 instructions a block, 96 registers)
+    # The backward's first pass (the adjoint alone) under a 64-register cap of its own (seq_bwd_first_pass_maxnreg;
+    # 116 -> 64 registers without spills, 17 -> 32 resident warps)
     "b8_L16384_N16": [{}, {"seq_first_pass_parts": 2}, {"seq_first_pass_parts": 4}, {"approx_log_first_pass": True},
-                      {"seq_first_pass_parts": 2, "approx_log_first_pass": True}],
+                      {"seq_first_pass_parts": 2, "approx_log_first_pass": True}, {"seq_bwd_first_pass_maxnreg": 64},
+                      {"seq_bwd_first_pass_maxnreg": 80}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # pieces of time at the pretraining benchmark's 16k shape (H200, session 13, 09:41 UTC, f+b medians of 2: default,
     # 8 and 8 pieces, 6.187 ms; forward 4 / 16 pieces 7.072 / 6.188; backward 4 / 16 pieces 6.154 / 6.162)
     "b4_L16384_N16": [{}, {"seq_first_pass_parts": 2}, {"seq_first_pass_parts": 4},
-                      {"seq_first_pass_parts": 2, "approx_log_first_pass": True}],
+                      {"seq_first_pass_parts": 2, "approx_log_first_pass": True}, {"seq_bwd_first_pass_maxnreg": 64}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x

@@ -104,6 +104,7 @@ class ScanConfig:
     seq_first_pass_parts: int = 1
     approx_log_first_pass: bool = False
     seq_bwd_maxnreg: int | None = None
+    seq_bwd_first_pass_maxnreg: int | None = None
     seq_bwd_split: int = SEQ_BWD_SPLIT
     seq_bwd_segments: int = 1
     approx_log: bool = True
@@ -330,6 +331,10 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # registers, unlike the second pass, where approx_log_fwd lost registers and latency hiding). Not yet timed
         approx_log_first_pass=over.get("approx_log_first_pass", False),
         seq_bwd_maxnreg=over.get("seq_bwd_maxnreg", 168 if seq_bwd_ghat else None),
+        # a register cap of the backward's first pass over pieces of time (the adjoint alone) of its own; None: the
+        # second pass's. Local compile: 116 registers under the 168 cap (17 resident warps a multiprocessor; b4/L16384
+        # runs 2,688 of its programs, S2 5,376), 64 without spills and +2% instructions (32 warps). Not yet timed
+        seq_bwd_first_pass_maxnreg=over.get("seq_bwd_first_pass_maxnreg"),
         # lanes per channel of the sequential backward (1 or 2: 16 or 8 states a thread)
         seq_bwd_split=seq_bwd_split,
         # time pieces of the sequential backward (dense batches with few rows; _seq_bwd_segments)
@@ -758,6 +763,7 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
     if cfg.seq_bwd_row_strides and (BT.stride(2), dBC.stride(2)) != (SEQ_STATES, 2 * SEQ_STATES):
         raise AssertionError(f"row strides {BT.stride(2)}, {dBC.stride(2)} are not the kernel's constants")
     for phase in (1, 2) if segments > 1 else (2,):
+        maxnreg = cfg.seq_bwd_first_pass_maxnreg if phase == 1 and cfg.seq_bwd_first_pass_maxnreg else cfg.seq_bwd_maxnreg
         _bwd_seq_kernel[grid](
             u, delta, A2, BT, CT, D if D is not None else A2, z if z is not None else u,
             delta_bias if delta_bias is not None else A2, dout, padded, dlast16, ckpt,
@@ -774,8 +780,7 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
             VARLEN=not seqs.dense, HAS_DLAST=dlast is not None, CHUNK=cfg.chunk, LANE_ASM=not _interpreting(),
             SPLIT=cfg.seq_bwd_split, SEGMENTS=segments, PHASE=phase, APPROX_LOG=_approx_log(cfg),
             BC_AHEAD=cfg.seq_bwd_bc_ahead, SHARE=cfg.seq_bwd_share, GHAT=cfg.seq_bwd_ghat,
-            ROW_STRIDES=cfg.seq_bwd_row_strides, num_warps=1,
-            **({"maxnreg": cfg.seq_bwd_maxnreg} if cfg.seq_bwd_maxnreg else {}),
+            ROW_STRIDES=cfg.seq_bwd_row_strides, num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
     dB = dBC[:, :, :length, :d_state].transpose(-1, -2)
     dC = dBC[:, :, :length, SEQ_STATES:SEQ_STATES + d_state].transpose(-1, -2)

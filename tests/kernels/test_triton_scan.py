@@ -131,11 +131,11 @@ def test_sequential_forward_matches_reference(length, d_state, split, prefetch, 
     compare(make_inputs(dim=8, d_state=d_state, length=length, groups=2, seed=length))
 
 
-def record_forward_launches(monkeypatch, run: bool) -> list:
-    """Replace the sequential forward kernel by a recorder of (programs along axis 1, launch keywords), which also
-    launches the real kernel when `run`."""
+def record_launches(monkeypatch, kernel: str, run: bool) -> list:
+    """Replace the kernel `triton_scan.<kernel>` by a recorder of (programs along axis 1, launch keywords), which
+    also launches the real kernel when `run`."""
     launches = []
-    real = triton_scan._fwd_seq_kernel
+    real = getattr(triton_scan, kernel)
 
     class Recorder:
         def __getitem__(self, grid):
@@ -144,7 +144,7 @@ def record_forward_launches(monkeypatch, run: bool) -> list:
                 return real[grid](*args, **kwargs) if run else None
             return launch
 
-    monkeypatch.setattr(triton_scan, "_fwd_seq_kernel", Recorder())
+    monkeypatch.setattr(triton_scan, kernel, Recorder())
     return launches
 
 
@@ -156,7 +156,7 @@ def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypat
     300 (the last piece shorter, at 300 one piece fewer than asked for)."""
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq", "seq_segments": pieces,
                                                           "seq_first_pass_parts": parts})
-    launches = record_forward_launches(monkeypatch, run=True)
+    launches = record_launches(monkeypatch, "_fwd_seq_kernel", run=True)
     inputs = [value.detach() if value is not None else None
               for value in make_inputs(dim=8, d_state=16, length=length, groups=2, seed=length + parts).values()]
     out, last = triton_scan.selective_scan_triton(*inputs, delta_softplus=True, return_last_state=True)
@@ -171,7 +171,7 @@ def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypat
 def test_first_pass_softplus_log_choice_reaches_only_the_first_pass(monkeypatch):
     """`approx_log_first_pass` gives lg2.approx (GPU only: inline PTX) to the first pass over pieces of time and
     leaves the second pass's softplus as `approx_log_fwd` says; recorded at the launches, nothing run."""
-    launches = record_forward_launches(monkeypatch, run=False)
+    launches = record_launches(monkeypatch, "_fwd_seq_kernel", run=False)
     monkeypatch.setattr(triton_scan, "_interpreting", lambda: False)  # as on a GPU
     monkeypatch.setattr(triton_scan, "_check_device", lambda *tensors: None)
     inputs = make_inputs(dim=8, d_state=16, length=300, groups=2, seed=3)
@@ -182,6 +182,20 @@ def test_first_pass_softplus_log_choice_reaches_only_the_first_pass(monkeypatch)
         with torch.no_grad():
             triton_scan.selective_scan_triton(*[inputs[k] for k in NAMES], delta_softplus=True)
         assert [(k["PHASE"], k["APPROX_LOG"]) for _, k in launches] == expected
+
+
+def test_backward_first_pass_register_cap(monkeypatch):
+    """`seq_bwd_first_pass_maxnreg` caps the backward's first pass over pieces of time (the adjoint alone) on its
+    own; the second pass keeps `seq_bwd_maxnreg` (168 with g-hat), as does the first without it."""
+    inputs = make_inputs(dim=32, d_state=16, length=200, seed=4)
+    for cap, expected in ((64, [(1, 64), (2, 168)]), (None, [(1, 168), (2, 168)])):
+        monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**SEQ_BACKWARD, "seq_bwd_segments": 2,
+                                                              "seq_bwd_first_pass_maxnreg": cap})
+        launches = record_launches(monkeypatch, "_bwd_seq_kernel", run=False)
+        out = triton_scan.selective_scan_triton(*[inputs[k] for k in NAMES], delta_softplus=True)
+        torch.autograd.grad(out.sum(), inputs["u"])
+        assert [(k["PHASE"], k["maxnreg"]) for _, k in launches] == expected
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("length,d_state,groups,dim,split,options",
