@@ -14,7 +14,9 @@ Two paths share the weights:
   as strided (batch, channels, L) views and out_proj reads the scan's output through a transposed
   operand. No transpose copy and no float32 copy of a (batch, L, channels) tensor is made; every matrix
   product takes its transposed operands as cuBLAS does natively. dt_proj's bias and softplus run inside
-  the scan (delta_bias, delta_softplus).
+  the scan (delta_bias, delta_softplus). Two gradients that autograd would join or add in an extra pass are
+  formed inside the products' backward instead: in_proj's two halves (`in_projection`) and u's from the scan
+  and from x_proj (`x_projection`).
   On CPU the conv is nn.functional.conv1d and the scan the chunked torch backend; the lean layout is
   still the faster one there (2-layer hidden-64 train step at batch 4, length 2048, one thread:
   0.40 s against 0.47 s).
@@ -80,15 +82,106 @@ class _InProjection(torch.autograd.Function):
         return d_tokens, d_weight, d_bias, None
 
 
+def _autocast_operands(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The operands cast as autocast casts torch.mm's (a custom Function's backward then needs no autocast state)."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def in_projection(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, first_rows: int):
     """(tokens, hidden) -> the row blocks [:first_rows] and [first_rows:] of W @ tokens^T (+ bias), as
     channel-major (rows, tokens) views of one product, with autocast's casts applied as for torch.mm."""
-    device_type = tokens.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        tokens, weight = tokens.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    tokens, weight, bias = _autocast_operands(tokens, weight, bias)
     return _InProjection.apply(tokens, weight, bias, first_rows)
+
+
+class _Handoff:
+    """The scan's gradient of u on its way from `_ScanInput`'s backward to `_XProjection`'s (`fused`: it arrived
+    first and the product was added into it)."""
+
+    def __init__(self):
+        self.scan_grad: torch.Tensor | None = None
+        self.projection_done = False
+        self.fused = False
+
+
+class _ScanInput(torch.autograd.Function):
+    """u on its way into the scan (a view). Its backward hands the scan's gradient of u to x_proj's backward
+    instead of to autograd, unless that one has already run (autograd then adds the two as it would anyway)."""
+
+    @staticmethod
+    def forward(ctx, u, handoff: _Handoff):
+        ctx.handoff = handoff
+        return u.view_as(u)
+
+    @staticmethod
+    def backward(ctx, d_u):
+        if ctx.handoff.projection_done or d_u is None:
+            return d_u, None
+        ctx.handoff.scan_grad = d_u
+        return None, None
+
+
+def _channel_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """A (batch, channels, L) channel-major tensor as its (channels, batch * L) rows, a view; None if it is not."""
+    rows = x.transpose(0, 1)
+    return rows.view(x.shape[1], -1) if rows.is_contiguous() else None
+
+
+class _XProjection(torch.autograd.Function):
+    """x_proj as W @ u_rows, for u (the conv's output) that the scan reads too.
+
+    Autograd would add the scan's gradient of u and this product's input gradient in a separate pass over
+    (channels, tokens). Handed the scan's gradient (`_ScanInput`), the backward adds its product into that
+    buffer in place instead (addmm_, beta 1: one read in the GEMM's epilogue). The buffer is the scan backward's
+    fresh output, which nothing else holds once `_ScanInput` has kept it from autograd. Inputs come already cast.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, handoff: _Handoff):
+        ctx.save_for_backward(rows, weight)
+        ctx.handoff = handoff
+        return torch.mm(weight, rows)
+
+    @staticmethod
+    def backward(ctx, d_product):
+        rows, weight = ctx.saved_tensors
+        handoff = ctx.handoff
+        handoff.projection_done = True
+        scan_grad, handoff.scan_grad = handoff.scan_grad, None
+        d_product = d_product.to(rows.dtype)
+        d_rows = d_weight = None
+        if ctx.needs_input_grad[0]:
+            target = None if scan_grad is None else _channel_rows(scan_grad.to(rows.dtype))
+            if target is not None:
+                d_rows = target.addmm_(weight.t(), d_product)
+                handoff.fused = True
+            else:
+                d_rows = torch.mm(weight.t(), d_product)
+                if scan_grad is not None:  # not channel-major (e.g. the CPU scan's): added by a copy
+                    d_rows += scan_grad.transpose(0, 1).reshape(d_rows.shape).to(d_rows.dtype)
+        if ctx.needs_input_grad[1]:
+            d_weight = torch.mm(d_product, rows.t())
+        return d_rows, d_weight, None
+
+
+def x_projection(u: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """u (batch, channels, L) -> (u for the scan, W @ u's (channels, batch * L) rows). Channel-major u (the
+    Triton conv's output): the scan's gradient of u and the product's are summed inside the product's backward
+    (`_XProjection`), with autocast's casts as for torch.mm. Otherwise (the CPU conv's batch-major output) a plain
+    product of a copy of the rows, as autograd sums it."""
+    rows = _channel_rows(u)
+    if rows is None:
+        return u, torch.mm(weight, u.transpose(0, 1).reshape(u.shape[1], -1))
+    rows, weight = _autocast_operands(rows, weight)
+    handoff = _Handoff()
+    # in this order: autograd runs ready nodes latest-created first, so _ScanInput's backward (ready right after the
+    # scan's) comes before _XProjection's (ready after dt_proj's and the split's); either order sums correctly
+    projected = _XProjection.apply(rows, weight, handoff)
+    return _ScanInput.apply(u, handoff), projected
 
 
 @dataclass
@@ -217,10 +310,10 @@ class EHRMambaMixer(nn.Module):
                                                                inter))
         x_conv = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, mask=attention_mask,
                                backend=self.conv_backend)
-        x_rows = as_rows(x_conv)
-        time_step, B, C = torch.split(torch.mm(self.x_proj.weight, x_rows), [rank, n_state, n_state], dim=0)
+        u, projected = x_projection(x_conv, self.x_proj.weight)
+        time_step, B, C = torch.split(projected, [rank, n_state, n_state], dim=0)
         delta = torch.mm(self.dt_proj.weight, time_step)
-        result = self._scan(x_conv, per_channel(delta), per_channel(B), per_channel(C), gate, return_state)
+        result = self._scan(u, per_channel(delta), per_channel(B), per_channel(C), gate, return_state)
         y = result[0] if return_state else result
         out = F.linear(as_rows(y).t(), self.out_proj.weight, self.out_proj.bias)
         out = out.view(batch, length, self.hidden_size)

@@ -63,6 +63,7 @@ def test_auto_layout_is_lean_and_unfused_is_selectable():
 SCRIPT = r"""
 import torch
 from odyssey.models import EHRMambaConfig, EHRMambaForPretraining
+from odyssey.models import mixer as mixer_module
 
 torch.manual_seed(0)
 config = EHRMambaConfig(vocab_size=30, hidden_size=4, num_hidden_layers=1, state_size=4, embedding_dropout=0.0)
@@ -73,6 +74,9 @@ x = torch.randn(1, 70, 4)  # crosses the scan's chunk of 64
 mask = torch.ones(1, 70, dtype=torch.long)
 mask[0, :9] = 0  # left padding
 dy = torch.randn(1, 70, 4)
+handoffs = []  # x_proj's handoffs: on the Triton kernels the scan's gradient of u reaches x_proj's backward first
+real_handoff = mixer_module._Handoff
+mixer_module._Handoff = lambda: handoffs.append(real_handoff()) or handoffs[-1]
 results = {}
 for layout, conv, scan in (("unfused", "torch", "torch"), ("lean", "triton", "triton")):
     mixer.layout, mixer.conv_backend, mixer.scan_backend = layout, conv, scan
@@ -87,6 +91,7 @@ torch.testing.assert_close(out_l, out_u, rtol=1e-5, atol=1e-6)
 torch.testing.assert_close(dx_l, dx_u, rtol=1e-4, atol=1e-6)
 for name, grad in g_u.items():
     torch.testing.assert_close(g_l[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+assert [h.fused for h in handoffs] == [True], [vars(h) for h in handoffs]
 print("ok")
 """
 
@@ -136,3 +141,95 @@ def test_in_projection_casts_as_autocast_does():
     assert d_weight.dtype == torch.float32 and d_tokens.dtype == torch.float32
     torch.testing.assert_close(d_weight, ref_weight, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(d_tokens, ref_tokens, rtol=1e-2, atol=1e-2)
+
+
+def _channel_major(batch, channels, length, **kwargs):
+    """A (batch, channels, L) view of a (channels, batch, L) buffer, as the lean mixer's tensors are."""
+    return torch.randn(channels, batch, length, **kwargs).transpose(0, 1)
+
+
+def _mixer_like_loss(u_for_scan, projected, weight_dt, a, c):
+    """The lean mixer's use of u and W_x @ u after x_proj: dt_proj on the first rows, then a stand-in scan that
+    reads u and delta elementwise (its gradient of u comes back channel-major, as the Triton scan's does)."""
+    batch, channels, length = u_for_scan.shape
+    time_step, rest = torch.split(projected, [weight_dt.shape[1], projected.shape[0] - weight_dt.shape[1]], dim=0)
+    delta = torch.mm(weight_dt, time_step).view(channels, batch, length).transpose(0, 1)
+    return (u_for_scan * delta * a).sum() + (rest * c).sum()
+
+
+@pytest.mark.parametrize("layout", ["channel_major", "batch_major"])
+def test_x_projection_sums_the_scan_gradient_into_its_product(layout):
+    """x_proj's backward adds its input gradient into the scan's gradient of u in place when u is channel-major
+    (the Triton conv's output), and the gradients are those of the plain product either way (float64)."""
+    from odyssey.models import mixer
+
+    torch.manual_seed(2)
+    batch, channels, length, rank, extra = 3, 6, 10, 2, 4
+    if layout == "channel_major":
+        u = _channel_major(batch, channels, length, dtype=torch.float64).requires_grad_()
+        a = _channel_major(batch, channels, length, dtype=torch.float64)
+    else:
+        u = torch.randn(batch, channels, length, dtype=torch.float64, requires_grad=True)
+        a = torch.randn(batch, channels, length, dtype=torch.float64)
+    weight_x = torch.randn(rank + extra, channels, dtype=torch.float64, requires_grad=True)
+    weight_dt = torch.randn(channels, rank, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(extra, batch * length, dtype=torch.float64)
+    leaves = [u, weight_x, weight_dt]
+
+    handoffs = []
+    real_handoff = mixer._Handoff
+
+    def recorded():
+        handoffs.append(real_handoff())
+        return handoffs[-1]
+
+    mixer._Handoff = recorded
+    try:
+        u_for_scan, projected = mixer.x_projection(u, weight_x)
+    finally:
+        mixer._Handoff = real_handoff
+    ours = torch.autograd.grad(_mixer_like_loss(u_for_scan, projected, weight_dt, a, c), leaves)
+    rows = u.transpose(0, 1).reshape(channels, -1)
+    expected = torch.autograd.grad(_mixer_like_loss(u, torch.mm(weight_x, rows), weight_dt, a, c), leaves)
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert [h.fused for h in handoffs] == ([True] if layout == "channel_major" else [])
+
+
+def test_x_projection_sums_correctly_when_its_backward_runs_first():
+    """If x_proj's backward runs before the scan's gradient of u is handed over, autograd adds the two itself."""
+    from odyssey.models import mixer
+
+    torch.manual_seed(3)
+    u = _channel_major(2, 4, 5, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    a = _channel_major(2, 4, 5, dtype=torch.float64)
+    b = torch.randn(3, 10, dtype=torch.float64)
+    handoff = mixer._Handoff()
+    u_for_scan = mixer._ScanInput.apply(u, handoff)  # created first: its backward runs last
+    projected = mixer._XProjection.apply(u.transpose(0, 1).reshape(4, -1), weight, handoff)
+    ours = torch.autograd.grad((u_for_scan * a).sum() + (projected * b).sum(), [u, weight])
+    expected = torch.autograd.grad((u * a).sum() + (torch.mm(weight, u.transpose(0, 1).reshape(4, -1)) * b).sum(),
+                                   [u, weight])
+    assert not handoff.fused
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_x_projection_casts_as_autocast_does():
+    """Under autocast the product runs in the autocast dtype; u's gradient keeps u's dtype, the weight's float32."""
+    from odyssey.models.mixer import x_projection
+
+    torch.manual_seed(4)
+    u = _channel_major(2, 8, 6).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u_for_scan, projected = x_projection(u, weight)
+        reference = torch.mm(weight, u.transpose(0, 1).reshape(8, -1))
+    assert projected.dtype == reference.dtype == torch.bfloat16
+    loss = (u_for_scan.float() * 2).sum() + projected.float().square().sum()
+    d_u, d_weight = torch.autograd.grad(loss, [u, weight])
+    assert d_u.dtype == torch.bfloat16 and d_weight.dtype == torch.float32
+    ref_u, ref_weight = torch.autograd.grad((u.float() * 2).sum() + reference.float().square().sum(), [u, weight])
+    torch.testing.assert_close(d_weight, ref_weight, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(d_u.float(), ref_u.float(), rtol=1e-2, atol=1e-2)
