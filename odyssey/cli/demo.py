@@ -31,6 +31,8 @@ def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: i
     from odyssey.tokenizer.tokenize import tokenize
     from odyssey.training.pretrain import PretrainConfig, pretrain
 
+    if not tasks.is_file():  # before anything is replaced or written
+        raise FileNotFoundError(f"{tasks}: task definitions not found (pass --tasks configs/tasks.yaml)")
     if device == "cpu":
         import torch
 
@@ -55,8 +57,6 @@ def run_demo(out: Path, patients: int, seed: int, device: str, pretrain_steps: i
     stage("fhir", lambda: _describe_synth(synthesize(patients, dirs["fhir"], seed=seed, progress=True)))
     stage("meds", lambda: ingest_fhir([dirs["fhir"]], dirs["meds"], show_progress=True).summary())
     stage("sequences", lambda: tokenize(dirs["meds"], dirs["sequences"]).summary())
-    if not tasks.is_file():
-        raise FileNotFoundError(f"{tasks}: task definitions not found (pass --tasks configs/tasks.yaml)")
     stage("labels", lambda: make_labels(dirs["meds"], tasks, dirs["labels"]).summary())
     config = PretrainConfig(data=dirs["sequences"], out=dirs["pretrain"], max_steps=pretrain_steps,
                             eval_steps=max(1, pretrain_steps // 2), save_steps=pretrain_steps,

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from odyssey.cli import app
 
 
-def test_demo_runs_every_stage_and_prints_the_auroc_table(tmp_path):
+def test_demo_runs_every_stage_and_prints_the_auroc_table(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--patients", "600", "--out", str(out),
                                       "--pretrain-steps", "3", "--finetune-steps", "3"])
@@ -27,9 +27,24 @@ def test_demo_runs_every_stage_and_prints_the_auroc_table(tmp_path):
         assert str(path) in tail and path.is_file()
     assert any((out / "evaluate" / "plots").glob("*.png"))
 
-    # Running it again into the same folder starts over (it used to stop at pretraining's old checkpoints).
-    again = CliRunner().invoke(app, ["demo", "--patients", "600", "--seed", "1", "--out", str(out),
-                                     "--pretrain-steps", "2", "--finetune-steps", "2"])
-    assert again.exit_code == 0, again.output[-3000:]
+    # Running it again into the same folder starts over (it used to stop at pretraining's old checkpoints): the
+    # old stages' folders go before the new run writes; this run is cut after its sequences to stay short.
+    def cut(*args, **kwargs):
+        raise RuntimeError("cut after the sequences")
+
+    monkeypatch.setattr("odyssey.pipelines.labels.make_labels", cut)
+    again = CliRunner().invoke(app, ["demo", "--patients", "600", "--seed", "1", "--out", str(out)])
+    assert isinstance(again.exception, RuntimeError), again.output[-3000:]
     assert "replacing the previous demo's" in again.output
     assert json.loads((out / "fhir" / "synth_report.json").read_text())["seed"] == 1
+    assert not any((out / name).exists() for name in ("labels", "pretrain", "finetune", "evaluate", "explain"))
+
+
+def test_demo_refuses_a_missing_task_file_before_writing(tmp_path):
+    """A missing --tasks file stops the demo with its name before any stage writes (or a previous demo goes)."""
+    out = tmp_path / "demo"
+    (out / "pretrain").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--tasks", str(tmp_path / "missing.yaml")])
+    assert result.exit_code != 0
+    assert "missing.yaml" in result.output and "task definitions not found" in result.output
+    assert [p.name for p in out.iterdir()] == ["pretrain"]
