@@ -300,11 +300,11 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # v16c (session 13, 09:24 UTC, medians of 3 alternating rounds, f+b): constant row strides S1 4.653 -> 4.655 ms,
     # S2 12.522 -> 12.447; g-hat off at S1 4.764; at S2 shared work + g-hat 12.435, with the constant strides 12.322
     # (all three now the defaults wherever a channel is on two lanes)
-    # Built after session 13's device time ran out, untimed: the forward's first pass in 2 or 4 parts a piece
-    # (seq_first_pass_parts; 96 registers against the second pass's 134, so twice the programs fit one wave)
     "b32_L2048_N16": [{}],
-    # and softplus's lg2.approx in that pass alone (approx_log_first_pass; 910 -> 744 instructions a block, 96 registers)
-    # The backward's first pass (the adjoint alone) under a 64-register cap of its own (seq_bwd_first_pass_maxnreg;
+    # Built after session 13's device time ran out, untimed: the forward's first pass in 2 or 4 parts a piece
+    # (seq_first_pass_parts; 96 registers against the second pass's 134, so twice the programs fit one wave), and
+    # softplus's lg2.approx in that pass alone (approx_log_first_pass; 910 -> 744 instructions a block, 96 registers);
+    # the backward's first pass (the adjoint alone) under a register cap of its own (seq_bwd_first_pass_maxnreg;
     # 116 -> 64 registers without spills, 17 -> 32 resident warps)
     "b8_L16384_N16": [{}, {"seq_first_pass_parts": 2}, {"seq_first_pass_parts": 4}, {"approx_log_first_pass": True},
                       {"seq_first_pass_parts": 2, "approx_log_first_pass": True}, {"seq_bwd_first_pass_maxnreg": 64},

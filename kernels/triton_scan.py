@@ -200,6 +200,15 @@ def _seq_bwd_segments(rows: int, split: int, dense_length: int, multiprocessors:
     return segments
 
 
+def _first_pass_parts(parts: int, chunk: int) -> int:
+    """The forward's first-pass parts a piece: pieces are whole chunks, so parts of whole 8-step blocks need a
+    divisor of chunk / SEQ_STEPS."""
+    if parts < 1 or (chunk // SEQ_STEPS) % parts:
+        raise ValueError(f"seq_first_pass_parts must divide {chunk // SEQ_STEPS} (chunk {chunk} / {SEQ_STEPS}-step "
+                         f"blocks); got {parts}")
+    return parts
+
+
 def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiprocessors: int = 1,
                 dense_length: int = 0) -> ScanConfig:
     """Kernel variants and tile sizes for a problem of `rows` = sequences x channels (`dense_length`:
@@ -326,7 +335,7 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # it runs in 96 registers against the second pass's 134 (local compile), so twice the programs still fit
         # one wave, and it is latency-bound like the second (b4/L16384: the forward 1.84 ms, twice S1's 0.92 per
         # token). Not yet timed
-        seq_first_pass_parts=over.get("seq_first_pass_parts", 1),
+        seq_first_pass_parts=_first_pass_parts(over.get("seq_first_pass_parts", 1), chunk),
         # softplus's lg2.approx in that first pass alone (local compile: 910 -> 744 instructions a block, the same 96
         # registers, unlike the second pass, where approx_log_fwd lost registers and latency hiding). Not yet timed
         approx_log_first_pass=over.get("approx_log_first_pass", False),
@@ -580,18 +589,18 @@ def _padded_A2(A: torch.Tensor) -> torch.Tensor:
     return A2
 
 
-def _time_pieces(seqs: _Sequences, length: int, pieces: int, chunk: int, A2: torch.Tensor):
+def _time_pieces(seqs: _Sequences, length: int, pieces: int, chunk: int, A2: torch.Tensor, parts: int = 1):
     """Time cut into `pieces` of whole chunks for a sequential kernel (dense batches only): (pieces,
-    piece length, a (sequences, pieces, dim, SEQ_STATES) buffer of per-piece states, a (sequences, pieces,
-    dim) buffer of per-piece sums). One piece: no buffers, A2 stands in (never read)."""
+    piece length, a (sequences, pieces x parts, dim, SEQ_STATES) buffer of per-piece (or per-part) states, a
+    (sequences, pieces x parts, dim) buffer of their sums). One piece: no buffers, A2 stands in (never read)."""
     if not seqs.dense or pieces <= 1:
         stand_in = A2.view(1, 1, *A2.shape)
         return 1, length, stand_in, stand_in
     piece_length = triton.cdiv(triton.cdiv(length, pieces), chunk) * chunk
     pieces = triton.cdiv(length, piece_length)
     dim = A2.shape[0]
-    states = torch.empty(seqs.count, pieces, dim, SEQ_STATES, device=A2.device, dtype=torch.float32)
-    sums = torch.empty(seqs.count, pieces, dim, device=A2.device, dtype=torch.float32)
+    states = torch.empty(seqs.count, pieces * parts, dim, SEQ_STATES, device=A2.device, dtype=torch.float32)
+    sums = torch.empty(seqs.count, pieces * parts, dim, device=A2.device, dtype=torch.float32)
     return pieces, piece_length, states, sums
 
 
@@ -609,15 +618,10 @@ def _forward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequenc
     # every 8-step block reads whole rows: pad time past the last block of the latest sequence
     steps = length + SEQ_STEPS
     BT, CT = _time_major_rows(B4, steps), _time_major_rows(C4, steps)
-    # each piece's end state from zero (part) and its sum of delta, for the pieces after it; the first pass may
-    # cut each piece into parts of whole 8-step blocks
-    segments, segment_length, part, dtsum = _time_pieces(seqs, length, cfg.seq_segments, cfg.chunk, A2)
-    parts = cfg.seq_first_pass_parts
-    if segments == 1 or segment_length % (parts * SEQ_STEPS):
-        parts = 1
-    if parts > 1:
-        part = part.new_empty(seqs.count, segments * parts, *part.shape[2:])
-        dtsum = dtsum.new_empty(seqs.count, segments * parts, dim)
+    # each piece's (or each part of it's) end state from zero and its sum of delta, for the pieces after it
+    segments, segment_length, part, dtsum = _time_pieces(seqs, length, cfg.seq_segments, cfg.chunk, A2,
+                                                         cfg.seq_first_pass_parts)
+    parts = cfg.seq_first_pass_parts if segments > 1 else 1
     prefetch = (not store_states or segments > 1) if cfg.seq_prefetch is None else cfg.seq_prefetch
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   VARLEN=not seqs.dense, BLOCK_D=cfg.block_d_fwd, CHUNK=cfg.chunk, SPLIT=cfg.seq_split,
@@ -763,7 +767,7 @@ def _backward_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequen
     if cfg.seq_bwd_row_strides and (BT.stride(2), dBC.stride(2)) != (SEQ_STATES, 2 * SEQ_STATES):
         raise AssertionError(f"row strides {BT.stride(2)}, {dBC.stride(2)} are not the kernel's constants")
     for phase in (1, 2) if segments > 1 else (2,):
-        maxnreg = cfg.seq_bwd_first_pass_maxnreg if phase == 1 and cfg.seq_bwd_first_pass_maxnreg else cfg.seq_bwd_maxnreg
+        maxnreg = (phase == 1 and cfg.seq_bwd_first_pass_maxnreg) or cfg.seq_bwd_maxnreg
         _bwd_seq_kernel[grid](
             u, delta, A2, BT, CT, D if D is not None else A2, z if z is not None else u,
             delta_bias if delta_bias is not None else A2, dout, padded, dlast16, ckpt,

@@ -168,6 +168,13 @@ def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypat
         (1, used * parts, parts, 2 * used * parts), (2, used, parts, 2 * used)]
 
 
+def test_first_pass_parts_must_divide_a_chunks_blocks(monkeypatch):
+    """Parts of whole 8-step blocks of a 64-step chunk: 1, 2, 4 or 8; another count is refused by name."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "seq", "seq_first_pass_parts": 3})
+    with pytest.raises(ValueError, match="seq_first_pass_parts"):
+        triton_scan.scan_config(16, 64)
+
+
 def test_first_pass_softplus_log_choice_reaches_only_the_first_pass(monkeypatch):
     """`approx_log_first_pass` gives lg2.approx (GPU only: inline PTX) to the first pass over pieces of time and
     leaves the second pass's softplus as `approx_log_fwd` says; recorded at the launches, nothing run."""

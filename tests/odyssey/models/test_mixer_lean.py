@@ -158,7 +158,7 @@ def _mixer_like_loss(u_for_scan, projected, weight_dt, a, c):
 
 
 @pytest.mark.parametrize("layout", ["channel_major", "batch_major"])
-def test_x_projection_sums_the_scan_gradient_into_its_product(layout):
+def test_x_projection_sums_the_scan_gradient_into_its_product(layout, monkeypatch):
     """x_proj's backward adds its input gradient into the scan's gradient of u in place when u is channel-major
     (the Triton conv's output), and the gradients are those of the plain product either way (float64)."""
     from odyssey.models import mixer
@@ -178,16 +178,8 @@ def test_x_projection_sums_the_scan_gradient_into_its_product(layout):
 
     handoffs = []
     real_handoff = mixer._Handoff
-
-    def recorded():
-        handoffs.append(real_handoff())
-        return handoffs[-1]
-
-    mixer._Handoff = recorded
-    try:
-        u_for_scan, projected = mixer.x_projection(u, weight_x)
-    finally:
-        mixer._Handoff = real_handoff
+    monkeypatch.setattr(mixer, "_Handoff", lambda: handoffs.append(real_handoff()) or handoffs[-1])
+    u_for_scan, projected = mixer.x_projection(u, weight_x)
     ours = torch.autograd.grad(_mixer_like_loss(u_for_scan, projected, weight_dt, a, c), leaves)
     rows = u.transpose(0, 1).reshape(channels, -1)
     expected = torch.autograd.grad(_mixer_like_loss(u, torch.mm(weight_x, rows), weight_dt, a, c), leaves)
