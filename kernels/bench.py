@@ -301,24 +301,30 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # S2 12.522 -> 12.447; g-hat off at S1 4.764; at S2 shared work + g-hat 12.435, with the constant strides 12.322
     # (all three now the defaults wherever a channel is on two lanes)
     "b32_L2048_N16": [{}],
-    # Built after session 13's device time ran out, untimed: the forward's first pass in 2 or 4 parts a piece
-    # (seq_first_pass_parts; 96 registers against the second pass's 134, so twice the programs fit one wave), and
-    # softplus's lg2.approx in that pass alone (approx_log_first_pass; 910 -> 744 instructions a block, 96 registers);
-    # the backward's first pass (the adjoint alone) under a register cap of its own (seq_bwd_first_pass_maxnreg;
-    # 116 -> 64 registers without spills, 17 -> 32 resident warps)
-    "b8_L16384_N16": [{}, {"seq_first_pass_parts": 2}, {"seq_first_pass_parts": 4}, {"approx_log_first_pass": True},
-                      {"seq_first_pass_parts": 2, "approx_log_first_pass": True}, {"seq_bwd_first_pass_maxnreg": 64},
-                      {"seq_bwd_first_pass_maxnreg": 80}],
+    # The forward's first pass in parts a piece (seq_first_pass_parts; 96 registers against the second pass's 134)
+    # and softplus's lg2.approx in that pass alone (approx_log_first_pass), the backward's first pass under a register
+    # cap of its own (seq_bwd_first_pass_maxnreg). v18 (session 14, medians of 3 alternating rounds, fwd / f+b ms),
+    # 11:55 UTC: 1 part 3.615 / 12.220; 2 parts 3.375 / 11.925; 4 parts 3.308 / 11.833; approx log 3.580 / 12.110,
+    # with 2 parts 3.337 / 11.859; backward cap 64 / 80: f+b 12.149 / 12.154. 12:10 UTC: 4 parts 3.310 / 11.877,
+    # with approx log 3.276 / 11.806; 8 parts 3.227 / 11.744, with approx log 3.203 / 11.732 (now the default);
+    # 1 part 3.608 / 12.155
+    "b8_L16384_N16": [{}, {"seq_first_pass_parts": 4, "approx_log_first_pass": False},
+                      {"seq_first_pass_parts": 1, "approx_log_first_pass": False}],
     "b22_L2048_N16": [{}, {"bwd_variant": "state_loop"}],
     # pieces of time at the pretraining benchmark's 16k shape (H200, session 13, 09:41 UTC, f+b medians of 2: default,
     # 8 and 8 pieces, 6.187 ms; forward 4 / 16 pieces 7.072 / 6.188; backward 4 / 16 pieces 6.154 / 6.162)
-    "b4_L16384_N16": [{}, {"seq_first_pass_parts": 2}, {"seq_first_pass_parts": 4},
-                      {"seq_first_pass_parts": 2, "approx_log_first_pass": True}, {"seq_bwd_first_pass_maxnreg": 64}],
+    # v18 (as above at S2), 11:55 UTC: 1 part 1.815 / 6.199; 2 parts 1.787 / 6.185; 4 parts 1.716 / 6.105; 2 parts
+    # with approx log 1.771 / 6.153; backward cap 64: f+b 6.298
+    "b4_L16384_N16": [{}, {"seq_first_pass_parts": 4, "approx_log_first_pass": False},
+                      {"seq_first_pass_parts": 8, "approx_log_first_pass": False},
+                      {"seq_first_pass_parts": 1, "approx_log_first_pass": False}],
     # N 64 memory (peak above mamba-ssm's: the float32 states saved every 64 steps): states every 128
     # steps (no lane flip there: it needs 64-step tiles), B/C read as they come instead of float32 copies.
     # H200, 2026-11-27 18:29 UTC: chunk 128 1060 MiB (1028 with bc_f32 off, under mamba-ssm's 1032) but 2.0x
     # slower forward and backward (48.1 vs 24.7 ms); bc_f32 off alone 1220 MiB, +8% f+b. Not adopted.
-    "b32_L2048_N64": [{}, {"approx_log": False}],
+    # v19: states kept every 4 chunks (the default at d_state > 16), the backward recomputing the other three a group
+    # at a time (64-step tiles and the lane flip kept); every 2 and every chunk (before) for comparison
+    "b32_L2048_N64": [{}, {"states_every": 2}, {"states_every": 1}],
 }
 
 

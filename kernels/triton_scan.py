@@ -48,6 +48,8 @@ SEQ_STEPS = triton_scan_kernels.SEQ_STEPS.value
 SEQ_MIN_WARPS = 8  # per multiprocessor, for the sequential forward to be the default
 SEQ_RESIDENT_PROGRAMS = 12  # of its 1-warp programs per multiprocessor (136 registers; ncu: block limit 12)
 SEQ_MAX_SEGMENTS = 8  # pieces of time measured (kernels/NOTES.md v12)
+SEQ_FIRST_PASS_PARTS = 8  # programs a piece in the forward's first pass (v18)
+STATES_EVERY = 4  # chunks a kept state of the state-loop kernels covers at d_state > 16 (v19)
 SEQ_BWD_SPLIT = 2  # lanes a channel in the sequential backward (kernels/NOTES.md v13)
 # The sequential backward's time pieces (kernels/NOTES.md v14): none while its programs fill this many waves of
 # SEQ_RESIDENT_PROGRAMS a multiprocessor (b32/L2048: 3,072 programs, 1.9 waves; a piece more would also put its
@@ -114,6 +116,7 @@ class ScanConfig:
     seq_bwd_share: bool = False
     seq_bwd_ghat: bool = False
     seq_bwd_row_strides: bool = False
+    states_every: int = 1
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -271,6 +274,16 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
                            if capped else None)
     # the sequential backward's per-channel work split between a channel's two lanes, and its adjoint as g-hat
     # (below); in pieces of time the two pay only together with the constant row strides (v16c)
+    # chunk-start states kept every this many chunks (the state-loop kernels, large d_state): the float32 states
+    # every 64 steps put the forward+backward peak above mamba-ssm's at d_state 64 (1,252 against 1,032 MiB at
+    # b32/L2048, 384 MiB of them states); the backward recomputes the others, a group of chunks at a time (v19,
+    # H200: every 4 chunks 1,001 MiB, f+b 24.65 -> 29.08 ms, 0.76x -> 0.89x mamba-ssm's 32.56; every 2: 1,072 MiB).
+    # `states_every: 1` in ODYSSEY_SCAN_OVERRIDES buys the speed back where memory is not short
+    both_state_loops = fwd_variant == "state_loop" and bwd_variant == "state_loop"
+    states_every = over.get("states_every", STATES_EVERY if both_state_loops and block_n > SEQ_STATES else 1)
+    if states_every < 1 or (states_every > 1 and not both_state_loops):
+        raise ValueError(f"states_every {states_every}: a positive count, above 1 only with the state-loop forward "
+                         f"and backward (got {fwd_variant!r}, {bwd_variant!r})")
     seq_bwd_share = over.get("seq_bwd_share", True) and seq_bwd_split == 2
     seq_bwd_ghat = over.get("seq_bwd_ghat", seq_bwd_share)
     return ScanConfig(
@@ -332,17 +345,20 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # time cut into this many pieces, a program each, for dense batches with few channel rows
         seq_segments=seq_segments,
         # the forward's first pass (each piece's end state from zero) in this many parts a piece, a program each:
-        # it runs in 96 registers against the second pass's 134 (local compile), so twice the programs still fit
-        # one wave, and it is latency-bound like the second (b4/L16384: the forward 1.84 ms, twice S1's 0.92 per
-        # token). Not yet timed
-        seq_first_pass_parts=_first_pass_parts(over.get("seq_first_pass_parts", 1), chunk),
+        # it runs in 96 registers against the second pass's 134, so more programs still fit one wave, and it is
+        # latency-bound like the second (v18, H200, medians of 3 alternating rounds: b8/L16384 forward 1 / 2 / 4 / 8
+        # parts 3.61 / 3.38 / 3.31 / 3.23 ms, f+b 12.16 -> 11.74 with 8; b4/L16384 1 / 4 parts 1.81 / 1.72)
+        seq_first_pass_parts=_first_pass_parts(
+            over.get("seq_first_pass_parts", math.gcd(SEQ_FIRST_PASS_PARTS, chunk // SEQ_STEPS)), chunk),
         # softplus's lg2.approx in that first pass alone (local compile: 910 -> 744 instructions a block, the same 96
-        # registers, unlike the second pass, where approx_log_fwd lost registers and latency hiding). Not yet timed
-        approx_log_first_pass=over.get("approx_log_first_pass", False),
+        # registers, unlike the second pass, where approx_log_fwd lost registers and latency hiding; v18: b8/L16384
+        # forward 3.31 -> 3.28 ms with 4 parts, 3.23 -> 3.20 with 8)
+        approx_log_first_pass=over.get("approx_log_first_pass", True),
         seq_bwd_maxnreg=over.get("seq_bwd_maxnreg", 168 if seq_bwd_ghat else None),
         # a register cap of the backward's first pass over pieces of time (the adjoint alone) of its own; None: the
         # second pass's. Local compile: 116 registers under the 168 cap (17 resident warps a multiprocessor; b4/L16384
-        # runs 2,688 of its programs, S2 5,376), 64 without spills and +2% instructions (32 warps). Not yet timed
+        # runs 2,688 of its programs, S2 5,376), 64 without spills and +2% instructions (32 warps). v18, H200: 64 and 80
+        # no faster (b8/L16384 f+b 12.22 -> 12.15 / 12.15 ms, within spread; b4/L16384 6.20 -> 6.30 at 64)
         seq_bwd_first_pass_maxnreg=over.get("seq_bwd_first_pass_maxnreg"),
         # lanes per channel of the sequential backward (1 or 2: 16 or 8 states a thread)
         seq_bwd_split=seq_bwd_split,
@@ -378,6 +394,7 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # medians of 3 alternating rounds): b32/L2048 4.653 -> 4.655 ms (even), b8/L16384 in 8 pieces with the
         # shared work and g-hat 12.43 -> 12.32
         seq_bwd_row_strides=over.get("seq_bwd_row_strides", True),
+        states_every=states_every,
     )
 
 
@@ -549,7 +566,11 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     out = torch.empty_like(u) if seqs.dense else torch.zeros_like(u)
     # without store_states (nothing to differentiate) the state-loop forward still carries its
     # chunk-end states through memory, in two slots used in turn: O(dim x N), not O(chunks x dim x N)
-    states = torch.empty(seqs.count, n_chunks if store_states else 2, dim, d_state,
+    # with store_states, every cfg.states_every-th chunk's start (the backward recomputes the rest), then the
+    # scratch slots of one group (`_state_slot`)
+    every = cfg.states_every
+    kept = triton.cdiv(n_chunks, every)
+    states = torch.empty(seqs.count, (kept + every - 1 if every > 1 else n_chunks) if store_states else 2, dim, d_state,
                          device=u.device, dtype=torch.float32)
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)
@@ -557,7 +578,8 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     extra = {"APPROX_LOG": _approx_log(cfg, forward=True)}
     if cfg.fwd_variant == "state_loop":
         full = cfg.unmasked_fwd and _full_tiles(seqs, dim, cfg.block_d_fwd, cfg.chunk, d_state, cfg.pair)
-        extra.update(PAIR=cfg.pair, STAGES=cfg.fwd_stages, FULL=full, END_TILE=cfg.fwd_end_tile)
+        extra.update(PAIR=cfg.pair, STAGES=cfg.fwd_stages, FULL=full, END_TILE=cfg.fwd_end_tile,
+                     SAVE_EVERY=every if store_states else 1, scratch0=kept)
     if cfg.maxnreg:
         extra["maxnreg"] = cfg.maxnreg
     kernel[cfg.fwd_variant][grid](
@@ -698,6 +720,7 @@ def _backward(ctx, dout, dlast):
             C_rev, *C_rev.stride(), length,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
             HAS_DLAST=dlast is not None, STAGES=cfg.bwd_stages, APPROX_LOG=_approx_log(cfg),
+            SAVE_EVERY=cfg.states_every, scratch0=n_chunks - (cfg.states_every - 1),
             ADJOINT=cfg.adjoint, ONE_EXP=cfg.one_exp, REDUCE_DBC=cfg.reduce_dbc,
             LANE_FLIP=cfg.lane_flip and _lane_flip_safe(cfg, u, delta, z, dout, du, ddelta, dz),
             FULL=cfg.unmasked_bwd and _full_tiles(seqs, dim, cfg.block_d_bwd, cfg.chunk, d_state),

@@ -133,6 +133,18 @@ def _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARL
 
 
 @triton.jit
+def _state_slot(j, SAVE_EVERY: tl.constexpr, scratch0):
+    """Slot in `states` of the state at the start of chunk j: every SAVE_EVERY-th chunk's is kept for the
+    backward (slot j / SAVE_EVERY); the others share SAVE_EVERY - 1 scratch slots from `scratch0` on, the
+    forward's carry and the backward's recomputed states of one group of chunks."""
+    if SAVE_EVERY == 1:
+        return j
+    else:
+        r = j % SAVE_EVERY
+        return tl.where(r == 0, j // SAVE_EVERY, scratch0 + r - 1)
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
     seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length,
@@ -683,6 +695,38 @@ def _fwd_seq_kernel(
 
 
 @triton.jit
+def _recompute_group_states(c, u_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, b, seq, group, t_first, length,
+                            offs_d, offs_k, mask_d, first, bias, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
+                            sA_d, sA_n, sB_b, sB_g, sB_n, sB_l, ss_s, ss_c, ss_d, ss_n, N, scratch0,
+                            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, APPROX_LOG: tl.constexpr,
+                            FULL: tl.constexpr, SAVE_EVERY: tl.constexpr, CHUNK: tl.constexpr):
+    """The start states of chunks c0 + 1 .. c of the group c0 = c - c % SAVE_EVERY, scanned forward from the
+    kept state of chunk c0 into the scratch slots (the chunks before c are whole: only the last can be short)."""
+    row_states = states_ptr + seq * ss_s + offs_d * ss_d
+    for j in range(c - c % SAVE_EVERY, c):
+        t_local = j * CHUNK + offs_k
+        mask_t = t_local < length
+        t = t_first + t_local
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        dt, _ = _load_delta(dt_ptr + b * sdt_b + offs_d[:, None] * sdt_d + t[None, :] * sdt_l,
+                            mask_dt, bias, HAS_BIAS, SOFTPLUS, APPROX_LOG)
+        dtu = dt * tl.load(u_ptr + b * su_b + offs_d[:, None] * su_d + t[None, :] * su_l,
+                           mask=mask_dt, other=0.0).to(tl.float32)
+        B_base = B_ptr + b * sB_b + group * sB_g + t * sB_l
+        h_in = row_states + _state_slot(j, SAVE_EVERY, scratch0) * ss_c
+        h_out = row_states + _state_slot(j + 1, SAVE_EVERY, scratch0) * ss_c
+        for n in range(0, N):
+            An = _load_f32(A_ptr + offs_d * sA_d + n * sA_n, mask_d, FULL)
+            Bn = _load_f32(B_base + n * sB_n, mask_t, FULL)
+            h0 = _load_f32(h_in + n * ss_n, mask_d, FULL)
+            decay = tl.exp2(dt * (An * LOG2E)[:, None])
+            drive = tl.where(first, dtu * Bn[None, :] + decay * h0[:, None], dtu * Bn[None, :])
+            _, hs = tl.associative_scan((decay, drive), axis=1, combine_fn=_linear_combine)
+            _store_column(h_out + n * ss_n, hs, offs_k, CHUNK - 1, mask_d)
+        tl.debug_barrier()
+
+
+@triton.jit
 def _bwd_state_loop_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, dlast_ptr, carry_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
@@ -700,13 +744,15 @@ def _bwd_state_loop_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 1,
     ONE_EXP: tl.constexpr = False, ADJOINT: tl.constexpr = 0,
     REDUCE_DBC: tl.constexpr = True, FULL: tl.constexpr = False, LANE_FLIP: tl.constexpr = False,
-    APPROX_LOG: tl.constexpr = False,
+    APPROX_LOG: tl.constexpr = False, SAVE_EVERY: tl.constexpr = 1, scratch0=0,
 ):
     """Backward over chunks from last to first, one state index n at a time on (channels, CHUNK) tiles:
     the forward scan restarts from the saved chunk-start state, the adjoint scan from the carry of
     the chunk to the right (kept in `carry`, two slots per sequence, written by the thread that holds
     it and read back after a barrier); du, ddelta, dz are summed over n in registers, dB and dC over
-    the program's channels before one atomic add per (n, chunk)."""
+    the program's channels before one atomic add per (n, chunk). With SAVE_EVERY > 1 the forward kept
+    every SAVE_EVERY-th chunk's start state: entering a group of chunks (from its last), the others'
+    are recomputed from it into scratch slots (`_recompute_group_states`)."""
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
     b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
@@ -744,6 +790,12 @@ def _bwd_state_loop_kernel(
 
     for c_rev in range(0, n_chunks):
         c = n_chunks - 1 - c_rev
+        if SAVE_EVERY > 1:  # noqa: SIM102 (a compile-time and a run-time condition)
+            if (c % SAVE_EVERY == SAVE_EVERY - 1) | (c_rev == 0):
+                _recompute_group_states(c, u_ptr, dt_ptr, A_ptr, B_ptr, states_ptr, b, seq, group, t_first, length,
+                                        offs_d, offs_k, mask_d, first, bias, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l,
+                                        sA_d, sA_n, sB_b, sB_g, sB_n, sB_l, ss_s, ss_c, ss_d, ss_n, N, scratch0,
+                                        HAS_BIAS, SOFTPLUS, APPROX_LOG, FULL, SAVE_EVERY, CHUNK)
         t_local = c * CHUNK + offs_k
         mask_t = t_local < length
         t = t_first + t_local
@@ -779,7 +831,7 @@ def _bwd_state_loop_kernel(
         y_acc = tl.zeros([BLOCK_D, CHUNK], tl.float32)
         B_base = B_ptr + b * sB_b + group * sB_g + t * sB_l
         C_base = C_ptr + b * sC_b + group * sC_g + t * sC_l
-        h0_rows = states_ptr + seq * ss_s + c * ss_c + offs_d * ss_d
+        h0_rows = states_ptr + seq * ss_s + _state_slot(c, SAVE_EVERY, scratch0) * ss_c + offs_d * ss_d
         g_in = carry_rows + (c % 2) * sg_c
         g_out = carry_rows + ((c + 1) % 2) * sg_c
         # STAGES > 1 lets the compiler prefetch the next state index's A, B, C and carries
@@ -938,10 +990,11 @@ def _fwd_state_loop_kernel(
     STORE_STATES: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PAIR: tl.constexpr = 1,
     STAGES: tl.constexpr = 1, FULL: tl.constexpr = False, END_TILE: tl.constexpr = False,
-    APPROX_LOG: tl.constexpr = False,
+    APPROX_LOG: tl.constexpr = False, SAVE_EVERY: tl.constexpr = 1, scratch0=0,
 ):
     """Forward one state index n at a time on (channels, CHUNK) tiles, y summed over n in registers
-    (for large d_state, where a thread cannot hold all states of a channel)."""
+    (for large d_state, where a thread cannot hold all states of a channel). With STORE_STATES, the start
+    state of every SAVE_EVERY-th chunk is kept (`_state_slot`)."""
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
     b, t_first, length = _sequence(seq, seq_batch_ptr, seq_start_ptr, seq_len_ptr, dense_length, VARLEN)
@@ -984,7 +1037,7 @@ def _fwd_state_loop_kernel(
         # the carry between chunks goes through `states`: every chunk's start kept for the backward
         # (STORE_STATES), or two slots used in turn when nothing will be differentiated
         if STORE_STATES:
-            slot, next_slot = c, c + 1
+            slot, next_slot = _state_slot(c, SAVE_EVERY, scratch0), _state_slot(c + 1, SAVE_EVERY, scratch0)
         else:
             slot, next_slot = c % 2, (c + 1) % 2
         h_in = st_rows + slot * ss_c

@@ -115,6 +115,35 @@ def test_forward_without_gradients_keeps_no_chunk_states(variant, kept_states, m
     assert rel_err(out, selective_scan_reference(*exact, delta_softplus=True)) <= FP32_TOL
 
 
+@pytest.mark.parametrize("length,every,kept_slots", [(300, 2, 4), (300, 4, 5), (130, 4, 4), (64, 4, 4)])
+def test_states_kept_every_few_chunks(length, every, kept_slots, monkeypatch):
+    """The state-loop forward keeps every `states_every`-th chunk's start state (plus one group's scratch slots)
+    and the backward recomputes the others from it: the reference's outputs, last state and every gradient.
+    300 steps are 5 chunks (groups 0-3, 4 at 4: the last group one chunk; 0-1, 2-3, 4 at 2), 130 are 3 (one
+    group, entered at its last, short chunk), 64 one."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "state_loop", "bwd_variant": "state_loop",
+                                                          "states_every": every})
+    slots = []
+    forward = triton_scan._forward
+    monkeypatch.setattr(triton_scan, "_forward", lambda *a, **k: (lambda r: slots.append(r[2].shape[1]) or r)(
+        forward(*a, **k)))
+    compare(make_inputs(dim=8, d_state=5, length=length, groups=2, seed=length + every))
+    assert slots == [kept_slots]
+
+
+def test_states_every_defaults_to_large_states_on_the_state_loops(monkeypatch):
+    """Kept every 4 chunks where both state loops run at d_state > 16 (v19: d_state 64's peak memory), every
+    chunk at 16; refused by name with the sequential backward, which reads every chunk's state."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {})
+    assert triton_scan.scan_config(64, 1536, rows=32 * 1536, multiprocessors=132).states_every == 4
+    assert triton_scan.scan_config(16, 64).states_every == 1
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "state_loop"})
+    assert triton_scan.scan_config(16, 64).states_every == 1
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**SEQ_BACKWARD, "states_every": 2})
+    with pytest.raises(ValueError, match="states_every"):
+        triton_scan.scan_config(16, 64)
+
+
 @pytest.mark.parametrize("length,d_state,split,prefetch,segments",
                          [(1, 16, 1, True, 1), (17, 16, 2, False, 1), (65, 5, 4, True, 1),
                           pytest.param(140, 16, 1, False, 1, marks=pytest.mark.slow),
@@ -148,7 +177,8 @@ def record_launches(monkeypatch, kernel: str, run: bool) -> list:
     return launches
 
 
-@pytest.mark.parametrize("length,pieces,parts", [(150, 2, 2), (300, 4, 4), pytest.param(300, 4, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("length,pieces,parts", [(150, 2, 8), (300, 4, 4), pytest.param(300, 4, 2, marks=pytest.mark.slow),
+                                                 pytest.param(150, 2, 2, marks=pytest.mark.slow)])
 def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypatch):
     """The forward's first pass in parts of each piece of time, a program each (the last piece's parts idle, a
     part past the sequence's end adds nothing), combined by the second pass: the reference's outputs and last
@@ -166,6 +196,19 @@ def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypat
     used = -(-length // 128)  # the pieces of 128 steps the sequence needs
     assert [(k["PHASE"], k["SEGMENTS"], k["PARTS"], programs) for programs, k in launches[:2]] == [
         (1, used * parts, parts, 2 * used * parts), (2, used, parts, 2 * used)]
+
+
+def test_first_pass_defaults_where_the_forward_runs_in_pieces(monkeypatch):
+    """The pretraining benchmark's 16k scan on an H200 (4 x 1,536 rows, 132 multiprocessors) runs its forward in
+    pieces of time, with the first pass in 8 parts a piece and softplus's fast log there (v18); a shorter chunk
+    keeps parts of whole 8-step blocks."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {})
+    cfg = triton_scan.scan_config(16, 1536, rows=4 * 1536, multiprocessors=132, dense_length=16384)
+    assert (cfg.fwd_variant, cfg.seq_segments > 1, cfg.seq_first_pass_parts, cfg.approx_log_first_pass) == (
+        "seq", True, 8, True)
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"chunk": 16})
+    assert triton_scan.scan_config(16, 1536, rows=4 * 1536, multiprocessors=132,
+                                   dense_length=16384).seq_first_pass_parts == 2
 
 
 def test_first_pass_parts_must_divide_a_chunks_blocks(monkeypatch):
@@ -278,9 +321,11 @@ def test_sequential_backward_follows_the_sequential_forward():
                                        {"fwd_variant": "state_loop"}])
 def test_forward_allocates_one_output(overrides, monkeypatch):
     """Peak memory: a forward without gradients allocates one tensor of u's size (the output), nothing
-    else of that size (v10-v12 allocated a second, unused output: forward peak 396 MiB against 202)."""
+    else of that size (v10-v12 allocated a second, unused output: forward peak 396 MiB against 202). Length 400:
+    at 8 channels the pieces' per-part states (2 pieces x 8 parts x 16 states a channel) would pass u's size at 130
+    steps, which no real shape comes near (S2: 25 MB against u's 400)."""
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", overrides)
-    inputs = make_inputs(dim=8, d_state=16, length=130, seed=7)
+    inputs = make_inputs(dim=8, d_state=16, length=400, seed=7)
     big = []
     for name in ("empty", "empty_like", "zeros", "zeros_like", "empty_strided"):
         original = getattr(torch, name)
@@ -363,7 +408,8 @@ def _row(inputs, b, length):
 
 
 @pytest.mark.parametrize("forward,dim", [({"fwd_variant": "state_loop"}, 8), ({"fwd_variant": "seq", "seq_split": 2}, 8),
-                                         (SEQ_BACKWARD, 64)])
+                                         (SEQ_BACKWARD, 64),
+                                         ({"fwd_variant": "state_loop", "bwd_variant": "state_loop", "states_every": 2}, 8)])
 def test_varlen_per_row_lengths(forward, dim, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", forward)
     inputs = make_inputs(batch=4, dim=dim, length=70, groups=2, seed=3)
