@@ -115,7 +115,8 @@ def test_forward_without_gradients_keeps_no_chunk_states(variant, kept_states, m
     assert rel_err(out, selective_scan_reference(*exact, delta_softplus=True)) <= FP32_TOL
 
 
-@pytest.mark.parametrize("length,every,kept_slots", [(300, 2, 4), (300, 4, 5), (130, 4, 4), (64, 4, 4)])
+@pytest.mark.parametrize("length,every,kept_slots", [pytest.param(300, 2, 4, marks=pytest.mark.slow), (300, 4, 5),
+                                                      (130, 4, 4), (64, 4, 4)])
 def test_states_kept_every_few_chunks(length, every, kept_slots, monkeypatch):
     """The state-loop forward keeps every `states_every`-th chunk's start state (plus one group's scratch slots)
     and the backward recomputes the others from it: the reference's outputs, last state and every gradient.
