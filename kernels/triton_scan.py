@@ -272,8 +272,6 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     capped = small_state and block_d_bwd == SMALL_STATE_BWD_CHANNELS
     bwd_maxnreg = over.get("bwd_maxnreg", _bwd_register_cap(max(rows, 1) // block_d_bwd, multiprocessors)
                            if capped else None)
-    # the sequential backward's per-channel work split between a channel's two lanes, and its adjoint as g-hat
-    # (below); in pieces of time the two pay only together with the constant row strides (v16c)
     # chunk-start states kept every this many chunks (the state-loop kernels, large d_state): the float32 states
     # every 64 steps put the forward+backward peak above mamba-ssm's at d_state 64 (1,252 against 1,032 MiB at
     # b32/L2048, 384 MiB of them states); the backward recomputes the others, a group of chunks at a time (v19,
@@ -284,6 +282,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     if states_every < 1 or (states_every > 1 and not both_state_loops):
         raise ValueError(f"states_every {states_every}: a positive count, above 1 only with the state-loop forward "
                          f"and backward (got {fwd_variant!r}, {bwd_variant!r})")
+    # the sequential backward's per-channel work split between a channel's two lanes, and its adjoint as g-hat
+    # (below); in pieces of time the two pay only together with the constant row strides (v16c)
     seq_bwd_share = over.get("seq_bwd_share", True) and seq_bwd_split == 2
     seq_bwd_ghat = over.get("seq_bwd_ghat", seq_bwd_share)
     return ScanConfig(
