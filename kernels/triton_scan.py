@@ -49,6 +49,7 @@ SEQ_MIN_WARPS = 8  # per multiprocessor, for the sequential forward to be the de
 SEQ_RESIDENT_PROGRAMS = 12  # of its 1-warp programs per multiprocessor (136 registers; ncu: block limit 12)
 SEQ_MAX_SEGMENTS = 8  # pieces of time measured (kernels/NOTES.md v12)
 SEQ_FIRST_PASS_PARTS = 8  # programs a piece in the forward's first pass (v18)
+SEQ_MIN_PART_STEPS = 256  # the shortest default part (v18 measured parts of 256 and 512 steps)
 STATES_EVERY = 4  # chunks a kept state of the state-loop kernels covers at d_state > 16 (v19)
 SEQ_BWD_SPLIT = 2  # lanes a channel in the sequential backward (kernels/NOTES.md v13)
 # The sequential backward's time pieces (kernels/NOTES.md v14): none while its programs fill this many waves of
@@ -212,6 +213,15 @@ def _first_pass_parts(parts: int, chunk: int) -> int:
     return parts
 
 
+def _default_first_pass_parts(chunk: int, dense_length: int, pieces: int) -> int:
+    """SEQ_FIRST_PASS_PARTS (whole 8-step blocks of a chunk), halved while a part would be shorter than
+    SEQ_MIN_PART_STEPS: each part pays its program's fixed costs (addresses, A, the first loads, its state)."""
+    parts = math.gcd(SEQ_FIRST_PASS_PARTS, chunk // SEQ_STEPS)
+    while parts > 1 and dense_length < max(pieces, 1) * parts * SEQ_MIN_PART_STEPS:
+        parts //= 2
+    return parts
+
+
 def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiprocessors: int = 1,
                 dense_length: int = 0) -> ScanConfig:
     """Kernel variants and tile sizes for a problem of `rows` = sequences x channels (`dense_length`:
@@ -348,8 +358,9 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # it runs in 96 registers against the second pass's 134, so more programs still fit one wave, and it is
         # latency-bound like the second (v18, H200, medians of 3 alternating rounds: b8/L16384 forward 1 / 2 / 4 / 8
         # parts 3.61 / 3.38 / 3.31 / 3.23 ms, f+b 12.16 -> 11.74 with 8; b4/L16384 1 / 4 parts 1.81 / 1.72)
-        seq_first_pass_parts=_first_pass_parts(
-            over.get("seq_first_pass_parts", math.gcd(SEQ_FIRST_PASS_PARTS, chunk // SEQ_STEPS)), chunk),
+        seq_first_pass_parts=_first_pass_parts(over.get("seq_first_pass_parts",
+                                                        _default_first_pass_parts(chunk, dense_length, seq_segments)),
+                                               chunk),
         # softplus's lg2.approx in that first pass alone (local compile: 910 -> 744 instructions a block, the same 96
         # registers, unlike the second pass, where approx_log_fwd lost registers and latency hiding; v18: b8/L16384
         # forward 3.31 -> 3.28 ms with 4 parts, 3.23 -> 3.20 with 8)

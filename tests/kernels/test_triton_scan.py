@@ -128,7 +128,7 @@ def test_states_kept_every_few_chunks(length, every, kept_slots, monkeypatch):
     forward = triton_scan._forward
     monkeypatch.setattr(triton_scan, "_forward", lambda *a, **k: (lambda r: slots.append(r[2].shape[1]) or r)(
         forward(*a, **k)))
-    compare(make_inputs(dim=8, d_state=5, length=length, groups=2, seed=length + every))
+    compare(make_inputs(batch=1, dim=8, d_state=5, length=length, groups=2, seed=length + every))
     assert slots == [kept_slots]
 
 
@@ -202,14 +202,18 @@ def test_sequential_forward_first_pass_in_parts(length, pieces, parts, monkeypat
 def test_first_pass_defaults_where_the_forward_runs_in_pieces(monkeypatch):
     """The pretraining benchmark's 16k scan on an H200 (4 x 1,536 rows, 132 multiprocessors) runs its forward in
     pieces of time, with the first pass in 8 parts a piece and softplus's fast log there (v18); a shorter chunk
-    keeps parts of whole 8-step blocks."""
+    keeps parts of whole 8-step blocks, and short pieces fewer parts (none under 256 steps)."""
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {})
     cfg = triton_scan.scan_config(16, 1536, rows=4 * 1536, multiprocessors=132, dense_length=16384)
-    assert (cfg.fwd_variant, cfg.seq_segments > 1, cfg.seq_first_pass_parts, cfg.approx_log_first_pass) == (
-        "seq", True, 8, True)
+    assert (cfg.fwd_variant, cfg.seq_segments, cfg.seq_first_pass_parts, cfg.approx_log_first_pass) == (
+        "seq", 8, 8, True)
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"chunk": 16})
     assert triton_scan.scan_config(16, 1536, rows=4 * 1536, multiprocessors=132,
                                    dense_length=16384).seq_first_pass_parts == 2
+    for length, pieces, parts in ((8192, 8, 4), (2048, 8, 1), (300, 2, 1)):
+        monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"seq_segments": pieces})
+        assert triton_scan.scan_config(16, 1536, rows=4 * 1536, multiprocessors=132,
+                                       dense_length=length).seq_first_pass_parts == parts
 
 
 def test_first_pass_parts_must_divide_a_chunks_blocks(monkeypatch):
@@ -322,11 +326,9 @@ def test_sequential_backward_follows_the_sequential_forward():
                                        {"fwd_variant": "state_loop"}])
 def test_forward_allocates_one_output(overrides, monkeypatch):
     """Peak memory: a forward without gradients allocates one tensor of u's size (the output), nothing
-    else of that size (v10-v12 allocated a second, unused output: forward peak 396 MiB against 202). Length 400:
-    at 8 channels the pieces' per-part states (2 pieces x 8 parts x 16 states a channel) would pass u's size at 130
-    steps, which no real shape comes near (S2: 25 MB against u's 400)."""
+    else of that size (v10-v12 allocated a second, unused output: forward peak 396 MiB against 202)."""
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", overrides)
-    inputs = make_inputs(dim=8, d_state=16, length=400, seed=7)
+    inputs = make_inputs(dim=8, d_state=16, length=130, seed=7)
     big = []
     for name in ("empty", "empty_like", "zeros", "zeros_like", "empty_strided"):
         original = getattr(torch, name)
