@@ -47,7 +47,8 @@ SEQ_STATES = triton_scan_kernels.SEQ_STATES.value
 SEQ_STEPS = triton_scan_kernels.SEQ_STEPS.value
 SEQ_MIN_WARPS = 8  # per multiprocessor, for the sequential forward to be the default
 SEQ_RESIDENT_PROGRAMS = 12  # of its 1-warp programs per multiprocessor (136 registers; ncu: block limit 12)
-SEQ_MAX_SEGMENTS = 8  # pieces of time measured (kernels/NOTES.md v12)
+SEQ_MAX_SEGMENTS = 8  # pieces of time measured (kernels/NOTES.md v12), and more only for longer sequences:
+SEQ_MIN_PIECE_STEPS = 2048  # the pieces' length at 8 pieces of 16,384 steps, kept at longer lengths (v20)
 SEQ_FIRST_PASS_PARTS = 8  # programs a piece in the forward's first pass (v18)
 SEQ_MIN_PART_STEPS = 256  # the shortest default part (v18 measured parts of 256 and 512 steps)
 STATES_EVERY = 4  # chunks a kept state of the state-loop kernels covers at d_state > 16 (v19)
@@ -175,14 +176,21 @@ def _bwd_register_cap(programs: int, multiprocessors: int) -> int:
     return loose if fill(tight) < MIN_LAST_WAVE_FILL and fill(loose) > fill(tight) else tight
 
 
+def _max_segments(dense_length: int) -> int:
+    """Most pieces of time: SEQ_MAX_SEGMENTS (measured up to 16,384 steps), more for longer sequences while each
+    piece keeps SEQ_MIN_PIECE_STEPS (a batch of one 65,536-step sequence has 48 warps of channels: 8 pieces left
+    the forward 3 warps a multiprocessor; v20)."""
+    return max(SEQ_MAX_SEGMENTS, dense_length // SEQ_MIN_PIECE_STEPS)
+
+
 def _time_segments(rows: int, dense_length: int, multiprocessors: int, chunk: int) -> int:
     """Pieces of time for the sequential forward of a dense batch: doubled while its 1-warp programs
     still fit one wave (SEQ_RESIDENT_PROGRAMS a multiprocessor) and every piece keeps two chunks, at
-    most SEQ_MAX_SEGMENTS (H200, b8/L16384: 1 piece 5.2 ms, 2 6.5, 4 3.6, 8 3.6; b32/L2048: 1 piece 0.93
-    ms, 2 1.69: a second wave costs more than the pieces gain)."""
+    most SEQ_MAX_SEGMENTS or pieces of SEQ_MIN_PIECE_STEPS (H200, b8/L16384: 1 piece 5.2 ms, 2 6.5, 4 3.6, 8 3.6;
+    b32/L2048: 1 piece 0.93 ms, 2 1.69: a second wave costs more than the pieces gain)."""
     programs = triton.cdiv(rows, THREADS_PER_WARP)
     segments = 1
-    while (dense_length and segments < SEQ_MAX_SEGMENTS
+    while (dense_length and segments < _max_segments(dense_length)
            and programs * segments * 2 <= SEQ_RESIDENT_PROGRAMS * multiprocessors
            and dense_length >= segments * 2 * 2 * chunk):
         segments *= 2
@@ -197,7 +205,7 @@ def _seq_bwd_segments(rows: int, split: int, dense_length: int, multiprocessors:
     segments = 1
     if programs >= SEQ_BWD_ONE_PIECE_WAVES * wave:
         return segments
-    while (dense_length and segments < SEQ_MAX_SEGMENTS
+    while (dense_length and segments < _max_segments(dense_length)
            and programs * segments * 2 <= SEQ_BWD_PIECE_WAVES * wave
            and dense_length >= segments * 2 * 2 * chunk):
         segments *= 2

@@ -727,3 +727,26 @@ def test_sequential_backward_in_time_pieces(length, pieces, split, forward_piece
                                                           "seq_bwd_segments": pieces, "seq_segments": forward_pieces,
                                                           **config})
     compare(make_inputs(dim=32, d_state=16, length=length, seed=length + pieces))
+
+
+def test_many_pieces_of_time_for_a_long_single_sequence(monkeypatch):
+    """A batch of one long sequence: more than 8 pieces of time where each keeps 2,048 steps (v20: at 65,536
+    steps 32 pieces, which also brings both sequential kernels in); the batches measured at 16,384 steps keep
+    theirs."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {})
+
+    def config(batch, length):
+        cfg = triton_scan.scan_config(16, 1536, rows=batch * 1536, multiprocessors=132, dense_length=length)
+        return cfg.fwd_variant, cfg.seq_segments, cfg.bwd_variant, cfg.seq_bwd_segments
+
+    assert config(1, 65536) == ("seq", 32, "seq", 32)
+    assert config(4, 16384) == ("seq", 8, "seq", 8) and config(8, 16384) == ("seq", 4, "seq", 8)
+    assert config(1, 16384) == ("state_loop", 8, "state_loop", 8)
+
+
+@pytest.mark.slow
+def test_sixteen_pieces_of_time_each_way(monkeypatch):
+    """16 pieces of 64 steps in the sequential forward and backward (their combines loop over every earlier or
+    later piece) against the reference (~25 s on the interpreter)."""
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {**SEQ_BACKWARD, "seq_segments": 16, "seq_bwd_segments": 16})
+    compare(make_inputs(batch=1, dim=32, d_state=16, length=1000, seed=16))
