@@ -48,6 +48,10 @@ SHAPES = {
     "b22_L2048_N16": Shape("b22_L2048_N16", 22, 2048, 1536, 16),
     # the pretraining benchmark's scan at 16k (65,536 tokens a step)
     "b4_L16384_N16": Shape("b4_L16384_N16", 4, 16384, 1536, 16),
+    # one long sequence a batch (pretraining at batch 1): 48 warps of channels, so the kernels' parallelism is in
+    # pieces of time
+    "b1_L65536_N16": Shape("b1_L65536_N16", 1, 65536, 1536, 16),
+    "b1_L16384_N16": Shape("b1_L16384_N16", 1, 16384, 1536, 16),
 }
 ISSUE_SHAPES = ("b32_L2048_N16", "b8_L16384_N16", "b32_L2048_N64")  # the issue's, timed by default
 
@@ -325,6 +329,15 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
     # v19: states kept every 4 chunks (the default at d_state > 16), the backward recomputing the other three a group
     # at a time (64-step tiles and the lane flip kept); every 2 and every chunk (before) for comparison
     "b32_L2048_N64": [{}, {"states_every": 2}, {"states_every": 1}],
+    # v20: 32 pieces each way (the default at 65,536 steps, pretraining at batch 1 265k -> 755k tokens/s) against the
+    # state-loop kernels it replaced, and piece counts around it (untimed at kernel level)
+    "b1_L65536_N16": [{}, {"fwd_variant": "state_loop"}, {"seq_bwd_segments": 16}, {"seq_segments": 16},
+                      {"seq_bwd_segments": 64}],
+    # batch 1 at 16,384 steps still runs the state-loop kernels (8 pieces of 2,048 steps are too few rows for the
+    # sequential forward); pieces of 512 steps would bring in the sequential kernels
+    "b1_L16384_N16": [{}, {"fwd_variant": "seq", "seq_segments": 32},
+                      {"fwd_variant": "seq", "seq_segments": 32, "seq_bwd_segments": 16},
+                      {"fwd_variant": "seq", "seq_segments": 32, "seq_bwd_segments": 32}],
 }
 
 
