@@ -190,7 +190,7 @@ def _time_segments(rows: int, dense_length: int, multiprocessors: int, chunk: in
     b32/L2048: 1 piece 0.93 ms, 2 1.69: a second wave costs more than the pieces gain)."""
     programs = triton.cdiv(rows, THREADS_PER_WARP)
     segments = 1
-    while (dense_length and segments < _max_segments(dense_length)
+    while (dense_length and segments * 2 <= _max_segments(dense_length)
            and programs * segments * 2 <= SEQ_RESIDENT_PROGRAMS * multiprocessors
            and dense_length >= segments * 2 * 2 * chunk):
         segments *= 2
@@ -205,7 +205,7 @@ def _seq_bwd_segments(rows: int, split: int, dense_length: int, multiprocessors:
     segments = 1
     if programs >= SEQ_BWD_ONE_PIECE_WAVES * wave:
         return segments
-    while (dense_length and segments < _max_segments(dense_length)
+    while (dense_length and segments * 2 <= _max_segments(dense_length)
            and programs * segments * 2 <= SEQ_BWD_PIECE_WAVES * wave
            and dense_length >= segments * 2 * 2 * chunk):
         segments *= 2

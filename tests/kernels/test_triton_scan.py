@@ -742,6 +742,7 @@ def test_many_pieces_of_time_for_a_long_single_sequence(monkeypatch):
     assert config(1, 65536) == ("seq", 32, "seq", 32)
     assert config(4, 16384) == ("seq", 8, "seq", 8) and config(8, 16384) == ("seq", 4, "seq", 8)
     assert config(1, 16384) == ("state_loop", 8, "state_loop", 8)
+    assert config(1, 24576)[1] == 8  # 16 pieces would be 1,536 steps each
 
 
 @pytest.mark.slow
