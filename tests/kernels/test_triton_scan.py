@@ -446,7 +446,8 @@ def test_varlen_per_row_lengths(forward, dim, monkeypatch):
 
 
 @pytest.mark.parametrize("forward,dim", [({"fwd_variant": "state_loop"}, 8), ({"fwd_variant": "seq", "seq_split": 4}, 8),
-                                         (SEQ_BACKWARD, 32)])
+                                         (SEQ_BACKWARD, 32),
+                                         ({"fwd_variant": "state_loop", "bwd_variant": "state_loop", "states_every": 2}, 8)])
 def test_varlen_packed_cu_seqlens(forward, dim, monkeypatch):
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", forward)
     lengths = [64, 3, 70]
