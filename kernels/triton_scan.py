@@ -589,7 +589,7 @@ def _forward(u, delta, A, B4, C4, D, z, delta_bias, softplus, seqs: _Sequences, 
     # scratch slots of one group (`_state_slot`)
     every = cfg.states_every
     kept = triton.cdiv(n_chunks, every)
-    states = torch.empty(seqs.count, (kept + every - 1 if every > 1 else n_chunks) if store_states else 2, dim, d_state,
+    states = torch.empty(seqs.count, kept + every - 1 if store_states else 2, dim, d_state,
                          device=u.device, dtype=torch.float32)
     last = torch.empty(seqs.count, dim, d_state, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim, cfg.block_d_fwd), seqs.count)

@@ -125,6 +125,11 @@ class _ScanInput(torch.autograd.Function):
         return None, None
 
 
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(batch, channels, L) -> (channels, batch * L): a view when channel-major, else a copy."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
 def _channel_rows(x: torch.Tensor) -> torch.Tensor | None:
     """A (batch, channels, L) channel-major tensor as its (channels, batch * L) rows, a view; None if it is not."""
     rows = x.transpose(0, 1)
@@ -162,7 +167,7 @@ class _XProjection(torch.autograd.Function):
             else:
                 d_rows = torch.mm(weight.t(), d_product)
                 if scan_grad is not None:  # not channel-major (e.g. the CPU scan's): added by a copy
-                    d_rows += scan_grad.transpose(0, 1).reshape(d_rows.shape).to(d_rows.dtype)
+                    d_rows += _as_rows(scan_grad).to(d_rows.dtype)
         if ctx.needs_input_grad[1]:
             d_weight = torch.mm(d_product, rows.t())
         return d_rows, d_weight, None
@@ -175,7 +180,7 @@ def x_projection(u: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, t
     product of a copy of the rows, as autograd sums it."""
     rows = _channel_rows(u)
     if rows is None:
-        return u, torch.mm(weight, u.transpose(0, 1).reshape(u.shape[1], -1))
+        return u, torch.mm(weight, _as_rows(u))
     rows, weight = _autocast_operands(rows, weight)
     handoff = _Handoff()
     # in this order: autograd runs ready nodes latest-created first, so _ScanInput's backward (ready right after the
@@ -301,10 +306,6 @@ class EHRMambaMixer(nn.Module):
             """(channels, batch * L) -> a (batch, channels, L) view."""
             return rows.view(rows.shape[0], batch, length).transpose(0, 1)
 
-        def as_rows(channels_first: torch.Tensor) -> torch.Tensor:
-            """(batch, channels, L) -> (channels, batch * L): a view when channel-major."""
-            return channels_first.transpose(0, 1).reshape(channels_first.shape[1], batch * length)
-
         tokens = hidden_states.reshape(batch * length, self.hidden_size)
         x, gate = (per_channel(rows) for rows in in_projection(tokens, self.in_proj.weight, self.in_proj.bias,
                                                                inter))
@@ -315,7 +316,7 @@ class EHRMambaMixer(nn.Module):
         delta = torch.mm(self.dt_proj.weight, time_step)
         result = self._scan(u, per_channel(delta), per_channel(B), per_channel(C), gate, return_state)
         y = result[0] if return_state else result
-        out = F.linear(as_rows(y).t(), self.out_proj.weight, self.out_proj.bias)
+        out = F.linear(_as_rows(y).t(), self.out_proj.weight, self.out_proj.bias)
         out = out.view(batch, length, self.hidden_size)
         if not return_state:
             return out

@@ -94,6 +94,20 @@ def test_matches_reference_across_chunk_boundaries(length):
     compare(make_inputs(length=length, seed=length))
 
 
+def record_state_slots(monkeypatch) -> list:
+    """The chunk-state slots each forward call allocates (the states tensor's second dimension), in call order."""
+    slots = []
+    forward = triton_scan._forward
+
+    def recording(*args, **kwargs):
+        result = forward(*args, **kwargs)
+        slots.append(result[2].shape[1])
+        return result
+
+    monkeypatch.setattr(triton_scan, "_forward", recording)
+    return slots
+
+
 @pytest.mark.parametrize("variant,kept_states", [("state_loop", 2), ("seq", 0)])
 def test_forward_without_gradients_keeps_no_chunk_states(variant, kept_states, monkeypatch):
     """Under no_grad nothing is saved for a backward: the state-loop forward's chunk carry uses two
@@ -102,10 +116,7 @@ def test_forward_without_gradients_keeps_no_chunk_states(variant, kept_states, m
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": variant})
     inputs = make_inputs(dim=8, d_state=4, length=300, seed=31)
     args = [inputs[k] for k in NAMES]
-    slots = []
-    forward = triton_scan._forward
-    monkeypatch.setattr(triton_scan, "_forward", lambda *a, **k: (lambda r: slots.append(r[2].shape[1]) or r)(
-        forward(*a, **k)))
+    slots = record_state_slots(monkeypatch)
     with torch.no_grad():
         out, last = triton_scan.selective_scan_triton(*args, delta_softplus=True, return_last_state=True)
     kept_out, kept_last = triton_scan.selective_scan_triton(*args, delta_softplus=True, return_last_state=True)
@@ -124,10 +135,7 @@ def test_states_kept_every_few_chunks(length, every, kept_slots, monkeypatch):
     group, entered at its last, short chunk), 64 one."""
     monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"fwd_variant": "state_loop", "bwd_variant": "state_loop",
                                                           "states_every": every})
-    slots = []
-    forward = triton_scan._forward
-    monkeypatch.setattr(triton_scan, "_forward", lambda *a, **k: (lambda r: slots.append(r[2].shape[1]) or r)(
-        forward(*a, **k)))
+    slots = record_state_slots(monkeypatch)
     compare(make_inputs(batch=1, dim=8, d_state=5, length=length, groups=2, seed=length + every))
     assert slots == [kept_slots]
 
