@@ -46,12 +46,16 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--model-size", default="small", help="EHRMamba size (tiny, small, base)")
     parser.add_argument("--context-length", type=int, default=2048)
+    parser.add_argument("--model-fields", type=json.loads, default={},
+                        help='EHRMambaConfig fields over the size for pretraining, as JSON, e.g. \'{"hidden_size": 384}\'')
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--finetune-steps", type=int, default=3000, help="the MTF model")
     parser.add_argument("--gpt-steps", type=int, default=1000, help="each GPT baseline (512 and 2,048 tokens)")
     parser.add_argument("--single-task-steps", type=int, default=750, help="each single-task model")
     parser.add_argument("--batch-size", type=int, default=64, help="finetuning batch (pretraining uses half)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--backbone-learning-rate", type=float, default=None,
+                        help="the MTF model's backbone rate (finetune's backbone_learning_rate; default: --learning-rate)")
     # 1e-3 took the GPT to a NaN loss at step 449 of 1,000 (H200, 20k patients, bf16); 3e-4 trained.
     parser.add_argument("--gpt-learning-rate", type=float, default=3e-4)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (time budget)")
@@ -74,8 +78,16 @@ def _parse() -> argparse.Namespace:
                         help="also MTF with --group-by-length flipped (compared in the report, same steps)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: checks the script")
     parser.add_argument("--fresh", action="store_true", help="redo stages whose output exists")
-    parser.add_argument("--stop-after", choices=("pretrain",), default=None,
+    parser.add_argument("--stop-after", choices=("data", "pretrain"), default=None,
                         help="end after this stage (a device call's share; the next call resumes from --work)")
+    parser.add_argument("--pretrain-gpus", type=int, default=1,
+                        help="pretrain with `torchrun` on this many GPUs (same global batch, split between them)")
+    parser.add_argument("--pretrain-name", default="pretrain",
+                        help="the pretraining run's folder in --work (several runs can share one cohort)")
+    parser.add_argument("--mtf-name", default="ft_mtf", help="the MTF model's folder in --work")
+    parser.add_argument("--compare", nargs="*", default=[], metavar="NAME=FOLDER",
+                        help="more finetuned models to evaluate beside the MTF one: report name = folder in --work "
+                             "(e.g. ehrmamba_mtf_long_pretraining=ft_mtf_long), made by earlier calls")
     parser.add_argument("--skip", nargs="*", default=[], choices=SKIPPABLE,
                         help="leave out the single-task models, the GPT baselines and/or the evaluation")
     args = parser.parse_args()
@@ -233,6 +245,36 @@ def _keep_finetune_report(out: Path, name: str, run: Path) -> None:
     print(_tuning_line(name, report), flush=True)
 
 
+def _pretrain_yaml() -> dict:
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "pretrain.yaml").read_text())
+    config["model"] = config.get("model") or {}
+    return config
+
+
+def _pretrain_distributed(gpus: int, fields: dict) -> None:
+    """`odyssey pretrain` under torchrun: each of `gpus` processes takes its share of the global batch."""
+    import subprocess
+
+    import yaml
+
+    if fields["batch_size"] % gpus:
+        sys.exit(f"--pretrain-gpus {gpus}: the pretraining batch {fields['batch_size']} does not split evenly")
+    config = {**_pretrain_yaml(), "model": fields["model"]}  # the CLI has no flag per model field
+    config_path = Path(fields["out"]).with_name(f"{Path(fields['out']).name}_pretrain.yaml")
+    config_path.write_text(yaml.safe_dump(config))
+    flags = {"--config": config_path, "--data": fields["data"], "--out": fields["out"],
+             "--model-size": fields["model_size"], "--context-length": fields["context_length"],
+             "--max-steps": fields["max_steps"], "--batch-size": fields["batch_size"] // gpus,
+             "--eval-steps": fields["eval_steps"], "--save-steps": fields["save_steps"],
+             "--precision": fields["precision"]}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               "-m", "odyssey.cli", "pretrain", *[str(v) for pair in flags.items() for v in pair]]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
 def main() -> None:
     args = _parse()
     device = _select_device(args.device)
@@ -251,7 +293,8 @@ def main() -> None:
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    fhir, meds, seq, labels, run = work / "fhir", work / "meds", work / "seq", work / "labels", work / "pretrain"
+    fhir, meds, seq, labels = work / "fhir", work / "meds", work / "seq", work / "labels"
+    run = work / args.pretrain_name
 
     def steps(count: int) -> int:
         return max(1, round(count * args.steps_scale))
@@ -272,7 +315,9 @@ def main() -> None:
                 "gpt_learning_rate": args.gpt_learning_rate, "resamples": args.resamples,
                 "workers": workers, "skipped": list(args.skip), "group_by_length": args.group_by_length,
                 "eval_steps": common["eval_steps"], "train_minutes": args.train_minutes,
-                "gpt_contexts": args.gpt_contexts}
+                "gpt_contexts": args.gpt_contexts, "pretrain_gpus": args.pretrain_gpus,
+                "pretrain_name": args.pretrain_name, "backbone_learning_rate": args.backbone_learning_rate,
+                "model_fields": args.model_fields}
     stage = Stages(args.fresh)
     stage.run("synth", fhir / "truth.parquet", lambda: synthesize(args.patients, fhir, seed=0, workers=workers))
     # A few hundred patients leave too few positives of the rarer condition groups in a 10% tuning split.
@@ -281,11 +326,18 @@ def main() -> None:
               lambda: ingest_fhir([fhir], meds, workers=workers, splits=splits))
     stage.run("tokenize", seq / "tokenize_report.json", lambda: tokenize(meds, seq))
     stage.run("labels", labels / "tasks.json", lambda: make_labels(meds, REPO / "configs" / "tasks.yaml", labels))
-    stage.run("pretrain", run / "model", lambda: pretrain(PretrainConfig.load(
-        REPO / "configs" / "pretrain.yaml", data=seq, out=run, model_size=args.model_size,
-        context_length=args.context_length, max_steps=steps(args.pretrain_steps),
-        batch_size=max(1, args.batch_size // 2), eval_steps=steps(args.pretrain_steps),
-        save_steps=steps(args.pretrain_steps), precision=common["precision"], dataloader_workers=0)))
+    if args.stop_after == "data":
+        _write_training_summary(out, settings, stage.seconds, {})
+        return
+    pretrain_fields = dict(data=seq, out=run, model_size=args.model_size, context_length=args.context_length,
+                           max_steps=steps(args.pretrain_steps), batch_size=max(1, args.batch_size // 2),
+                           eval_steps=steps(args.pretrain_steps), save_steps=steps(args.pretrain_steps),
+                           precision=common["precision"], model={**_pretrain_yaml().get("model", {}), **args.model_fields})
+    if args.pretrain_gpus > 1:
+        stage.run("pretrain", run / "model", lambda: _pretrain_distributed(args.pretrain_gpus, pretrain_fields))
+    else:
+        stage.run("pretrain", run / "model", lambda: pretrain(PretrainConfig.load(
+            REPO / "configs" / "pretrain.yaml", **pretrain_fields, dataloader_workers=0)))
 
     if args.stop_after == "pretrain":
         _write_training_summary(out, settings, stage.seconds, {})
@@ -298,7 +350,13 @@ def main() -> None:
         _keep_finetune_report(out, name, target)
         return target
 
-    mtf = tune("ft_mtf", "finetune MTF", pretrained=run, tasks=TASKS, max_steps=steps(args.finetune_steps))
+    mtf = tune(args.mtf_name, "finetune MTF", pretrained=run, tasks=TASKS, max_steps=steps(args.finetune_steps),
+               backbone_learning_rate=args.backbone_learning_rate)
+    for entry in args.compare:
+        name, _, folder = entry.partition("=")
+        if not folder or not (work / folder / "model").is_dir():
+            sys.exit(f"--compare {entry}: expected NAME=FOLDER with a finetuned model in {work / folder / 'model'}")
+        compare[name] = work / folder
     for task in TASKS if "single" not in args.skip else ():
         compare[f"ehrmamba_single_{task}"] = tune(f"ft_single_{task}", f"finetune {task} only", pretrained=run,
                                                   tasks=[task], max_steps=steps(args.single_task_steps))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,8 @@ def finetune(
     context_length: Annotated[int | None, typer.Option("--context-length")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
     learning_rate: Annotated[float | None, typer.Option("--learning-rate")] = None,
+    backbone_learning_rate: Annotated[float | None, typer.Option(
+        "--backbone-learning-rate", help="peak rate of everything but the task head (default: --learning-rate)")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="> 0 overrides --epochs")] = None,
     eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="keep the best model on tuning, checked this often")] = None,
@@ -44,12 +47,15 @@ def finetune(
         cfg = FinetuneConfig.load(
             config, pretrained=pretrained, data=data, labels=labels, out=out,
             tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, few_shot_k=few_shot_k,
-            context_length=context_length, batch_size=batch_size, learning_rate=learning_rate, epochs=epochs,
+            context_length=context_length, batch_size=batch_size, learning_rate=learning_rate,
+            backbone_learning_rate=backbone_learning_rate, epochs=epochs,
             max_steps=max_steps, eval_steps=eval_steps, architecture=architecture, model_size=model_size, scan_backend=scan_backend, seed=seed,
             progress_bar=progress_bar, group_by_length=group_by_length, split_batches_by_length=split_batches_by_length,
             max_train_minutes=max_train_minutes,
         )
         result = run_finetune(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary per job, not one per process
+        return
     origin = "pretrained" if result.from_pretrained else "from scratch"
     typer.echo(f"finetuned {result.parameters:,} parameters ({origin}) on {', '.join(result.tasks)} for "
                f"{result.steps} steps in {result.train_seconds:.0f} s; train loss {result.train_loss:.4f}"

@@ -28,6 +28,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from odyssey.io import atomic_output_dir, read_json, write_json
 from odyssey.models import EHRMambaConfig, EHRMambaForTaskClassification, count_parameters
+from odyssey.models.modeling_ehrmamba_tasks import NEW_HEAD_PREFIX
 from odyssey.tokenizer import EHRTokenizer, TokenType, load_sequences
 from odyssey.training.data import LengthBucketSampler, read_vocabulary
 from odyssey.training.pretrain import (
@@ -76,6 +77,9 @@ class FinetuneConfig(TrainerSettings):
     context_length: int = Field(2048, ge=8)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
+    backbone_learning_rate: float | None = Field(
+        None, ge=0, description="peak learning rate of everything but the task head; null: learning_rate for all "
+        "(a pretrained backbone can keep more of what it learned at a lower rate; 0 trains the head alone)")
     lr_scheduler: str = "linear"
     epochs: float = Field(3.0, gt=0)
     eval_steps: int | None = Field(
@@ -292,13 +296,38 @@ class TaskTrainer(PickleFreeTrainer):
     """
 
     def __init__(self, *args, sample_weights: np.ndarray | None = None, group_by_length: bool = False,
-                 split_overhead_tokens: int | None = None, pad_to_multiple_of: int = 1, **kwargs):
+                 split_overhead_tokens: int | None = None, pad_to_multiple_of: int = 1,
+                 backbone_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.backbone_learning_rate = backbone_learning_rate
         self.sample_weights = sample_weights
         self.group_examples_by_length = group_by_length
         self.split_overhead_tokens = split_overhead_tokens  # None: each batch runs whole
         self.pad_to_multiple_of = pad_to_multiple_of
         self._loss_share: float | None = None
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the backbone's parameters at `backbone_learning_rate` when set.
+
+        Each of the Trainer's groups (weight decay or not) splits into head and backbone; the schedule then
+        scales both rates alike.
+        """
+        optimizer = super().create_optimizer(model)
+        if self.backbone_learning_rate is None:
+            return optimizer
+        named = (self.model if model is None else model).named_parameters()
+        head = {id(p) for name, p in named if name.startswith(NEW_HEAD_PREFIX)}
+        groups = []
+        for group in optimizer.param_groups:
+            settings = {key: value for key, value in group.items() if key != "params"}
+            for in_head, lr in ((True, group["lr"]), (False, self.backbone_learning_rate)):
+                params = [p for p in group["params"] if (id(p) in head) == in_head]
+                if params:
+                    groups.append({**settings, "params": params, "lr": lr})
+        optimizer.param_groups.clear()  # nothing has stepped yet: no state refers to the old groups
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The batch's step, run as sub-batches of similar length when that saves padded tokens."""
@@ -451,6 +480,7 @@ def finetune(config: FinetuneConfig, callbacks: list[TrainerCallback] | None = N
         group_by_length=config.group_by_length,
         split_overhead_tokens=split_overhead_tokens(config) if config.split_batches_by_length else None,
         pad_to_multiple_of=config.pad_to_multiple_of,
+        backbone_learning_rate=config.backbone_learning_rate,
     )
     keep_best = None
     if config.eval_steps is not None:

@@ -270,6 +270,9 @@ def shared_training_arguments(config: TrainerSettings, output_dir: Path, precisi
         # Without CUDA, tell accelerate so that torchrun / accelerate launch start gloo DDP across CPU processes.
         "use_cpu": not torch.cuda.is_available(),
         "remove_unused_columns": False,
+        # Every parameter takes part in every step; transformers' default (True without gradient checkpointing)
+        # makes DDP walk the autograd graph again each step to look for unused ones.
+        "ddp_find_unused_parameters": False,
         "report_to": [],
         "disable_tqdm": not config.progress_bar,
         "seed": config.seed,

@@ -159,6 +159,32 @@ def test_finetune_from_a_pretrained_run_few_shot(cohort, pretrained_run, cli, co
     assert report["from_pretrained"] is True
 
 
+class _HeadAtStart(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weight = model.classifier.weight.detach().clone()
+
+
+def test_backbone_learning_rate_sets_the_backbone_apart_from_the_head(cohort, pretrained_run, tmp_path):
+    """At backbone rate 0 the saved backbone is the pretrained one bit for bit while the head trains; at a
+    positive rate the backbone moves too."""
+    from safetensors.torch import load_file
+
+    pretrained = load_file(pretrained_run / "model" / "model.safetensors")
+    settings = {k: v for k, v in TRAINING.items() if k != "model"} | {"max_steps": 6}
+    moved = {}
+    for rate in (0.0, 1e-3):
+        out, head = tmp_path / f"ft_{rate}", _HeadAtStart()
+        finetune(data=cohort.seq, labels=cohort.labels, out=out, pretrained=pretrained_run,
+                 tasks=["mortality_30d", "conditions"], backbone_learning_rate=rate, callbacks=[head], **settings)
+        tuned = load_file(out / "model" / "model.safetensors")
+        shared = [k for k in tuned if k in pretrained]
+        assert len(shared) > 10
+        moved[rate] = max(float((tuned[k] - pretrained[k]).abs().max()) for k in shared)
+        assert float((tuned["classifier.weight"] - head.weight).abs().max()) > 1e-3  # the head trained
+    assert moved[0.0] == 0.0
+    assert moved[1e-3] > 1e-4
+
+
 def test_checkpoint_with_another_vocabulary_stops_before_training(cohort, pretrained_run, cli, config_file,
                                                                   tmp_path):
     other = tmp_path / "other"
