@@ -118,18 +118,63 @@ def lab_value(key: str, shift: float, noise: float) -> float:
     return float(int(value)) if lab.decimals == 0 else value
 
 
+class LabReporting:
+    """What a model learns of a reported lab value: the value itself (its rounding interval), or with quantile
+    bins, as `odyssey tokenize` turns values into tokens (tokenizer/binning.py), only which bin it fell in."""
+
+    def __init__(self):
+        self.breaks: dict[str, np.ndarray] | None = None  # lab key -> the tokenizer's cut points; None: exact
+
+    def value_interval(self, key: str, value: float) -> tuple[float, float, bool]:
+        """(lo, hi, floor): the unrounded values that report `value` (or any value of its bin) lie in [lo, hi);
+        `floor`: the interval reaches the normal labs' floor, where lower values are reported as the floor."""
+        lab = LABS[key]
+        step = 10.0 ** -lab.decimals
+        floor_value = None if lab.log_scale else round(lab.spread, lab.decimals)
+        if self.breaks is None or key not in self.breaks:
+            return value - 0.5 * step, value + 0.5 * step, value == floor_value
+        breaks = self.breaks[key]
+        k = int(np.count_nonzero(breaks < value))  # bin k holds the values in (breaks[k - 1], breaks[k]]
+        # the bin's lowest and highest reportable values (multiples of `step`), with a tolerance for the float
+        # division of values already on the grid
+        lowest = -math.inf if k == 0 else (math.floor(breaks[k - 1] / step + 1e-9) + 1) * step
+        highest = math.inf if k == len(breaks) else math.floor(breaks[k] / step + 1e-9) * step
+        return lowest - 0.5 * step, highest + 0.5 * step, floor_value is not None and lowest <= floor_value
+
+
+REPORTING = LabReporting()  # exact values unless main() fits bins (--lab-bins)
+
+
+def fit_lab_breaks(patients: int, seed: int, n_bins: int) -> dict[str, np.ndarray]:
+    """Each lab's cut points as `odyssey tokenize` fits them: quantiles k / n_bins (linear interpolation) of
+    every reported value of the train split's patients, equal ones merged."""
+    values: dict[str, list[float]] = {key: [] for key in LAB_KEYS}
+    ids = {index: M.PatientSimulator(seed, index) for index in range(patients)}
+    records = [sim.run() for sim in tqdm(ids.values(), desc="values for the bins", unit="patient")]
+    subject = {r.index: stable_id("Patient", r.id) for r in records}
+    splits = assign_splits(list(subject.values()), SplitRatios())
+    train = set(splits.filter(splits["split"] == "train")["subject_id"].to_list())
+    for record in records:
+        if subject[record.index] not in train:
+            continue
+        for encounter in record.encounters:
+            for _, index, _, _, value in encounter.labs:
+                values[LAB_KEYS[index]].append(value)
+    quantiles = [k / n_bins for k in range(1, n_bins)]
+    return {key: np.unique(np.quantile(np.asarray(v, dtype=np.float64), quantiles)) for key, v in values.items() if v}
+
+
 def noise_interval(key: str, value: float, shift0: float) -> tuple[float, float, float]:
-    """The noise values that report `value`, as (low, high, slope): noise in [low - slope a, high - slope a)
-    for the acuity term `slope_unit * a` added to shift0 (slope returned per unit of the lab's acuity term)."""
+    """The noise values that report `value` (as REPORTING sees it), as (low, high, slope): noise in
+    [low - slope a, high - slope a) for the acuity term `slope_unit * a` added to shift0 (slope returned per unit
+    of the lab's acuity term)."""
     lab = LABS[key]
-    half = 0.5 * 10.0 ** -lab.decimals
-    lo, hi = value - half, value + half
+    lo, hi, at_floor = REPORTING.value_interval(key, value)
     if lab.log_scale:
         low = -math.inf if lo <= 0 else (math.log(lo / lab.center) - shift0) / lab.spread
         high = (math.log(hi / lab.center) - shift0) / lab.spread
     else:
-        clamped = value == round(lab.spread, lab.decimals)  # values below the floor are reported as it
-        low = -math.inf if clamped else (lo - lab.center - shift0) / lab.spread
+        low = -math.inf if at_floor else (lo - lab.center - shift0) / lab.spread
         high = (hi - lab.center - shift0) / lab.spread
     return low, high, 1.0 / lab.spread
 
@@ -1147,10 +1192,15 @@ def main() -> None:
                         help="instead: the frailty-hidden bound for mortality_30d and readmission_30d")
     parser.add_argument("--frailty-grid-step", type=float, default=0.04)
     parser.add_argument("--frailty-acuity-step", type=float, default=0.05, help="acuity grid, joint variant")
+    parser.add_argument("--lab-bins", type=int, default=None,
+                        help="the bound for a model that sees each lab value only as its quantile bin (as "
+                             "`odyssey tokenize` with n_bins), instead of the value")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     started = time.perf_counter()
+    if args.lab_bins is not None:
+        REPORTING.breaks = fit_lab_breaks(args.patients, args.seed, args.lab_bins)
     if args.frailty:
         run_frailty(args, started)
         return
@@ -1158,7 +1208,7 @@ def main() -> None:
     verification = verify_restated_laws(stays)
     grid, fine = Grid(args.grid_step), Grid(args.grid_step / 4)
     report = {
-        "command": "benchmarks/oracle_bound.py", "patients": args.patients, "seed": args.seed,
+        "command": "benchmarks/oracle_bound.py", **_lab_reporting(args), "patients": args.patients, "seed": args.seed,
         "grid_step": args.grid_step, "resamples": args.resamples, "machine": platform.processor() or platform.machine(),
         "inpatient_admissions": len(stays), "restated_law_verification": verification,
         "los_7d": los_analysis(stays, grid, fine, args.resamples, args.seed),
@@ -1167,6 +1217,11 @@ def main() -> None:
         report["mortality_30d"] = mortality_analysis(stays, grid, args.resamples, args.seed)
     _write_report(report, args.out, started)
     print_table(report)
+
+
+def _lab_reporting(args: argparse.Namespace) -> dict:
+    breaks = REPORTING.breaks or {}
+    return {"lab_bins": args.lab_bins, "lab_breaks": {key: [float(b) for b in v] for key, v in breaks.items()}}
 
 
 def _write_report(report: dict, out: Path, started: float) -> None:
@@ -1182,7 +1237,7 @@ def run_frailty(args: argparse.Namespace, started: float) -> None:
     patients = simulate_frailty(args.patients, args.seed)
     stays = [c for p in patients for c in p.stays]
     report = {
-        "command": "benchmarks/oracle_bound.py --frailty", "patients": args.patients, "seed": args.seed,
+        "command": "benchmarks/oracle_bound.py --frailty", **_lab_reporting(args), "patients": args.patients, "seed": args.seed,
         "resamples": args.resamples, "machine": platform.processor() or platform.machine(),
         "inpatient_admissions": len(stays),
         "restated_law_verification": {**verify_restated_laws(stays), **verify_frailty_laws(patients)},

@@ -72,6 +72,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--eval-steps", type=int, default=500,
                         help="every finetuned model: tuning AUROC every this many steps, the best one kept")
     parser.add_argument("--workers", type=int, default=None, help="CPU workers for data stages (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch and polars threads of this process (default: all cores): set it when several "
+                             "runs share one machine, e.g. 16 each for four on 64 cores")
     parser.add_argument("--few-shot", default="", help="label-efficiency: comma-separated k, e.g. 16,64,256")
     parser.add_argument("--scratch", action="store_true", help="also MTF from scratch (what pretraining buys)")
     parser.add_argument("--ab-grouping", action="store_true",
@@ -84,6 +87,9 @@ def _parse() -> argparse.Namespace:
                         help="pretrain with `torchrun` on this many GPUs (same global batch, split between them)")
     parser.add_argument("--pretrain-name", default="pretrain",
                         help="the pretraining run's folder in --work (several runs can share one cohort)")
+    parser.add_argument("--pretrain-keep-best", type=int, default=None, metavar="STEPS",
+                        help="score the pretraining's tuning loss every STEPS steps and keep the best checkpoint "
+                             "(pretrain's keep_best; default: the last model, scored once)")
     parser.add_argument("--mtf-name", default="ft_mtf", help="the MTF model's folder in --work")
     parser.add_argument("--compare", nargs="*", default=[], metavar="NAME=FOLDER",
                         help="more finetuned models to evaluate beside the MTF one: report name = folder in --work "
@@ -98,16 +104,21 @@ def _parse() -> argparse.Namespace:
     return args
 
 
-def _select_device(name: str) -> str:
-    """Resolve --device before the first torch import: `cpu` hides every GPU from torch."""
+def _select_device(name: str, threads: int | None) -> str:
+    """Resolve --device (and --threads) before the first torch and polars imports: `cpu` hides every GPU."""
     if name == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if threads is not None:
+        for variable in ("OMP_NUM_THREADS", "POLARS_MAX_THREADS"):
+            os.environ[variable] = str(threads)
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
     resolved = "cuda" if torch.cuda.is_available() else "cpu"
-    if resolved == "cpu":
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif resolved == "cpu":
         torch.set_num_threads(1)  # small models on a shared CPU: one thread is several times faster
     return resolved
 
@@ -270,14 +281,15 @@ def _pretrain_distributed(gpus: int, fields: dict) -> None:
              "--eval-steps": fields["eval_steps"], "--save-steps": fields["save_steps"],
              "--precision": fields["precision"]}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-               "-m", "odyssey.cli", "pretrain", *[str(v) for pair in flags.items() for v in pair]]
+               "-m", "odyssey.cli", "pretrain", *[str(v) for pair in flags.items() for v in pair],
+               "--keep-best" if fields["keep_best"] else "--no-keep-best"]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
 
 
 def main() -> None:
     args = _parse()
-    device = _select_device(args.device)
+    device = _select_device(args.device, args.threads)
     import torch
 
     from odyssey.finetune import evaluate, finetune
@@ -317,7 +329,7 @@ def main() -> None:
                 "eval_steps": common["eval_steps"], "train_minutes": args.train_minutes,
                 "gpt_contexts": args.gpt_contexts, "pretrain_gpus": args.pretrain_gpus,
                 "pretrain_name": args.pretrain_name, "backbone_learning_rate": args.backbone_learning_rate,
-                "model_fields": args.model_fields}
+                "model_fields": args.model_fields, "pretrain_keep_best": args.pretrain_keep_best}
     stage = Stages(args.fresh)
     stage.run("synth", fhir / "truth.parquet", lambda: synthesize(args.patients, fhir, seed=0, workers=workers))
     # A few hundred patients leave too few positives of the rarer condition groups in a 10% tuning split.
@@ -329,9 +341,11 @@ def main() -> None:
     if args.stop_after == "data":
         _write_training_summary(out, settings, stage.seconds, {})
         return
+    scored_every = args.pretrain_keep_best or steps(args.pretrain_steps)
     pretrain_fields = dict(data=seq, out=run, model_size=args.model_size, context_length=args.context_length,
                            max_steps=steps(args.pretrain_steps), batch_size=max(1, args.batch_size // 2),
-                           eval_steps=steps(args.pretrain_steps), save_steps=steps(args.pretrain_steps),
+                           eval_steps=scored_every, save_steps=scored_every,
+                           keep_best=args.pretrain_keep_best is not None,
                            precision=common["precision"], model={**_pretrain_yaml().get("model", {}), **args.model_fields})
     if args.pretrain_gpus > 1:
         stage.run("pretrain", run / "model", lambda: _pretrain_distributed(args.pretrain_gpus, pretrain_fields))

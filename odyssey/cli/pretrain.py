@@ -25,6 +25,8 @@ def pretrain(
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="> 0 overrides --epochs")] = None,
     eval_steps: Annotated[int | None, typer.Option("--eval-steps")] = None,
     save_steps: Annotated[int | None, typer.Option("--save-steps")] = None,
+    keep_best: Annotated[bool | None, typer.Option(
+        "--keep-best/--no-keep-best", help="final model: the checkpoint with the lowest tuning loss")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="auto | bf16 | fp16 | fp32")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
     scan_backend: Annotated[str | None, typer.Option("--scan-backend", help="auto | torch | triton | mamba_ssm")] = None,
@@ -40,7 +42,7 @@ def pretrain(
             config, data=data, out=out, resume=resume, model_size=model_size, context_length=context_length,
             batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
             learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, eval_steps=eval_steps,
-            save_steps=save_steps, precision=precision, gradient_checkpointing=gradient_checkpointing,
+            save_steps=save_steps, keep_best=keep_best, precision=precision, gradient_checkpointing=gradient_checkpointing,
             scan_backend=scan_backend, seed=seed, progress_bar=progress_bar,
         )
         result = run_pretrain(cfg)

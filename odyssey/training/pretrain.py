@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer import TRAINING_ARGS_NAME as PICKLED_TRAINING_ARGUMENTS
@@ -119,6 +119,16 @@ class PretrainConfig(TrainerSettings):
     save_total_limit: int | None = Field(3, ge=1)
     gradient_checkpointing: bool = False
     dataloader_workers: int = Field(0, ge=0)
+    keep_best: bool = Field(
+        False, description="the final model is the checkpoint with the lowest tuning loss (scored every eval_steps), "
+        "not the last: a guard against overfitting a small cohort with many epochs")
+
+    @model_validator(mode="after")
+    def _best_needs_saved_evaluations(self) -> PretrainConfig:
+        if self.keep_best and self.save_steps % self.eval_steps:
+            raise ValueError(f"keep_best needs save_steps ({self.save_steps}) to be a multiple of eval_steps "
+                             f"({self.eval_steps}), so that every scored model is saved")
+        return self
 
 
 @dataclass
@@ -141,6 +151,8 @@ class PretrainResult:
     resumed_from: str | None
     precision: str
     context_length: int
+    best_step: int | None = None  # keep_best: the step of the model kept
+    tuning_history: list[dict[str, float]] | None = None  # every scored step's tuning loss
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,6 +303,9 @@ def _training_arguments(config: PretrainConfig, run_dir: Path, precision: str) -
         **_checkpointing_arguments(config.gradient_checkpointing),
         dataloader_num_workers=config.dataloader_workers,
         include_num_input_tokens_seen="non_padding",
+        load_best_model_at_end=config.keep_best,
+        metric_for_best_model="eval_loss" if config.keep_best else None,
+        greater_is_better=False if config.keep_best else None,
     )
 
 
@@ -340,8 +355,11 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=last if config.resume else None)
     seconds = time.perf_counter() - started  # includes periodic evaluation and checkpointing
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate()  # of the best model with keep_best: transformers loaded it at the end
     tokens = int(trainer.state.num_input_tokens_seen)
+    history = [{"step": int(e["step"]), "tuning_loss": float(e["eval_loss"])}
+               for e in trainer.state.log_history if "eval_loss" in e]
+    best = trainer.state.best_model_checkpoint if config.keep_best else None
 
     result = PretrainResult(
         run_dir=str(run_dir),
@@ -360,6 +378,8 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         resumed_from=Path(last).name if config.resume and last else None,
         precision=precision,
         context_length=config.context_length,
+        best_step=int(Path(best).name.rsplit("-", 1)[1]) if best else None,
+        tuning_history=history[:-1],  # the last entry is the evaluation just above
     )
     if trainer.is_world_process_zero():
         with atomic_output_dir(run_dir / MODEL) as staging:

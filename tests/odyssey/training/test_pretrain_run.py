@@ -103,6 +103,38 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(sequences_dir, tm
         assert (a[name] - b[name]).abs().max().item() <= 1e-5, name
 
 
+class SpoilWeightsAfter(TrainerCallback):
+    """Adds noise to every weight after a step, so that the tuning loss is worse from then on."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for weight in model.parameters():
+                    weight.add_(torch.randn(weight.shape, generator=generator) * 0.5)
+
+
+def test_keep_best_saves_the_checkpoint_with_the_lowest_tuning_loss(sequences_dir, tmp_path):
+    settings = dict(max_steps=8, eval_steps=2, save_steps=2, save_total_limit=2)
+    last = pretrain(run_config(sequences_dir, tmp_path / "last", **settings), callbacks=[SpoilWeightsAfter(3)])
+    best = pretrain(run_config(sequences_dir, tmp_path / "best", keep_best=True, **settings),
+                    callbacks=[SpoilWeightsAfter(3)])
+    losses = {entry["step"]: entry["tuning_loss"] for entry in best.tuning_history}
+    assert sorted(losses) == [2, 4, 6, 8] and losses == {e["step"]: e["tuning_loss"] for e in last.tuning_history}
+    assert min(losses[4], losses[6], losses[8]) > losses[2]  # the weights spoiled after step 3 score worse
+    assert best.best_step == 2
+    assert best.tuning_loss == pytest.approx(losses[best.best_step], rel=1e-6)
+    assert last.best_step is None and last.tuning_loss == pytest.approx(losses[8], rel=1e-6)
+    kept = load_file(tmp_path / "best" / "model" / "model.safetensors")
+    checkpoint = load_file(tmp_path / "best" / "checkpoints" / f"checkpoint-{best.best_step}" / "model.safetensors")
+    assert all(torch.equal(kept[name], checkpoint[name]) for name in kept)
+    report = read_json(tmp_path / "best" / "pretrain_report.json")
+    assert report["best_step"] == best.best_step and len(report["tuning_history"]) == 4
+
+
 class RecordCheckpointing(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.enabled = [layer.gradient_checkpointing for layer in model.backbone.layers]
@@ -134,6 +166,8 @@ def test_config_errors_are_clear(sequences_dir, tmp_path):
         PretrainConfig(model={"hidden_sise": 8})
     with pytest.raises(ValueError, match="vocab_size"):
         PretrainConfig(model={"vocab_size": 8})
+    with pytest.raises(ValueError, match=r"keep_best needs save_steps \(30\) to be a multiple of eval_steps \(20\)"):
+        PretrainConfig(keep_best=True, eval_steps=20, save_steps=30)
     config = tmp_path / "bad.yaml"
     config.write_text("batch_size: 4\nlearning_rat: 0.1\n")
     with pytest.raises(ConfigError, match="learning_rat"):
