@@ -226,14 +226,43 @@ def _write_training_summary(out: Path, settings: dict, seconds: dict, models: di
     from odyssey.io import write_json
 
     reports = {name: json.loads((path / "finetune_report.json").read_text()) for name, path in models.items()}
-    summary = {"settings": settings, "seconds": seconds,
-               "models": {name: {key: r.get(key) for key in ("steps", "train_seconds", "train_loss", "tuning_auroc",
-                                                            "model_selection", "stopped_by_time_budget_at_step")}
-                          for name, r in reports.items()}}
+    summary = {"settings": settings, "seconds": seconds, "models": {name: _as_trained(r) for name, r in reports.items()}}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "training_summary.json", summary)
     for name, report in reports.items():
         print(_tuning_line(name, report), flush=True)
+
+
+TRAINED_FIELDS = ("steps", "train_seconds", "train_loss", "tuning_auroc", "model_selection",
+                  "stopped_by_time_budget_at_step")
+TRAINED_CONFIG = ("pretrained", "learning_rate", "backbone_learning_rate", "batch_size", "max_steps", "context_length",
+                  "group_by_length", "max_train_minutes", "architecture", "seed")
+PRETRAINED_FIELDS = ("steps", "epochs", "devices", "train_tokens", "train_seconds", "tuning_loss", "best_step",
+                     "tuning_history")
+
+
+def _as_trained(report: dict) -> dict:
+    """What a finetuned model was trained with and measured (its finetune_report.json, in short)."""
+    config = report.get("config", {})
+    return {**{key: report.get(key) for key in TRAINED_FIELDS},
+            "config": {key: config.get(key) for key in TRAINED_CONFIG}}
+
+
+def _trained(models: dict[str, Path]) -> dict:
+    """Per EHRMamba or GPT model of the report: its training, and its pretraining run's (these, not this call's
+    flags, say how each model was made when earlier calls trained it)."""
+    trained = {}
+    for name, folder in models.items():
+        entry = _as_trained(json.loads((folder / "finetune_report.json").read_text()))
+        pretrained = entry["config"]["pretrained"]
+        reports = [Path(pretrained) / "pretrain_report.json", Path(pretrained).parent / "pretrain_report.json"]
+        report = next((r for r in reports if r.exists()), None) if pretrained else None
+        if report is not None:
+            run = json.loads(report.read_text())
+            entry["pretraining"] = {key: run.get(key) for key in PRETRAINED_FIELDS} | {
+                "batch_size_per_device": run["config"]["batch_size"], "model": run["config"]["model"]}
+        trained[name] = entry
+    return trained
 
 
 def _tuning_line(name: str, report: dict) -> str:
@@ -410,6 +439,7 @@ def main() -> None:
         "cpu_cores": cpu_count, "machine": platform.platform(), "seconds": stage.seconds,
         "total_seconds": round(sum(stage.seconds.values()), 1), "settings": settings,
         "targets": _targets(report), "long_range_targets": _long_range_targets(report), "evaluation": str(out / "eval" / "report.json"),
+        "trained": _trained({PRIMARY: mtf, **compare}),
         "auroc": {name: {model: entry["models"][model]["auroc"] for model in entry["models"]}
                   | {"oracle": entry.get("oracle", {}).get("auroc")} for name, entry in report["outputs"].items()},
     }

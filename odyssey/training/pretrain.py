@@ -151,6 +151,7 @@ class PretrainResult:
     resumed_from: str | None
     precision: str
     context_length: int
+    devices: int = 1  # processes training together (torchrun); the global batch is batch_size x devices
     best_step: int | None = None  # keep_best: the step of the model kept
     tuning_history: list[dict[str, float]] | None = None  # every scored step's tuning loss
 
@@ -378,6 +379,7 @@ def pretrain(config: PretrainConfig, callbacks: list[TrainerCallback] | None = N
         resumed_from=Path(last).name if config.resume and last else None,
         precision=precision,
         context_length=config.context_length,
+        devices=int(trainer.args.world_size),
         best_step=int(Path(best).name.rsplit("-", 1)[1]) if best else None,
         tuning_history=history[:-1],  # the last entry is the evaluation just above
     )

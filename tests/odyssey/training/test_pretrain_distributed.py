@@ -49,6 +49,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sequences_di
     assert launched.stdout.count("tuning loss") == 1  # one summary per job
     one, two = (read_json(tmp_path / run / "pretrain_report.json") for run in ("one", "two"))
     assert one["steps"] == two["steps"] == 6
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert [e["step"] for e in one["tuning_history"]] == [3, 6]
+    assert [e["tuning_loss"] for e in two["tuning_history"]] == pytest.approx(
+        [e["tuning_loss"] for e in one["tuning_history"]], rel=1e-4)
     assert two["tuning_loss"] == pytest.approx(one["tuning_loss"], rel=1e-4)
     assert two["train_tokens"] == one["train_tokens"]
     a = load_file(tmp_path / "one" / "model" / "model.safetensors")
