@@ -286,6 +286,7 @@ def _keep_finetune_report(out: Path, name: str, run: Path) -> None:
 
 
 def _pretrain_yaml() -> dict:
+    """configs/pretrain.yaml as a dict, its `model` block always a dict."""
     import yaml
 
     config = yaml.safe_load((REPO / "configs" / "pretrain.yaml").read_text())

@@ -312,8 +312,9 @@ class TaskTrainer(PickleFreeTrainer):
         Each of the Trainer's groups (weight decay or not) splits into head and backbone; the schedule then
         scales both rates alike.
         """
+        made_before = self.optimizer is not None
         optimizer = super().create_optimizer(model)
-        if self.backbone_learning_rate is None:
+        if self.backbone_learning_rate is None or made_before:
             return optimizer
         named = (self.model if model is None else model).named_parameters()
         head = {id(p) for name, p in named if name.startswith(NEW_HEAD_PREFIX)}
