@@ -75,6 +75,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch and polars threads of this process (default: all cores): set it when several "
                              "runs share one machine, e.g. 16 each for four on 64 cores")
+    parser.add_argument("--seed", type=int, default=42, help="every finetuning run's seed (replicates of one recipe)")
     parser.add_argument("--few-shot", default="", help="label-efficiency: comma-separated k, e.g. 16,64,256")
     parser.add_argument("--scratch", action="store_true", help="also MTF from scratch (what pretraining buys)")
     parser.add_argument("--ab-grouping", action="store_true",
@@ -254,9 +255,9 @@ def _trained(models: dict[str, Path]) -> dict:
     trained = {}
     for name, folder in models.items():
         entry = _as_trained(json.loads((folder / "finetune_report.json").read_text()))
-        pretrained = entry["config"]["pretrained"]
-        reports = [Path(pretrained) / "pretrain_report.json", Path(pretrained).parent / "pretrain_report.json"]
-        report = next((r for r in reports if r.exists()), None) if pretrained else None
+        pretrained = Path(entry["config"]["pretrained"] or "")
+        reports = [pretrained / "pretrain_report.json", pretrained.parent / "pretrain_report.json"]
+        report = next((r for r in reports if r.exists()), None) if entry["config"]["pretrained"] else None
         if report is not None:
             run = json.loads(report.read_text())
             entry["pretraining"] = {key: run.get(key) for key in PRETRAINED_FIELDS} | {
@@ -348,7 +349,7 @@ def main() -> None:
                   precision="auto" if on_gpu else "fp32", progress_bar=True, logging_steps=50,
                   warmup_steps=0.05,  # examples built in the main process: no fork after polars and CUDA
                   group_by_length=args.group_by_length, max_train_minutes=args.train_minutes,
-                  eval_steps=None if args.eval_steps is None else steps(args.eval_steps))
+                  eval_steps=None if args.eval_steps is None else steps(args.eval_steps), seed=args.seed)
     settings = {"patients": args.patients, "device": device, "model_size": args.model_size,
                 "context_length": args.context_length, "pretrain_steps": steps(args.pretrain_steps),
                 "finetune_steps": steps(args.finetune_steps), "single_task_steps": steps(args.single_task_steps),
@@ -359,7 +360,7 @@ def main() -> None:
                 "eval_steps": common["eval_steps"], "train_minutes": args.train_minutes,
                 "gpt_contexts": args.gpt_contexts, "pretrain_gpus": args.pretrain_gpus,
                 "pretrain_name": args.pretrain_name, "backbone_learning_rate": args.backbone_learning_rate,
-                "model_fields": args.model_fields, "pretrain_keep_best": args.pretrain_keep_best}
+                "model_fields": args.model_fields, "pretrain_keep_best": args.pretrain_keep_best, "seed": args.seed}
     stage = Stages(args.fresh)
     stage.run("synth", fhir / "truth.parquet", lambda: synthesize(args.patients, fhir, seed=0, workers=workers))
     # A few hundred patients leave too few positives of the rarer condition groups in a 10% tuning split.
