@@ -81,6 +81,10 @@ def jobs(plan: dict, phase: str, out: Path) -> list[Job]:
                                            *_strings(entry.get("args", []), f"pretrain.{name}.args")]))
         return result
     pretraining = set(plan.get("pretrain") or {})
+    finetuning = set(plan.get("finetune") or {})
+    shared = sorted(pretraining & finetuning | (pretraining | finetuning) & {"data", "evaluate"})
+    if shared:
+        raise PlanError(f"names {shared} are used twice (each names a folder and a log under --out)")
     if phase == "finetune":
         result = []
         for name, entry in (plan.get("finetune") or {}).items():
