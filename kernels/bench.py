@@ -335,7 +335,7 @@ SWEEP = {  # tile and variant overrides timed per shape with --sweep (keys: trit
                       {"seq_bwd_segments": 64}],
     # batch 1 at 16,384 steps still runs the state-loop kernels (8 pieces of 2,048 steps are too few rows for the
     # sequential forward); pieces of 512 steps would bring in the sequential kernels
-    "b1_L16384_N16": [{}, {"fwd_variant": "seq", "seq_segments": 32},
+    "b1_L16384_N16": [{}, {"few_rows_min_piece_steps": 512}, {"fwd_variant": "seq", "seq_segments": 32},
                       {"fwd_variant": "seq", "seq_segments": 32, "seq_bwd_segments": 16},
                       {"fwd_variant": "seq", "seq_segments": 32, "seq_bwd_segments": 32}],
 }

@@ -119,6 +119,7 @@ class ScanConfig:
     seq_bwd_ghat: bool = False
     seq_bwd_row_strides: bool = False
     states_every: int = 1
+    few_rows_min_piece_steps: int = SEQ_MIN_PIECE_STEPS
 
 
 OVERRIDES_ENV = "ODYSSEY_SCAN_OVERRIDES"
@@ -183,21 +184,35 @@ def _max_segments(dense_length: int) -> int:
     return max(SEQ_MAX_SEGMENTS, dense_length // SEQ_MIN_PIECE_STEPS)
 
 
-def _time_segments(rows: int, dense_length: int, multiprocessors: int, chunk: int) -> int:
+def _few_rows_max_segments(rows: int, dense_length: int, multiprocessors: int, min_piece_steps: int) -> int:
+    """Most pieces of time where 8 leave too few rows for the sequential kernels: as many as bring the rows to
+    their minimum, while each piece keeps `min_piece_steps`; never fewer than `_max_segments`."""
+    usual = _max_segments(dense_length)
+    needed_rows = SEQ_MIN_WARPS * THREADS_PER_WARP * multiprocessors
+    if not dense_length or rows <= 0 or rows * SEQ_MAX_SEGMENTS >= needed_rows:
+        return usual
+    needed = triton.next_power_of_2(triton.cdiv(needed_rows, rows))
+    return max(usual, min(needed, dense_length // min_piece_steps))
+
+
+def _time_segments(rows: int, dense_length: int, multiprocessors: int, chunk: int,
+                   max_segments: int | None = None) -> int:
     """Pieces of time for the sequential forward of a dense batch: doubled while its 1-warp programs
     still fit one wave (SEQ_RESIDENT_PROGRAMS a multiprocessor) and every piece keeps two chunks, at
     most SEQ_MAX_SEGMENTS or pieces of SEQ_MIN_PIECE_STEPS (H200, b8/L16384: 1 piece 5.2 ms, 2 6.5, 4 3.6, 8 3.6;
     b32/L2048: 1 piece 0.93 ms, 2 1.69: a second wave costs more than the pieces gain)."""
     programs = triton.cdiv(rows, THREADS_PER_WARP)
+    most = _max_segments(dense_length) if max_segments is None else max_segments
     segments = 1
-    while (dense_length and segments * 2 <= _max_segments(dense_length)
+    while (dense_length and segments * 2 <= most
            and programs * segments * 2 <= SEQ_RESIDENT_PROGRAMS * multiprocessors
            and dense_length >= segments * 2 * 2 * chunk):
         segments *= 2
     return segments
 
 
-def _seq_bwd_segments(rows: int, split: int, dense_length: int, multiprocessors: int, chunk: int) -> int:
+def _seq_bwd_segments(rows: int, split: int, dense_length: int, multiprocessors: int, chunk: int,
+                      max_segments: int | None = None) -> int:
     """Pieces of time for the sequential backward (H200, b8/L16384, f+b: the state loop 14.6 ms; the sequential
     backward in 4 / 8 / 16 pieces 13.3 / 12.8 / 12.6, the last over mamba-ssm's peak memory)."""
     programs = triton.cdiv(rows * split, THREADS_PER_WARP)
@@ -205,7 +220,8 @@ def _seq_bwd_segments(rows: int, split: int, dense_length: int, multiprocessors:
     segments = 1
     if programs >= SEQ_BWD_ONE_PIECE_WAVES * wave:
         return segments
-    while (dense_length and segments * 2 <= _max_segments(dense_length)
+    most = _max_segments(dense_length) if max_segments is None else max_segments
+    while (dense_length and segments * 2 <= most
            and programs * segments * 2 <= SEQ_BWD_PIECE_WAVES * wave
            and dense_length >= segments * 2 * 2 * chunk):
         segments *= 2
@@ -243,7 +259,14 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     # the L1 prefetch of v11, forward+backward 6.67 -> 5.96; b8/L16384 in 4 pieces 3.9 -> 3.6 ms, in one
     # piece, 2.9 warps per multiprocessor, 5.2)
     chunk = over.get("chunk", CHUNK)
-    segments = _time_segments(rows, dense_length, multiprocessors, chunk)
+    # where 8 pieces of time leave too few rows for the sequential kernels, shorter pieces may bring them in:
+    # `few_rows_min_piece_steps` 512 puts one 16,384-step sequence, which the state loop runs 2.5x slower than
+    # mamba-ssm (H200, f+b 6.35 against 2.51 ms), in 32 pieces. Untimed: a SWEEP row of b1_L16384_N16
+    # (kernels/NOTES.md 0k); the default keeps v20's 2,048, and batches with more rows are never affected
+    # (b4/L16384's backward in 16 pieces was over mamba-ssm's peak memory)
+    min_piece_steps = over.get("few_rows_min_piece_steps", SEQ_MIN_PIECE_STEPS)
+    max_segments = _few_rows_max_segments(rows, dense_length, multiprocessors, min_piece_steps)
+    segments = _time_segments(rows, dense_length, multiprocessors, chunk, max_segments)
     enough_rows = rows * segments >= SEQ_MIN_WARPS * THREADS_PER_WARP * multiprocessors
     fwd_variant = over.get("fwd_variant", "seq" if block_n <= SEQ_STATES and enough_rows else "state_loop")
     if fwd_variant == "seq" and (block_n > SEQ_STATES or chunk % SEQ_STEPS):
@@ -259,8 +282,8 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
     if bwd_variant == "seq" and not seq_bwd_fits:
         # it reads the sequential forward's padded states; a program is a warp's channels of one group
         bwd_variant = "state_loop"
-    seq_bwd_segments = over.get("seq_bwd_segments",
-                                _seq_bwd_segments(rows, seq_bwd_split, dense_length, multiprocessors, chunk))
+    seq_bwd_segments = over.get("seq_bwd_segments", _seq_bwd_segments(rows, seq_bwd_split, dense_length,
+                                                                      multiprocessors, chunk, max_segments))
     if fwd_variant not in FWD_VARIANTS or bwd_variant not in BWD_VARIANTS:
         raise ValueError(f"unknown scan variants {fwd_variant!r}, {bwd_variant!r}")
     # 1-warp forward programs of 4 channels for small d_state since v8: the per-state chunk-end
@@ -414,6 +437,7 @@ def scan_config(d_state: int, channels_per_group: int, rows: int = 0, multiproce
         # shared work and g-hat 12.43 -> 12.32
         seq_bwd_row_strides=over.get("seq_bwd_row_strides", True),
         states_every=states_every,
+        few_rows_min_piece_steps=min_piece_steps,
     )
 
 

@@ -752,6 +752,12 @@ def test_many_pieces_of_time_for_a_long_single_sequence(monkeypatch):
     assert config(4, 16384) == ("seq", 8, "seq", 8) and config(8, 16384) == ("seq", 4, "seq", 8)
     assert config(1, 16384) == ("state_loop", 8, "state_loop", 8)
     assert config(1, 24576)[1] == 8  # 16 pieces would be 1,536 steps each
+    # pieces of 512 steps where rows are few (a SWEEP row, not the default): one 16,384-step sequence on the
+    # sequential kernels, 32 pieces each way; the batches measured keep their counts
+    monkeypatch.setattr(triton_scan, "CONFIG_OVERRIDES", {"few_rows_min_piece_steps": 512})
+    assert config(1, 16384) == ("seq", 32, "seq", 32) and config(2, 16384) == ("seq", 16, "seq", 16)
+    assert config(1, 65536) == ("seq", 32, "seq", 32)
+    assert config(4, 16384) == ("seq", 8, "seq", 8) and config(8, 16384) == ("seq", 4, "seq", 8)
 
 
 @pytest.mark.slow
