@@ -148,18 +148,16 @@ REPORTING = LabReporting()  # exact values unless main() fits bins (--lab-bins)
 def fit_lab_breaks(patients: int, seed: int, n_bins: int) -> dict[str, np.ndarray]:
     """Each lab's cut points as `odyssey tokenize` fits them: quantiles k / n_bins (linear interpolation) of
     every reported value of the train split's patients, equal ones merged."""
+    labs_by_patient = []
+    for index in tqdm(range(patients), desc="values for the bins", unit="patient"):
+        record = M.PatientSimulator(seed, index).run()
+        labs_by_patient.append((record.id, [(lab, value) for e in record.encounters for _, lab, _, _, value in e.labs]))
+    split = patient_splits(patient for patient, _ in labs_by_patient)
     values: dict[str, list[float]] = {key: [] for key in LAB_KEYS}
-    ids = {index: M.PatientSimulator(seed, index) for index in range(patients)}
-    records = [sim.run() for sim in tqdm(ids.values(), desc="values for the bins", unit="patient")]
-    subject = {r.index: stable_id("Patient", r.id) for r in records}
-    splits = assign_splits(list(subject.values()), SplitRatios())
-    train = set(splits.filter(splits["split"] == "train")["subject_id"].to_list())
-    for record in records:
-        if subject[record.index] not in train:
-            continue
-        for encounter in record.encounters:
-            for _, index, _, _, value in encounter.labs:
-                values[LAB_KEYS[index]].append(value)
+    for patient, labs in labs_by_patient:
+        if split[patient] == "train":
+            for lab, value in labs:
+                values[LAB_KEYS[lab]].append(value)
     quantiles = [k / n_bins for k in range(1, n_bins)]
     return {key: np.unique(np.quantile(np.asarray(v, dtype=np.float64), quantiles)) for key, v in values.items() if v}
 
@@ -570,12 +568,18 @@ def reason_from_orders(c: StayCapture, cut: int) -> str:
     return seen.pop() if len(seen) == 1 else ("other" if not seen else "ambiguous")
 
 
+def patient_splits(patient_ids) -> dict[str, str]:
+    """Each patient's split as `odyssey ingest` assigns it (configs/ingest.yaml ratios and seed)."""
+    subjects = {patient: stable_id("Patient", patient) for patient in patient_ids}
+    splits = assign_splits(list(subjects.values()), SplitRatios())
+    by_subject = dict(zip(splits["subject_id"].to_list(), splits["split"].to_list(), strict=True))
+    return {patient: by_subject[subject] for patient, subject in subjects.items()}
+
+
 def held_out_mask(stays: list[StayCapture]) -> np.ndarray:
-    """Admissions of the held_out split `odyssey ingest` assigns (configs/ingest.yaml ratios and seed)."""
-    ids = {c.patient_id: stable_id("Patient", c.patient_id) for c in stays}
-    splits = assign_splits(list(ids.values()), SplitRatios())
-    held = set(splits.filter(splits["split"] == "held_out")["subject_id"].to_list())
-    return np.array([ids[c.patient_id] in held for c in stays])
+    """Admissions of the held_out split `odyssey ingest` assigns."""
+    split = patient_splits({c.patient_id for c in stays})
+    return np.array([split[c.patient_id] == "held_out" for c in stays])
 
 
 def los_analysis(stays: list[StayCapture], grid: Grid, fine: Grid, resamples: int, seed: int) -> dict:

@@ -252,13 +252,14 @@ def _as_trained(report: dict) -> dict:
 def _trained(models: dict[str, Path]) -> dict:
     """Per EHRMamba or GPT model of the report: its training, and its pretraining run's (these, not this call's
     flags, say how each model was made when earlier calls trained it)."""
+    from odyssey.finetune.train import resolve_pretrained
+
     trained = {}
     for name, folder in models.items():
         entry = _as_trained(json.loads((folder / "finetune_report.json").read_text()))
-        pretrained = Path(entry["config"]["pretrained"] or "")
-        reports = [pretrained / "pretrain_report.json", pretrained.parent / "pretrain_report.json"]
-        report = next((r for r in reports if r.exists()), None) if entry["config"]["pretrained"] else None
-        if report is not None:
+        pretrained = entry["config"]["pretrained"]
+        report = resolve_pretrained(pretrained).parent / "pretrain_report.json" if pretrained else None
+        if report is not None and report.exists():  # the run folder holds model/ and the report
             run = json.loads(report.read_text())
             entry["pretraining"] = {key: run.get(key) for key in PRETRAINED_FIELDS} | {
                 "batch_size_per_device": run["config"]["batch_size"], "model": run["config"]["model"]}

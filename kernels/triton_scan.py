@@ -195,16 +195,14 @@ def _few_rows_max_segments(rows: int, dense_length: int, multiprocessors: int, m
     return max(usual, min(needed, dense_length // min_piece_steps))
 
 
-def _time_segments(rows: int, dense_length: int, multiprocessors: int, chunk: int,
-                   max_segments: int | None = None) -> int:
+def _time_segments(rows: int, dense_length: int, multiprocessors: int, chunk: int, max_segments: int) -> int:
     """Pieces of time for the sequential forward of a dense batch: doubled while its 1-warp programs
     still fit one wave (SEQ_RESIDENT_PROGRAMS a multiprocessor) and every piece keeps two chunks, at
     most SEQ_MAX_SEGMENTS or pieces of SEQ_MIN_PIECE_STEPS (H200, b8/L16384: 1 piece 5.2 ms, 2 6.5, 4 3.6, 8 3.6;
     b32/L2048: 1 piece 0.93 ms, 2 1.69: a second wave costs more than the pieces gain)."""
     programs = triton.cdiv(rows, THREADS_PER_WARP)
-    most = _max_segments(dense_length) if max_segments is None else max_segments
     segments = 1
-    while (dense_length and segments * 2 <= most
+    while (dense_length and segments * 2 <= max_segments
            and programs * segments * 2 <= SEQ_RESIDENT_PROGRAMS * multiprocessors
            and dense_length >= segments * 2 * 2 * chunk):
         segments *= 2
@@ -212,7 +210,7 @@ def _time_segments(rows: int, dense_length: int, multiprocessors: int, chunk: in
 
 
 def _seq_bwd_segments(rows: int, split: int, dense_length: int, multiprocessors: int, chunk: int,
-                      max_segments: int | None = None) -> int:
+                      max_segments: int) -> int:
     """Pieces of time for the sequential backward (H200, b8/L16384, f+b: the state loop 14.6 ms; the sequential
     backward in 4 / 8 / 16 pieces 13.3 / 12.8 / 12.6, the last over mamba-ssm's peak memory)."""
     programs = triton.cdiv(rows * split, THREADS_PER_WARP)
@@ -220,8 +218,7 @@ def _seq_bwd_segments(rows: int, split: int, dense_length: int, multiprocessors:
     segments = 1
     if programs >= SEQ_BWD_ONE_PIECE_WAVES * wave:
         return segments
-    most = _max_segments(dense_length) if max_segments is None else max_segments
-    while (dense_length and segments * 2 <= most
+    while (dense_length and segments * 2 <= max_segments
            and programs * segments * 2 <= SEQ_BWD_PIECE_WAVES * wave
            and dense_length >= segments * 2 * 2 * chunk):
         segments *= 2
@@ -763,6 +760,7 @@ def _backward(ctx, dout, dlast):
             C_rev, *C_rev.stride(), length,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=not seqs.dense,
             HAS_DLAST=dlast is not None, STAGES=cfg.bwd_stages, APPROX_LOG=_approx_log(cfg),
+            # `states` holds the kept states, then the states_every - 1 scratch slots (_forward)
             SAVE_EVERY=cfg.states_every, scratch0=n_chunks - (cfg.states_every - 1),
             ADJOINT=cfg.adjoint, ONE_EXP=cfg.one_exp, REDUCE_DBC=cfg.reduce_dbc,
             LANE_FLIP=cfg.lane_flip and _lane_flip_safe(cfg, u, delta, z, dout, du, ddelta, dz),
